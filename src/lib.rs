@@ -1,0 +1,2 @@
+//! beit-rs: the BEiT vision-transformer family in Rust, numerically compatible with
+//! Hugging Face `transformers`.
