@@ -1,0 +1,150 @@
+//! `BeitAttention`: multi-head self-attention with query/value biases and no key bias.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::config::BeitConfig;
+use crate::model::relative_position::BeitRelativePositionBias;
+use crate::nn::Linear;
+use crate::ops;
+
+/// `attention.attention`: the query/key/value projections (and the layer's own relative
+/// position bias table, which transformers keeps here).
+#[derive(Debug)]
+pub struct BeitSelfAttention {
+    pub query: Linear,
+    pub key: Linear,
+    pub value: Linear,
+    pub relative_position_bias: Option<BeitRelativePositionBias>,
+    /// `[3D, D]` weight and `[3D]` bias of the three projections in one GEMM; built once when the
+    /// model is frozen (inference). Training keeps the three `Var`s separate.
+    fused_qkv: Option<Linear>,
+    pub num_heads: usize,
+    pub head_dim: usize,
+    pub dropout: f64,
+}
+
+impl BeitSelfAttention {
+    pub fn new(cfg: &BeitConfig, vb: VarBuilder, frozen: bool) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let std = cfg.initializer_range;
+        let query = Linear::new(d, d, true, std, vb.pp("query"))?;
+        let key = Linear::new(d, d, false, std, vb.pp("key"))?;
+        let value = Linear::new(d, d, true, std, vb.pp("value"))?;
+        let relative_position_bias = if cfg.use_relative_position_bias {
+            Some(BeitRelativePositionBias::new(
+                cfg,
+                vb.pp("relative_position_bias"),
+                frozen,
+            )?)
+        } else {
+            None
+        };
+        let fused_qkv = if frozen {
+            let weight = Tensor::cat(&[&query.weight, &key.weight, &value.weight], 0)?;
+            let zeros = value.bias.as_ref().map(|b| b.zeros_like()).transpose()?;
+            let bias = match (&query.bias, zeros, &value.bias) {
+                (Some(q), Some(z), Some(v)) => Some(Tensor::cat(&[q, &z, v], 0)?),
+                _ => None,
+            };
+            Some(Linear { weight, bias })
+        } else {
+            None
+        };
+        Ok(Self {
+            query,
+            key,
+            value,
+            relative_position_bias,
+            fused_qkv,
+            num_heads: cfg.num_attention_heads,
+            head_dim: cfg.head_dim(),
+            dropout: cfg.attention_probs_dropout_prob,
+        })
+    }
+
+    /// `x [B, S, D]` -> context `[B, S, D]` and, when asked, the attention probabilities
+    /// `[B, H, S, S]`. `bias` is the summed relative position bias `[1, H, S, S]`; `head_mask`
+    /// (`[H]`) multiplies the probabilities per head (transformers 4.x semantics).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        bias: Option<&Tensor>,
+        head_mask: Option<&Tensor>,
+        train: bool,
+        output_attentions: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (b, s, d) = x.dims3()?;
+        let (h, hd) = (self.num_heads, self.head_dim);
+        let split = |t: Tensor| -> Result<Tensor> {
+            t.reshape((b, s, h, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let (q, k, v) = match &self.fused_qkv {
+            Some(qkv) => {
+                let qkv = qkv
+                    .forward(x)?
+                    .reshape((b, s, 3, h, hd))?
+                    .permute((2, 0, 3, 1, 4))?
+                    .contiguous()?;
+                (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?)
+            }
+            None => (
+                split(self.query.forward(x)?)?,
+                split(self.key.forward(x)?)?,
+                split(self.value.forward(x)?)?,
+            ),
+        };
+        let scale = (hd as f64).powf(-0.5);
+        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(bias) = bias {
+            scores = scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?;
+        }
+        let mut probs = ops::softmax_last_dim(&scores)?;
+        probs = ops::dropout(&probs, self.dropout, train)?;
+        if let Some(m) = head_mask {
+            probs = probs.broadcast_mul(&m.to_dtype(probs.dtype())?.reshape((1, h, 1, 1))?)?;
+        }
+        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, d))?;
+        Ok((ctx, output_attentions.then_some(probs)))
+    }
+}
+
+/// `attention`: self-attention followed by the output projection (`attention.output.dense`).
+#[derive(Debug)]
+pub struct BeitAttention {
+    pub attention: BeitSelfAttention,
+    pub output: Linear,
+    pub hidden_dropout: f64,
+}
+
+impl BeitAttention {
+    pub fn new(cfg: &BeitConfig, vb: VarBuilder, frozen: bool) -> Result<Self> {
+        let d = cfg.hidden_size;
+        Ok(Self {
+            attention: BeitSelfAttention::new(cfg, vb.pp("attention"), frozen)?,
+            output: Linear::new(
+                d,
+                d,
+                true,
+                cfg.initializer_range,
+                vb.pp("output").pp("dense"),
+            )?,
+            hidden_dropout: cfg.hidden_dropout_prob,
+        })
+    }
+
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        bias: Option<&Tensor>,
+        head_mask: Option<&Tensor>,
+        train: bool,
+        output_attentions: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (ctx, probs) = self
+            .attention
+            .forward(x, bias, head_mask, train, output_attentions)?;
+        let out = ops::dropout(&self.output.forward(&ctx)?, self.hidden_dropout, train)?;
+        Ok((out, probs))
+    }
+}

@@ -1,0 +1,105 @@
+//! `BeitLayer`: a pre-norm transformer block with layer scale and stochastic depth.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+use crate::config::BeitConfig;
+use crate::model::attention::BeitAttention;
+use crate::nn::{LayerNorm, Linear};
+use crate::ops::{self, Activation};
+
+/// `encoder.layer.N`.
+#[derive(Debug)]
+pub struct BeitLayer {
+    pub attention: BeitAttention,
+    pub layernorm_before: LayerNorm,
+    pub layernorm_after: LayerNorm,
+    /// `intermediate.dense` (D -> intermediate).
+    pub intermediate: Linear,
+    /// `output.dense` (intermediate -> D).
+    pub output: Linear,
+    pub activation: Activation,
+    /// Layer scale (`None` when `layer_scale_init_value <= 0`, i.e. a factor of 1).
+    pub lambda_1: Option<Tensor>,
+    pub lambda_2: Option<Tensor>,
+    pub drop_path: f64,
+    pub hidden_dropout: f64,
+}
+
+impl BeitLayer {
+    pub fn new(cfg: &BeitConfig, drop_path: f64, vb: VarBuilder, frozen: bool) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let std = cfg.initializer_range;
+        let (lambda_1, lambda_2) = if cfg.layer_scale_init_value > 0.0 {
+            let init = Init::Const(cfg.layer_scale_init_value);
+            (
+                Some(vb.get_with_hints(d, "lambda_1", init)?),
+                Some(vb.get_with_hints(d, "lambda_2", init)?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Self {
+            attention: BeitAttention::new(cfg, vb.pp("attention"), frozen)?,
+            layernorm_before: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("layernorm_before"))?,
+            layernorm_after: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("layernorm_after"))?,
+            intermediate: Linear::new(
+                d,
+                cfg.intermediate_size,
+                true,
+                std,
+                vb.pp("intermediate").pp("dense"),
+            )?,
+            output: Linear::new(
+                cfg.intermediate_size,
+                d,
+                true,
+                std,
+                vb.pp("output").pp("dense"),
+            )?,
+            activation: Activation::from_config(cfg)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
+            lambda_1,
+            lambda_2,
+            drop_path,
+            hidden_dropout: cfg.hidden_dropout_prob,
+        })
+    }
+
+    fn scale(x: Tensor, lambda: &Option<Tensor>) -> Result<Tensor> {
+        match lambda {
+            Some(l) => x.broadcast_mul(l),
+            None => Ok(x),
+        }
+    }
+
+    /// `x [B, S, D]` -> `[B, S, D]` (and the attention probabilities when asked).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        bias: Option<&Tensor>,
+        head_mask: Option<&Tensor>,
+        train: bool,
+        output_attentions: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (attn, probs) = self.attention.forward(
+            &self.layernorm_before.forward(x)?,
+            bias,
+            head_mask,
+            train,
+            output_attentions,
+        )?;
+        let attn = Self::scale(attn, &self.lambda_1)?;
+        let h = (ops::drop_path(&attn, self.drop_path, train)? + x)?;
+        let y = self
+            .intermediate
+            .forward(&self.layernorm_after.forward(&h)?)?;
+        let y = self.output.forward(&self.activation.forward(&y)?)?;
+        let y = Self::scale(
+            ops::dropout(&y, self.hidden_dropout, train)?,
+            &self.lambda_2,
+        )?;
+        let out = (ops::drop_path(&y, self.drop_path, train)? + h)?;
+        Ok((out, probs))
+    }
+}

@@ -1,0 +1,142 @@
+//! `BeitRelativePositionBias`: the learned per-head bias added to the attention logits.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::{Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+use crate::config::BeitConfig;
+use crate::ops;
+
+/// Relative position index of a `(Wh, Ww)` window with a CLS token (transformers'
+/// `generate_relative_position_index`, MiDaS-style for any window): `[S * S]`, S = Wh*Ww + 1.
+pub fn relative_position_index(window: (usize, usize)) -> Arc<Vec<u32>> {
+    static CACHE: OnceLock<Mutex<HashMap<(usize, usize), Arc<Vec<u32>>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(v) = cache.lock().ok().and_then(|c| c.get(&window).cloned()) {
+        return v;
+    }
+    let (wh, ww) = window;
+    let area = wh * ww;
+    let s = area + 1;
+    let num_relative_distance = (2 * wh - 1) * (2 * ww - 1) + 3;
+    let mut index = vec![0u32; s * s];
+    for q in 0..area {
+        let (hq, wq) = (q / ww, q % ww);
+        for k in 0..area {
+            let (hk, wk) = (k / ww, k % ww);
+            let dh = hq + wh - 1 - hk;
+            let dw = wq + ww - 1 - wk;
+            index[(q + 1) * s + (k + 1)] = (dh * (2 * ww - 1) + dw) as u32;
+        }
+    }
+    for k in 0..s {
+        index[k] = (num_relative_distance - 3) as u32; // cls to token
+    }
+    for q in 0..s {
+        index[q * s] = (num_relative_distance - 2) as u32; // token to cls
+    }
+    index[0] = (num_relative_distance - 1) as u32; // cls to cls
+    let v = Arc::new(index);
+    if let Ok(mut c) = cache.lock() {
+        c.insert(window, v.clone());
+    }
+    v
+}
+
+/// A relative position bias table (`relative_position_bias_table`, `[(2Wh-1)(2Ww-1)+3, H]`).
+#[derive(Debug)]
+pub struct BeitRelativePositionBias {
+    pub relative_position_bias_table: Tensor,
+    /// The window the table was trained for (from `config.image_size`).
+    pub window_size: (usize, usize),
+    /// Bias per input window, kept when the model is frozen (inference): transformers rebuilds
+    /// it on every forward, which costs ~20 % of a base forward on CPU.
+    cache: Option<Mutex<HashMap<(usize, usize), Tensor>>>,
+}
+
+impl BeitRelativePositionBias {
+    pub fn new(cfg: &BeitConfig, vb: VarBuilder, frozen: bool) -> Result<Self> {
+        let window_size = cfg.window_size();
+        let rows = (2 * window_size.0 - 1) * (2 * window_size.1 - 1) + 3;
+        let table = vb.get_with_hints(
+            (rows, cfg.num_attention_heads),
+            "relative_position_bias_table",
+            Init::Const(0.0),
+        )?;
+        Ok(Self {
+            relative_position_bias_table: table,
+            window_size,
+            cache: frozen.then(|| Mutex::new(HashMap::new())),
+        })
+    }
+
+    /// The bias `[1, H, S, S]` for an input whose patch grid is `window`.
+    pub fn forward(&self, window: (usize, usize)) -> Result<Tensor> {
+        if let Some(cache) = &self.cache {
+            if let Some(t) = cache.lock().ok().and_then(|c| c.get(&window).cloned()) {
+                return Ok(t);
+            }
+        }
+        let bias = self.compute(window)?;
+        if let Some(cache) = &self.cache {
+            if let Ok(mut c) = cache.lock() {
+                c.insert(window, bias.clone());
+            }
+        }
+        Ok(bias)
+    }
+
+    fn compute(&self, window: (usize, usize)) -> Result<Tensor> {
+        let table = &self.relative_position_bias_table;
+        let (rows, heads) = table.dims2()?;
+        // transformers reshapes the table as (2*Ww0-1, 2*Wh0-1) (width first) and resizes it
+        // bilinearly to (2*Wh-1, 2*Ww-1); replicate that exactly, including for non-square windows.
+        let (old_a, old_b) = (2 * self.window_size.1 - 1, 2 * self.window_size.0 - 1);
+        let (new_h, new_w) = (2 * window.0 - 1, 2 * window.1 - 1);
+        let table = if (old_a, old_b) == (new_h, new_w) {
+            table.clone()
+        } else {
+            let sub = table.narrow(0, 0, rows - 3)?;
+            let grid = sub
+                .reshape((1, old_a, old_b, heads))?
+                .permute((0, 3, 1, 2))?;
+            let resized = ops::bilinear(&grid, new_h, new_w)?;
+            let resized = resized
+                .permute((0, 2, 3, 1))?
+                .reshape((new_h * new_w, heads))?;
+            Tensor::cat(&[&resized, &table.narrow(0, rows - 3, 3)?], 0)?
+        };
+        let index = relative_position_index(window);
+        let s = window.0 * window.1 + 1;
+        let idx = Tensor::from_slice(index.as_slice(), s * s, table.device())?;
+        table
+            .index_select(&idx, 0)?
+            .reshape((s, s, heads))?
+            .permute((2, 0, 1))?
+            .contiguous()?
+            .unsqueeze(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::relative_position_index;
+
+    #[test]
+    fn index_matches_transformers_layout() {
+        // 2x2 window: R = 3*3+3 = 12; CLS row = 9, CLS column = 10, corner = 11.
+        let idx = relative_position_index((2, 2));
+        let s = 5;
+        assert_eq!(idx[0], 11);
+        assert_eq!(idx[1], 9);
+        assert_eq!(idx[s], 10);
+        // token (0,0) vs itself: dh = 1, dw = 1 -> 1*3+1 = 4
+        assert_eq!(idx[s + 1], 4);
+        // query (0,0), key (1,1): dh = 0, dw = 0 -> 0
+        assert_eq!(idx[s + 4], 0);
+        // query (1,1), key (0,0): dh = 2, dw = 2 -> 8
+        assert_eq!(idx[4 * s + 1], 8);
+    }
+}

@@ -1,0 +1,277 @@
+//! Layers with transformers' parameter names and initialisation, built from a `VarBuilder`
+//! whose paths equal the checkpoint's tensor names.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{Init, VarBuilder};
+
+use crate::ops;
+
+/// transformers' init for Linear/Conv weights: `N(0, initializer_range)`.
+pub fn normal_init(std: f64) -> Init {
+    Init::Randn {
+        mean: 0.0,
+        stdev: std,
+    }
+}
+
+/// `nn.Linear` (`weight [out, in]`, optional `bias [out]`).
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        init_std: f64,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let weight = vb.get_with_hints((out_dim, in_dim), "weight", normal_init(init_std))?;
+        let bias = if bias {
+            Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // Fold leading dims so that the GEMM sees one [rows, in] matrix.
+        let dims = x.dims().to_vec();
+        let in_dim = *dims.last().unwrap_or(&1);
+        let rows = x.elem_count() / in_dim.max(1);
+        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.weight.dim(0)?;
+        }
+        y.reshape(out_dims)
+    }
+}
+
+/// `nn.LayerNorm` over the last dimension.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints(dim, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(dim, "bias", Init::Const(0.0))?,
+            eps,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// `nn.Conv2d` (weight `[out, in, kh, kw]`).
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub stride: usize,
+    pub padding: usize,
+    pub dilation: usize,
+}
+
+impl Conv2d {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        in_c: usize,
+        out_c: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+        dilation: usize,
+        bias: bool,
+        init_std: f64,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let weight = vb.get_with_hints((out_c, in_c, k, k), "weight", normal_init(init_std))?;
+        let bias = if bias {
+            Some(vb.get_with_hints(out_c, "bias", Init::Const(0.0))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            stride,
+            padding,
+            dilation,
+        })
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, kh, kw) = self.weight.dims4()?;
+        let y = if kh == 1 && kw == 1 && self.stride == 1 && self.padding == 0 {
+            // A 1x1 convolution is a GEMM over channels.
+            let (n, c, h, w) = x.dims4()?;
+            let o = self.weight.dim(0)?;
+            let wm = self.weight.reshape((o, c))?;
+            wm.broadcast_matmul(&x.reshape((n, c, h * w))?)?
+                .reshape((n, o, h, w))?
+        } else {
+            x.conv2d(&self.weight, self.padding, self.stride, self.dilation, 1)?
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// `nn.ConvTranspose2d(k, stride=k)` (weight `[in, out, kh, kw]`).
+#[derive(Clone, Debug)]
+pub struct ConvTranspose2d {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub stride: usize,
+}
+
+impl ConvTranspose2d {
+    pub fn new(
+        in_c: usize,
+        out_c: usize,
+        k: usize,
+        stride: usize,
+        init_std: f64,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints((in_c, out_c, k, k), "weight", normal_init(init_std))?,
+            bias: vb.get_with_hints(out_c, "bias", Init::Const(0.0))?,
+            stride,
+        })
+    }
+}
+
+impl Module for ConvTranspose2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.conv_transpose2d(&self.weight, 0, 0, self.stride, 1)?;
+        y.broadcast_add(&self.bias.reshape((1, self.bias.dim(0)?, 1, 1))?)
+    }
+}
+
+/// `nn.BatchNorm2d` (eps 1e-5, momentum 0.1). Evaluation uses the running statistics; training
+/// uses the batch statistics and updates the running ones as PyTorch does.
+#[derive(Clone, Debug)]
+pub struct BatchNorm2d {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub running_mean: Tensor,
+    pub running_var: Tensor,
+    pub eps: f64,
+    pub momentum: f64,
+}
+
+impl BatchNorm2d {
+    pub fn new(c: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints(c, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(c, "bias", Init::Const(0.0))?,
+            running_mean: vb.get_with_hints(c, "running_mean", Init::Const(0.0))?,
+            running_var: vb.get_with_hints(c, "running_var", Init::Const(1.0))?,
+            eps: 1e-5,
+            momentum: 0.1,
+        })
+    }
+
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let c = self.weight.dim(0)?;
+        let shape = (1, c, 1, 1);
+        if !train {
+            // y = x * scale + shift with scale = w / sqrt(var + eps), shift = b - mean * scale
+            let scale = (self.weight.to_dtype(DType::F32)?
+                / (self.running_var.to_dtype(DType::F32)? + self.eps)?.sqrt()?)?;
+            let shift = (self.bias.to_dtype(DType::F32)?
+                - (self.running_mean.to_dtype(DType::F32)? * &scale)?)?;
+            let scale = scale.to_dtype(x.dtype())?.reshape(shape)?;
+            let shift = shift.to_dtype(x.dtype())?.reshape(shape)?;
+            return x.broadcast_mul(&scale)?.broadcast_add(&shift);
+        }
+        let (n, _, h, w) = x.dims4()?;
+        let count = (n * h * w) as f64;
+        let xt = x.transpose(0, 1)?.contiguous()?.reshape((c, n * h * w))?;
+        let mean = xt.mean_keepdim(D::Minus1)?; // [c, 1]
+        let xc = xt.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?; // biased, used to normalise
+        let y = xc
+            .broadcast_div(&(var.clone() + self.eps)?.sqrt()?)?
+            .broadcast_mul(&self.weight.reshape((c, 1))?)?
+            .broadcast_add(&self.bias.reshape((c, 1))?)?;
+        // Running statistics use the unbiased variance; they are buffers, not part of the graph.
+        let unbiased = (var.detach() * (count / (count - 1.0).max(1.0)))?.flatten_all()?;
+        let m = self.momentum;
+        let new_mean =
+            ((self.running_mean.detach() * (1.0 - m))? + (mean.detach().flatten_all()? * m)?)?;
+        let new_var = ((self.running_var.detach() * (1.0 - m))? + (unbiased * m)?)?;
+        update_buffer(&self.running_mean, &new_mean)?;
+        update_buffer(&self.running_var, &new_var)?;
+        y.reshape((c, n, h, w))?.transpose(0, 1)?.contiguous()
+    }
+}
+
+/// Overwrite a buffer in place: `slice_set` writes into the storage shared by every handle of
+/// the tensor (including the `Var` in a training `VarMap`).
+fn update_buffer(buffer: &Tensor, value: &Tensor) -> Result<()> {
+    buffer.slice_set(&value.to_dtype(buffer.dtype())?, 0, 0)
+}
+
+/// transformers' `BeitConvModule`: Conv2d (no bias) -> BatchNorm2d -> ReLU, named `conv`, `bn`.
+#[derive(Clone, Debug)]
+pub struct ConvModule {
+    pub conv: Conv2d,
+    pub bn: BatchNorm2d,
+}
+
+impl ConvModule {
+    pub fn new(
+        in_c: usize,
+        out_c: usize,
+        k: usize,
+        padding: usize,
+        dilation: usize,
+        init_std: f64,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Ok(Self {
+            conv: Conv2d::new(
+                in_c,
+                out_c,
+                k,
+                1,
+                padding,
+                dilation,
+                false,
+                init_std,
+                vb.pp("conv"),
+            )?,
+            bn: BatchNorm2d::new(out_c, vb.pp("bn"))?,
+        })
+    }
+
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.bn.forward_t(&self.conv.forward(x)?, train)?.relu()
+    }
+}

@@ -1,0 +1,145 @@
+//! Softmax over the last dimension with a backward pass.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+struct SoftmaxLastDim;
+
+fn softmax_rows<T: num_like::Float>(src: &[T], dst: &mut [T], dim: usize) {
+    dst.par_chunks_mut(dim * 64.max(1))
+        .zip(src.par_chunks(dim * 64.max(1)))
+        .for_each(|(d, s)| {
+            for (drow, srow) in d.chunks_mut(dim).zip(s.chunks(dim)) {
+                let mut max = T::neg_infinity();
+                for &v in srow {
+                    max = max.maxf(v);
+                }
+                let mut sum = T::zero();
+                for (o, &v) in drow.iter_mut().zip(srow) {
+                    let e = (v - max).expf();
+                    *o = e;
+                    sum = sum + e;
+                }
+                let inv = T::one() / sum;
+                for o in drow.iter_mut() {
+                    *o = *o * inv;
+                }
+            }
+        });
+}
+
+/// Minimal float abstraction for the CPU kernels (f32 and f64).
+pub(crate) mod num_like {
+    pub trait Float:
+        Copy
+        + Send
+        + Sync
+        + std::ops::Add<Output = Self>
+        + std::ops::Sub<Output = Self>
+        + std::ops::Mul<Output = Self>
+        + std::ops::Div<Output = Self>
+        + PartialOrd
+    {
+        fn zero() -> Self;
+        fn one() -> Self;
+        fn neg_infinity() -> Self;
+        fn expf(self) -> Self;
+        fn sqrtf(self) -> Self;
+        fn maxf(self, o: Self) -> Self;
+        fn from_f64(v: f64) -> Self;
+    }
+    impl Float for f32 {
+        fn zero() -> Self {
+            0.0
+        }
+        fn one() -> Self {
+            1.0
+        }
+        fn neg_infinity() -> Self {
+            f32::NEG_INFINITY
+        }
+        fn expf(self) -> Self {
+            self.exp()
+        }
+        fn sqrtf(self) -> Self {
+            self.sqrt()
+        }
+        fn maxf(self, o: Self) -> Self {
+            self.max(o)
+        }
+        fn from_f64(v: f64) -> Self {
+            v as f32
+        }
+    }
+    impl Float for f64 {
+        fn zero() -> Self {
+            0.0
+        }
+        fn one() -> Self {
+            1.0
+        }
+        fn neg_infinity() -> Self {
+            f64::NEG_INFINITY
+        }
+        fn expf(self) -> Self {
+            self.exp()
+        }
+        fn sqrtf(self) -> Self {
+            self.sqrt()
+        }
+        fn maxf(self, o: Self) -> Self {
+            self.max(o)
+        }
+        fn from_f64(v: f64) -> Self {
+            v
+        }
+    }
+}
+
+impl CustomOp1 for SoftmaxLastDim {
+    fn name(&self) -> &'static str {
+        "beit-softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dim = layout.dims().last().copied().unwrap_or(1);
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("softmax: input must be contiguous".into()))?;
+        let out = match storage {
+            CpuStorage::F32(v) => {
+                let src = &v[start..end];
+                let mut dst = vec![0f32; src.len()];
+                softmax_rows(src, &mut dst, dim);
+                CpuStorage::F32(dst)
+            }
+            CpuStorage::F64(v) => {
+                let src = &v[start..end];
+                let mut dst = vec![0f64; src.len()];
+                softmax_rows(src, &mut dst, dim);
+                CpuStorage::F64(dst)
+            }
+            _ => candle_core::bail!("softmax: unsupported dtype {:?}", "non-float"),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        // dx = y * (g - sum(g * y))
+        let gy = (grad_res * res)?;
+        let s = gy.sum_keepdim(D::Minus1)?;
+        Ok(Some((gy - res.broadcast_mul(&s)?)?))
+    }
+}
+
+/// Softmax over the last dimension, computed in f32 for f16/bf16 inputs (as transformers' eager
+/// attention does). Fast fused kernel on CPU; a differentiable composition elsewhere.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    super::in_f32(x, |x| {
+        if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+            x.contiguous()?.apply_op1(SoftmaxLastDim)
+        } else {
+            candle_nn::ops::softmax(x, D::Minus1)
+        }
+    })
+}

@@ -1,0 +1,99 @@
+//! Small shared helpers: atomic file writes and safetensors I/O for user-facing files.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{BeitError, Result};
+
+/// Write `bytes` to `path` atomically: a temporary file in the same folder, then a rename, so a
+/// reader (or a crash) never sees a partial file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |f| f.write_all(bytes).map_err(BeitError::from))
+}
+
+/// Like [`write_atomic`], with the content produced by a writer callback.
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut std::fs::File) -> Result<()>,
+) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.is_dir() {
+        return Err(BeitError::file(path, "the output folder does not exist"));
+    }
+    let name = path
+        .file_name()
+        .ok_or_else(|| BeitError::file(path, "not a file path"))?
+        .to_string_lossy()
+        .to_string();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)
+            .map_err(|e| BeitError::file(&tmp, format!("cannot create: {e}")))?;
+        write(&mut f)?;
+        f.sync_all().ok();
+        std::fs::rename(&tmp, path).map_err(|e| BeitError::file(path, format!("cannot write: {e}")))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Save named tensors as a safetensors file, atomically. Tensors are written in their dtype.
+pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    // candle's writer needs contiguous CPU tensors.
+    let mut cpu: Vec<(String, Tensor)> = Vec::with_capacity(tensors.len());
+    for (k, v) in tensors {
+        cpu.push((k.clone(), v.to_device(&Device::Cpu)?.contiguous()?));
+    }
+    cpu.sort_by(|a, b| a.0.cmp(&b.0));
+    let bytes = {
+        let views: Vec<(&str, &Tensor)> = cpu.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        safetensors::tensor::serialize(views, None)
+            .map_err(|e| BeitError::file(path, format!("cannot serialize safetensors: {e}")))?
+    };
+    write_atomic(path, &bytes)
+}
+
+/// Read every tensor of a user-supplied safetensors file onto `device`. Unlike candle's loader it
+/// accepts `BOOL` tensors (read as `u8`), and errors name the file.
+pub fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let data =
+        std::fs::read(path).map_err(|e| BeitError::file(path, format!("cannot read: {e}")))?;
+    let st = safetensors::SafeTensors::deserialize(&data)
+        .map_err(|e| BeitError::file(path, format!("not a valid safetensors file: {e}")))?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        let shape = view.shape().to_vec();
+        let t = match view.dtype() {
+            safetensors::Dtype::BOOL | safetensors::Dtype::U8 => {
+                Tensor::from_vec(view.data().to_vec(), shape, device)?
+            }
+            _ => candle_core::safetensors::Load::load(&view, device).map_err(|e| {
+                BeitError::file(path, format!("tensor `{name}`: unsupported dtype ({e})"))
+            })?,
+        };
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+/// Parse a dtype name as used on the command line (`f32`, `f16`, `bf16`).
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s.to_ascii_lowercase().as_str() {
+        "f32" | "float32" | "fp32" => Ok(DType::F32),
+        "f16" | "float16" | "fp16" | "half" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f64" | "float64" => Ok(DType::F64),
+        other => Err(BeitError::input(
+            "dtype",
+            format!("unknown dtype {other:?} (f32, f16, bf16)"),
+        )),
+    }
+}

@@ -1,0 +1,472 @@
+//! Checkpoint reading: `model.safetensors` (memory-mapped), sharded safetensors
+//! (`model.safetensors.index.json`) and `pytorch_model.bin`, under any of the tensor names
+//! transformers has used for BEiT.
+//!
+//! Every name is mapped to one canonical form, the hub (transformers 4.x `save_pretrained`)
+//! names with the `beit.` prefix (`beit.encoder.layer.0.attention.attention.query.weight`,
+//! `decode_head.psp_modules.0.1.conv.weight`, ...). The model modules ask for canonical names;
+//! [`Checkpoint`] answers for whichever naming the file uses.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use candle_nn::{Init, VarBuilder, VarMap};
+use regex::Regex;
+
+use crate::error::{to_candle, BeitError, Result};
+
+/// Where a tensor lives.
+enum Store {
+    Safetensors(candle_core::safetensors::MmapedSafetensors),
+    Pth(candle_core::pickle::PthTensors),
+}
+
+/// The tensors of a checkpoint, addressed by canonical name.
+pub struct Checkpoint {
+    store: Store,
+    /// canonical name -> name in the file
+    names: HashMap<String, String>,
+    /// what the checkpoint was read from, for messages
+    pub description: String,
+    /// canonical names that were handed out (to report unused tensors)
+    used: Mutex<HashSet<String>>,
+}
+
+/// Tensors stored in checkpoints that are not parameters: ignored on load as transformers does.
+fn is_ignored(name: &str) -> bool {
+    name.ends_with("relative_position_index") || name.ends_with("num_batches_tracked")
+}
+
+fn renames() -> &'static [(Regex, &'static str)] {
+    static RENAMES: std::sync::OnceLock<Vec<(Regex, &'static str)>> = std::sync::OnceLock::new();
+    RENAMES.get_or_init(|| {
+        let r = |p: &str, to: &'static str| (Regex::new(p).expect("valid regex"), to);
+        vec![
+            // transformers 5.x in-memory names (what `torch.save(model.state_dict())` writes).
+            r(r"^beit\.layers\.(\d+)\.", "beit.encoder.layer.$1."),
+            r(
+                r"^beit\.shared_position_bias\.",
+                "beit.encoder.relative_position_bias.",
+            ),
+            r(
+                r"^(beit\.encoder\.layer\.\d+)\.relative_position_bias\.",
+                "$1.attention.attention.relative_position_bias.",
+            ),
+            r(r"\.attention\.q_proj\.", ".attention.attention.query."),
+            r(r"\.attention\.k_proj\.", ".attention.attention.key."),
+            r(r"\.attention\.v_proj\.", ".attention.attention.value."),
+            r(r"\.attention\.o_proj\.", ".attention.output.dense."),
+            r(r"\.mlp\.fc1\.", ".intermediate.dense."),
+            r(r"\.mlp\.fc2\.", ".output.dense."),
+            r(r"^fpn\.fpn1\.conv_transpose1\.", "fpn1.0."),
+            r(r"^fpn\.fpn1\.normalization\.", "fpn1.1."),
+            r(r"^fpn\.fpn1\.conv_transpose2\.", "fpn1.3."),
+            r(r"^fpn\.fpn2\.", "fpn2.0."),
+            r(r"^decode_head\.psp_bottleneck\.", "decode_head.bottleneck."),
+            r(
+                r"^decode_head\.psp_modules\.blocks\.(\d+)\.conv\.",
+                "decode_head.psp_modules.$1.1.",
+            ),
+            r(
+                r"^((?:decode|auxiliary)_head\..*)\.convolution\.",
+                "$1.conv.",
+            ),
+            r(
+                r"^((?:decode|auxiliary)_head\..*)\.normalization\.",
+                "$1.bn.",
+            ),
+        ]
+    })
+}
+
+/// Map a tensor name of any supported naming to the canonical one. `prefixed` says whether the
+/// checkpoint's backbone tensors carry a model prefix (`beit.` / `data2vec_vision.`); a bare
+/// `BeitModel` checkpoint does not.
+pub fn canonical_name(name: &str, prefixed: bool) -> String {
+    let mut n = if let Some(rest) = name.strip_prefix("data2vec_vision.") {
+        format!("beit.{rest}")
+    } else if !prefixed {
+        format!("beit.{name}")
+    } else {
+        name.to_string()
+    };
+    for (re, to) in renames() {
+        if re.is_match(&n) {
+            n = re.replace(&n, *to).into_owned();
+        }
+    }
+    n
+}
+
+impl Checkpoint {
+    /// Open the weights of a model folder: `model.safetensors`, else
+    /// `model.safetensors.index.json` (sharded), else `pytorch_model.bin`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let st = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let bin = dir.join("pytorch_model.bin");
+        if st.is_file() {
+            Self::from_safetensors(&[st])
+        } else if index.is_file() {
+            let files = shard_files(&index)?;
+            Self::from_safetensors(&files)
+        } else if bin.is_file() {
+            Self::from_pth(&bin)
+        } else {
+            Err(BeitError::file(
+                dir,
+                "no weights found (expected model.safetensors, model.safetensors.index.json or pytorch_model.bin)",
+            ))
+        }
+    }
+
+    /// Open one or more safetensors files (memory-mapped).
+    pub fn from_safetensors(files: &[PathBuf]) -> Result<Self> {
+        for f in files {
+            if !f.is_file() {
+                return Err(BeitError::file(f, "weights file not found"));
+            }
+        }
+        // SAFETY: the files are mapped read-only; like every mmap reader we rely on them not being
+        // truncated while in use.
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }
+            .map_err(|e| BeitError::file(&files[0], format!("cannot read safetensors: {e}")))?;
+        let raw: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
+        let description = files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        Ok(Self::new(Store::Safetensors(st), raw, description))
+    }
+
+    /// Open a PyTorch pickle (`torch.save` zip format), e.g. `pytorch_model.bin`.
+    pub fn from_pth(file: &Path) -> Result<Self> {
+        let pth = candle_core::pickle::PthTensors::new(file, None)
+            .map_err(|e| BeitError::file(file, format!("cannot read PyTorch checkpoint: {e}")))?;
+        let raw: Vec<String> = pth.tensor_infos().keys().cloned().collect();
+        Ok(Self::new(Store::Pth(pth), raw, file.display().to_string()))
+    }
+
+    fn new(store: Store, raw: Vec<String>, description: String) -> Self {
+        let prefixed = raw
+            .iter()
+            .any(|n| n.starts_with("beit.") || n.starts_with("data2vec_vision."));
+        let names = raw
+            .into_iter()
+            .filter(|n| !is_ignored(n))
+            .map(|n| (canonical_name(&n, prefixed), n))
+            .collect();
+        Checkpoint {
+            store,
+            names,
+            description,
+            used: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Canonical names of all parameter tensors in the checkpoint.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.names.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    pub fn contains(&self, canonical: &str) -> bool {
+        self.names.contains_key(canonical)
+    }
+
+    /// Shape of a tensor without loading it.
+    pub fn shape(&self, canonical: &str) -> Option<Vec<usize>> {
+        let raw = self.names.get(canonical)?;
+        match &self.store {
+            Store::Safetensors(st) => st.get(raw).ok().map(|v| v.shape().to_vec()),
+            Store::Pth(p) => p.tensor_infos().get(raw).map(|i| i.layout.dims().to_vec()),
+        }
+    }
+
+    /// Load a tensor by canonical name (in its stored dtype).
+    pub fn load(&self, canonical: &str, device: &Device) -> Result<Tensor> {
+        let raw = self
+            .names
+            .get(canonical)
+            .ok_or_else(|| BeitError::MissingTensor {
+                name: canonical.to_string(),
+                source_desc: self.description.clone(),
+            })?;
+        let t = match &self.store {
+            Store::Safetensors(st) => st.load(raw, device),
+            Store::Pth(p) => p
+                .get(raw)
+                .and_then(|t| t.ok_or_else(|| candle_core::Error::Msg("missing".into())))
+                .and_then(|t| t.to_device(device)),
+        }
+        .map_err(|e| BeitError::file(&self.description, format!("tensor `{raw}`: {e}")))?;
+        if let Ok(mut used) = self.used.lock() {
+            used.insert(canonical.to_string());
+        }
+        Ok(t)
+    }
+
+    /// Load a tensor and check its shape, casting to `dtype`.
+    pub fn load_checked(
+        &self,
+        canonical: &str,
+        shape: &Shape,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        if let Some(got) = self.shape(canonical) {
+            if got.as_slice() != shape.dims() {
+                return Err(BeitError::ShapeMismatch {
+                    name: canonical.to_string(),
+                    expected: shape.dims().to_vec(),
+                    got,
+                });
+            }
+        }
+        Ok(self.load(canonical, device)?.to_dtype(dtype)?)
+    }
+
+    /// Parameter tensors of the checkpoint the model never asked for (as transformers'
+    /// "Some weights of the checkpoint were not used" warning).
+    pub fn unused(&self) -> Vec<String> {
+        let used = self.used.lock().map(|u| u.clone()).unwrap_or_default();
+        let mut v: Vec<String> = self
+            .names
+            .keys()
+            .filter(|n| !used.contains(*n))
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// The shard files named by a `model.safetensors.index.json`.
+fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|e| BeitError::file(index, e.to_string()))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| BeitError::file(index, format!("invalid JSON: {e}")))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| BeitError::file(index, "no `weight_map` object"))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let files: BTreeMap<String, ()> = map
+        .values()
+        .filter_map(|v| v.as_str())
+        .map(|s| (s.to_string(), ()))
+        .collect();
+    if files.is_empty() {
+        return Err(BeitError::file(index, "`weight_map` names no shard"));
+    }
+    Ok(files.keys().map(|f| dir.join(f)).collect())
+}
+
+/// How parameters the checkpoint lacks (or has with another shape) are treated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MissingPolicy {
+    /// Every parameter must be in the checkpoint with the expected shape (inference).
+    Error,
+    /// Missing parameters are freshly initialised (training a head on a pretrained backbone).
+    Initialize,
+    /// As `Initialize`, and parameters whose shape differs are re-initialised too
+    /// (transformers' `ignore_mismatched_sizes=True`, e.g. a new label set).
+    InitializeMismatched,
+}
+
+/// A `VarBuilder` backend over a checkpoint. With a `VarMap` the parameters become trainable
+/// `Var`s collected in the map; without one they are plain tensors.
+pub struct ParamSource {
+    checkpoint: Option<Arc<Checkpoint>>,
+    vars: Option<VarMap>,
+    policy: MissingPolicy,
+    /// Names that were freshly initialised (reported to the user).
+    initialized: Mutex<Vec<String>>,
+}
+
+impl ParamSource {
+    pub fn new(
+        checkpoint: Option<Arc<Checkpoint>>,
+        vars: Option<VarMap>,
+        policy: MissingPolicy,
+    ) -> Self {
+        ParamSource {
+            checkpoint,
+            vars,
+            policy,
+            initialized: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn fetch(
+        &self,
+        shape: &Shape,
+        name: &str,
+        init: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Tensor> {
+        if let Some(vars) = &self.vars {
+            let data = vars
+                .data()
+                .lock()
+                .map_err(|_| BeitError::config(name, "poisoned var map"))?;
+            if let Some(v) = data.get(name) {
+                if v.dims() != shape.dims() {
+                    return Err(BeitError::ShapeMismatch {
+                        name: name.to_string(),
+                        expected: shape.dims().to_vec(),
+                        got: v.dims().to_vec(),
+                    });
+                }
+                return Ok(v.as_tensor().clone());
+            }
+        }
+        let from_ckpt = match &self.checkpoint {
+            Some(c) if c.contains(name) => match c.load_checked(name, shape, dtype, dev) {
+                Ok(t) => Some(t),
+                Err(BeitError::ShapeMismatch { .. })
+                    if self.policy == MissingPolicy::InitializeMismatched =>
+                {
+                    tracing::warn!(
+                        "re-initialising `{name}`: checkpoint shape {:?} != {:?}",
+                        c.shape(name),
+                        shape.dims()
+                    );
+                    None
+                }
+                Err(e) => return Err(e),
+            },
+            Some(c) if self.policy == MissingPolicy::Error => {
+                return Err(BeitError::MissingTensor {
+                    name: name.to_string(),
+                    source_desc: c.description.clone(),
+                })
+            }
+            _ => None,
+        };
+        let tensor = match from_ckpt {
+            Some(t) => t,
+            None => {
+                if let Ok(mut v) = self.initialized.lock() {
+                    v.push(name.to_string());
+                }
+                init.var(shape.clone(), dtype, dev)?.as_tensor().clone()
+            }
+        };
+        match &self.vars {
+            Some(vars) => {
+                let var = Var::from_tensor(&tensor)?;
+                let t = var.as_tensor().clone();
+                vars.data()
+                    .lock()
+                    .map_err(|_| BeitError::config(name, "poisoned var map"))?
+                    .insert(name.to_string(), var);
+                Ok(t)
+            }
+            None => Ok(tensor),
+        }
+    }
+
+    /// Parameters that were not in the checkpoint (or re-initialised because of their shape).
+    pub fn initialized(&self) -> Vec<String> {
+        self.initialized
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// A shared handle so the caller can still ask the source what it did after building the model.
+pub struct SharedSource(pub Arc<ParamSource>);
+
+impl candle_nn::var_builder::SimpleBackend for SharedSource {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0.fetch(&s, name, h, dtype, dev).map_err(to_candle)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        match &self.0.checkpoint {
+            Some(c) => c
+                .load(name, dev)
+                .and_then(|t| Ok(t.to_dtype(dtype)?))
+                .map_err(to_candle),
+            None => Err(candle_core::Error::Msg(format!(
+                "no checkpoint to read `{name}` from"
+            ))),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.checkpoint.as_ref().is_some_and(|c| c.contains(name))
+    }
+}
+
+/// A `VarBuilder` reading (canonical) names from `source`.
+pub fn var_builder(source: Arc<ParamSource>, dtype: DType, device: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(SharedSource(source)), dtype, device.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::canonical_name;
+
+    #[test]
+    fn v5_names_map_to_hub_names() {
+        let cases = [
+            ("beit.layers.3.attention.q_proj.weight", "beit.encoder.layer.3.attention.attention.query.weight"),
+            ("beit.layers.0.attention.o_proj.bias", "beit.encoder.layer.0.attention.output.dense.bias"),
+            ("beit.layers.1.mlp.fc1.weight", "beit.encoder.layer.1.intermediate.dense.weight"),
+            ("beit.layers.1.mlp.fc2.bias", "beit.encoder.layer.1.output.dense.bias"),
+            (
+                "beit.layers.2.relative_position_bias.relative_position_bias_table",
+                "beit.encoder.layer.2.attention.attention.relative_position_bias.relative_position_bias_table",
+            ),
+            (
+                "beit.shared_position_bias.relative_position_bias_table",
+                "beit.encoder.relative_position_bias.relative_position_bias_table",
+            ),
+            ("fpn.fpn1.conv_transpose1.weight", "fpn1.0.weight"),
+            ("fpn.fpn1.normalization.running_var", "fpn1.1.running_var"),
+            ("fpn.fpn2.bias", "fpn2.0.bias"),
+            ("decode_head.psp_bottleneck.convolution.weight", "decode_head.bottleneck.conv.weight"),
+            (
+                "decode_head.psp_modules.blocks.2.conv.normalization.weight",
+                "decode_head.psp_modules.2.1.bn.weight",
+            ),
+            ("auxiliary_head.convs.0.convolution.weight", "auxiliary_head.convs.0.conv.weight"),
+            ("decode_head.lateral_convs.1.normalization.bias", "decode_head.lateral_convs.1.bn.bias"),
+            ("data2vec_vision.encoder.layer.0.lambda_1", "beit.encoder.layer.0.lambda_1"),
+        ];
+        for (from, to) in cases {
+            assert_eq!(canonical_name(from, true), to, "{from}");
+        }
+        // hub names are already canonical
+        let hub = "decode_head.psp_modules.0.1.conv.weight";
+        assert_eq!(canonical_name(hub, true), hub);
+        // bare BeitModel checkpoints
+        assert_eq!(
+            canonical_name("encoder.layer.0.lambda_1", false),
+            "beit.encoder.layer.0.lambda_1"
+        );
+        assert_eq!(
+            canonical_name("layers.0.lambda_1", false),
+            "beit.encoder.layer.0.lambda_1"
+        );
+        assert_eq!(
+            canonical_name("pooler.layernorm.weight", false),
+            "beit.pooler.layernorm.weight"
+        );
+    }
+}
