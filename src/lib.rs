@@ -22,6 +22,7 @@ pub mod model;
 pub mod nn;
 pub mod ops;
 pub mod tasks;
+pub mod train;
 pub mod util;
 pub mod weights;
 

@@ -167,6 +167,33 @@ impl BeitModel {
         })
     }
 
+    /// Layer id of a parameter for layer-wise learning-rate decay (unilm's
+    /// `get_num_layer_for_vit` on hub names): embeddings 0, `encoder.layer.k` k+1, everything else
+    /// (shared relative bias, norms, heads) `L + 1`. Block k then gets `decay^(L-k)` and the
+    /// embeddings `decay^(L+1)`.
+    pub fn layer_id(name: &str, num_layers: usize) -> usize {
+        if name.starts_with("beit.embeddings.") {
+            return 0;
+        }
+        if let Some(rest) = name.strip_prefix("beit.encoder.layer.") {
+            if let Some(k) = rest.split('.').next().and_then(|k| k.parse::<usize>().ok()) {
+                return k + 1;
+            }
+        }
+        num_layers + 1
+    }
+
+    /// Parameters trained without weight decay (timm's `no_weight_decay()` plus the 1-D rule):
+    /// biases, norm weights, layer scale, position embeddings, CLS/mask tokens and relative
+    /// position tables.
+    pub fn no_weight_decay(name: &str, rank: usize) -> bool {
+        let leaf = name.rsplit('.').next().unwrap_or(name);
+        rank <= 1
+            || name.ends_with(".bias")
+            || matches!(leaf, "cls_token" | "mask_token" | "position_embeddings")
+            || name.contains("relative_position_bias_table")
+    }
+
     /// The compute dtype of the weights.
     pub fn dtype(&self) -> DType {
         self.embeddings.cls_token.dtype()

@@ -28,6 +28,34 @@ pub(crate) fn in_f32(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> R
     }
 }
 
+/// The random numbers behind dropout and drop path. candle's CPU generator cannot be seeded, so
+/// training draws its masks here: seeded, they make a run reproducible (and resumable) exactly.
+pub mod rng {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    use std::sync::Mutex;
+
+    static RNG: Mutex<Option<StdRng>> = Mutex::new(None);
+
+    /// Seed the stream (a training loop re-seeds it from (seed, step) before every step).
+    pub fn seed(seed: u64) {
+        if let Ok(mut r) = RNG.lock() {
+            *r = Some(StdRng::seed_from_u64(seed));
+        }
+    }
+
+    /// `n` uniform numbers in [0, 1).
+    pub fn uniform(n: usize) -> Vec<f32> {
+        let mut guard = RNG.lock().unwrap_or_else(|e| e.into_inner());
+        match guard.as_mut() {
+            Some(r) => (0..n).map(|_| r.random::<f32>()).collect(),
+            None => {
+                let mut r = rand::rng();
+                (0..n).map(|_| r.random::<f32>()).collect()
+            }
+        }
+    }
+}
+
 /// Stochastic depth: in training keep each sample with probability `1 - p`, scaled by `1/(1-p)`
 /// (transformers' `BeitDropPath`); identity otherwise.
 pub fn drop_path(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
@@ -35,11 +63,15 @@ pub fn drop_path(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let keep = 1.0 - p;
+    let b = x.dim(0)?;
+    let mask: Vec<f32> = rng::uniform(b)
+        .into_iter()
+        .map(|r| ((r as f64 + keep).floor() / keep) as f32)
+        .collect();
     let mut shape = vec![1usize; x.rank()];
-    shape[0] = x.dim(0)?;
-    let r = Tensor::rand(0f32, 1f32, shape, x.device())?.to_dtype(x.dtype())?;
-    let mask = (r + keep)?.floor()?;
-    x.affine(1.0 / keep, 0.0)?.broadcast_mul(&mask)
+    shape[0] = b;
+    let mask = Tensor::from_vec(mask, shape, x.device())?.to_dtype(x.dtype())?;
+    x.broadcast_mul(&mask)
 }
 
 /// Dropout (identity outside training).
@@ -47,5 +79,11 @@ pub fn dropout(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
     if !train || p == 0.0 {
         return Ok(x.clone());
     }
-    candle_nn::ops::dropout(x, p as f32)
+    let scale = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = rng::uniform(x.elem_count())
+        .into_iter()
+        .map(|r| if (r as f64) < p { 0.0 } else { scale as f32 })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x.mul(&mask)
 }

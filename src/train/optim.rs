@@ -1,0 +1,263 @@
+//! AdamW with per-parameter learning-rate scale and weight decay (layer-wise lr decay), the
+//! warm-up + cosine schedule, and gradient clipping, as in unilm's BEiT recipe.
+
+use std::collections::{BTreeMap, HashMap};
+
+use candle_core::{DType, Tensor, Var};
+
+use crate::error::{BeitError, Result};
+
+/// Hyper-parameters of AdamW.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.05,
+        }
+    }
+}
+
+/// A trainable parameter with its optimiser settings.
+#[derive(Debug, Clone)]
+pub struct Param {
+    pub name: String,
+    pub var: Var,
+    /// Multiplies the scheduled learning rate (layer-wise decay).
+    pub lr_scale: f64,
+    pub weight_decay: f64,
+}
+
+struct Moments {
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: u64,
+}
+
+/// `torch.optim.AdamW` over named parameters (decoupled weight decay, bias correction).
+pub struct AdamW {
+    pub params: Vec<Param>,
+    pub config: AdamWConfig,
+    state: HashMap<String, Moments>,
+}
+
+impl AdamW {
+    pub fn new(params: Vec<Param>, config: AdamWConfig) -> Self {
+        Self {
+            params,
+            config,
+            state: HashMap::new(),
+        }
+    }
+
+    /// One update with learning rate `lr` (scaled per parameter). Parameters without a gradient
+    /// are left untouched, weight decay included (as PyTorch).
+    pub fn step(&mut self, grads: &HashMap<String, Tensor>, lr: f64) -> Result<()> {
+        let (b1, b2, eps) = (self.config.beta1, self.config.beta2, self.config.eps);
+        for p in &self.params {
+            let Some(g) = grads.get(&p.name) else {
+                continue;
+            };
+            let g = g.to_dtype(DType::F32)?;
+            let theta = p.var.as_tensor().to_dtype(DType::F32)?;
+            let lr_p = lr * p.lr_scale;
+            let st = match self.state.remove(&p.name) {
+                Some(s) => s,
+                None => Moments {
+                    exp_avg: g.zeros_like()?,
+                    exp_avg_sq: g.zeros_like()?,
+                    step: 0,
+                },
+            };
+            let step = st.step + 1;
+            let theta = (theta * (1.0 - lr_p * p.weight_decay))?;
+            let exp_avg = ((st.exp_avg * b1)? + (&g * (1.0 - b1))?)?;
+            let exp_avg_sq = ((st.exp_avg_sq * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let bias_c1 = 1.0 - b1.powi(step as i32);
+            let bias_c2 = 1.0 - b2.powi(step as i32);
+            let denom = ((exp_avg_sq.sqrt()? / bias_c2.sqrt())? + eps)?;
+            let update = (exp_avg.div(&denom)? * (lr_p / bias_c1))?;
+            let theta = (theta - update)?;
+            p.var.set(&theta.to_dtype(p.var.dtype())?)?;
+            self.state.insert(
+                p.name.clone(),
+                Moments {
+                    exp_avg,
+                    exp_avg_sq,
+                    step,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Optimiser state as named tensors (`exp_avg.NAME`, `exp_avg_sq.NAME`, `step.NAME`).
+    pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for (name, m) in &self.state {
+            out.insert(format!("exp_avg.{name}"), m.exp_avg.clone());
+            out.insert(format!("exp_avg_sq.{name}"), m.exp_avg_sq.clone());
+            out.insert(
+                format!("step.{name}"),
+                Tensor::new(&[m.step as i64], m.exp_avg.device())?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Restore what [`AdamW::state_tensors`] saved.
+    pub fn load_state_tensors(&mut self, t: &HashMap<String, Tensor>) -> Result<()> {
+        self.state.clear();
+        for p in &self.params {
+            let (Some(a), Some(s), Some(k)) = (
+                t.get(&format!("exp_avg.{}", p.name)),
+                t.get(&format!("exp_avg_sq.{}", p.name)),
+                t.get(&format!("step.{}", p.name)),
+            ) else {
+                continue;
+            };
+            if a.dims() != p.var.dims() {
+                return Err(BeitError::ShapeMismatch {
+                    name: format!("optimizer state of {}", p.name),
+                    expected: p.var.dims().to_vec(),
+                    got: a.dims().to_vec(),
+                });
+            }
+            let step = k
+                .flatten_all()?
+                .to_vec1::<i64>()?
+                .first()
+                .copied()
+                .unwrap_or(0) as u64;
+            self.state.insert(
+                p.name.clone(),
+                Moments {
+                    exp_avg: a.to_dtype(DType::F32)?,
+                    exp_avg_sq: s.to_dtype(DType::F32)?,
+                    step,
+                },
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `torch.nn.utils.clip_grad_norm_`: scale all gradients so their total L2 norm is at most
+/// `max_norm`. Returns the norm before clipping.
+pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> Result<f64> {
+    let mut total = 0f64;
+    for g in grads.values() {
+        total += g
+            .to_dtype(DType::F32)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64;
+    }
+    let norm = total.sqrt();
+    let coef = (max_norm / (norm + 1e-6)).min(1.0);
+    if coef < 1.0 {
+        for g in grads.values_mut() {
+            *g = (&*g * coef)?;
+        }
+    }
+    Ok(norm)
+}
+
+/// unilm's `cosine_scheduler` per step: linear warm-up from 0 to `base` over `warmup` steps,
+/// then cosine from `base` down to `final_lr` at `total`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CosineSchedule {
+    pub base: f64,
+    pub final_lr: f64,
+    pub warmup: usize,
+    pub total: usize,
+}
+
+impl CosineSchedule {
+    pub fn lr(&self, step: usize) -> f64 {
+        if step < self.warmup {
+            // np.linspace(0, base, warmup)
+            if self.warmup == 1 {
+                return 0.0;
+            }
+            return self.base * step as f64 / (self.warmup - 1) as f64;
+        }
+        let n = self.total.saturating_sub(self.warmup).max(1);
+        let i = (step - self.warmup).min(n);
+        self.final_lr
+            + 0.5
+                * (self.base - self.final_lr)
+                * (1.0 + (std::f64::consts::PI * i as f64 / n as f64).cos())
+    }
+}
+
+/// Group parameters as the BEiT fine-tuning recipe does: layer-wise lr decay
+/// (`decay^(L + 1 - layer_id)`) and no weight decay where [`crate::BeitModel::no_weight_decay`] says so.
+/// Buffers (BatchNorm running statistics) are not parameters.
+pub fn param_groups(
+    vars: &BTreeMap<String, Var>,
+    num_layers: usize,
+    layer_decay: f64,
+    weight_decay: f64,
+) -> Vec<Param> {
+    vars.iter()
+        .filter(|(n, _)| !is_buffer(n))
+        .map(|(name, var)| {
+            let lid = crate::BeitModel::layer_id(name, num_layers);
+            let nd = crate::BeitModel::no_weight_decay(name, var.rank());
+            Param {
+                name: name.clone(),
+                var: var.clone(),
+                lr_scale: layer_decay.powi((num_layers + 1 - lid) as i32),
+                weight_decay: if nd { 0.0 } else { weight_decay },
+            }
+        })
+        .collect()
+}
+
+/// Non-trainable state kept with the weights.
+pub fn is_buffer(name: &str) -> bool {
+    name.ends_with("running_mean")
+        || name.ends_with("running_var")
+        || name.ends_with("num_batches_tracked")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_matches_unilm_cosine_scheduler() {
+        // values printed by numpy: np.concatenate((np.linspace(0, 2e-3, 2), 1e-5 + 0.5*(2e-3-1e-5)*(1+cos(pi*arange(8)/8))))
+        let s = CosineSchedule {
+            base: 2e-3,
+            final_lr: 1e-5,
+            warmup: 2,
+            total: 10,
+        };
+        let want = [
+            0.0,
+            0.002,
+            0.002,
+            0.0019242601348487304,
+            0.0017085712472806147,
+            0.0013857700152032644,
+            0.001005,
+            0.0006242299847967357,
+            0.0003014287527193853,
+            8.573986515126969e-05,
+        ];
+        for (i, w) in want.iter().enumerate() {
+            assert!((s.lr(i) - w).abs() < 1e-9, "step {i}: {} vs {w}", s.lr(i));
+        }
+    }
+}
