@@ -2,6 +2,14 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
+/// Losses are computed in f32 for reduced-precision logits, else in the logits' dtype.
+fn upcast(t: &Tensor) -> Result<Tensor> {
+    match t.dtype() {
+        DType::F16 | DType::BF16 => t.to_dtype(DType::F32),
+        _ => Ok(t.clone()),
+    }
+}
+
 /// `nn.CrossEntropyLoss(ignore_index=...)` with mean reduction over the non-ignored targets.
 /// `logits [N, C]`, `labels [N]` (integer).
 pub fn cross_entropy(
@@ -10,7 +18,7 @@ pub fn cross_entropy(
     ignore_index: Option<i64>,
 ) -> Result<Tensor> {
     let (n, c) = logits.dims2()?;
-    let logits = logits.to_dtype(DType::F32)?;
+    let logits = upcast(logits)?;
     let labels = labels.to_dtype(DType::I64)?.flatten_all()?;
     if labels.dim(0)? != n {
         candle_core::bail!("labels: expected {n} targets, got {}", labels.dim(0)?);
@@ -33,7 +41,7 @@ pub fn cross_entropy(
     }
     let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let picked = log_probs.gather(&checked.unsqueeze(1)?, 1)?.squeeze(1)?;
-    let w = valid.to_dtype(DType::F32)?;
+    let w = valid.to_dtype(logits.dtype())?;
     let count = w.sum_all()?;
     let total = (picked * &w)?.sum_all()?.neg()?;
     // PyTorch returns NaN when every target is ignored (0/0); keep that behaviour.
@@ -42,8 +50,8 @@ pub fn cross_entropy(
 
 /// `nn.BCEWithLogitsLoss()` (mean), numerically stable form.
 pub fn bce_with_logits(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let x = logits.to_dtype(DType::F32)?;
-    let y = targets.to_dtype(DType::F32)?;
+    let x = upcast(logits)?;
+    let y = targets.to_dtype(x.dtype())?;
     if x.shape() != y.shape() {
         candle_core::bail!(
             "labels: shape {:?} does not match logits {:?}",
@@ -58,8 +66,8 @@ pub fn bce_with_logits(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 
 /// `nn.MSELoss()` (mean).
 pub fn mse(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
-    let p = pred.to_dtype(DType::F32)?;
-    let t = target.to_dtype(DType::F32)?;
+    let p = upcast(pred)?;
+    let t = target.to_dtype(p.dtype())?;
     if p.elem_count() != t.elem_count() {
         candle_core::bail!(
             "labels: {} values for {} predictions",

@@ -1,0 +1,209 @@
+//! Our ops against PyTorch values (tests/fixtures/ops, scripts/make_op_fixtures.py) and their
+//! gradients against central finite differences in f64.
+
+use std::path::Path;
+
+use beit::losses;
+use beit::nn::{BatchNorm2d, Conv2d, ConvTranspose2d};
+use beit::ops;
+use candle_core::{DType, Device, Module, Result, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+
+fn fixtures() -> std::collections::HashMap<String, Tensor> {
+    beit::util::load_safetensors(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ops/ops.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims());
+    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+#[test]
+fn forward_values_match_pytorch() {
+    let t = fixtures();
+    let dims = |y: &Tensor| (y.dim(2).unwrap(), y.dim(3).unwrap());
+    for i in 0..5 {
+        let (x, y) = (&t[&format!("bilinear{i}.x")], &t[&format!("bilinear{i}.y")]);
+        let (h, w) = dims(y);
+        let d = max_diff(&ops::bilinear(x, h, w).unwrap(), y);
+        assert!(d < 1e-5, "bilinear case {i}: {d}");
+        let (x, y) = (&t[&format!("bicubic{i}.x")], &t[&format!("bicubic{i}.y")]);
+        let d = max_diff(&ops::bicubic(x, h, w).unwrap(), y);
+        assert!(d < 1e-5, "bicubic case {i}: {d}");
+    }
+    for i in 0..4 {
+        let (x, y) = (&t[&format!("adaptive{i}.x")], &t[&format!("adaptive{i}.y")]);
+        let (h, w) = dims(y);
+        let d = max_diff(&ops::adaptive_avg_pool2d(x, h, w).unwrap(), y);
+        assert!(d < 1e-5, "adaptive pool case {i}: {d}");
+    }
+    for i in 0..2 {
+        let (x, y) = (&t[&format!("maxpool{i}.x")], &t[&format!("maxpool{i}.y")]);
+        assert_eq!(
+            max_diff(&ops::max_pool2d_2x2(x).unwrap(), y),
+            0.0,
+            "maxpool case {i}"
+        );
+    }
+    let d = max_diff(
+        &ops::softmax_last_dim(&t["softmax.x"]).unwrap(),
+        &t["softmax.y"],
+    );
+    assert!(d < 1e-6, "softmax {d}");
+    let d = max_diff(
+        &ops::layer_norm(
+            &t["layernorm.x"],
+            &t["layernorm.w"],
+            &t["layernorm.b"],
+            1e-12,
+        )
+        .unwrap(),
+        &t["layernorm.y"],
+    );
+    assert!(d < 1e-5, "layer_norm {d}");
+    let d = max_diff(&ops::gelu_erf(&t["gelu.x"]).unwrap(), &t["gelu.y"]);
+    assert!(d < 1e-6, "gelu {d}");
+}
+
+/// Compare d(sum(f(x) * r))/dx from backprop with central differences, in f64.
+fn check_grad(name: &str, x: &Tensor, f: &dyn Fn(&Tensor) -> Result<Tensor>) {
+    let x = x.to_dtype(DType::F64).unwrap();
+    let var = Var::from_tensor(&x).unwrap();
+    let y = f(var.as_tensor()).unwrap();
+    let r = Tensor::randn(0f64, 1f64, y.shape(), &Device::Cpu).unwrap();
+    let loss = (y * &r).unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    let g = grads
+        .get(var.as_tensor())
+        .unwrap_or_else(|| panic!("{name}: no gradient reached the input"))
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let base = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let eps = 1e-6;
+    let eval = |v: &[f64]| -> f64 {
+        let t = Tensor::from_slice(v, x.shape(), &Device::Cpu).unwrap();
+        (f(&t).unwrap() * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let step = (base.len() / 60).max(1);
+    let mut worst: f64 = 0.0;
+    for i in (0..base.len()).step_by(step) {
+        let mut p = base.clone();
+        p[i] += eps;
+        let mut m = base.clone();
+        m[i] -= eps;
+        let num = (eval(&p) - eval(&m)) / (2.0 * eps);
+        let err = (num - g[i]).abs() / (1.0 + num.abs());
+        worst = worst.max(err);
+    }
+    assert!(worst < 1e-6, "{name}: finite-difference mismatch {worst:e}");
+}
+
+fn randn(shape: &[usize]) -> Tensor {
+    Tensor::randn(0f64, 1f64, shape, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    check_grad("softmax_last_dim", &randn(&[3, 4, 7]), &|x| {
+        ops::softmax_last_dim(x)
+    });
+    let (w, b) = (randn(&[9]), randn(&[9]));
+    check_grad("layer_norm(x)", &randn(&[2, 5, 9]), &|x| {
+        ops::layer_norm(x, &w, &b, 1e-6)
+    });
+    let x = randn(&[2, 5, 9]);
+    check_grad("layer_norm(w)", &w, &|w| ops::layer_norm(&x, w, &b, 1e-6));
+    check_grad("layer_norm(b)", &b, &|b| ops::layer_norm(&x, &w, b, 1e-6));
+    check_grad("gelu_erf", &randn(&[4, 13]), &|x| ops::gelu_erf(x));
+    check_grad("bilinear up", &randn(&[1, 2, 5, 4]), &|x| {
+        ops::bilinear(x, 9, 7)
+    });
+    check_grad("bilinear down", &randn(&[1, 2, 9, 8]), &|x| {
+        ops::bilinear(x, 4, 3)
+    });
+    check_grad("bicubic", &randn(&[1, 2, 5, 6]), &|x| ops::bicubic(x, 8, 3));
+    check_grad("adaptive_avg_pool2d", &randn(&[1, 2, 7, 9]), &|x| {
+        ops::adaptive_avg_pool2d(x, 3, 2)
+    });
+    check_grad("max_pool2d_2x2", &randn(&[1, 2, 6, 7]), &|x| {
+        ops::max_pool2d_2x2(x)
+    });
+    let labels = Tensor::new(&[1i64, 0, 255, 2], &Device::Cpu).unwrap();
+    check_grad("cross_entropy(ignore)", &randn(&[4, 3]), &|x| {
+        losses::cross_entropy(x, &labels, Some(255))
+    });
+    let targets = Tensor::new(&[[0f64, 1., 1.], [1., 0., 0.5]], &Device::Cpu).unwrap();
+    check_grad("bce_with_logits", &randn(&[2, 3]), &|x| {
+        losses::bce_with_logits(x, &targets)
+    });
+}
+
+#[test]
+fn layer_gradients_match_finite_differences() {
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F64, &dev);
+    let conv = Conv2d::new(3, 4, 3, 1, 1, 1, true, 0.5, vb.pp("c")).unwrap();
+    check_grad("conv2d 3x3", &randn(&[2, 3, 5, 6]), &|x| conv.forward(x));
+    let conv1 = Conv2d::new(3, 4, 1, 1, 0, 1, true, 0.5, vb.pp("c1")).unwrap();
+    check_grad("conv2d 1x1", &randn(&[2, 3, 5, 6]), &|x| conv1.forward(x));
+    let convt = ConvTranspose2d::new(3, 2, 2, 2, 0.5, vb.pp("t")).unwrap();
+    check_grad("conv_transpose2d", &randn(&[2, 3, 3, 4]), &|x| {
+        convt.forward(x)
+    });
+    let bn = BatchNorm2d::new(3, vb.pp("bn")).unwrap();
+    check_grad("batch_norm train", &randn(&[2, 3, 4, 5]), &|x| {
+        bn.forward_t(x, true)
+    });
+    check_grad("batch_norm eval", &randn(&[2, 3, 4, 5]), &|x| {
+        bn.forward_t(x, false)
+    });
+    check_grad("drop_path", &randn(&[4, 3, 2]), &|x| {
+        ops::rng::seed(11); // the same mask for every evaluation
+        ops::drop_path(x, 0.3, true)
+    });
+    check_grad("dropout", &randn(&[4, 6]), &|x| {
+        ops::rng::seed(12);
+        ops::dropout(x, 0.3, true)
+    });
+}
+
+#[test]
+fn batch_norm_updates_running_statistics_like_pytorch() {
+    // PyTorch: running = 0.9 * running + 0.1 * batch stat (unbiased variance).
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+    let bn = BatchNorm2d::new(2, vb).unwrap();
+    let x = Tensor::new(&[[[[1f32, 2.], [3., 4.]], [[0., 0.], [0., 8.]]]], &dev).unwrap();
+    bn.forward_t(&x, true).unwrap();
+    let mean = bn.running_mean.to_vec1::<f32>().unwrap();
+    let var = bn.running_var.to_vec1::<f32>().unwrap();
+    // channel 0: mean 2.5, unbiased var 1.6667; channel 1: mean 2, unbiased var 16
+    assert!(
+        (mean[0] - 0.25).abs() < 1e-6 && (mean[1] - 0.2).abs() < 1e-6,
+        "{mean:?}"
+    );
+    assert!(
+        (var[0] - (0.9 + 0.1 * 5.0 / 3.0)).abs() < 1e-5 && (var[1] - (0.9 + 1.6)).abs() < 1e-5,
+        "{var:?}"
+    );
+}
