@@ -17,6 +17,7 @@ pub mod auto;
 pub mod config;
 pub mod error;
 pub mod heads;
+pub mod hub;
 pub mod losses;
 pub mod model;
 pub mod nn;
