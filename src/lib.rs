@@ -22,6 +22,7 @@ pub mod losses;
 pub mod model;
 pub mod nn;
 pub mod ops;
+pub mod processor;
 pub mod tasks;
 pub mod train;
 pub mod util;
