@@ -173,6 +173,16 @@ def make_images(rng):
     save("crop_odd.jpg", Image.fromarray(chelsea[50:87, 60:101]), format="JPEG", quality=90)
     save("grey.jpg", Image.fromarray(gsmall), format="JPEG", quality=90)
     save("cmyk.jpg", Image.fromarray(crop).convert("CMYK"), format="JPEG", quality=90)
+    # Garbage bytes before the EOI marker: libjpeg warns ("Corrupt JPEG data: 3 extraneous
+    # bytes before marker 0xd9"), Pillow ignores the warning and decodes the image.
+    jpg = open(os.path.join(d, "crop_420.jpg"), "rb").read()
+    assert jpg[-2:] == b"\xff\xd9"
+    write(os.path.join(d, "extraneous_bytes.jpg"), jpg[:-2] + b"\x01\x02\x03" + jpg[-2:])
+    # A stray RST5 marker in the middle of the entropy-coded data: libjpeg warns "Corrupt JPEG
+    # data: premature end of data segment" (TurboJPEG returns an error code), Pillow ignores
+    # the warning and returns the (damaged) image.
+    mid = len(jpg) // 2
+    write(os.path.join(d, "corrupt_marker.jpg"), jpg[:mid] + b"\xff\xd5" + jpg[mid:])
     for o in range(1, 9):
         ex = Image.Exif()
         ex[274] = o
@@ -567,9 +577,67 @@ def sweep_cases(rng, n_random=240):
     return cases, arrays
 
 
+def extended(out_dir, n_random, seed):
+    """Large verification set (not committed): a big random resize sweep in the sweep.json
+    format, and every skimage photo decoded and resized with every filter to several sizes
+    (expected outputs as FNV-1a 64 hashes). Used by the ignored test `extended_parity`."""
+    os.makedirs(out_dir, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    cases, arrays = [], {}
+    for i in range(n_random):
+        w, h = (int(x) for x in rng.integers(1, 129, 2))
+        ow, oh = (int(x) for x in rng.integers(1, 193, 2))
+        f = i % 6
+        c = int(rng.choice([1, 3]))
+        if rng.integers(0, 2):
+            src = rng.integers(0, 256, (h, w, c), dtype=np.uint8)
+        else:
+            yy, xx = np.mgrid[0:h, 0:w]
+            base = (xx * 3 + yy * 5)[..., None] + np.arange(c) * 40
+            src = np.clip(base % 256 + rng.integers(-30, 31, (h, w, c)), 0, 255).astype(np.uint8)
+        im = Image.fromarray(src[..., 0] if c == 1 else src)
+        out = np.array(im.resize((ow, oh), f, reducing_gap=None))
+        out = out[..., None] if out.ndim == 2 else out
+        key = f"case{i:05d}"
+        arrays[f"{key}/src"] = src
+        arrays[f"{key}/dst"] = out
+        cases.append({"key": key, "src_w": w, "src_h": h, "dst_w": ow, "dst_h": oh,
+                      "channels": c, "filter": f})
+    save_file(arrays, os.path.join(out_dir, "sweep.safetensors"))
+    with open(os.path.join(out_dir, "sweep.json"), "w") as fh:
+        json.dump({"cases": cases}, fh)
+
+    photos = []
+    sizes = [(224, 224), (384, 384), (640, 640), (97, 61), (61, 97), (333, 17), (1, 1)]
+    for name in sorted(os.listdir(SKDATA)):
+        if not name.endswith((".png", ".jpg")):
+            continue
+        path = os.path.join(SKDATA, name)
+        try:
+            im = Image.open(path)
+            im.load()
+        except Exception:  # noqa: BLE001
+            continue
+        rgb = im.convert("RGB")
+        entry = {"file": path, "width": rgb.width, "height": rgb.height,
+                 "rgb_fnv": fnv1a64_np(np.array(rgb)), "resized": []}
+        for f in range(6):
+            for (w, h) in sizes:
+                out = np.array(rgb.resize((w, h), f, reducing_gap=None))
+                entry["resized"].append({"filter": f, "width": w, "height": h,
+                                         "fnv": fnv1a64_np(out)})
+        photos.append(entry)
+    with open(os.path.join(out_dir, "photos.json"), "w") as fh:
+        json.dump({"photos": photos}, fh, indent=0)
+    print(f"wrote {out_dir}: {len(cases)} sweep cases, {len(photos)} photos")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--any-version", action="store_true")
+    ap.add_argument("--extended", metavar="DIR",
+                    help="write the large (uncommitted) verification set to DIR instead")
+    ap.add_argument("--extended-cases", type=int, default=3000)
     args = ap.parse_args()
     versions = {"transformers": transformers.__version__, "Pillow": PIL.__version__,
                 "numpy": np.__version__, "scikit-image": skimage.__version__,
@@ -578,6 +646,9 @@ def main():
     if not args.any_version and (versions["transformers"] != "5.24.0"
                                  or versions["Pillow"] != "13.0.0"):
         sys.exit(f"expected transformers 5.24.0 and Pillow 13.0.0, got {versions}")
+    if args.extended:
+        extended(args.extended, args.extended_cases, 7)
+        return
     if os.path.isdir(OUT):
         shutil.rmtree(OUT)
     os.makedirs(OUT)

@@ -86,12 +86,14 @@ pub(crate) fn parse_size(
                     s.max_height = get("max_height")?;
                     s.max_width = get("max_width")?;
                 }
-                ["longest_edge"] | ["max_pixels", "min_pixels"] => return Err(err(format!(
+                ["longest_edge"] | ["max_pixels", "min_pixels"] => {
+                    return Err(err(format!(
                     "`{param}` with keys {keys:?} is valid for some transformers processors but \
                          the BEiT (PIL backend) resize only supports {{height, width}}, \
                          {{shortest_edge}}, {{shortest_edge, longest_edge}} or {{max_height, \
                          max_width}}"
-                ))),
+                )))
+                }
                 _ => {
                     return Err(err(format!(
                         "`{param}` must have one of the key sets {{height, width}}, \

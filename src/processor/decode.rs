@@ -261,10 +261,28 @@ fn decode_jpeg(
         height: h,
         format,
     };
-    // libjpeg-turbo reports truncated data ("Premature end of JPEG file") as an error here,
-    // as Pillow does (without `ImageFile.LOAD_TRUNCATED_IMAGES`).
-    dec.decompress(bytes, image)
-        .map_err(|e| decode_err(path, f, e))?;
+    // TurboJPEG returns -1 for libjpeg *warnings* too (after decoding the whole image).
+    // Pillow ignores libjpeg warnings (its `output_message` hook is a no-op) except that it
+    // refuses truncated data ("image file is truncated" unless LOAD_TRUNCATED_IMAGES), which
+    // libjpeg reports as the warning "Premature end of JPEG file".
+    if let Err(e) = dec.decompress(bytes, image) {
+        match &e {
+            turbojpeg::Error::TurboJpegError(msg) if is_libjpeg_warning(msg) => {
+                tracing::warn!(
+                    "{}: libjpeg warning ignored (as Pillow does): {msg}",
+                    path.display()
+                );
+            }
+            turbojpeg::Error::TurboJpegError(msg) if msg.starts_with(JPEG_EOF) => {
+                return Err(decode_err(
+                    path,
+                    f,
+                    format!("image file is truncated ({msg})"),
+                ));
+            }
+            _ => return Err(decode_err(path, f, e)),
+        }
+    }
     let (w32, h32) = (w as u32, h as u32);
     let out = match channels {
         1 => GrayImage::from_raw(w32, h32, pixels).map(DynamicImage::ImageLuma8),
@@ -289,6 +307,23 @@ fn decode_jpeg(
         }
     };
     out.ok_or_else(|| decode_err(path, f, "inconsistent buffer size"))
+}
+
+/// libjpeg's `JWRN_JPEG_EOF` message (truncated data).
+const JPEG_EOF: &str = "Premature end of JPEG file";
+
+/// Whether a TurboJPEG error string is one of libjpeg's non-fatal `JWRN_*` messages
+/// (`jerror.h`), other than truncation.
+fn is_libjpeg_warning(msg: &str) -> bool {
+    const WARNINGS: [&str; 6] = [
+        "Unknown Adobe color transform code",
+        "Corrupt JPEG data:",
+        "Inconsistent progression sequence",
+        "Warning: unknown JFIF revision number",
+        "Invalid SOS parameters for sequential JPEG",
+        "Application transferred too many scanlines",
+    ];
+    WARNINGS.iter().any(|w| msg.starts_with(w))
 }
 
 /// Whether the JPEG has an Adobe APP14 segment (scanned up to the first SOS marker).

@@ -27,6 +27,8 @@
 //! * With both `do_rescale` and `do_normalize` off, transformers returns `uint8`; the values
 //!   here are the same numbers as `f32`.
 
+#![warn(missing_docs)]
+
 mod config;
 pub mod decode;
 pub mod resample;
@@ -393,9 +395,16 @@ impl BeitImageProcessor {
     /// Loads `preprocessor_config.json` from a checkpoint directory (or from the given JSON
     /// file). Both the legacy feature-extractor format (`"size": 224`, `"reduce_labels"`) and the
     /// 5.x format are accepted; missing keys take the 5.x defaults and unknown keys are ignored.
-    /// A directory without the file gives the defaults (with a warning).
+    /// A directory without the file gives the defaults (with a warning); a path that does not
+    /// exist is an error.
     pub fn from_pretrained(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
+        if !path.exists() {
+            return Err(ProcessorError::ConfigFile {
+                path: path.to_path_buf(),
+                message: "no such file or directory".into(),
+            });
+        }
         let file = if path.is_dir() {
             path.join(PREPROCESSOR_CONFIG_NAME)
         } else {
@@ -746,20 +755,59 @@ pub fn preprocess_to_safetensors(
             seg_maps.len()
         )));
     }
-    let maps = (!seg_maps.is_empty()).then_some(seg_maps);
-    let batch = processor.process_paths(images, maps)?;
-    let (pv, pv_shape) = batch.stack_pixel_values()?;
-    let labels = batch.stack_labels()?;
-    drop(batch);
-
-    let pv_bytes: Vec<u8> = pv.iter().flat_map(|v| v.to_le_bytes()).collect();
-    drop(pv);
-    let label_bytes = labels.as_ref().map(|(l, shape)| {
-        (
-            l.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
-            *shape,
-        )
-    });
+    check_map_count(
+        images.len(),
+        (!seg_maps.is_empty()).then_some(seg_maps.len()),
+    )?;
+    // Process in parallel chunks and append little-endian bytes directly, so that peak memory
+    // is the output size plus one chunk.
+    const CHUNK: usize = 64;
+    let mut pv_bytes: Vec<u8> = Vec::new();
+    let mut label_bytes: Vec<u8> = Vec::new();
+    let mut pv_hw: Option<(usize, usize)> = None;
+    let mut label_hw: Option<(usize, usize)> = None;
+    for (ci, chunk) in images.chunks(CHUNK).enumerate() {
+        let offset = ci * CHUNK;
+        let maps = (!seg_maps.is_empty()).then(|| &seg_maps[offset..offset + chunk.len()]);
+        let batch = processor.process_paths(chunk, maps)?;
+        for (i, img) in batch.images.iter().enumerate() {
+            let hw = *pv_hw.get_or_insert((img.height, img.width));
+            if hw != (img.height, img.width) {
+                return Err(ProcessorError::InvalidInput(format!(
+                    "cannot stack pixel_values: {} gives {}x{} but {} gives {}x{} (HxW); use a \
+                     fixed {{height, width}} size or a center crop",
+                    images[0].display(),
+                    hw.0,
+                    hw.1,
+                    images[offset + i].display(),
+                    img.height,
+                    img.width
+                )));
+            }
+            pv_bytes.extend(img.pixel_values.iter().flat_map(|v| v.to_le_bytes()));
+        }
+        for (i, l) in batch.labels.iter().flatten().enumerate() {
+            let hw = *label_hw.get_or_insert((l.height, l.width));
+            if hw != (l.height, l.width) {
+                return Err(ProcessorError::InvalidInput(format!(
+                    "cannot stack labels: {} gives {}x{} but {} gives {}x{} (HxW)",
+                    seg_maps[0].display(),
+                    hw.0,
+                    hw.1,
+                    seg_maps[offset + i].display(),
+                    l.height,
+                    l.width
+                )));
+            }
+            label_bytes.extend(l.labels.iter().flat_map(|v| v.to_le_bytes()));
+        }
+    }
+    let n = images.len();
+    let pv_shape = match pv_hw {
+        Some((h, w)) => [n, 3, h, w],
+        None => return Err(ProcessorError::InvalidInput("no images given".into())),
+    };
+    let label_bytes = label_hw.map(|(h, w)| (label_bytes, [n, h, w]));
     let st_err = |e: safetensors::SafeTensorError| ProcessorError::Safetensors {
         path: output.to_path_buf(),
         message: e.to_string(),
@@ -776,7 +824,13 @@ pub fn preprocess_to_safetensors(
                 .map_err(st_err)?,
         ));
     }
-    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    let metadata = std::collections::HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        (
+            "preprocessor_config".to_string(),
+            processor.to_json_value().to_string(),
+        ),
+    ]);
 
     let tmp = temp_path_for(output);
     let write = || -> Result<()> {
