@@ -505,10 +505,16 @@ pub fn decode_image_bytes(
         Format::Other(f) => decode_other(bytes, f, name, opts)?,
     };
     if opts.apply_exif_orientation {
-        if let Some(o) = orientation(bytes, format) {
-            let mut img = img;
-            img.apply_orientation(o);
-            return Ok(img);
+        match orientation(bytes, format) {
+            Some(o) => {
+                let mut img = img;
+                img.apply_orientation(o);
+                return Ok(img);
+            }
+            None => tracing::debug!(
+                "{}: EXIF orientation could not be read; image left as stored",
+                name.display()
+            ),
         }
     }
     Ok(img)
