@@ -183,6 +183,20 @@ impl Default for BeitConfig {
     }
 }
 
+/// Deserialize, reporting the path of the offending field.
+fn parse_json(s: &str) -> std::result::Result<BeitConfig, (String, String)> {
+    let de = &mut serde_json::Deserializer::from_str(s);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." || path.is_empty() {
+            "config.json".to_string()
+        } else {
+            path
+        };
+        (field, e.into_inner().to_string())
+    })
+}
+
 /// The activations transformers' `ACT2FN` offers that a BEiT config may name.
 pub const SUPPORTED_ACTIVATIONS: &[&str] = &[
     "gelu",
@@ -199,8 +213,7 @@ pub const SUPPORTED_ACTIVATIONS: &[&str] = &[
 impl BeitConfig {
     /// Parse a `config.json` string and validate it.
     pub fn from_json_str(s: &str) -> Result<Self> {
-        let cfg: BeitConfig =
-            serde_json::from_str(s).map_err(|e| BeitError::config("config.json", e.to_string()))?;
+        let cfg = parse_json(s).map_err(|(field, msg)| BeitError::config(field, msg))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -215,8 +228,12 @@ impl BeitConfig {
         };
         let text = std::fs::read_to_string(&file)
             .map_err(|e| BeitError::file(&file, format!("cannot read config: {e}")))?;
-        let cfg: BeitConfig = serde_json::from_str(&text)
-            .map_err(|e| BeitError::file(&file, format!("invalid config.json: {e}")))?;
+        let cfg = parse_json(&text).map_err(|(field, msg)| {
+            BeitError::file(
+                &file,
+                format!("invalid config.json: field `{field}`: {msg}"),
+            )
+        })?;
         cfg.validate()
             .map_err(|e| BeitError::file(&file, e.to_string()))?;
         Ok(cfg)
@@ -288,7 +305,9 @@ impl BeitConfig {
         if self.hidden_size == 0 {
             return bad("hidden_size", "must be > 0".into());
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return bad(
                 "hidden_size",
                 format!(
@@ -317,7 +336,7 @@ impl BeitConfig {
             );
         }
         let (ih, iw) = self.image_size.hw();
-        if ih == 0 || iw == 0 || ih % ph != 0 || iw % pw != 0 {
+        if ih == 0 || iw == 0 || !ih.is_multiple_of(ph) || !iw.is_multiple_of(pw) {
             return bad(
                 "image_size",
                 format!("image_size {ih}x{iw} is not a multiple of patch_size {ph}"),

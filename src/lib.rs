@@ -26,6 +26,7 @@ pub mod processor;
 pub mod tasks;
 pub mod train;
 pub mod util;
+pub mod viz;
 pub mod weights;
 
 pub use auto::{Architecture, AutoModel, ModelOutputs};

@@ -284,6 +284,9 @@ pub struct ParamSource {
     checkpoint: Option<Arc<Checkpoint>>,
     vars: Option<VarMap>,
     policy: MissingPolicy,
+    /// Seed of freshly initialised parameters (each parameter's stream also depends on its name,
+    /// so a model initialises the same whatever order it is built in).
+    init_seed: u64,
     /// Names that were freshly initialised (reported to the user).
     initialized: Mutex<Vec<String>>,
 }
@@ -298,8 +301,15 @@ impl ParamSource {
             checkpoint,
             vars,
             policy,
+            init_seed: 0,
             initialized: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Use `seed` for freshly initialised parameters.
+    pub fn with_init_seed(mut self, seed: u64) -> Self {
+        self.init_seed = seed;
+        self
     }
 
     fn fetch(
@@ -323,7 +333,7 @@ impl ParamSource {
                         got: v.dims().to_vec(),
                     });
                 }
-                return Ok(v.as_tensor().clone());
+                return Ok(v.as_tensor().to_dtype(dtype)?);
             }
         }
         let from_ckpt = match &self.checkpoint {
@@ -355,7 +365,7 @@ impl ParamSource {
                 if let Ok(mut v) = self.initialized.lock() {
                     v.push(name.to_string());
                 }
-                init.var(shape.clone(), dtype, dev)?.as_tensor().clone()
+                init_tensor(init, shape, dtype, dev, self.init_seed, name)?
             }
         };
         match &self.vars {
@@ -379,6 +389,45 @@ impl ParamSource {
             .map(|v| v.clone())
             .unwrap_or_default()
     }
+}
+
+/// A parameter drawn from `init` with a seeded generator (candle's CPU generator cannot be seeded).
+fn init_tensor(
+    init: Init,
+    shape: &Shape,
+    dtype: DType,
+    dev: &Device,
+    seed: u64,
+    name: &str,
+) -> Result<Tensor> {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let n = shape.elem_count();
+    let mut h = seed ^ 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(h);
+    let t = match init {
+        Init::Const(v) => Tensor::full(v as f32, shape.clone(), dev)?,
+        Init::Randn { mean, stdev } => {
+            let d = rand_distr::Normal::new(mean, stdev)
+                .map_err(|e| BeitError::config(name, e.to_string()))?;
+            let v: Vec<f32> = (0..n).map(|_| d.sample(&mut rng) as f32).collect();
+            Tensor::from_vec(v, shape.clone(), dev)?
+        }
+        Init::Uniform { lo, up } => {
+            let d = rand_distr::Uniform::new(lo, up)
+                .map_err(|e| BeitError::config(name, e.to_string()))?;
+            let v: Vec<f32> = (0..n).map(|_| d.sample(&mut rng) as f32).collect();
+            Tensor::from_vec(v, shape.clone(), dev)?
+        }
+        other => other
+            .var(shape.clone(), DType::F32, dev)?
+            .as_tensor()
+            .clone(),
+    };
+    Ok(t.to_dtype(dtype)?)
 }
 
 /// A shared handle so the caller can still ask the source what it did after building the model.

@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod forward;
+mod train;
 
 /// BEiT vision transformers (Hugging Face compatible) in Rust.
 #[derive(Parser, Debug)]
@@ -22,6 +23,9 @@ pub struct Cli {
 pub enum Command {
     /// Run a model on tensors from a safetensors file and write its outputs (the parity contract).
     Forward(forward::ForwardCmd),
+    /// Fine-tune a model (classification or segmentation).
+    #[command(subcommand)]
+    Train(Box<train::TrainCmd>),
 }
 
 /// Parse the `--device` option.
@@ -44,13 +48,12 @@ pub fn device(spec: &str) -> Result<candle_core::Device> {
     }
 }
 
-/// Resolve `--model` (a local folder for now; hub ids are resolved by `beit::hub` when present).
+/// Resolve `--model`: a local folder, or a hub id (`org/name[@revision]`) found in (or
+/// downloaded into) the Hugging Face cache.
 pub fn model_dir(spec: &str) -> Result<PathBuf> {
-    let p = PathBuf::from(spec);
-    if p.is_dir() {
-        return Ok(p);
-    }
-    anyhow::bail!("--model {spec:?}: no such model folder")
+    let files =
+        beit::hub::resolve_model(spec).map_err(|e| anyhow::anyhow!("--model {spec:?}: {e}"))?;
+    Ok(files.dir)
 }
 
 pub fn run() -> Result<()> {
@@ -58,5 +61,6 @@ pub fn run() -> Result<()> {
     let dev = device(&cli.device)?;
     match cli.command {
         Command::Forward(cmd) => cmd.run(&dev),
+        Command::Train(cmd) => cmd.run(&dev),
     }
 }

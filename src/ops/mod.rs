@@ -30,29 +30,31 @@ pub(crate) fn in_f32(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> R
 
 /// The random numbers behind dropout and drop path. candle's CPU generator cannot be seeded, so
 /// training draws its masks here: seeded, they make a run reproducible (and resumable) exactly.
+///
+/// The stream is per thread: a forward pass draws on the thread that runs it, so two trainings
+/// in one process (or parallel tests) do not disturb each other.
 pub mod rng {
     use rand::{rngs::StdRng, Rng, SeedableRng};
-    use std::sync::Mutex;
+    use std::cell::RefCell;
 
-    static RNG: Mutex<Option<StdRng>> = Mutex::new(None);
-
-    /// Seed the stream (a training loop re-seeds it from (seed, step) before every step).
-    pub fn seed(seed: u64) {
-        if let Ok(mut r) = RNG.lock() {
-            *r = Some(StdRng::seed_from_u64(seed));
-        }
+    thread_local! {
+        static RNG: RefCell<Option<StdRng>> = const { RefCell::new(None) };
     }
 
-    /// `n` uniform numbers in [0, 1).
+    /// Seed this thread's stream (a training loop re-seeds it from (seed, step) every step).
+    pub fn seed(seed: u64) {
+        RNG.with(|r| *r.borrow_mut() = Some(StdRng::seed_from_u64(seed)));
+    }
+
+    /// `n` uniform numbers in [0, 1) (from the seeded stream, else from entropy).
     pub fn uniform(n: usize) -> Vec<f32> {
-        let mut guard = RNG.lock().unwrap_or_else(|e| e.into_inner());
-        match guard.as_mut() {
+        RNG.with(|r| match r.borrow_mut().as_mut() {
             Some(r) => (0..n).map(|_| r.random::<f32>()).collect(),
             None => {
                 let mut r = rand::rng();
                 (0..n).map(|_| r.random::<f32>()).collect()
             }
-        }
+        })
     }
 }
 

@@ -1,6 +1,11 @@
 //! Training: trainable models, the optimiser recipe, data, augmentation, metrics and the
 //! fine-tuning loops.
 
+pub mod augment;
+pub mod checkpoint;
+pub mod data;
+pub mod finetune;
+pub mod metrics;
 pub mod model;
 pub mod optim;
 

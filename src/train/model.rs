@@ -45,6 +45,7 @@ impl TrainableModel {
         arch: Architecture,
         checkpoint: Option<Arc<Checkpoint>>,
         policy: MissingPolicy,
+        seed: u64,
         device: &Device,
     ) -> Result<Self> {
         cfg.validate()?;
@@ -52,7 +53,9 @@ impl TrainableModel {
         if let Some(ckpt) = &checkpoint {
             seed_per_layer_tables_from_shared(cfg, ckpt, &varmap, device)?;
         }
-        let source = Arc::new(ParamSource::new(checkpoint, Some(varmap.clone()), policy));
+        let source = Arc::new(
+            ParamSource::new(checkpoint, Some(varmap.clone()), policy).with_init_seed(seed),
+        );
         let model = AutoModel::build(arch, cfg, source.clone(), DType::F32, device, false)?;
         let mut cfg = cfg.clone();
         cfg.architectures = Some(vec![arch.name().to_string()]);
@@ -77,7 +80,25 @@ impl TrainableModel {
             None => Architecture::from_config(&cfg)?,
         };
         let ckpt = Arc::new(Checkpoint::from_dir(dir)?);
-        Self::build(&cfg, arch, Some(ckpt), policy, device)
+        Self::build(&cfg, arch, Some(ckpt), policy, 0, device)
+    }
+
+    /// The same parameters as a model computing in `dtype` (mixed precision: the `Var`s stay
+    /// f32 and receive the gradients through the casts).
+    pub fn rebuild_with_dtype(&self, dtype: DType, device: &Device) -> Result<AutoModel> {
+        let source = Arc::new(ParamSource::new(
+            None,
+            Some(self.varmap.clone()),
+            MissingPolicy::Error,
+        ));
+        AutoModel::build(
+            self.model.architecture(),
+            &self.config,
+            source,
+            dtype,
+            device,
+            false,
+        )
     }
 
     /// All parameters and buffers by hub name.

@@ -1,0 +1,579 @@
+//! Training data: image folders, Fashion-MNIST IDX files and segmentation folders, and a
+//! loader that decodes and augments in parallel with training, reproducibly.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+
+use image::{GrayImage, RgbImage};
+use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
+use rayon::prelude::*;
+
+use crate::error::{BeitError, Result};
+use crate::processor::decode::{load_rgb, load_segmentation_map, DecodeOptions};
+
+/// What a sample is labelled with.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Class(usize),
+    /// A label map (class ids, 255 = ignore, before `do_reduce_labels`).
+    Map(GrayImage),
+}
+
+/// One decoded sample.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub image: RgbImage,
+    pub target: Target,
+}
+
+/// A labelled set of images.
+pub trait Dataset: Send + Sync {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Decode sample `i`.
+    fn load(&self, i: usize) -> Result<Sample>;
+    /// Where sample `i` comes from (for messages).
+    fn describe(&self, i: usize) -> String;
+    /// Class names by id.
+    fn class_names(&self) -> Vec<String>;
+    /// Check sample `i` cheaply (headers only); used to fail fast before training.
+    fn check(&self, _i: usize) -> Result<()> {
+        Ok(())
+    }
+}
+
+const IMAGE_EXTS: &[&str] = &["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"];
+
+fn is_image(p: &Path) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .map(|e| IMAGE_EXTS.contains(&e.to_ascii_lowercase().as_str()))
+        .unwrap_or(false)
+}
+
+fn walk_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let rd = std::fs::read_dir(dir)
+        .map_err(|e| BeitError::file(dir, format!("cannot list folder: {e}")))?;
+    let mut entries: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            walk_images(&p, out)?;
+        } else if is_image(&p) {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// Images in one sub-folder per class (torchvision's `ImageFolder`).
+pub struct ImageFolder {
+    pub root: PathBuf,
+    pub items: Vec<(PathBuf, usize)>,
+    pub classes: Vec<String>,
+}
+
+impl ImageFolder {
+    /// Scan `root/<class>/**/*.{jpg,png,...}`; classes sorted by name. `classes` fixes the class
+    /// list (so train and val agree); an empty class or a missing folder is an error.
+    pub fn scan(root: &Path, classes: Option<&[String]>) -> Result<Self> {
+        if !root.is_dir() {
+            return Err(BeitError::file(root, "data folder not found"));
+        }
+        let classes: Vec<String> = match classes {
+            Some(c) => c.to_vec(),
+            None => {
+                let mut c: Vec<String> = std::fs::read_dir(root)
+                    .map_err(|e| BeitError::file(root, e.to_string()))?
+                    .filter_map(|e| e.ok())
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.file_name().to_string_lossy().to_string())
+                    .filter(|n| !n.starts_with('.'))
+                    .collect();
+                c.sort();
+                c
+            }
+        };
+        if classes.len() < 2 {
+            return Err(BeitError::file(
+                root,
+                format!(
+                    "expected one sub-folder per class, found {} class folder(s)",
+                    classes.len()
+                ),
+            ));
+        }
+        let mut items = Vec::new();
+        for (ci, c) in classes.iter().enumerate() {
+            let dir = root.join(c);
+            if !dir.is_dir() {
+                return Err(BeitError::file(
+                    &dir,
+                    "class folder missing (present in the training split)",
+                ));
+            }
+            let mut files = Vec::new();
+            walk_images(&dir, &mut files)?;
+            if files.is_empty() {
+                return Err(BeitError::file(&dir, format!("class {c:?} has no images")));
+            }
+            items.extend(files.into_iter().map(|f| (f, ci)));
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+            items,
+            classes,
+        })
+    }
+}
+
+impl Dataset for ImageFolder {
+    fn len(&self) -> usize {
+        self.items.len()
+    }
+    fn load(&self, i: usize) -> Result<Sample> {
+        let (p, c) = &self.items[i];
+        let image = load_rgb(p, &DecodeOptions::default())
+            .map_err(|e| BeitError::file(p, e.to_string()))?;
+        Ok(Sample {
+            image,
+            target: Target::Class(*c),
+        })
+    }
+    fn describe(&self, i: usize) -> String {
+        self.items[i].0.display().to_string()
+    }
+    fn class_names(&self) -> Vec<String> {
+        self.classes.clone()
+    }
+    fn check(&self, i: usize) -> Result<()> {
+        let p = &self.items[i].0;
+        image::image_dimensions(p)
+            .map_err(|e| BeitError::file(p, format!("unreadable image: {e}")))?;
+        Ok(())
+    }
+}
+
+/// Fashion-MNIST's class names.
+pub const FASHION_MNIST_CLASSES: [&str; 10] = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+];
+
+/// MNIST-format IDX files (`*-images-idx3-ubyte[.gz]`, `*-labels-idx1-ubyte[.gz]`), images
+/// replicated to RGB.
+pub struct IdxDataset {
+    pixels: Arc<Vec<u8>>,
+    labels: Vec<u8>,
+    rows: usize,
+    cols: usize,
+    /// Indices into the file (a subset or a shuffled order).
+    pub indices: Vec<usize>,
+    classes: Vec<String>,
+    name: String,
+}
+
+fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
+    let raw =
+        std::fs::read(path).map_err(|e| BeitError::file(path, format!("cannot read: {e}")))?;
+    if raw.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .map_err(|e| BeitError::file(path, format!("bad gzip data: {e}")))?;
+        Ok(out)
+    } else {
+        Ok(raw)
+    }
+}
+
+fn find_idx(dir: &Path, stem: &str) -> Option<PathBuf> {
+    [stem.to_string(), format!("{stem}.gz")]
+        .into_iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.is_file())
+}
+
+impl IdxDataset {
+    /// Read `split` ("train" or "t10k") from a folder of IDX files.
+    pub fn open(dir: &Path, split: &str) -> Result<Self> {
+        let img_path = find_idx(dir, &format!("{split}-images-idx3-ubyte")).ok_or_else(|| {
+            BeitError::file(
+                dir.join(format!("{split}-images-idx3-ubyte.gz")),
+                "IDX image file not found",
+            )
+        })?;
+        let lab_path = find_idx(dir, &format!("{split}-labels-idx1-ubyte")).ok_or_else(|| {
+            BeitError::file(
+                dir.join(format!("{split}-labels-idx1-ubyte.gz")),
+                "IDX label file not found",
+            )
+        })?;
+        let img = read_maybe_gz(&img_path)?;
+        let lab = read_maybe_gz(&lab_path)?;
+        let be = |b: &[u8], o: usize| -> usize {
+            u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]) as usize
+        };
+        if img.len() < 16 || be(&img, 0) != 2051 {
+            return Err(BeitError::file(
+                &img_path,
+                "not an IDX3 image file (magic 2051)",
+            ));
+        }
+        if lab.len() < 8 || be(&lab, 0) != 2049 {
+            return Err(BeitError::file(
+                &lab_path,
+                "not an IDX1 label file (magic 2049)",
+            ));
+        }
+        let (n, rows, cols) = (be(&img, 4), be(&img, 8), be(&img, 12));
+        if img.len() != 16 + n * rows * cols {
+            return Err(BeitError::file(&img_path, "truncated IDX image file"));
+        }
+        if be(&lab, 4) != n || lab.len() != 8 + n {
+            return Err(BeitError::file(
+                &lab_path,
+                format!("label count does not match the {n} images"),
+            ));
+        }
+        let labels = lab[8..].to_vec();
+        let num_classes = labels.iter().copied().max().unwrap_or(0) as usize + 1;
+        let classes = if num_classes == 10 && dir.to_string_lossy().contains("fashion") {
+            FASHION_MNIST_CLASSES
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        } else {
+            (0..num_classes).map(|i| i.to_string()).collect()
+        };
+        Ok(Self {
+            pixels: Arc::new(img[16..].to_vec()),
+            labels,
+            rows,
+            cols,
+            indices: (0..n).collect(),
+            classes,
+            name: img_path.display().to_string(),
+        })
+    }
+
+    /// Keep `n` samples chosen by a seeded shuffle, balanced across classes when possible.
+    pub fn subset(mut self, n: usize, seed: u64) -> Self {
+        if n >= self.indices.len() {
+            return self;
+        }
+        let mut rng = StdRng::seed_from_u64(seed);
+        let k = self.classes.len().max(1);
+        let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); k];
+        for &i in &self.indices {
+            by_class[self.labels[i] as usize % k].push(i);
+        }
+        for v in by_class.iter_mut() {
+            v.shuffle(&mut rng);
+        }
+        let mut out = Vec::with_capacity(n);
+        let mut round = 0;
+        while out.len() < n {
+            let mut added = false;
+            for v in &by_class {
+                if out.len() < n && round < v.len() {
+                    out.push(v[round]);
+                    added = true;
+                }
+            }
+            if !added {
+                break;
+            }
+            round += 1;
+        }
+        out.sort();
+        self.indices = out;
+        self
+    }
+}
+
+impl Dataset for IdxDataset {
+    fn len(&self) -> usize {
+        self.indices.len()
+    }
+    fn load(&self, i: usize) -> Result<Sample> {
+        let j = self.indices[i];
+        let px = &self.pixels[j * self.rows * self.cols..(j + 1) * self.rows * self.cols];
+        let grey = GrayImage::from_raw(self.cols as u32, self.rows as u32, px.to_vec())
+            .ok_or_else(|| BeitError::file(&self.name, "bad image size"))?;
+        let image = image::DynamicImage::ImageLuma8(grey).to_rgb8();
+        Ok(Sample {
+            image,
+            target: Target::Class(self.labels[j] as usize),
+        })
+    }
+    fn describe(&self, i: usize) -> String {
+        format!("{}[{}]", self.name, self.indices[i])
+    }
+    fn class_names(&self) -> Vec<String> {
+        self.classes.clone()
+    }
+}
+
+/// Images with label maps: `images/` and `annotations/` with matching file stems, as ADE20K
+/// (`images/{training,validation}`, `annotations/{training,validation}`).
+pub struct SegmentationFolder {
+    pub items: Vec<(PathBuf, PathBuf)>,
+    pub classes: Vec<String>,
+}
+
+impl SegmentationFolder {
+    /// Pair `images_dir/**/*` with `annotations_dir/**/<same stem>.png`.
+    pub fn scan(images_dir: &Path, annotations_dir: &Path, classes: Vec<String>) -> Result<Self> {
+        for d in [images_dir, annotations_dir] {
+            if !d.is_dir() {
+                return Err(BeitError::file(d, "folder not found"));
+            }
+        }
+        let mut images = Vec::new();
+        walk_images(images_dir, &mut images)?;
+        let mut maps = Vec::new();
+        walk_images(annotations_dir, &mut maps)?;
+        let by_stem: std::collections::HashMap<String, PathBuf> = maps
+            .into_iter()
+            .filter_map(|p| Some((p.file_stem()?.to_string_lossy().to_string(), p.clone())))
+            .collect();
+        let mut items = Vec::new();
+        for img in images {
+            let stem = img
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_default();
+            match by_stem.get(&stem) {
+                Some(m) => items.push((img, m.clone())),
+                None => {
+                    return Err(BeitError::file(
+                        &img,
+                        format!(
+                            "no label map named {stem}.* in {}",
+                            annotations_dir.display()
+                        ),
+                    ))
+                }
+            }
+        }
+        if items.is_empty() {
+            return Err(BeitError::file(images_dir, "no images"));
+        }
+        Ok(Self { items, classes })
+    }
+}
+
+impl Dataset for SegmentationFolder {
+    fn len(&self) -> usize {
+        self.items.len()
+    }
+    fn load(&self, i: usize) -> Result<Sample> {
+        let (ip, mp) = &self.items[i];
+        let opts = DecodeOptions::default();
+        let image = load_rgb(ip, &opts).map_err(|e| BeitError::file(ip, e.to_string()))?;
+        let map =
+            load_segmentation_map(mp, &opts).map_err(|e| BeitError::file(mp, e.to_string()))?;
+        if map.dimensions() != image.dimensions() {
+            return Err(BeitError::file(
+                mp,
+                format!(
+                    "label map is {}x{} but its image {} is {}x{}",
+                    map.width(),
+                    map.height(),
+                    ip.display(),
+                    image.width(),
+                    image.height()
+                ),
+            ));
+        }
+        Ok(Sample {
+            image,
+            target: Target::Map(map),
+        })
+    }
+    fn describe(&self, i: usize) -> String {
+        self.items[i].0.display().to_string()
+    }
+    fn class_names(&self) -> Vec<String> {
+        self.classes.clone()
+    }
+    fn check(&self, i: usize) -> Result<()> {
+        let (ip, mp) = &self.items[i];
+        let a = image::image_dimensions(ip)
+            .map_err(|e| BeitError::file(ip, format!("unreadable image: {e}")))?;
+        let b = image::image_dimensions(mp)
+            .map_err(|e| BeitError::file(mp, format!("unreadable label map: {e}")))?;
+        if a != b {
+            return Err(BeitError::file(
+                mp,
+                format!(
+                    "label map is {}x{} but its image is {}x{}",
+                    b.0, b.1, a.0, a.1
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Check every sample's header up front (in parallel): with `skip_bad`, return the indices
+/// that pass and report the others; without, fail on the first bad file.
+pub fn validate(ds: &dyn Dataset, skip_bad: bool) -> Result<(Vec<usize>, Vec<String>)> {
+    let results: Vec<(usize, Result<()>)> = (0..ds.len())
+        .into_par_iter()
+        .map(|i| (i, ds.check(i)))
+        .collect();
+    let mut good = Vec::with_capacity(ds.len());
+    let mut bad = Vec::new();
+    for (i, r) in results {
+        match r {
+            Ok(()) => good.push(i),
+            Err(e) if skip_bad => bad.push(e.to_string()),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((good, bad))
+}
+
+/// A batch ready for the model.
+#[derive(Debug)]
+pub struct Batch {
+    /// `[B, 3, H, W]` normalised pixels, row-major.
+    pub pixels: Vec<f32>,
+    pub shape: [usize; 4],
+    /// Classification: class ids `[B]`; segmentation: label maps `[B, H, W]`.
+    pub labels: Vec<i64>,
+    /// Samples that failed to load and were skipped (with `skip_bad`).
+    pub skipped: Vec<String>,
+}
+
+/// A transformed sample: CHW pixels, its labels (one class id, or an H*W map) and its size.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub pixels: Vec<f32>,
+    pub labels: Vec<i64>,
+    pub height: usize,
+    pub width: usize,
+}
+
+/// Turns a decoded sample into model input with its own seeded RNG.
+pub type Transform = dyn Fn(Sample, &mut StdRng) -> Result<Prepared> + Send + Sync;
+
+/// Deterministic per-sample seed from (seed, epoch, index).
+pub fn sample_seed(seed: u64, epoch: usize, index: usize) -> u64 {
+    let mut x = seed
+        ^ 0x9E37_79B9_7F4A_7C15u64.wrapping_mul(epoch as u64 + 1)
+        ^ (index as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^= x >> 31;
+    x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 29)
+}
+
+/// The order of an epoch: a permutation of `indices` seeded by (seed, epoch).
+pub fn epoch_order(indices: &[usize], seed: u64, epoch: usize, shuffle: bool) -> Vec<usize> {
+    let mut v = indices.to_vec();
+    if shuffle {
+        v.shuffle(&mut StdRng::seed_from_u64(sample_seed(
+            seed,
+            epoch,
+            usize::MAX,
+        )));
+    }
+    v
+}
+
+/// Batches of an epoch, produced by a background thread (decode + transform in parallel with
+/// rayon) through a bounded queue, so loading overlaps with training and memory stays bounded.
+/// The content of every batch depends only on (seed, epoch, position), never on timing.
+#[allow(clippy::too_many_arguments)]
+pub fn spawn_loader(
+    ds: Arc<dyn Dataset>,
+    order: Vec<usize>,
+    batch_size: usize,
+    skip_batches: usize,
+    seed: u64,
+    epoch: usize,
+    transform: Arc<Transform>,
+    skip_bad: bool,
+    drop_last: bool,
+) -> Receiver<Result<Batch>> {
+    let (tx, rx) = sync_channel(2);
+    std::thread::spawn(move || {
+        let chunks: Vec<Vec<usize>> = order.chunks(batch_size).map(|c| c.to_vec()).collect();
+        for chunk in chunks.into_iter().skip(skip_batches) {
+            if drop_last && chunk.len() < batch_size {
+                break;
+            }
+            let results: Vec<(usize, Result<Prepared>)> = chunk
+                .par_iter()
+                .map(|&i| {
+                    let mut rng = StdRng::seed_from_u64(sample_seed(seed, epoch, i));
+                    (i, ds.load(i).and_then(|s| transform(s, &mut rng)))
+                })
+                .collect();
+            let mut pixels = Vec::new();
+            let mut labels = Vec::new();
+            let mut skipped = Vec::new();
+            let mut n = 0;
+            let mut hw = (0, 0);
+            let mut failed = None;
+            for (i, r) in results {
+                match r {
+                    Ok(p) if n > 0 && (p.height, p.width) != hw => {
+                        failed = Some(BeitError::input(
+                            "transform",
+                            format!(
+                                "{}: size {}x{} differs from the batch's {}x{}",
+                                ds.describe(i),
+                                p.height,
+                                p.width,
+                                hw.0,
+                                hw.1
+                            ),
+                        ));
+                        break;
+                    }
+                    Ok(p) => {
+                        hw = (p.height, p.width);
+                        pixels.extend(p.pixels);
+                        labels.extend(p.labels);
+                        n += 1;
+                    }
+                    Err(e) if skip_bad => skipped.push(format!("{}: {e}", ds.describe(i))),
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            let msg = match failed {
+                Some(e) => Err(e),
+                None if n == 0 => continue,
+                None => Ok(Batch {
+                    pixels,
+                    shape: [n, 3, hw.0, hw.1],
+                    labels,
+                    skipped,
+                }),
+            };
+            let stop = msg.is_err();
+            if tx.send(msg).is_err() || stop {
+                return;
+            }
+        }
+    });
+    rx
+}

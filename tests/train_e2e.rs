@@ -1,0 +1,299 @@
+//! Fine-tuning end to end on small synthetic image folders: learning happens, outputs are in
+//! save_pretrained layout and load back, a resumed run equals an uninterrupted one, and bad data
+//! fails fast naming the file (or is skipped with --skip-bad).
+
+use std::path::{Path, PathBuf};
+
+use beit::auto::AutoModel;
+use beit::train::finetune::{train, ModelSource, Task, TrainConfig};
+use beit::util::load_safetensors;
+use candle_core::{DType, Device, Tensor};
+use image::{Rgb, RgbImage};
+
+const CONFIG: &str = r#"{"architectures":["BeitForImageClassification"],"hidden_size":32,"num_hidden_layers":2,
+ "num_attention_heads":4,"intermediate_size":64,"image_size":16,"patch_size":4,"use_relative_position_bias":true,
+ "layer_scale_init_value":0.1,"drop_path_rate":0.1}"#;
+
+/// Classes that differ by colour: easy to learn in a few steps.
+fn make_folder(root: &Path, per_class: usize, seed: u32) {
+    let colors = [
+        ("red", [220u8, 30, 30]),
+        ("green", [30, 200, 40]),
+        ("blue", [30, 40, 220]),
+    ];
+    for (name, c) in colors {
+        let d = root.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for i in 0..per_class {
+            let img = RgbImage::from_fn(20, 20, |x, y| {
+                let n = ((x * 7 + y * 13 + i as u32 * 31 + seed) % 40) as u8;
+                Rgb([
+                    c[0].saturating_add(n),
+                    c[1].saturating_add(n),
+                    c[2].saturating_add(n),
+                ])
+            });
+            img.save(d.join(format!("{i}.png"))).unwrap();
+        }
+    }
+}
+
+fn setup(tmp: &Path) -> (PathBuf, PathBuf) {
+    let data = tmp.join("data");
+    make_folder(&data.join("train"), 12, 0);
+    make_folder(&data.join("val"), 4, 7);
+    let cfg = tmp.join("config.json");
+    std::fs::write(&cfg, CONFIG).unwrap();
+    (data, cfg)
+}
+
+fn small_cfg() -> TrainConfig {
+    TrainConfig {
+        task: Task::Classification,
+        epochs: 3,
+        batch_size: 6,
+        lr: 3e-3,
+        warmup_epochs: 0.5,
+        layer_decay: 0.9,
+        rand_augment: Some((2, 9.0)),
+        rrc_scale: Some((0.5, 1.0)),
+        log_every: 1,
+        ..TrainConfig::default()
+    }
+}
+
+#[test]
+fn finetune_learns_and_writes_a_loadable_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, cfg_path) = setup(tmp.path());
+    let out = tmp.path().join("out");
+    let cfg = TrainConfig {
+        epochs: 6,
+        ..small_cfg()
+    };
+    let summary = train(
+        &ModelSource::Config(cfg_path),
+        &data,
+        &out,
+        &cfg,
+        None,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let top1 = summary.final_metrics["top1"].as_f64().unwrap();
+    assert!(top1 >= 0.9, "should learn colour classes: top1 {top1}");
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "metrics.jsonl",
+        "curves.png",
+        "confusion_matrix.txt",
+    ] {
+        assert!(out.join(f).is_file(), "{f} written");
+    }
+    // The saved model loads for inference and reproduces the labels.
+    let (model, config) = AutoModel::from_pretrained(&out, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(config.id2label_vec(), vec!["blue", "green", "red"]);
+    let x = Tensor::zeros((1, 3, 16, 16), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(
+        model.forward(&x, &Default::default()).unwrap().tensors["logits"].dims(),
+        &[1, 3]
+    );
+    // Hub names, as transformers' save_pretrained writes them.
+    let w = load_safetensors(&out.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert!(w.contains_key("beit.encoder.layer.0.attention.attention.query.weight"));
+    assert!(w.contains_key("classifier.weight"));
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert!(metrics.lines().filter(|l| l.contains("\"top1\"")).count() == 6);
+}
+
+#[test]
+fn resumed_run_equals_uninterrupted_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, cfg_path) = setup(tmp.path());
+    let src = ModelSource::Config(cfg_path);
+    let dev = Device::Cpu;
+    let full = tmp.path().join("full");
+    train(&src, &data, &full, &small_cfg(), None, &dev).unwrap();
+    // Stop mid-epoch (6 steps per epoch: 36 images / 6), then resume to the end.
+    let part = tmp.path().join("part");
+    let stopped = TrainConfig {
+        max_steps: Some(8),
+        ..small_cfg()
+    };
+    let s = train(&src, &data, &part, &stopped, None, &dev).unwrap();
+    assert_eq!(s.steps, 8);
+    train(&src, &data, &part, &small_cfg(), Some(&part), &dev).unwrap();
+    let a = load_safetensors(&full.join("model.safetensors"), &dev).unwrap();
+    let b = load_safetensors(&part.join("model.safetensors"), &dev).unwrap();
+    assert_eq!(a.len(), b.len());
+    for (k, t) in &a {
+        let d = (t.to_dtype(DType::F64).unwrap() - b[k].to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert_eq!(d, 0.0, "{k} differs after resume by {d}");
+    }
+}
+
+#[test]
+fn bad_data_fails_fast_naming_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, cfg_path) = setup(tmp.path());
+    let src = ModelSource::Config(cfg_path);
+    let dev = Device::Cpu;
+    let out = tmp.path().join("out");
+    // Missing data folder.
+    let e = train(
+        &src,
+        &tmp.path().join("nope"),
+        &out,
+        &small_cfg(),
+        None,
+        &dev,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("nope"), "{e}");
+    // A corrupt image.
+    let bad = data.join("train/red/broken.png");
+    std::fs::write(&bad, b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    let e = train(&src, &data, &out, &small_cfg(), None, &dev).unwrap_err();
+    assert!(e.to_string().contains("broken.png"), "{e}");
+    // ... skipped with --skip-bad.
+    let cfg = TrainConfig {
+        skip_bad: true,
+        epochs: 1,
+        ..small_cfg()
+    };
+    train(&src, &data, &tmp.path().join("out2"), &cfg, None, &dev).unwrap();
+    std::fs::remove_file(&bad).unwrap();
+    // An empty class.
+    std::fs::create_dir_all(data.join("train/purple")).unwrap();
+    let e = train(&src, &data, &out, &small_cfg(), None, &dev).unwrap_err();
+    assert!(e.to_string().contains("purple"), "{e}");
+}
+
+#[test]
+fn two_identical_runs_are_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, cfg_path) = setup(tmp.path());
+    let src = ModelSource::Config(cfg_path);
+    let dev = Device::Cpu;
+    let cfg = TrainConfig {
+        epochs: 1,
+        ..small_cfg()
+    };
+    train(&src, &data, &tmp.path().join("a"), &cfg, None, &dev).unwrap();
+    train(&src, &data, &tmp.path().join("b"), &cfg, None, &dev).unwrap();
+    let a = load_safetensors(&tmp.path().join("a/model.safetensors"), &dev).unwrap();
+    let b = load_safetensors(&tmp.path().join("b/model.safetensors"), &dev).unwrap();
+    for (k, t) in &a {
+        let d = (t.to_dtype(DType::F64).unwrap() - b[k].to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert_eq!(d, 0.0, "{k} differs between identical runs by {d}");
+    }
+}
+
+const SEG_CONFIG: &str = r#"{"architectures":["BeitForSemanticSegmentation"],"hidden_size":16,"num_hidden_layers":4,
+ "num_attention_heads":2,"intermediate_size":32,"image_size":32,"patch_size":4,"use_relative_position_bias":true,
+ "out_indices":[1,2,3,4],"auxiliary_channels":8,"pool_scales":[1,2,3],"id2label":{"0":"sky","1":"grass","2":"sun"}}"#;
+
+/// Images whose top is sky-blue, bottom green, with a yellow square: labels 1..3 (0 = background
+/// reserved, so `reduce_labels` maps them to 0..2).
+fn make_seg_folder(root: &Path, split: &str, n: usize) {
+    let (img_dir, ann_dir) = (
+        root.join("images").join(split),
+        root.join("annotations").join(split),
+    );
+    std::fs::create_dir_all(&img_dir).unwrap();
+    std::fs::create_dir_all(&ann_dir).unwrap();
+    for i in 0..n {
+        let horizon = 12 + (i as u32 * 5) % 16;
+        let (sx, sy) = ((i as u32 * 7) % 24, (i as u32 * 3) % 8);
+        let label = |x: u32, y: u32| -> u8 {
+            if x >= sx && x < sx + 8 && y >= sy && y < sy + 8 {
+                3
+            } else if y < horizon {
+                1
+            } else {
+                2
+            }
+        };
+        let img = RgbImage::from_fn(40, 40, |x, y| match label(x, y) {
+            3 => Rgb([240, 220, 40]),
+            1 => Rgb([100, 160, 240]),
+            _ => Rgb([40, 170, 60]),
+        });
+        img.save(img_dir.join(format!("img{i}.png"))).unwrap();
+        image::GrayImage::from_fn(40, 40, |x, y| image::Luma([label(x, y)]))
+            .save(ann_dir.join(format!("img{i}.png")))
+            .unwrap();
+    }
+}
+
+#[test]
+fn segmentation_finetune_learns_and_checks_maps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("seg");
+    make_seg_folder(&data, "training", 16);
+    make_seg_folder(&data, "validation", 4);
+    let cfg_path = tmp.path().join("config.json");
+    std::fs::write(&cfg_path, SEG_CONFIG).unwrap();
+    let out = tmp.path().join("out");
+    let cfg = TrainConfig {
+        task: Task::Segmentation,
+        epochs: 10,
+        batch_size: 4,
+        lr: 1e-2,
+        layer_decay: 1.0,
+        drop_path: Some(0.0),
+        warmup_epochs: 0.5,
+        reduce_labels: true,
+        seg_scale: (0.8, 1.2),
+        ..TrainConfig::default()
+    };
+    let s = train(
+        &ModelSource::Config(cfg_path.clone()),
+        &data,
+        &out,
+        &cfg,
+        None,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let miou = s.final_metrics["mIoU"].as_f64().unwrap();
+    let acc = s.final_metrics["pixel_accuracy"].as_f64().unwrap();
+    assert!(
+        acc > 0.7 && miou > 0.4,
+        "should learn the scene layout: mIoU {miou}, pixel accuracy {acc}"
+    );
+    let (model, _) = AutoModel::from_pretrained(&out, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(
+        model.architecture(),
+        beit::Architecture::BeitForSemanticSegmentation
+    );
+    // A label map whose size differs from its image is named.
+    let bad = data.join("annotations/training/img3.png");
+    image::GrayImage::new(10, 10).save(&bad).unwrap();
+    let e = train(
+        &ModelSource::Config(cfg_path),
+        &data,
+        &tmp.path().join("o2"),
+        &cfg,
+        None,
+        &Device::Cpu,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("img3.png"), "{e}");
+}
