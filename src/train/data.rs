@@ -458,6 +458,8 @@ pub struct Batch {
     pub labels: Vec<i64>,
     /// Samples that failed to load and were skipped (with `skip_bad`).
     pub skipped: Vec<String>,
+    /// Second views, stacked (empty when the transform makes none).
+    pub aux: Vec<f32>,
 }
 
 /// A transformed sample: CHW pixels, its labels (one class id, or an H*W map) and its size.
@@ -467,6 +469,8 @@ pub struct Prepared {
     pub labels: Vec<i64>,
     pub height: usize,
     pub width: usize,
+    /// A second view of the image when the task needs one (MIM: the tokenizer's view), CHW.
+    pub aux: Vec<f32>,
 }
 
 /// Turns a decoded sample into model input with its own seeded RNG.
@@ -526,6 +530,7 @@ pub fn spawn_loader(
                 .collect();
             let mut pixels = Vec::new();
             let mut labels = Vec::new();
+            let mut aux = Vec::new();
             let mut skipped = Vec::new();
             let mut n = 0;
             let mut hw = (0, 0);
@@ -550,6 +555,7 @@ pub fn spawn_loader(
                         hw = (p.height, p.width);
                         pixels.extend(p.pixels);
                         labels.extend(p.labels);
+                        aux.extend(p.aux);
                         n += 1;
                     }
                     Err(e) if skip_bad => skipped.push(format!("{}: {e}", ds.describe(i))),
@@ -567,6 +573,7 @@ pub fn spawn_loader(
                     shape: [n, 3, hw.0, hw.1],
                     labels,
                     skipped,
+                    aux,
                 }),
             };
             let stop = msg.is_err();

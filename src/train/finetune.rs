@@ -364,6 +364,7 @@ fn train_transform(
                         labels: vec![c as i64],
                         height: p.height,
                         width: p.width,
+                        aux: Vec::new(),
                     })
                 }
                 Target::Map(mut map) => {
@@ -387,6 +388,7 @@ fn train_transform(
                         labels: map.as_raw().iter().map(|&v| v as i64).collect(),
                         height: p.height,
                         width: p.width,
+                        aux: Vec::new(),
                     })
                 }
             }
@@ -424,6 +426,7 @@ fn eval_transform(proc: &BeitImageProcessor, reduce: bool) -> Arc<Transform> {
                 labels,
                 height: p.height,
                 width: p.width,
+                aux: Vec::new(),
             })
         },
     )
@@ -464,6 +467,14 @@ fn build_model(
     if let Some(dp) = cfg.drop_path {
         config.drop_path_rate = dp;
     }
+    // A pre-trained (MIM) checkpoint has one shared relative position table: fine-tuning gives
+    // every layer its own, initialised from the shared one (unilm's recipe), and drops the mask
+    // token.
+    if config.use_shared_relative_position_bias && !config.use_relative_position_bias {
+        config.use_shared_relative_position_bias = false;
+        config.use_relative_position_bias = true;
+    }
+    config.use_mask_token = false;
     if let Some(s) = cfg.image_size {
         // The position tables keep their trained size; transformers interpolates them.
         let _ = s;
