@@ -2,3 +2,4 @@
 //! Hugging Face `transformers`.
 
 pub mod pretrain;
+pub mod tokenizer;
