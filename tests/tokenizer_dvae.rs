@@ -2,11 +2,27 @@
 //! a short training run lowers the reconstruction loss, save/load round-trips, and the
 //! tokenizer interface has the right shapes and errors.
 
-use beit::tokenizer::dvae::{train_dvae, Dvae, DvaeConfig, DvaeTrainConfig, WEIGHTS_FILE};
+use beit::tokenizer::dvae::{
+    train_dvae, Dvae, DvaeConfig, DvaeStepOptions, DvaeTrainConfig, WEIGHTS_FILE,
+};
 use beit::tokenizer::VisualTokenizer;
 use candle_core::{DType, Device, Result, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+fn opts(
+    temperature: f64,
+    kl_weight: f64,
+    usage_weight: f64,
+    straight_through: bool,
+) -> DvaeStepOptions {
+    DvaeStepOptions {
+        temperature,
+        kl_weight,
+        usage_weight,
+        straight_through,
+    }
+}
 
 fn tiny_config() -> DvaeConfig {
     DvaeConfig {
@@ -51,7 +67,7 @@ fn gradients_reach_every_parameter() {
         let dvae = Dvae::new(tiny_config(), &Device::Cpu, &mut rng).unwrap();
         let x = synthetic_batch(&mut rng, 4, 16).unwrap();
         let out = dvae
-            .forward_train(&x, 0.9, 0.01, straight_through, &mut rng)
+            .forward_train(&x, &opts(0.9, 0.01, 0.1, straight_through), &mut rng)
             .unwrap();
         let grads = out.loss.backward().unwrap();
         let vars = dvae.varmap().data().lock().unwrap();
@@ -107,12 +123,16 @@ fn gradients_match_finite_differences() {
     let x = synthetic_batch(&mut rng, 2, 8).unwrap();
     let loss_at = |seed: u64| -> f64 {
         let mut r = StdRng::seed_from_u64(seed);
-        let out = dvae.forward_train(&x, 2.0, 0.05, false, &mut r).unwrap();
+        let out = dvae
+            .forward_train(&x, &opts(2.0, 0.05, 0.1, false), &mut r)
+            .unwrap();
         out.loss.to_scalar::<f32>().unwrap() as f64
     };
     let grads = {
         let mut r = StdRng::seed_from_u64(99);
-        let out = dvae.forward_train(&x, 2.0, 0.05, false, &mut r).unwrap();
+        let out = dvae
+            .forward_train(&x, &opts(2.0, 0.05, 0.1, false), &mut r)
+            .unwrap();
         out.loss.backward().unwrap()
     };
     let eps = 1e-3f32;
@@ -248,6 +268,10 @@ fn schedules() {
     assert_eq!(cfg.kl_weight_at(0), 0.0);
     assert!((cfg.kl_weight_at(5) - 1.0).abs() < 1e-12);
     assert_eq!(cfg.kl_weight_at(10), 2.0);
+    // Widths halve towards full resolution, with a floor of min(hidden, 16).
+    let d = DvaeConfig::default();
+    assert_eq!((d.width(0), d.width(1), d.width(2)), (16, 32, 64));
+    assert_eq!(tiny_config().width(0), 16);
 }
 
 #[test]
@@ -341,7 +365,9 @@ fn bad_inputs_are_errors() {
         .to_string()
         .contains("channels"));
     let x = Tensor::zeros((1, 3, 16, 16), DType::F32, &dev).unwrap();
-    assert!(dvae.forward_train(&x, 0.0, 0.0, false, &mut rng).is_err());
+    assert!(dvae
+        .forward_train(&x, &opts(0.0, 0.0, 0.0, false), &mut rng)
+        .is_err());
     let tokens = Tensor::zeros((1, 15), DType::U32, &dev).unwrap();
     assert!(dvae.decode_tokens(&tokens, (4, 4)).is_err());
     assert!(Dvae::new(

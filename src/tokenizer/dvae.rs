@@ -2,14 +2,18 @@
 //! as Fashion-MNIST, so that BEiT pre-training needs no outside tokenizer weights.
 //!
 //! ```text
-//! encoder: x in [0,1] -> 2x - 1 -> Conv3x3(C -> hid) -> num_downsamples x [ReLU, Conv4x4/s2(hid -> hid)]
-//!          -> num_res_blocks x ResBlock(hid) -> ReLU -> Conv1x1(hid -> vocab)       = logits [B, K, h, w]
+//! widths: w(l) = max(hidden / 2^(D - l), min(hidden, 16)) at level l (l = 0: full resolution,
+//!         l = D = num_downsamples: token grid, w(D) = hidden)
+//! encoder: x in [0,1] -> 2x - 1 -> Conv3x3(C -> w(0))
+//!          -> for l in 0..D: [ReLU, PixelUnshuffle(2) (w(l) -> 4 w(l), /2), Conv3x3(4 w(l) -> w(l+1))]
+//!          -> num_res_blocks x ResBlock(hidden) -> ReLU -> Conv1x1(hidden -> vocab)  = logits [B, K, h, w]
 //! latent:  z = softmax((logits + Gumbel) / tau, dim = 1)      (relaxed; optional straight-through one-hot)
-//! decoder: Conv1x1(vocab -> hid) (codebook embedding) -> num_res_blocks x ResBlock(hid)
-//!          -> num_downsamples x [ReLU, upsample_nearest x2, Conv3x3(hid -> hid)] -> ReLU -> Conv3x3(hid -> C)
-//!          -> sigmoid                                                             = reconstruction [B, C, H, W]
+//! decoder: Conv1x1(vocab -> hidden) (codebook embedding) -> num_res_blocks x ResBlock(hidden)
+//!          -> for l in (0..D).rev(): [ReLU, upsample_nearest x2, Conv3x3(w(l+1) -> w(l))]
+//!          -> ReLU -> Conv3x3(w(0) -> C) -> sigmoid                                = reconstruction [B, C, H, W]
 //! ResBlock(x) = x + Conv1x1(ReLU(Conv3x3(ReLU(x))))
 //! loss = mean((recon - x)^2) + beta * KL(q(z|x) || uniform)   (KL: sum over tokens, mean over positions)
+//!        + usage_weight * (ln K - H(mean_{batch, positions} q))   (codebook usage; 0 = uniform use)
 //! ```
 //!
 //! The token grid is `(H / 2^num_downsamples, W / 2^num_downsamples)`; choose
@@ -17,16 +21,23 @@
 //! -> 7x7 grid -> `num_downsamples = 2`). Grey images go in as 3 identical channels (or set
 //! `in_channels = 1`).
 //!
-//! Only ops with a correct candle backward are used: `conv2d` (incl. stride 2),
-//! `upsample_nearest2d` with an integer factor, `relu`, the generic
-//! `candle_nn::ops::softmax` / `log_softmax`, and `candle_nn::ops::sigmoid`. (No max-pool,
-//! bilinear upsampling, `softmax_last_dim` or fused layer norm.)
+//! Only ops with a correct (and, on CPU, reasonably fast) candle backward are used.
+//! Convolutions are im2col (zero padding + shifted `narrow`s + `stack`) followed by a
+//! `matmul`, so their backward is matmuls and slicing rather than candle's
+//! `conv_transpose2d`, a scalar loop on CPU (measured on a busy 2-core machine, one 3x3
+//! 64->64 conv on a 64x64x28x28 batch: `Tensor::conv2d` backward 2.8-4.5 s, im2col 1.0 s).
+//! Downsampling is a pixel-unshuffle (reshape + permute), nearest upsampling a broadcast +
+//! reshape. Softmax / log-softmax are the generic `candle_nn::ops::softmax` / `log_softmax`
+//! and the output uses `candle_nn::ops::sigmoid` (all with backward). No max-pool, bilinear
+//! upsampling, `softmax_last_dim` or fused layer norm. The default config (widths 16/32/64,
+//! 512 tokens) trains at about 3.4 s per step for a batch of 64 28x28 images on that machine.
+//! Weights keep the `Conv2d` layout `[out, in, k, k]`.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
-use candle_nn::{Conv2d, Conv2dConfig, Optimizer, VarBuilder, VarMap};
+use candle_nn::{Optimizer, VarBuilder, VarMap};
 use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
 
@@ -42,7 +53,7 @@ pub const CONFIG_FILE: &str = "dvae_config.json";
 pub struct DvaeConfig {
     /// Image channels (3 for BEiT views; grey images are repeated to 3 channels).
     pub in_channels: usize,
-    /// Width of every hidden conv.
+    /// Width at the token grid; each finer level halves it (floor `min(hidden, 16)`).
     pub hidden: usize,
     /// Number of stride-2 stages; the token grid is the image size / `2^num_downsamples`.
     pub num_downsamples: usize,
@@ -69,6 +80,13 @@ impl DvaeConfig {
     /// Spatial downsampling factor `2^num_downsamples`.
     pub fn downsample_factor(&self) -> usize {
         1usize << self.num_downsamples
+    }
+
+    /// Conv width at resolution level `level` (0 = full resolution, `num_downsamples` =
+    /// token grid).
+    pub fn width(&self, level: usize) -> usize {
+        let shift = self.num_downsamples.saturating_sub(level);
+        (self.hidden >> shift).max(self.hidden.min(16)).max(1)
     }
 
     fn validate(&self) -> Result<()> {
@@ -100,6 +118,12 @@ pub struct DvaeTrainConfig {
     pub kl_weight: f64,
     /// Steps of the linear warm-up of `beta` from 0 (DALL-E warms it up as well).
     pub kl_warmup_steps: usize,
+    /// Weight of the codebook-usage term `ln K - H(mean q)` (the batch-averaged token
+    /// distribution's distance from uniform); counters codebook collapse. 0 disables it.
+    /// Measured on 28x28 synthetic rectangles, default config, batch 64, 100-150 steps:
+    /// with 0 the batch used 11-17 of 512 tokens (perplexity ~5, recon MSE 0.013); with
+    /// the default 0.01, 186 tokens (perplexity 376, recon MSE 0.021 at step 100).
+    pub usage_weight: f64,
     /// Straight-through estimator: the decoder sees the hard one-hot token, gradients flow
     /// through the relaxed sample. `false`: the decoder sees the relaxed sample (DALL-E).
     pub straight_through: bool,
@@ -115,6 +139,7 @@ impl Default for DvaeTrainConfig {
             temperature_anneal_steps: 5000,
             kl_weight: 1e-4,
             kl_warmup_steps: 1000,
+            usage_weight: 0.01,
             straight_through: false,
         }
     }
@@ -133,6 +158,16 @@ impl DvaeTrainConfig {
                 * (1.0 + (std::f64::consts::PI * t).cos())
     }
 
+    /// The loss options of `step` (temperature, KL weight, usage weight, estimator).
+    pub fn step_options(&self, step: usize) -> DvaeStepOptions {
+        DvaeStepOptions {
+            temperature: self.temperature(step),
+            kl_weight: self.kl_weight_at(step),
+            usage_weight: self.usage_weight,
+            straight_through: self.straight_through,
+        }
+    }
+
     /// KL weight at `step` (linear warm-up).
     pub fn kl_weight_at(&self, step: usize) -> f64 {
         if self.kl_warmup_steps == 0 || step >= self.kl_warmup_steps {
@@ -143,17 +178,32 @@ impl DvaeTrainConfig {
     }
 }
 
+/// Sampling and loss settings of one [`Dvae::forward_train`] call.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DvaeStepOptions {
+    /// Gumbel-softmax temperature (> 0).
+    pub temperature: f64,
+    /// Weight of `KL(q || uniform)` per position.
+    pub kl_weight: f64,
+    /// Weight of `ln K - H(mean q)`.
+    pub usage_weight: f64,
+    /// Straight-through one-hot instead of the relaxed sample.
+    pub straight_through: bool,
+}
+
 /// Losses and codebook statistics of one training step.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct DvaeStepStats {
     /// 0-based step index.
     pub step: usize,
-    /// Total loss `recon + beta * kl`.
+    /// Total loss `recon + beta * kl + usage_weight * usage`.
     pub loss: f32,
     /// Mean squared reconstruction error (per pixel).
     pub recon_loss: f32,
     /// KL to the uniform prior (nats per token position).
     pub kl: f32,
+    /// `ln K - H(mean q)` (nats; 0 when the batch uses the codebook uniformly).
+    pub usage_loss: f32,
     /// Gumbel-softmax temperature used.
     pub temperature: f64,
     /// KL weight used.
@@ -196,23 +246,86 @@ pub struct DvaeForward {
     pub recon_loss: Tensor,
     /// Scalar KL to the uniform prior per position.
     pub kl: Tensor,
+    /// Scalar `ln K - H(mean q)`.
+    pub usage_loss: Tensor,
+}
+
+/// A stride-1 "same" convolution (odd kernel) computed as im2col + matmul.
+#[derive(Debug, Clone)]
+struct Conv {
+    /// `[out, in * k * k]` (the `[out, in, k, k]` parameter, flattened).
+    weight: Tensor,
+    /// `[1, out, 1]`.
+    bias: Tensor,
+    k: usize,
+}
+
+impl Conv {
+    fn new(n_in: usize, n_out: usize, k: usize, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get((n_out, n_in, k, k), "weight")?;
+        let bias = vb.get(n_out, "bias")?;
+        Ok(Self {
+            weight: weight.reshape((n_out, n_in * k * k))?,
+            bias: bias.reshape((1, n_out, 1))?,
+            k,
+        })
+    }
+}
+
+impl Module for Conv {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let cols = if self.k == 1 {
+            x.reshape((b, c, h * w))?
+        } else {
+            let p = self.k / 2;
+            let xp = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
+            let mut shifted = Vec::with_capacity(self.k * self.k);
+            for dy in 0..self.k {
+                let rows = xp.narrow(2, dy, h)?;
+                for dx in 0..self.k {
+                    shifted.push(rows.narrow(3, dx, w)?);
+                }
+            }
+            // [B, C, k*k, H, W] -> [B, C*k*k, H*W]: channel-major, then (dy, dx), as the
+            // flattened [out, in, k, k] weight.
+            Tensor::stack(&shifted, 2)?.reshape((b, c * self.k * self.k, h * w))?
+        };
+        let out_c = self.weight.dim(0)?;
+        self.weight
+            .broadcast_matmul(&cols)?
+            .broadcast_add(&self.bias)?
+            .reshape((b, out_c, h, w))
+    }
+}
+
+/// `[B, C, H, W] -> [B, 4C, H/2, W/2]` (channel `c * 4 + 2 * dy + dx`).
+fn pixel_unshuffle2(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    x.reshape((b, c, h / 2, 2, w / 2, 2))?
+        .permute((0, 1, 3, 5, 2, 4))?
+        .reshape((b, c * 4, h / 2, w / 2))
+}
+
+/// Nearest-neighbour x2 upsampling as broadcast + reshape (backward: a sum).
+fn upsample_nearest2(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    x.reshape((b, c, h, 1, w, 1))?
+        .broadcast_as((b, c, h, 2, w, 2))?
+        .reshape((b, c, h * 2, w * 2))
 }
 
 #[derive(Debug, Clone)]
 struct ResBlock {
-    conv_1: Conv2d,
-    conv_2: Conv2d,
+    conv_1: Conv,
+    conv_2: Conv,
 }
 
 impl ResBlock {
     fn new(hidden: usize, vb: VarBuilder) -> Result<Self> {
-        let pad1 = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
         Ok(Self {
-            conv_1: candle_nn::conv2d(hidden, hidden, 3, pad1, vb.pp("conv_1"))?,
-            conv_2: candle_nn::conv2d(hidden, hidden, 1, Default::default(), vb.pp("conv_2"))?,
+            conv_1: Conv::new(hidden, hidden, 3, vb.pp("conv_1"))?,
+            conv_2: Conv::new(hidden, hidden, 1, vb.pp("conv_2"))?,
         })
     }
 }
@@ -234,14 +347,14 @@ pub struct Dvae {
     config: DvaeConfig,
     varmap: VarMap,
     device: Device,
-    enc_in: Conv2d,
-    enc_down: Vec<Conv2d>,
+    enc_in: Conv,
+    enc_down: Vec<Conv>,
     enc_res: Vec<ResBlock>,
-    enc_out: Conv2d,
-    dec_in: Conv2d,
+    enc_out: Conv,
+    dec_in: Conv,
     dec_res: Vec<ResBlock>,
-    dec_up: Vec<Conv2d>,
-    dec_out: Conv2d,
+    dec_up: Vec<Conv>,
+    dec_out: Conv,
 }
 
 impl std::fmt::Debug for Dvae {
@@ -267,45 +380,37 @@ impl Dvae {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let hid = config.hidden;
-        let pad1 = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
-        let down = Conv2dConfig {
-            padding: 1,
-            stride: 2,
-            ..Default::default()
-        };
+        let nd = config.num_downsamples;
         let e = vb.pp("encoder");
-        let enc_in = candle_nn::conv2d(config.in_channels, hid, 3, pad1, e.pp("conv_in"))?;
-        let enc_down = (0..config.num_downsamples)
-            .map(|i| candle_nn::conv2d(hid, hid, 4, down, e.pp(format!("down_{i}"))))
+        let enc_in = Conv::new(config.in_channels, config.width(0), 3, e.pp("conv_in"))?;
+        let enc_down = (0..nd)
+            .map(|l| {
+                let (w_in, w_out) = (config.width(l), config.width(l + 1));
+                Conv::new(4 * w_in, w_out, 3, e.pp(format!("down_{l}")))
+            })
             .collect::<Result<Vec<_>>>()?;
         let enc_res = (0..config.num_res_blocks)
             .map(|i| ResBlock::new(hid, e.pp(format!("res_{i}"))))
             .collect::<Result<Vec<_>>>()?;
-        let enc_out = candle_nn::conv2d(
-            hid,
-            config.vocab_size,
-            1,
-            Default::default(),
-            e.pp("conv_out"),
-        )?;
+        let enc_out = Conv::new(hid, config.vocab_size, 1, e.pp("conv_out"))?;
         let d = vb.pp("decoder");
-        let dec_in = candle_nn::conv2d(
-            config.vocab_size,
-            hid,
-            1,
-            Default::default(),
-            d.pp("conv_in"),
-        )?;
+        let dec_in = Conv::new(config.vocab_size, hid, 1, d.pp("conv_in"))?;
         let dec_res = (0..config.num_res_blocks)
             .map(|i| ResBlock::new(hid, d.pp(format!("res_{i}"))))
             .collect::<Result<Vec<_>>>()?;
-        let dec_up = (0..config.num_downsamples)
-            .map(|i| candle_nn::conv2d(hid, hid, 3, pad1, d.pp(format!("up_{i}"))))
+        // up_{i} runs at the i-th upsampling, from level nd - i to nd - i - 1.
+        let dec_up = (0..nd)
+            .map(|i| {
+                let l = nd - 1 - i;
+                Conv::new(
+                    config.width(l + 1),
+                    config.width(l),
+                    3,
+                    d.pp(format!("up_{i}")),
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
-        let dec_out = candle_nn::conv2d(hid, config.in_channels, 3, pad1, d.pp("conv_out"))?;
+        let dec_out = Conv::new(config.width(0), config.in_channels, 3, d.pp("conv_out"))?;
         Ok(Self {
             config,
             varmap,
@@ -463,7 +568,7 @@ impl Dvae {
         let x = self.check(images)?.affine(2.0, -1.0)?;
         let mut h = self.enc_in.forward(&x)?;
         for conv in &self.enc_down {
-            h = conv.forward(&h.relu()?)?;
+            h = conv.forward(&pixel_unshuffle2(&h.relu()?)?)?;
         }
         for blk in &self.enc_res {
             h = blk.forward(&h)?;
@@ -485,8 +590,7 @@ impl Dvae {
             h = blk.forward(&h)?;
         }
         for conv in &self.dec_up {
-            let (_, _, hh, ww) = h.dims4()?;
-            h = conv.forward(&h.relu()?.upsample_nearest2d(hh * 2, ww * 2)?)?;
+            h = conv.forward(&upsample_nearest2(&h.relu()?)?)?;
         }
         candle_nn::ops::sigmoid(&self.dec_out.forward(&h.relu()?)?)
     }
@@ -519,16 +623,21 @@ impl Dvae {
         range.broadcast_eq(idx)?.to_dtype(DType::F32)
     }
 
-    /// One training forward pass: Gumbel-softmax sample at `temperature` (noise drawn from
-    /// `rng`), reconstruction, and the loss `mse + kl_weight * KL(q || uniform)`.
+    /// One training forward pass: Gumbel-softmax sample at `opts.temperature` (noise drawn
+    /// from `rng`), reconstruction, and the loss
+    /// `mse + kl_weight * KL(q || uniform) + usage_weight * (ln K - H(mean q))`.
     pub fn forward_train<R: Rng + ?Sized>(
         &self,
         images: &Tensor,
-        temperature: f64,
-        kl_weight: f64,
-        straight_through: bool,
+        opts: &DvaeStepOptions,
         rng: &mut R,
     ) -> Result<DvaeForward> {
+        let DvaeStepOptions {
+            temperature,
+            kl_weight,
+            usage_weight,
+            straight_through,
+        } = *opts;
         if !(temperature.is_finite() && temperature > 0.0) {
             candle_core::bail!("dVAE: temperature must be positive, got {temperature}");
         }
@@ -553,14 +662,18 @@ impl Dvae {
         let recon_loss = (&recon - &images)?.sqr()?.mean_all()?;
         let log_q = candle_nn::ops::log_softmax(&logits, 1)?;
         let ln_k = (self.config.vocab_size as f64).ln();
-        let kl = (log_q.exp()? * (log_q + ln_k)?)?.sum(1)?.mean_all()?;
-        let loss = (&recon_loss + (&kl * kl_weight)?)?;
+        let q = log_q.exp()?;
+        let kl = (&q * (log_q + ln_k)?)?.sum(1)?.mean_all()?;
+        let mean_q = q.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+        let usage_loss = ((&mean_q * (&mean_q + 1e-12)?.log()?)?.sum_all()? + ln_k)?;
+        let loss = ((&recon_loss + (&kl * kl_weight)?)? + (&usage_loss * usage_weight)?)?;
         Ok(DvaeForward {
             logits,
             recon,
             loss,
             recon_loss,
             kl,
+            usage_loss,
         })
     }
 }
@@ -603,8 +716,10 @@ pub fn codebook_stats(logits: &Tensor) -> Result<(usize, f32)> {
 
 /// Trains `dvae` with AdamW for up to `steps` batches from `data` (each `f32 [B, C, H, W]`
 /// in `[0, 1]`), stopping early if the data runs out. `rng` drives the Gumbel noise;
-/// `on_step` sees the statistics of every step (logging, early stopping by the caller's
-/// bookkeeping). Returns the full history.
+/// `on_step` sees the statistics of every step (logging; it may also `dvae.save` a
+/// checkpoint). Returns the full history. The schedules (temperature, KL warm-up) use the
+/// step index within this call and the AdamW state is created per call, so prefer one long
+/// call to many short ones.
 pub fn train_dvae<I, R, F>(
     dvae: &Dvae,
     config: &DvaeTrainConfig,
@@ -629,10 +744,8 @@ where
     let mut report = DvaeTrainReport::default();
     for (step, batch) in data.into_iter().take(steps).enumerate() {
         let batch = batch?.to_device(dvae.device())?;
-        let temperature = config.temperature(step);
-        let kl_weight = config.kl_weight_at(step);
-        let out =
-            dvae.forward_train(&batch, temperature, kl_weight, config.straight_through, rng)?;
+        let opts = config.step_options(step);
+        let out = dvae.forward_train(&batch, &opts, rng)?;
         opt.backward_step(&out.loss)?;
         let (codebook_usage, perplexity) = codebook_stats(&out.logits.detach())?;
         let stats = DvaeStepStats {
@@ -640,8 +753,9 @@ where
             loss: out.loss.to_scalar::<f32>()?,
             recon_loss: out.recon_loss.to_scalar::<f32>()?,
             kl: out.kl.to_scalar::<f32>()?,
-            temperature,
-            kl_weight,
+            usage_loss: out.usage_loss.to_scalar::<f32>()?,
+            temperature: opts.temperature,
+            kl_weight: opts.kl_weight,
             codebook_usage,
             perplexity,
         };
