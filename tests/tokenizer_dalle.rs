@@ -176,6 +176,15 @@ fn bad_images_are_errors() {
     assert!(enc.tokenize(&flat).is_err());
     let ints = Tensor::zeros((1, 3, 16, 16), DType::U8, &dev).unwrap();
     assert!(enc.tokenize(&ints).is_err());
+    let tiny = Tensor::zeros((1, 3, 4, 16), DType::F32, &dev).unwrap();
+    assert!(enc
+        .tokenize(&tiny)
+        .unwrap_err()
+        .to_string()
+        .contains("at least"));
+    // Non-multiples of 8 floor at every pool, as in PyTorch: 20x17 -> 2x2.
+    let odd = Tensor::zeros((1, 3, 20, 17), DType::F32, &dev).unwrap();
+    assert_eq!(enc.tokenize(&odd).unwrap().dims(), &[1, 4]);
 }
 
 /// The released-size encoder (n_hid 256, 8192 tokens, 112x112 -> 14x14). Generate with

@@ -293,7 +293,12 @@ impl DalleEncoder {
     /// Logits for `map_pixels`-ed input `x: f32 [B, input_channels, H, W]`; returns
     /// `[B, vocab_size, H/8, W/8]` (each 2x pool floors, as in PyTorch).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (x, _) = check_images(x, self.config.input_channels, "DALL-E encoder")?;
+        let (x, (_, _, h, w)) = check_images(x, self.config.input_channels, "DALL-E encoder")?;
+        if h < DOWNSAMPLE || w < DOWNSAMPLE {
+            candle_core::bail!(
+                "DALL-E encoder: images must be at least {DOWNSAMPLE}x{DOWNSAMPLE}, got {h}x{w}"
+            );
+        }
         let mut h = self.input.forward(&x)?;
         let last = self.groups.len() - 1;
         for (g, blocks) in self.groups.iter().enumerate() {
