@@ -1,0 +1,3 @@
+//! Building blocks for BEiT masked-image-modelling pre-training.
+
+pub mod masking;
