@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use beit::auto::AutoModel;
 use beit::train::finetune::{train, ModelSource, Task, TrainConfig};
+use beit::train::trainer::LoopConfig;
 use beit::util::load_safetensors;
 use candle_core::{DType, Device, Tensor};
 use image::{Rgb, RgbImage};
@@ -50,16 +51,25 @@ fn setup(tmp: &Path) -> (PathBuf, PathBuf) {
 fn small_cfg() -> TrainConfig {
     TrainConfig {
         task: Task::Classification,
-        epochs: 3,
-        batch_size: 6,
-        lr: 3e-3,
-        warmup_epochs: 0.5,
-        layer_decay: 0.9,
+        optim: LoopConfig {
+            epochs: 3,
+            batch_size: 6,
+            lr: 3e-3,
+            warmup_epochs: 0.5,
+            layer_decay: 0.9,
+            log_every: 1,
+            ..LoopConfig::default()
+        },
         rand_augment: Some((2, 9.0)),
         rrc_scale: Some((0.5, 1.0)),
-        log_every: 1,
         ..TrainConfig::default()
     }
+}
+
+fn with(f: impl FnOnce(&mut LoopConfig)) -> TrainConfig {
+    let mut c = small_cfg();
+    f(&mut c.optim);
+    c
 }
 
 #[test]
@@ -67,10 +77,7 @@ fn finetune_learns_and_writes_a_loadable_model() {
     let tmp = tempfile::tempdir().unwrap();
     let (data, cfg_path) = setup(tmp.path());
     let out = tmp.path().join("out");
-    let cfg = TrainConfig {
-        epochs: 6,
-        ..small_cfg()
-    };
+    let cfg = with(|o| o.epochs = 6);
     let summary = train(
         &ModelSource::Config(cfg_path),
         &data,
@@ -118,10 +125,7 @@ fn resumed_run_equals_uninterrupted_run() {
     train(&src, &data, &full, &small_cfg(), None, &dev).unwrap();
     // Stop mid-epoch (6 steps per epoch: 36 images / 6), then resume to the end.
     let part = tmp.path().join("part");
-    let stopped = TrainConfig {
-        max_steps: Some(8),
-        ..small_cfg()
-    };
+    let stopped = with(|o| o.max_steps = Some(8));
     let s = train(&src, &data, &part, &stopped, None, &dev).unwrap();
     assert_eq!(s.steps, 8);
     train(&src, &data, &part, &small_cfg(), Some(&part), &dev).unwrap();
@@ -165,11 +169,10 @@ fn bad_data_fails_fast_naming_the_file() {
     let e = train(&src, &data, &out, &small_cfg(), None, &dev).unwrap_err();
     assert!(e.to_string().contains("broken.png"), "{e}");
     // ... skipped with --skip-bad.
-    let cfg = TrainConfig {
-        skip_bad: true,
-        epochs: 1,
-        ..small_cfg()
-    };
+    let cfg = with(|o| {
+        o.skip_bad = true;
+        o.epochs = 1;
+    });
     train(&src, &data, &tmp.path().join("out2"), &cfg, None, &dev).unwrap();
     std::fs::remove_file(&bad).unwrap();
     // An empty class.
@@ -184,10 +187,7 @@ fn two_identical_runs_are_identical() {
     let (data, cfg_path) = setup(tmp.path());
     let src = ModelSource::Config(cfg_path);
     let dev = Device::Cpu;
-    let cfg = TrainConfig {
-        epochs: 1,
-        ..small_cfg()
-    };
+    let cfg = with(|o| o.epochs = 1);
     train(&src, &data, &tmp.path().join("a"), &cfg, None, &dev).unwrap();
     train(&src, &data, &tmp.path().join("b"), &cfg, None, &dev).unwrap();
     let a = load_safetensors(&tmp.path().join("a/model.safetensors"), &dev).unwrap();
@@ -253,12 +253,15 @@ fn segmentation_finetune_learns_and_checks_maps() {
     let out = tmp.path().join("out");
     let cfg = TrainConfig {
         task: Task::Segmentation,
-        epochs: 10,
-        batch_size: 4,
-        lr: 1e-2,
-        layer_decay: 1.0,
+        optim: LoopConfig {
+            epochs: 10,
+            batch_size: 4,
+            lr: 1e-2,
+            layer_decay: 1.0,
+            warmup_epochs: 0.5,
+            ..LoopConfig::default()
+        },
         drop_path: Some(0.0),
-        warmup_epochs: 0.5,
         reduce_labels: true,
         seg_scale: (0.8, 1.2),
         ..TrainConfig::default()

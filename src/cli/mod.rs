@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod forward;
+mod pretrain;
 mod train;
 
 /// BEiT vision transformers (Hugging Face compatible) in Rust.
@@ -26,6 +27,11 @@ pub enum Command {
     /// Fine-tune a model (classification or segmentation).
     #[command(subcommand)]
     Train(Box<train::TrainCmd>),
+    /// Masked image modelling pre-training (BEiT's self-supervised stage).
+    Pretrain(Box<pretrain::PretrainCmd>),
+    /// Visual tokenizers for pre-training.
+    #[command(subcommand)]
+    Tokenizer(Box<pretrain::TokenizerCmd>),
 }
 
 /// Parse the `--device` option.
@@ -62,5 +68,7 @@ pub fn run() -> Result<()> {
     match cli.command {
         Command::Forward(cmd) => cmd.run(&dev),
         Command::Train(cmd) => cmd.run(&dev),
+        Command::Pretrain(cmd) => cmd.run(&dev),
+        Command::Tokenizer(cmd) => cmd.run(&dev),
     }
 }

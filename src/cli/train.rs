@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 
-use beit::train::finetune::{train, ModelSource, Precision, Task, TrainConfig};
+use beit::train::finetune::{train, ModelSource, Task, TrainConfig};
+use beit::train::trainer::{LoopConfig, Precision};
 
 #[derive(Subcommand, Debug)]
 pub enum TrainCmd {
@@ -30,30 +31,10 @@ pub struct TrainArgs {
     /// Output folder: checkpoints, metrics.jsonl, curves.png and the final model.
     #[arg(long)]
     pub output: PathBuf,
-    #[arg(long, default_value_t = 10)]
-    pub epochs: usize,
-    #[arg(long, default_value_t = 32)]
-    pub batch_size: usize,
-    /// Micro-batches per optimiser step (gradient accumulation).
-    #[arg(long, default_value_t = 1)]
-    pub accum_steps: usize,
-    #[arg(long, default_value_t = 1e-3)]
-    pub lr: f64,
-    #[arg(long, default_value_t = 1e-6)]
-    pub min_lr: f64,
-    #[arg(long, default_value_t = 1.0)]
-    pub warmup_epochs: f64,
-    #[arg(long, default_value_t = 0.05)]
-    pub weight_decay: f64,
-    /// Layer-wise learning-rate decay (1.0 = off).
-    #[arg(long, default_value_t = 0.75)]
-    pub layer_decay: f64,
-    #[arg(long)]
-    pub clip_grad: Option<f64>,
+    #[command(flatten)]
+    pub optim: LoopArgs,
     #[arg(long, default_value_t = 0.1)]
     pub drop_path: f64,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
     /// Training resolution (default: the model's image_size).
     #[arg(long)]
     pub image_size: Option<usize>,
@@ -78,16 +59,6 @@ pub struct TrainArgs {
     /// Segmentation: reduce labels (0 = background -> ignored, k -> k-1).
     #[arg(long)]
     pub reduce_labels: bool,
-    /// Compute precision: f32 or bf16 (mixed, f32 master weights).
-    #[arg(long, default_value = "f32")]
-    pub precision: String,
-    /// Skip unreadable samples (reported with a count) instead of failing.
-    #[arg(long)]
-    pub skip_bad: bool,
-    #[arg(long)]
-    pub checkpoint_every: Option<usize>,
-    #[arg(long)]
-    pub max_steps: Option<usize>,
     /// Use at most N training samples.
     #[arg(long)]
     pub train_limit: Option<usize>,
@@ -122,24 +93,10 @@ impl TrainCmd {
             })?;
             Some((n.trim().parse()?, m.trim().parse()?))
         };
-        let precision = match a.precision.as_str() {
-            "f32" => Precision::F32,
-            "bf16" => Precision::Bf16,
-            other => anyhow::bail!("--precision: {other:?} is not f32 or bf16"),
-        };
         let cfg = TrainConfig {
             task,
-            epochs: a.epochs,
-            batch_size: a.batch_size,
-            accum_steps: a.accum_steps,
-            lr: a.lr,
-            min_lr: a.min_lr,
-            warmup_epochs: a.warmup_epochs,
-            weight_decay: a.weight_decay,
-            layer_decay: a.layer_decay,
-            clip_grad: a.clip_grad,
+            optim: a.optim.to_config(LoopConfig::default())?,
             drop_path: Some(a.drop_path),
-            seed: a.seed,
             image_size: a.image_size,
             label_smoothing: a.label_smoothing,
             mixup: a.mixup,
@@ -148,10 +105,6 @@ impl TrainCmd {
             hflip: !a.no_hflip,
             rand_augment,
             reduce_labels: a.reduce_labels,
-            precision,
-            skip_bad: a.skip_bad,
-            checkpoint_every: a.checkpoint_every,
-            max_steps: a.max_steps,
             train_limit: a.train_limit,
             eval_limit: a.eval_limit,
             val_split: a.val_split,
@@ -167,5 +120,96 @@ impl TrainCmd {
         let summary = train(&source, &a.data, &a.output, &cfg, resume.as_deref(), device)?;
         println!("{}", serde_json::to_string_pretty(&summary)?);
         Ok(())
+    }
+}
+
+/// Optimisation options shared by `beit train` and `beit pretrain` (unset: the command's default).
+#[derive(Args, Debug)]
+pub struct LoopArgs {
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimiser step (gradient accumulation).
+    #[arg(long)]
+    pub accum_steps: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub min_lr: Option<f64>,
+    #[arg(long)]
+    pub warmup_epochs: Option<f64>,
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Layer-wise learning-rate decay (1.0 = off).
+    #[arg(long)]
+    pub layer_decay: Option<f64>,
+    /// AdamW betas: B1,B2.
+    #[arg(long)]
+    pub betas: Option<String>,
+    /// Clip the gradient norm to this value.
+    #[arg(long)]
+    pub clip_grad: Option<f64>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Compute precision: f32 or bf16 (mixed, f32 master weights).
+    #[arg(long)]
+    pub precision: Option<String>,
+    /// Skip unreadable samples (reported with a count) instead of failing.
+    #[arg(long)]
+    pub skip_bad: bool,
+    /// Save a checkpoint every N optimiser steps (one is always saved at each epoch end).
+    #[arg(long)]
+    pub checkpoint_every: Option<usize>,
+    /// Stop after N optimiser steps (continue later with --resume).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+}
+
+impl LoopArgs {
+    /// Apply the options given on top of a command's defaults.
+    pub fn to_config(&self, d: LoopConfig) -> Result<LoopConfig> {
+        let (beta1, beta2) = match &self.betas {
+            Some(b) => {
+                let (x, y) = b
+                    .split_once(',')
+                    .ok_or_else(|| anyhow::anyhow!("--betas: expected B1,B2"))?;
+                (x.trim().parse()?, y.trim().parse()?)
+            }
+            None => (d.beta1, d.beta2),
+        };
+        let precision = match self.precision.as_deref() {
+            None => d.precision,
+            Some("f32") => Precision::F32,
+            Some("bf16") => Precision::Bf16,
+            Some(other) => anyhow::bail!("--precision: {other:?} is not f32 or bf16"),
+        };
+        let c = LoopConfig {
+            epochs: self.epochs.unwrap_or(d.epochs),
+            batch_size: self.batch_size.unwrap_or(d.batch_size),
+            accum_steps: self.accum_steps.unwrap_or(d.accum_steps),
+            lr: self.lr.unwrap_or(d.lr),
+            min_lr: self.min_lr.unwrap_or(d.min_lr),
+            warmup_epochs: self.warmup_epochs.unwrap_or(d.warmup_epochs),
+            weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
+            layer_decay: self.layer_decay.unwrap_or(d.layer_decay),
+            beta1,
+            beta2,
+            clip_grad: self.clip_grad.or(d.clip_grad),
+            seed: self.seed.unwrap_or(d.seed),
+            precision,
+            skip_bad: self.skip_bad || d.skip_bad,
+            checkpoint_every: self.checkpoint_every.or(d.checkpoint_every),
+            max_steps: self.max_steps.or(d.max_steps),
+            log_every: d.log_every,
+        };
+        if c.epochs == 0 || c.batch_size == 0 || c.accum_steps == 0 {
+            anyhow::bail!("--epochs, --batch-size and --accum-steps must be positive");
+        }
+        if c.lr.is_nan() || c.lr <= 0.0 || c.min_lr < 0.0 {
+            anyhow::bail!("--lr must be positive and --min-lr non-negative");
+        }
+        Ok(c)
     }
 }

@@ -1,3 +1,7 @@
 //! Building blocks for BEiT masked-image-modelling pre-training.
 
 pub mod masking;
+pub mod mim;
+pub mod tokenizer;
+
+pub use mim::{pretrain, PretrainConfig, TokenizerSource};

@@ -9,12 +9,53 @@ use rand_distr::{Beta, Distribution};
 use crate::error::{BeitError, Result};
 use crate::processor::resample::{resize_gray, resize_rgb, PILImageResampling};
 
-fn resize(img: &RgbImage, w: u32, h: u32, filter: PILImageResampling) -> Result<RgbImage> {
+/// Pillow-exact resize with errors as this crate's.
+pub fn resize(img: &RgbImage, w: u32, h: u32, filter: PILImageResampling) -> Result<RgbImage> {
     resize_rgb(img, w, h, filter).map_err(|e| BeitError::input("resize", e.to_string()))
 }
 
-/// torchvision's `RandomResizedCrop.get_params` (10 attempts, then a centre crop), followed by a
-/// resize to `(out_h, out_w)`.
+/// torchvision's `RandomResizedCrop.get_params` for a `width x height` image: 10 attempts at a
+/// random area in `scale` and log-uniform aspect ratio in `ratio`, else a centre crop.
+/// Returns `(left, top, crop_width, crop_height)`.
+pub fn random_resized_crop_box(
+    width: u32,
+    height: u32,
+    scale: (f64, f64),
+    ratio: (f64, f64),
+    rng: &mut StdRng,
+) -> (u32, u32, u32, u32) {
+    let (w, h) = (width as f64, height as f64);
+    let area = w * h;
+    let (lr0, lr1) = (ratio.0.ln(), ratio.1.ln());
+    for _ in 0..10 {
+        let target = area * rng.random_range(scale.0..=scale.1);
+        let ar = rng.random_range(lr0..=lr1).exp();
+        let cw = (target * ar).sqrt().round();
+        let ch = (target / ar).sqrt().round();
+        if cw > 0.0 && ch > 0.0 && cw <= w && ch <= h {
+            let top = rng.random_range(0..=(h - ch) as u32);
+            let left = rng.random_range(0..=(w - cw) as u32);
+            return (left, top, cw as u32, ch as u32);
+        }
+    }
+    let in_ratio = w / h;
+    let (cw, ch) = if in_ratio < ratio.0 {
+        (w, (w / ratio.0).round())
+    } else if in_ratio > ratio.1 {
+        ((h * ratio.1).round(), h)
+    } else {
+        (w, h)
+    };
+    (
+        ((w - cw) / 2.0) as u32,
+        ((h - ch) / 2.0) as u32,
+        (cw as u32).max(1),
+        (ch as u32).max(1),
+    )
+}
+
+/// `RandomResizedCrop`: a random box (see [`random_resized_crop_box`]) resized to
+/// `(out_h, out_w)` with a Pillow filter.
 pub fn random_resized_crop(
     img: &RgbImage,
     out_h: u32,
@@ -24,39 +65,8 @@ pub fn random_resized_crop(
     filter: PILImageResampling,
     rng: &mut StdRng,
 ) -> Result<RgbImage> {
-    let (w, h) = (img.width() as f64, img.height() as f64);
-    let area = w * h;
-    let (lr0, lr1) = (ratio.0.ln(), ratio.1.ln());
-    let mut chosen = None;
-    for _ in 0..10 {
-        let target = area * rng.random_range(scale.0..=scale.1);
-        let ar = rng.random_range(lr0..=lr1).exp();
-        let cw = (target * ar).sqrt().round();
-        let ch = (target / ar).sqrt().round();
-        if cw > 0.0 && ch > 0.0 && cw <= w && ch <= h {
-            let top = rng.random_range(0..=(h - ch) as u32);
-            let left = rng.random_range(0..=(w - cw) as u32);
-            chosen = Some((left, top, cw as u32, ch as u32));
-            break;
-        }
-    }
-    let (left, top, cw, ch) = chosen.unwrap_or_else(|| {
-        let in_ratio = w / h;
-        let (cw, ch) = if in_ratio < ratio.0 {
-            (w, (w / ratio.0).round())
-        } else if in_ratio > ratio.1 {
-            ((h * ratio.1).round(), h)
-        } else {
-            (w, h)
-        };
-        (
-            ((w - cw) / 2.0) as u32,
-            ((h - ch) / 2.0) as u32,
-            cw as u32,
-            ch as u32,
-        )
-    });
-    let crop = image::imageops::crop_imm(img, left, top, cw.max(1), ch.max(1)).to_image();
+    let (left, top, cw, ch) = random_resized_crop_box(img.width(), img.height(), scale, ratio, rng);
+    let crop = image::imageops::crop_imm(img, left, top, cw, ch).to_image();
     resize(&crop, out_w, out_h, filter)
 }
 

@@ -8,6 +8,7 @@ pub mod finetune;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod trainer;
 
 pub use model::TrainableModel;
 pub use optim::{clip_grad_norm, param_groups, AdamW, AdamWConfig, CosineSchedule, Param};

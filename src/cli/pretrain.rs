@@ -1,0 +1,161 @@
+//! `beit pretrain` and `beit tokenizer train`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+
+use beit::pretrain::tokenizer::{train_tokenizer, TokenizerTrainConfig};
+use beit::pretrain::{pretrain, PretrainConfig, TokenizerSource};
+use beit::tokenizer::dvae::{DvaeConfig, DvaeTrainConfig};
+
+use super::train::LoopArgs;
+
+/// Masked image modelling pre-training.
+#[derive(Args, Debug)]
+pub struct PretrainCmd {
+    /// A BEiT config.json (the architecture; MIM settings are enforced), or a model folder to
+    /// continue pre-training from.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Images (class folders, a flat tree split by --val-split, or IDX files; labels unused).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The visual tokenizer: a beit-rs dVAE folder, or a DALL-E encoder .safetensors.
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    #[arg(long)]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub optim: LoopArgs,
+    #[arg(long, default_value_t = 0.1)]
+    pub drop_path: f64,
+    /// Fraction of patches masked (blockwise).
+    #[arg(long, default_value_t = 0.4)]
+    pub mask_ratio: f64,
+    /// Smallest masking block, in patches (default: 16 scaled to the grid).
+    #[arg(long)]
+    pub min_mask_patches: Option<usize>,
+    /// RandomResizedCrop minimum scale.
+    #[arg(long, default_value_t = 0.08)]
+    pub rrc_min_scale: f64,
+    #[arg(long)]
+    pub no_hflip: bool,
+    #[arg(long)]
+    pub train_limit: Option<usize>,
+    /// Held-out images for MIM accuracy.
+    #[arg(long, default_value_t = 2000)]
+    pub eval_limit: usize,
+    /// Continue from the newest checkpoint in --output (or the given checkpoint folder).
+    #[arg(long, num_args = 0..=1, default_missing_value = "")]
+    pub resume: Option<String>,
+}
+
+impl PretrainCmd {
+    pub fn run(self, device: &candle_core::Device) -> Result<()> {
+        let d = PretrainConfig::default();
+        let cfg = PretrainConfig {
+            optim: self.optim.to_config(d.optim.clone())?,
+            drop_path: self.drop_path,
+            mask_ratio: self.mask_ratio,
+            min_mask_patches: self.min_mask_patches,
+            rrc_scale: (self.rrc_min_scale, 1.0),
+            hflip: !self.no_hflip,
+            train_limit: self.train_limit,
+            eval_limit: Some(self.eval_limit),
+            ..d
+        };
+        if !(0.0..1.0).contains(&cfg.mask_ratio) || cfg.mask_ratio == 0.0 {
+            anyhow::bail!("--mask-ratio must be in (0, 1)");
+        }
+        let tok = TokenizerSource::from_path(&self.tokenizer)?;
+        let resume = self.resume.map(|r| {
+            if r.is_empty() {
+                self.output.clone()
+            } else {
+                PathBuf::from(r)
+            }
+        });
+        let summary = pretrain(
+            &self.config,
+            &self.data,
+            &tok,
+            &self.output,
+            &cfg,
+            resume.as_deref(),
+            device,
+        )?;
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        Ok(())
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenizerCmd {
+    /// Train a discrete VAE tokenizer on a folder of images (or IDX files).
+    Train(TokenizerTrainArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TokenizerTrainArgs {
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Token grid side (the BEiT patch grid, e.g. 7 for 28x28 images and patch 4).
+    #[arg(long, default_value_t = 14)]
+    pub grid: usize,
+    /// Downsampling stages (token = 2^N x 2^N pixels).
+    #[arg(long, default_value_t = 2)]
+    pub downsamples: usize,
+    #[arg(long, default_value_t = 512)]
+    pub vocab_size: usize,
+    #[arg(long, default_value_t = 64)]
+    pub hidden: usize,
+    #[arg(long, default_value_t = 2000)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Weight of the codebook-usage term (against collapse).
+    #[arg(long)]
+    pub usage_weight: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub train_limit: Option<usize>,
+}
+
+impl TokenizerCmd {
+    pub fn run(self, device: &candle_core::Device) -> Result<()> {
+        let TokenizerCmd::Train(a) = self;
+        let model = DvaeConfig {
+            hidden: a.hidden,
+            num_downsamples: a.downsamples,
+            vocab_size: a.vocab_size,
+            ..DvaeConfig::default()
+        };
+        let mut train = DvaeTrainConfig {
+            lr: a.lr,
+            temperature_anneal_steps: a.steps,
+            kl_warmup_steps: a.steps / 5,
+            ..DvaeTrainConfig::default()
+        };
+        if let Some(u) = a.usage_weight {
+            train.usage_weight = u;
+        }
+        let cfg = TokenizerTrainConfig {
+            model,
+            train,
+            grid: (a.grid, a.grid),
+            steps: a.steps,
+            batch_size: a.batch_size,
+            seed: a.seed,
+            train_limit: a.train_limit,
+        };
+        let s = train_tokenizer(&a.data, &a.output, &cfg, device)?;
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        Ok(())
+    }
+}
