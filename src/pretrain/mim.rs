@@ -19,6 +19,7 @@ use crate::processor::BeitImageProcessor;
 use crate::tokenizer::VisualTokenizer;
 use crate::train::augment::{self, random_resized_crop_box};
 use crate::train::data::{self, Batch, Dataset, Prepared, Transform};
+use crate::train::distributed::{GradSync, Single};
 use crate::train::finetune::{open_data, Task, TrainConfig};
 use crate::train::trainer::{train_loop, LoopConfig, Objective, Run, TrainSummary};
 use crate::train::TrainableModel;
@@ -313,6 +314,30 @@ pub fn pretrain(
     resume: Option<&Path>,
     device: &Device,
 ) -> Result<TrainSummary> {
+    pretrain_data_parallel(
+        config,
+        data_dir,
+        tokenizer,
+        output,
+        cfg,
+        resume,
+        device,
+        Arc::new(Single),
+    )
+}
+
+/// [`pretrain`] as one replica of a data-parallel group (`sync`); rank 0 writes the outputs.
+#[allow(clippy::too_many_arguments)]
+pub fn pretrain_data_parallel(
+    config: &Path,
+    data_dir: &Path,
+    tokenizer: &TokenizerSource,
+    output: &Path,
+    cfg: &PretrainConfig,
+    resume: Option<&Path>,
+    device: &Device,
+    sync: Arc<dyn GradSync>,
+) -> Result<TrainSummary> {
     let tok = tokenizer.load(device)?;
     let mut bc = BeitConfig::from_pretrained(config)?;
     bc.use_shared_relative_position_bias = true;
@@ -407,6 +432,7 @@ pub fn pretrain(
         identity,
         output,
         resume,
+        sync,
     };
     train_loop(run, &objective, device)
 }

@@ -19,6 +19,7 @@ use crate::train::augment::{self, Mixup};
 use crate::train::data::{
     self, Batch, Dataset, IdxDataset, ImageFolder, Prepared, SegmentationFolder, Target, Transform,
 };
+use crate::train::distributed::{GradSync, Single};
 use crate::train::metrics::{topk_correct, ConfusionMatrix};
 use crate::train::trainer::{train_loop, LoopConfig, Objective, Run};
 pub use crate::train::trainer::{Precision, TrainSummary};
@@ -657,6 +658,27 @@ pub fn train(
     resume: Option<&Path>,
     device: &Device,
 ) -> Result<TrainSummary> {
+    train_data_parallel(
+        source,
+        data_dir,
+        output,
+        cfg,
+        resume,
+        device,
+        Arc::new(Single),
+    )
+}
+
+/// [`train`] as one replica of a data-parallel group (`sync`); rank 0 writes the outputs.
+pub fn train_data_parallel(
+    source: &ModelSource,
+    data_dir: &Path,
+    output: &Path,
+    cfg: &TrainConfig,
+    resume: Option<&Path>,
+    device: &Device,
+    sync: Arc<dyn GradSync>,
+) -> Result<TrainSummary> {
     // The label set for segmentation comes from the model.
     let seg_classes = match (cfg.task, source) {
         (Task::Segmentation, ModelSource::Pretrained(d) | ModelSource::Config(d)) => {
@@ -719,6 +741,7 @@ pub fn train(
         identity: cfg.identity(),
         output,
         resume,
+        sync,
     };
     train_loop(run, &objective, device)
 }

@@ -4,6 +4,7 @@
 pub mod augment;
 pub mod checkpoint;
 pub mod data;
+pub mod distributed;
 pub mod finetune;
 pub mod metrics;
 pub mod model;

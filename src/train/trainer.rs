@@ -18,6 +18,7 @@ use crate::error::{BeitError, Result};
 use crate::ops;
 use crate::train::checkpoint::{self, TrainerState};
 use crate::train::data::{self, Batch, Dataset, Transform};
+use crate::train::distributed::GradSync;
 use crate::train::{
     accumulate, clip_grad_norm, named_grads, param_groups, AdamW, AdamWConfig, CosineSchedule,
     TrainableModel,
@@ -115,6 +116,8 @@ pub struct Run<'a> {
     pub identity: serde_json::Value,
     pub output: &'a Path,
     pub resume: Option<&'a Path>,
+    /// Data-parallel replicas ([`crate::train::distributed::Single`] for one).
+    pub sync: Arc<dyn GradSync>,
 }
 
 /// Train `run.model` on `objective` (see the module docs).
@@ -127,7 +130,10 @@ pub fn train_loop(run: Run, objective: &dyn Objective, device: &Device) -> Resul
     let mut tm = run.model;
     let micro = cfg.batch_size.max(1);
     let accum = cfg.accum_steps.max(1);
-    let steps_per_epoch = (run.indices.len() / (micro * accum)).max(1);
+    let (rank, world) = (run.sync.rank(), run.sync.world_size().max(1));
+    // Only rank 0 writes files; every replica computes the same update.
+    let leader = rank == 0;
+    let steps_per_epoch = (run.indices.len() / (micro * accum * world)).max(1);
     let sched = CosineSchedule {
         base: cfg.lr,
         final_lr: cfg.min_lr,
@@ -196,12 +202,21 @@ pub fn train_loop(run: Run, objective: &dyn Objective, device: &Device) -> Resul
         opt.load_state_tensors(o)?;
     }
     let metrics_path = output.join("metrics.jsonl");
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .map_err(|e| BeitError::file(&metrics_path, e.to_string()))?;
+    let mut metrics: Box<dyn Write> = if leader {
+        Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&metrics_path)
+                .map_err(|e| BeitError::file(&metrics_path, e.to_string()))?,
+        )
+    } else {
+        Box::new(std::io::sink())
+    };
     let save = |tm: &TrainableModel, state: &TrainerState, opt: &AdamW| -> Result<()> {
+        if !leader {
+            return Ok(());
+        }
         checkpoint::save_checkpoint(
             output,
             state,
@@ -216,7 +231,13 @@ pub fn train_loop(run: Run, objective: &dyn Objective, device: &Device) -> Resul
     };
     let mut last_metrics = serde_json::Value::Null;
     'epochs: for epoch in state.epoch..cfg.epochs {
-        let order = data::epoch_order(&run.indices, cfg.seed, epoch, true);
+        let order = shard(
+            &data::epoch_order(&run.indices, cfg.seed, epoch, true),
+            micro,
+            accum,
+            rank,
+            world,
+        );
         let skip = if epoch == state.epoch {
             state.batch_in_epoch
         } else {
@@ -235,13 +256,18 @@ pub fn train_loop(run: Run, objective: &dyn Objective, device: &Device) -> Resul
         )
         .into_iter();
         let pb = progress_bar(steps_per_epoch.saturating_sub(skip), epoch, cfg.epochs);
+        if !leader {
+            pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
         let (t_epoch, mut images, mut loss_acc, mut loss_n) =
             (Instant::now(), 0usize, 0f64, 0usize);
         for batch_idx in skip..steps_per_epoch {
             // One optimiser step over `accum` micro-batches; every random draw is seeded by the step.
             let step = state.step;
-            ops::rng::seed(data::sample_seed(cfg.seed, usize::MAX - 1, step));
-            let mut rng = StdRng::seed_from_u64(data::sample_seed(cfg.seed, usize::MAX - 2, step));
+            let stream = step * world + rank;
+            ops::rng::seed(data::sample_seed(cfg.seed, usize::MAX - 1, stream));
+            let mut rng =
+                StdRng::seed_from_u64(data::sample_seed(cfg.seed, usize::MAX - 2, stream));
             let bf16_model = match cfg.precision {
                 Precision::F32 => None,
                 Precision::Bf16 => Some(tm.rebuild_with_dtype(DType::BF16, device)?),
@@ -272,6 +298,7 @@ pub fn train_loop(run: Run, objective: &dyn Objective, device: &Device) -> Resul
             if got == 0 {
                 break;
             }
+            run.sync.all_reduce_mean(&mut grads)?;
             if let Some(c) = cfg.clip_grad {
                 clip_grad_norm(&mut grads, c)?;
             }
@@ -324,12 +351,19 @@ pub fn train_loop(run: Run, objective: &dyn Objective, device: &Device) -> Resul
             "images_per_sec": images as f64 / t_epoch.elapsed().as_secs_f64().max(1e-9),
             "elapsed_sec": t0.elapsed().as_secs_f64(),
         });
-        if let Some(e) = objective.evaluate(&tm.model, device)? {
+        let evaluation = if leader {
+            objective.evaluate(&tm.model, device)?
+        } else {
+            None
+        };
+        if let Some(e) = evaluation {
             if let (Some(o), Some(e)) = (m.as_object_mut(), e.as_object()) {
                 o.extend(e.clone());
             }
         }
-        eprintln!("epoch {}/{}: {m}", epoch + 1, cfg.epochs);
+        if leader {
+            eprintln!("epoch {}/{}: {m}", epoch + 1, cfg.epochs);
+        }
         let _ = writeln!(metrics, "{m}");
         state.history.push(m.clone());
         last_metrics = m;
@@ -351,6 +385,21 @@ pub fn train_loop(run: Run, objective: &dyn Objective, device: &Device) -> Resul
         output: output.to_path_buf(),
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// The part of an epoch's sample order that replica `rank` trains on: micro-batch `c` (of size
+/// `micro`) goes to rank `(c / accum) % world`, so the replicas together see exactly the
+/// micro-batches one process would accumulate, `accum * world` per step.
+fn shard(order: &[usize], micro: usize, accum: usize, rank: usize, world: usize) -> Vec<usize> {
+    if world == 1 {
+        return order.to_vec();
+    }
+    order
+        .chunks(micro)
+        .enumerate()
+        .filter(|(c, _)| (c / accum) % world == rank)
+        .flat_map(|(_, chunk)| chunk.iter().copied())
+        .collect()
 }
 
 fn progress_bar(len: usize, epoch: usize, epochs: usize) -> indicatif::ProgressBar {
