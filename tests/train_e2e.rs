@@ -367,3 +367,31 @@ fn data_parallel_replicas_match_gradient_accumulation() {
         );
     }
 }
+
+#[test]
+fn bf16_mixed_precision_trains_with_f32_master_weights() {
+    use beit::train::trainer::Precision;
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, cfg_path) = setup(tmp.path());
+    let cfg = with(|o| {
+        o.precision = Precision::Bf16;
+        o.epochs = 4;
+    });
+    let s = train(
+        &ModelSource::Config(cfg_path),
+        &data,
+        &tmp.path().join("out"),
+        &cfg,
+        None,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let top1 = s.final_metrics["top1"].as_f64().unwrap();
+    assert!(top1 >= 0.6, "bf16 training learns: top1 {top1}");
+    let w = load_safetensors(&tmp.path().join("out/model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(
+        w["classifier.weight"].dtype(),
+        DType::F32,
+        "master weights saved in f32"
+    );
+}
