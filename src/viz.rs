@@ -243,6 +243,290 @@ pub const SERIES_COLORS: [[u8; 3]; 6] = [
     [140, 86, 75],
 ];
 
+/// The 150-colour ADE20K (SceneParse150) palette used by MMSegmentation and the Hugging Face
+/// segmentation demos, indexed by class id (`wall` = 0, ...).
+pub const ADE20K_PALETTE: [[u8; 3]; 150] = [
+    [120, 120, 120],
+    [180, 120, 120],
+    [6, 230, 230],
+    [80, 50, 50],
+    [4, 200, 3],
+    [120, 120, 80],
+    [140, 140, 140],
+    [204, 5, 255],
+    [230, 230, 230],
+    [4, 250, 7],
+    [224, 5, 255],
+    [235, 255, 7],
+    [150, 5, 61],
+    [120, 120, 70],
+    [8, 255, 51],
+    [255, 6, 82],
+    [143, 255, 140],
+    [204, 255, 4],
+    [255, 51, 7],
+    [204, 70, 3],
+    [0, 102, 200],
+    [61, 230, 250],
+    [255, 6, 51],
+    [11, 102, 255],
+    [255, 7, 71],
+    [255, 9, 224],
+    [9, 7, 230],
+    [220, 220, 220],
+    [255, 9, 92],
+    [112, 9, 255],
+    [8, 255, 214],
+    [7, 255, 224],
+    [255, 184, 6],
+    [10, 255, 71],
+    [255, 41, 10],
+    [7, 255, 255],
+    [224, 255, 8],
+    [102, 8, 255],
+    [255, 61, 6],
+    [255, 194, 7],
+    [255, 122, 8],
+    [0, 255, 20],
+    [255, 8, 41],
+    [255, 5, 153],
+    [6, 51, 255],
+    [235, 12, 255],
+    [160, 150, 20],
+    [0, 163, 255],
+    [140, 140, 140],
+    [250, 10, 15],
+    [20, 255, 0],
+    [31, 255, 0],
+    [255, 31, 0],
+    [255, 224, 0],
+    [153, 255, 0],
+    [0, 0, 255],
+    [255, 71, 0],
+    [0, 235, 255],
+    [0, 173, 255],
+    [31, 0, 255],
+    [11, 200, 200],
+    [255, 82, 0],
+    [0, 255, 245],
+    [0, 61, 255],
+    [0, 255, 112],
+    [0, 255, 133],
+    [255, 0, 0],
+    [255, 163, 0],
+    [255, 102, 0],
+    [194, 255, 0],
+    [0, 143, 255],
+    [51, 255, 0],
+    [0, 82, 255],
+    [0, 255, 41],
+    [0, 255, 173],
+    [10, 0, 255],
+    [173, 255, 0],
+    [0, 255, 153],
+    [255, 92, 0],
+    [255, 0, 255],
+    [255, 0, 245],
+    [255, 0, 102],
+    [255, 173, 0],
+    [255, 0, 20],
+    [255, 184, 184],
+    [0, 31, 255],
+    [0, 255, 61],
+    [0, 71, 255],
+    [255, 0, 204],
+    [0, 255, 194],
+    [0, 255, 82],
+    [0, 10, 255],
+    [0, 112, 255],
+    [51, 0, 255],
+    [0, 194, 255],
+    [0, 122, 255],
+    [0, 255, 163],
+    [255, 153, 0],
+    [0, 255, 10],
+    [255, 112, 0],
+    [143, 255, 0],
+    [82, 0, 255],
+    [163, 255, 0],
+    [255, 235, 0],
+    [8, 184, 170],
+    [133, 0, 255],
+    [0, 255, 92],
+    [184, 0, 255],
+    [255, 0, 31],
+    [0, 184, 255],
+    [0, 214, 255],
+    [255, 0, 112],
+    [92, 255, 0],
+    [0, 224, 255],
+    [112, 224, 255],
+    [70, 184, 160],
+    [163, 0, 255],
+    [153, 0, 255],
+    [71, 255, 0],
+    [255, 0, 163],
+    [255, 204, 0],
+    [255, 0, 143],
+    [0, 255, 235],
+    [133, 255, 0],
+    [255, 0, 235],
+    [245, 0, 255],
+    [255, 0, 122],
+    [255, 245, 0],
+    [10, 190, 212],
+    [214, 255, 0],
+    [0, 204, 255],
+    [20, 0, 255],
+    [255, 255, 0],
+    [0, 153, 255],
+    [0, 41, 255],
+    [0, 255, 204],
+    [41, 0, 255],
+    [41, 255, 0],
+    [173, 0, 255],
+    [0, 245, 255],
+    [71, 0, 255],
+    [122, 0, 255],
+    [0, 255, 184],
+    [0, 92, 255],
+    [184, 255, 0],
+    [0, 133, 255],
+    [255, 214, 0],
+    [25, 194, 194],
+    [102, 255, 0],
+    [92, 0, 255],
+];
+
+/// A fixed, distinct colour for class `i` of a label set without a standard palette: hues
+/// spaced by the golden angle, alternating brightness every 12 classes.
+pub fn distinct_color(i: usize) -> [u8; 3] {
+    let h = (i as f64 * 0.618_033_988_749_895).fract();
+    let v = if (i / 12).is_multiple_of(2) {
+        0.95
+    } else {
+        0.65
+    };
+    hsv_to_rgb(h, 0.85, v)
+}
+
+/// The colours of a segmentation label set: ADE20K's palette for 150 classes, else
+/// [`distinct_color`].
+pub fn class_palette(num_classes: usize) -> Vec<[u8; 3]> {
+    if num_classes == ADE20K_PALETTE.len() {
+        ADE20K_PALETTE.to_vec()
+    } else {
+        (0..num_classes).map(distinct_color).collect()
+    }
+}
+
+/// HSV (all in `[0, 1]`) to 8-bit RGB.
+pub fn hsv_to_rgb(h: f64, s: f64, v: f64) -> [u8; 3] {
+    let h6 = (h.rem_euclid(1.0)) * 6.0;
+    let i = h6.floor() as i64 % 6;
+    let f = h6 - h6.floor();
+    let (p, q, t) = (v * (1.0 - s), v * (1.0 - s * f), v * (1.0 - s * (1.0 - f)));
+    let (r, g, b) = match i {
+        0 => (v, t, p),
+        1 => (q, v, p),
+        2 => (p, v, t),
+        3 => (p, q, v),
+        4 => (t, p, v),
+        _ => (v, p, q),
+    };
+    [r, g, b].map(|c| (c * 255.0).round().clamp(0.0, 255.0) as u8)
+}
+
+/// matplotlib's viridis at 10 evenly spaced points (`viridis(np.linspace(0, 1, 10))`).
+pub const VIRIDIS: [[u8; 3]; 10] = [
+    [0x44, 0x01, 0x54],
+    [0x48, 0x28, 0x78],
+    [0x3e, 0x4a, 0x89],
+    [0x31, 0x68, 0x8e],
+    [0x26, 0x82, 0x8e],
+    [0x1f, 0x9e, 0x89],
+    [0x35, 0xb7, 0x79],
+    [0x6d, 0xcd, 0x59],
+    [0xb4, 0xde, 0x2c],
+    [0xfd, 0xe7, 0x25],
+];
+
+/// The viridis colour map (perceptually uniform) at `t` in `[0, 1]` (clamped; NaN is 0),
+/// linearly interpolated between the [`VIRIDIS`] anchors.
+pub fn viridis(t: f32) -> [u8; 3] {
+    let t = if t.is_nan() { 0.0 } else { t.clamp(0.0, 1.0) };
+    let x = t * (VIRIDIS.len() - 1) as f32;
+    let i = (x.floor() as usize).min(VIRIDIS.len() - 2);
+    let f = x - i as f32;
+    let (a, b) = (VIRIDIS[i], VIRIDIS[i + 1]);
+    [0, 1, 2].map(|c| (a[c] as f32 + (b[c] as f32 - a[c] as f32) * f).round() as u8)
+}
+
+/// `base * (1 - alpha) + over * alpha`, rounded.
+pub fn blend(base: [u8; 3], over: [u8; 3], alpha: f32) -> [u8; 3] {
+    let a = alpha.clamp(0.0, 1.0);
+    [0, 1, 2].map(|c| (base[c] as f32 * (1.0 - a) + over[c] as f32 * a).round() as u8)
+}
+
+/// Blend a rectangle of `img` towards colour `c` (a translucent box), clipped to the image.
+pub fn shade_rect(img: &mut RgbImage, x: i64, y: i64, w: u32, h: u32, c: [u8; 3], alpha: f32) {
+    for yy in y.max(0)..(y + h as i64).min(img.height() as i64) {
+        for xx in x.max(0)..(x + w as i64).min(img.width() as i64) {
+            let p = img.get_pixel_mut(xx as u32, yy as u32);
+            p.0 = blend(p.0, c, alpha);
+        }
+    }
+}
+
+/// A one-pixel rectangle outline.
+pub fn draw_rect_outline(img: &mut RgbImage, x: i64, y: i64, w: u32, h: u32, c: [u8; 3]) {
+    if w == 0 || h == 0 {
+        return;
+    }
+    let (x1, y1) = (x + w as i64 - 1, y + h as i64 - 1);
+    for xx in x..=x1 {
+        put(img, xx, y, c);
+        put(img, xx, y1, c);
+    }
+    for yy in y..=y1 {
+        put(img, x, yy, c);
+        put(img, x1, yy, c);
+    }
+}
+
+/// Nearest-neighbour enlargement by an integer `factor`.
+pub fn upscale_nearest(img: &RgbImage, factor: u32) -> RgbImage {
+    let f = factor.max(1);
+    RgbImage::from_fn(img.width() * f, img.height() * f, |x, y| {
+        *img.get_pixel(x / f, y / f)
+    })
+}
+
+/// Bilinear resampling of a `h x w` grid of values to `out_h x out_w` with half-pixel centres
+/// (PyTorch's `interpolate(mode="bilinear", align_corners=False)` when enlarging).
+pub fn bilinear_resize(values: &[f32], h: usize, w: usize, out_h: usize, out_w: usize) -> Vec<f32> {
+    let mut out = vec![0f32; out_h * out_w];
+    if h == 0 || w == 0 || values.len() != h * w {
+        return out;
+    }
+    let src = |o: usize, n_in: usize, n_out: usize| -> (usize, usize, f32) {
+        let x = ((o as f32 + 0.5) * n_in as f32 / n_out as f32 - 0.5).max(0.0);
+        let i0 = (x.floor() as usize).min(n_in - 1);
+        let i1 = (i0 + 1).min(n_in - 1);
+        (i0, i1, x - i0 as f32)
+    };
+    for oy in 0..out_h {
+        let (y0, y1, fy) = src(oy, h, out_h);
+        for ox in 0..out_w {
+            let (x0, x1, fx) = src(ox, w, out_w);
+            let top = values[y0 * w + x0] * (1.0 - fx) + values[y0 * w + x1] * fx;
+            let bot = values[y1 * w + x0] * (1.0 - fx) + values[y1 * w + x1] * fx;
+            out[oy * out_w + ox] = top * (1.0 - fy) + bot * fy;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,5 +545,22 @@ mod tests {
         let dark = img.pixels().filter(|p| p.0 == [0, 0, 0]).count();
         assert!(colored > 200, "curve drawn: {colored}");
         assert!(dark > 300, "axes and text drawn: {dark}");
+    }
+    #[test]
+    fn palettes_and_colormap() {
+        assert_eq!(class_palette(150)[0], [120, 120, 120]);
+        assert_eq!(class_palette(150)[149], [92, 0, 255]);
+        let p = class_palette(20);
+        for i in 0..p.len() {
+            for j in 0..i {
+                assert_ne!(p[i], p[j], "classes {i} and {j} share a colour");
+            }
+        }
+        assert_eq!(viridis(0.0), VIRIDIS[0]);
+        assert_eq!(viridis(1.0), VIRIDIS[9]);
+        assert_eq!(viridis(f32::NAN), VIRIDIS[0]);
+        assert_eq!(blend([0, 0, 0], [255, 255, 255], 0.5), [128, 128, 128]);
+        let up = bilinear_resize(&[0.0, 1.0], 1, 2, 1, 4);
+        assert_eq!(up, vec![0.0, 0.25, 0.75, 1.0]);
     }
 }

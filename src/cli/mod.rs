@@ -5,8 +5,14 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod attention;
+mod classify;
+mod embed;
 mod forward;
+mod mim;
+mod preprocess;
 mod pretrain;
+mod segment;
 mod train;
 
 /// BEiT vision transformers (Hugging Face compatible) in Rust.
@@ -32,6 +38,18 @@ pub enum Command {
     /// Visual tokenizers for pre-training.
     #[command(subcommand)]
     Tokenizer(Box<pretrain::TokenizerCmd>),
+    /// Preprocess images (and segmentation maps) into model inputs (safetensors).
+    Preprocess(preprocess::PreprocessCmd),
+    /// Top-k labels of images with a classifier.
+    Classify(classify::ClassifyCmd),
+    /// Label maps, colour overlays and class shares of images with a segmenter.
+    Segment(segment::SegmentCmd),
+    /// Image features (pooled, optionally patch tokens) as safetensors or JSON lines.
+    Embed(embed::EmbedCmd),
+    /// Masked image modeling: predicted visual tokens of masked patches, and a picture.
+    Mim(mim::MimCmd),
+    /// The CLS token's attention maps of one layer, per head, over the image.
+    Attention(attention::AttentionCmd),
 }
 
 /// Parse the `--device` option.
@@ -70,5 +88,79 @@ pub fn run() -> Result<()> {
         Command::Train(cmd) => cmd.run(&dev),
         Command::Pretrain(cmd) => cmd.run(&dev),
         Command::Tokenizer(cmd) => cmd.run(&dev),
+        Command::Preprocess(cmd) => cmd.run(),
+        Command::Classify(cmd) => cmd.run(&dev),
+        Command::Segment(cmd) => cmd.run(&dev),
+        Command::Embed(cmd) => cmd.run(&dev),
+        Command::Mim(cmd) => cmd.run(&dev),
+        Command::Attention(cmd) => cmd.run(&dev),
+    }
+}
+
+/// Fewest images for which a progress bar is shown.
+const PROGRESS_MIN_IMAGES: usize = 64;
+
+/// A progress bar on stderr, when stderr is a terminal and there are many images (`count` is
+/// only called then).
+pub fn progress_bar(count: impl FnOnce() -> usize) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let n = count();
+    if n < PROGRESS_MIN_IMAGES {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(n as u64),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{wide_bar} {pos}/{len} images, {per_sec}, eta {eta}",
+    ) {
+        bar.set_style(style);
+    }
+    Some(bar)
+}
+
+/// Write `text` to stdout (around the progress bar), as an error when stdout is gone.
+pub fn print_out(
+    stdout: &std::io::Stdout,
+    bar: Option<&indicatif::ProgressBar>,
+    text: &str,
+) -> std::result::Result<(), beit::BeitError> {
+    use std::io::{IsTerminal, Write};
+    if text.is_empty() {
+        return Ok(());
+    }
+    let write = || -> std::io::Result<()> {
+        let mut out = stdout.lock();
+        out.write_all(text.as_bytes())?;
+        out.flush()
+    };
+    // Only a terminal shared with the bar needs the bar cleared around the text.
+    let res = match bar {
+        Some(b) if stdout.is_terminal() => b.suspend(write),
+        _ => write(),
+    };
+    res.map_err(|e| beit::BeitError::file("<stdout>", format!("cannot write: {e}")))
+}
+
+/// Tell the user (stderr) that a file was skipped.
+pub fn report_skipped(bar: Option<&indicatif::ProgressBar>, e: &beit::tasks::inputs::InputError) {
+    let say = || eprintln!("warning: skipped {e}");
+    match bar {
+        Some(b) => b.suspend(say),
+        None => say(),
+    }
+}
+
+/// A closing line on stderr when files were skipped.
+pub fn report_summary(processed: usize, skipped: usize) {
+    if skipped > 0 {
+        eprintln!(
+            "warning: {skipped} of {} file(s) skipped (--keep-going)",
+            processed + skipped
+        );
     }
 }

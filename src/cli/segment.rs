@@ -1,0 +1,97 @@
+//! `beit segment`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use beit::tasks::inputs::{parse_size, Outcome};
+use beit::tasks::segment::{format_share, SegmentOptions, Segmenter};
+
+#[derive(Args, Debug)]
+pub struct SegmentCmd {
+    /// Segmentation model folder or hub id.
+    #[arg(long)]
+    pub model: String,
+    /// Image files (folders are walked recursively).
+    #[arg(required = true, value_name = "IMAGE")]
+    pub inputs: Vec<PathBuf>,
+    /// Output folder for NAME_labels.png and NAME_overlay.png (created if missing).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Size of the label maps, HxW (default: each image's own size).
+    #[arg(long)]
+    pub size: Option<String>,
+    /// One JSON object per image (outputs and per-class pixel shares) on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Opacity of the class colours in the overlay.
+    #[arg(long, default_value_t = 0.5)]
+    pub alpha: f32,
+    /// Replace existing output files.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Report files that cannot be read and go on with the rest.
+    #[arg(long)]
+    pub keep_going: bool,
+}
+
+impl SegmentCmd {
+    pub fn run(self, device: &candle_core::Device) -> Result<()> {
+        let size = self.size.as_deref().map(parse_size).transpose()?;
+        let dir = super::model_dir(&self.model)?;
+        let segmenter = Segmenter::from_dir(&dir, device)?;
+        let opts = SegmentOptions {
+            out_dir: self.out.clone(),
+            size,
+            alpha: self.alpha,
+            overwrite: self.overwrite,
+            keep_going: self.keep_going,
+        };
+        let stdout = std::io::stdout();
+        let json = self.json;
+        let summary = segmenter.segment_paths(&self.inputs, &opts, |outcome| {
+            let mut text = String::new();
+            match &outcome {
+                Outcome::Done(s) => {
+                    if json {
+                        text = serde_json::to_string(s).unwrap_or_default();
+                        text.push('\n');
+                    } else {
+                        let top: Vec<String> = s
+                            .classes
+                            .iter()
+                            .take(5)
+                            .map(|c| format!("{} {}", c.label, format_share(c.share)))
+                            .collect();
+                        let more = s.classes.len().saturating_sub(5);
+                        text = format!(
+                            "{} ({}x{}): {}{}\n  -> {}\n  -> {}\n",
+                            s.path.display(),
+                            s.height,
+                            s.width,
+                            top.join(", "),
+                            if more > 0 {
+                                format!(", +{more} more")
+                            } else {
+                                String::new()
+                            },
+                            s.label_map.display(),
+                            s.overlay.display()
+                        );
+                    }
+                }
+                Outcome::Skipped(e) => {
+                    if json {
+                        text = beit::tasks::inputs::skipped_json(e);
+                        text.push('\n');
+                    }
+                    super::report_skipped(None, e);
+                }
+            }
+            super::print_out(&stdout, None, &text)
+        })?;
+        super::report_summary(summary.processed, summary.skipped);
+        Ok(())
+    }
+}
