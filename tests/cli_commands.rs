@@ -947,6 +947,16 @@ fn mim_predicts_masked_tokens_and_draws_the_mask() {
     assert_eq!(other["num_masked"], 16);
     assert_ne!(other["masked"], j["masked"]);
 
+    // BEiT's blockwise mask: seeded, at most round(ratio * patches) patches.
+    let b = run(&["--blockwise", "--seed", "5"], &tmp.path().join("b.png"));
+    let nb = b["num_masked"].as_u64().unwrap();
+    assert!(nb > 0 && nb <= 26, "{nb}");
+    assert!(b["mask_source"].as_str().unwrap().starts_with("blockwise"));
+    assert_eq!(
+        run(&["--blockwise", "--seed", "5"], &tmp.path().join("b2.png"))["masked"],
+        b["masked"]
+    );
+
     // The picture: the photo at 448 px on its long side, masked cells greyed, others untouched
     // but for the grid lines.
     let img = read_rgb(&pic);

@@ -22,6 +22,10 @@ pub struct MimCmd {
     /// patch indices).
     #[arg(long)]
     pub mask: Option<PathBuf>,
+    /// BEiT's blockwise masking (rectangular blocks, up to --mask-ratio of the patches) instead
+    /// of independent random patches.
+    #[arg(long, conflicts_with = "mask")]
+    pub blockwise: bool,
     /// Seed of the random mask.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -38,6 +42,10 @@ impl MimCmd {
         let dir = super::model_dir(&self.model)?;
         let mask = match &self.mask {
             Some(f) => MaskSpec::File(f.clone()),
+            None if self.blockwise => MaskSpec::Blockwise {
+                ratio: self.mask_ratio,
+                seed: self.seed,
+            },
             None => MaskSpec::Random {
                 ratio: self.mask_ratio,
                 seed: self.seed,

@@ -3,7 +3,8 @@
 //! over the image.
 //!
 //! The mask is a uniformly random set of `round(ratio * num_patches)` patches drawn with a
-//! seeded RNG (the same seed gives the same mask), or read from a file: a safetensors file with
+//! seeded RNG (the same seed gives the same mask), or BEiT's blockwise mask of at most that many
+//! patches ([`crate::pretrain::masking::MaskingGenerator::beit`], seeded), or read from a file: a safetensors file with
 //! one u8/bool tensor of `num_patches` elements (any shape; `bool_masked_pos` or `mask` when it
 //! holds several), or a JSON list of `num_patches` booleans / 0-1 flags, or of patch indices.
 
@@ -26,6 +27,8 @@ use crate::viz;
 pub enum MaskSpec {
     /// `round(ratio * num_patches)` random patches (at least one).
     Random { ratio: f64, seed: u64 },
+    /// BEiT's blockwise masking of up to `round(ratio * num_patches)` patches.
+    Blockwise { ratio: f64, seed: u64 },
     /// A safetensors or JSON file.
     File(PathBuf),
 }
@@ -72,6 +75,33 @@ pub fn random_mask(n: usize, ratio: f64, seed: u64) -> Result<Vec<bool>> {
     let mut mask = vec![false; n];
     for i in rand::seq::index::sample(&mut rng, n, k) {
         mask[i] = true;
+    }
+    Ok(mask)
+}
+
+/// BEiT's blockwise mask (unilm's `MaskingGenerator` with BEiT's settings) of up to
+/// `round(ratio * gh * gw)` patches, seeded.
+pub fn blockwise_mask(grid: (usize, usize), ratio: f64, seed: u64) -> Result<Vec<bool>> {
+    if !(ratio > 0.0 && ratio <= 1.0) {
+        return Err(BeitError::input(
+            "mask-ratio",
+            format!("must be in (0, 1], got {ratio}"),
+        ));
+    }
+    let n = grid.0 * grid.1;
+    let k = ((ratio * n as f64).round() as usize).clamp(1, n);
+    let generator = crate::pretrain::masking::MaskingGenerator::beit(grid, k)
+        .map_err(|e| BeitError::input("mask", e.to_string()))?;
+    let mask = generator.generate_bool(&mut StdRng::seed_from_u64(seed));
+    if !mask.iter().any(|&m| m) {
+        return Err(BeitError::input(
+            "mask-ratio",
+            format!(
+                "blockwise masking placed no block of at most {k} patches on the {}x{} grid; use \
+                 a larger --mask-ratio or the random mask",
+                grid.0, grid.1
+            ),
+        ));
     }
     Ok(mask)
 }
@@ -199,6 +229,10 @@ pub fn masked_image_modeling(
         MaskSpec::Random { ratio, seed } => (
             random_mask(n, *ratio, *seed)?,
             format!("random (ratio {ratio}, seed {seed})"),
+        ),
+        MaskSpec::Blockwise { ratio, seed } => (
+            blockwise_mask((gh, gw), *ratio, *seed)?,
+            format!("blockwise (ratio {ratio}, seed {seed})"),
         ),
         MaskSpec::File(f) => (load_mask(f, n)?, f.display().to_string()),
     };
@@ -337,6 +371,15 @@ mod tests {
         assert_ne!(a, random_mask(64, 0.4, 8).unwrap());
         assert!(random_mask(64, 0.0, 0).is_err());
         assert!(random_mask(64, 1.5, 0).is_err());
+    }
+
+    #[test]
+    fn blockwise_masks_are_seeded_and_bounded() {
+        let a = blockwise_mask((14, 14), 75.0 / 196.0, 1).unwrap();
+        let k = a.iter().filter(|&&m| m).count();
+        assert!(k > 16 && k <= 75, "{k}");
+        assert_eq!(a, blockwise_mask((14, 14), 75.0 / 196.0, 1).unwrap());
+        assert!(blockwise_mask((14, 14), 0.0, 1).is_err());
     }
 
     #[test]
