@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Assemble a CUDA toolkit good enough to build beit-rs with `--features cuda` / `--features nccl`
+# from NVIDIA's PyPI wheels (no Debian package here ships nvcc). Usage:
+#   scripts/cuda_toolkit_from_pypi.sh [/opt/cuda]
+#   CUDARC_CUDA_VERSION=13040 CUDA_ROOT=/opt/cuda CUDA_COMPUTE_CAP=90 PATH=/opt/cuda/bin:$PATH \
+#       cargo build --release --features nccl
+# (cudarc 0.19 knows CUDA up to 13.4; the 13.x wheels below are API-compatible with it.)
+set -euo pipefail
+DEST=${1:-/opt/cuda}
+PY=${PYTHON:-python3}
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+"$PY" -m pip download -q --no-deps -d "$TMP" \
+  nvidia-cuda-nvcc nvidia-nvvm nvidia-cuda-crt nvidia-cuda-runtime nvidia-cublas nvidia-curand nvidia-nccl-cu13 nvidia-cuda-cccl
+mkdir -p "$DEST"
+for w in "$TMP"/*.whl; do
+  d="$TMP/x"; rm -rf "$d"; mkdir -p "$d"
+  (cd "$d" && unzip -q -o "$w")
+  for root in "$d"/nvidia/cu13 "$d"/nvidia/nccl "$d"/nvidia/cu*; do
+    [ -d "$root" ] && cp -rn "$root"/* "$DEST"/ 2>/dev/null || true
+  done
+done
+[ -e "$DEST/lib64" ] || ln -s "$DEST/lib" "$DEST/lib64"
+"$DEST/bin/nvcc" --version | tail -1
+echo "CUDA toolkit assembled in $DEST"
