@@ -80,6 +80,26 @@ pub fn model_dir(spec: &str) -> Result<PathBuf> {
     Ok(files.dir)
 }
 
+/// `--resume` alone: the newest checkpoint in the output folder, or a fresh start when there is
+/// none yet (so a command can be re-run until it completes); `--resume DIR`: that checkpoint.
+pub fn resume_dir(flag: Option<&str>, output: &std::path::Path) -> Option<PathBuf> {
+    match flag {
+        None => None,
+        Some("") => {
+            if beit::train::checkpoint::latest_checkpoint(output).is_some() {
+                Some(output.to_path_buf())
+            } else {
+                eprintln!(
+                    "--resume: no checkpoint in {} yet, starting from the beginning",
+                    output.display()
+                );
+                None
+            }
+        }
+        Some(dir) => Some(PathBuf::from(dir)),
+    }
+}
+
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
     let dev = device(&cli.device)?;

@@ -69,13 +69,7 @@ impl PretrainCmd {
             anyhow::bail!("--mask-ratio must be in (0, 1)");
         }
         let tok = TokenizerSource::from_path(&self.tokenizer)?;
-        let resume = self.resume.map(|r| {
-            if r.is_empty() {
-                self.output.clone()
-            } else {
-                PathBuf::from(r)
-            }
-        });
+        let resume = super::resume_dir(self.resume.as_deref(), &self.output);
         let summary = pretrain(
             &self.config,
             &self.data,

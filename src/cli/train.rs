@@ -110,13 +110,7 @@ impl TrainCmd {
             val_split: a.val_split,
             ..TrainConfig::default()
         };
-        let resume = a.resume.map(|r| {
-            if r.is_empty() {
-                a.output.clone()
-            } else {
-                PathBuf::from(r)
-            }
-        });
+        let resume = super::resume_dir(a.resume.as_deref(), &a.output);
         let summary = train(&source, &a.data, &a.output, &cfg, resume.as_deref(), device)?;
         println!("{}", serde_json::to_string_pretty(&summary)?);
         Ok(())
