@@ -66,6 +66,7 @@ impl Architecture {
 
 /// A loaded model of any BEiT architecture.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per process; boxing would change the public API
 pub enum AutoModel {
     Model(BeitModel),
     MaskedImageModeling(BeitForMaskedImageModeling),

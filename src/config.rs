@@ -288,7 +288,9 @@ impl BeitConfig {
         if self.hidden_size == 0 {
             return bad("hidden_size", "must be > 0".into());
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return bad(
                 "hidden_size",
                 format!(

@@ -14,6 +14,7 @@
 //! ```
 
 pub mod auto;
+pub mod bench;
 pub mod config;
 pub mod error;
 pub mod heads;
@@ -21,6 +22,7 @@ pub mod losses;
 pub mod model;
 pub mod nn;
 pub mod ops;
+pub mod profile;
 pub mod tasks;
 pub mod util;
 pub mod weights;

@@ -355,7 +355,9 @@ impl ParamSource {
                 if let Ok(mut v) = self.initialized.lock() {
                     v.push(name.to_string());
                 }
-                init.var(shape.clone(), dtype, dev)?.as_tensor().clone()
+                // `detach`: without a VarMap the parameter is a plain tensor, so that inference
+                // does not record an autograd graph (which would keep every activation alive).
+                init.var(shape.clone(), dtype, dev)?.as_tensor().detach()
             }
         };
         match &self.vars {

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod forward;
 
 /// BEiT vision transformers (Hugging Face compatible) in Rust.
@@ -22,6 +23,8 @@ pub struct Cli {
 pub enum Command {
     /// Run a model on tensors from a safetensors file and write its outputs (the parity contract).
     Forward(forward::ForwardCmd),
+    /// Measure latency, throughput, peak memory and load time on random-weight models.
+    Bench(bench::BenchCmd),
 }
 
 /// Parse the `--device` option.
@@ -58,5 +61,6 @@ pub fn run() -> Result<()> {
     let dev = device(&cli.device)?;
     match cli.command {
         Command::Forward(cmd) => cmd.run(&dev),
+        Command::Bench(cmd) => cmd.run(&dev),
     }
 }

@@ -7,6 +7,7 @@ use crate::config::BeitConfig;
 use crate::model::relative_position::BeitRelativePositionBias;
 use crate::nn::Linear;
 use crate::ops;
+use crate::profile;
 
 /// `attention.attention`: the query/key/value projections (and the layer's own relative
 /// position bias table, which transformers keeps here).
@@ -79,6 +80,7 @@ impl BeitSelfAttention {
         let split = |t: Tensor| -> Result<Tensor> {
             t.reshape((b, s, h, hd))?.transpose(1, 2)?.contiguous()
         };
+        let _p = profile::scope("attn.qkv");
         let (q, k, v) = match &self.fused_qkv {
             Some(qkv) => {
                 let qkv = qkv
@@ -94,17 +96,24 @@ impl BeitSelfAttention {
                 split(self.value.forward(x)?)?,
             ),
         };
+        drop(_p);
         let scale = (hd as f64).powf(-0.5);
+        let _p = profile::scope("attn.scores");
         let mut scores = (q.matmul(&k.t()?)? * scale)?;
         if let Some(bias) = bias {
             scores = scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?;
         }
+        drop(_p);
+        let _p = profile::scope("attn.softmax");
         let mut probs = ops::softmax_last_dim(&scores)?;
+        drop(_p);
         probs = ops::dropout(&probs, self.dropout, train)?;
         if let Some(m) = head_mask {
             probs = probs.broadcast_mul(&m.to_dtype(probs.dtype())?.reshape((1, h, 1, 1))?)?;
         }
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, d))?;
+        let ctx = profile::time("attn.pv", || {
+            probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, d))
+        })?;
         Ok((ctx, output_attentions.then_some(probs)))
     }
 }
@@ -144,7 +153,8 @@ impl BeitAttention {
         let (ctx, probs) = self
             .attention
             .forward(x, bias, head_mask, train, output_attentions)?;
-        let out = ops::dropout(&self.output.forward(&ctx)?, self.hidden_dropout, train)?;
+        let out = profile::time("attn.proj", || self.output.forward(&ctx))?;
+        let out = ops::dropout(&out, self.hidden_dropout, train)?;
         Ok((out, probs))
     }
 }

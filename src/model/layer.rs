@@ -7,6 +7,7 @@ use crate::config::BeitConfig;
 use crate::model::attention::BeitAttention;
 use crate::nn::{LayerNorm, Linear};
 use crate::ops::{self, Activation};
+use crate::profile;
 
 /// `encoder.layer.N`.
 #[derive(Debug)]
@@ -82,24 +83,25 @@ impl BeitLayer {
         train: bool,
         output_attentions: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let (attn, probs) = self.attention.forward(
-            &self.layernorm_before.forward(x)?,
-            bias,
-            head_mask,
-            train,
-            output_attentions,
-        )?;
-        let attn = Self::scale(attn, &self.lambda_1)?;
-        let h = (ops::drop_path(&attn, self.drop_path, train)? + x)?;
-        let y = self
-            .intermediate
-            .forward(&self.layernorm_after.forward(&h)?)?;
-        let y = self.output.forward(&self.activation.forward(&y)?)?;
-        let y = Self::scale(
-            ops::dropout(&y, self.hidden_dropout, train)?,
-            &self.lambda_2,
-        )?;
-        let out = (ops::drop_path(&y, self.drop_path, train)? + h)?;
+        let ln1 = profile::time("layernorm", || self.layernorm_before.forward(x))?;
+        let (attn, probs) =
+            self.attention
+                .forward(&ln1, bias, head_mask, train, output_attentions)?;
+        let h = profile::time("scale+residual", || {
+            let attn = Self::scale(attn, &self.lambda_1)?;
+            ops::drop_path(&attn, self.drop_path, train)? + x
+        })?;
+        let ln2 = profile::time("layernorm", || self.layernorm_after.forward(&h))?;
+        let y = profile::time("mlp.fc1", || self.intermediate.forward(&ln2))?;
+        let y = profile::time("mlp.gelu", || self.activation.forward(&y))?;
+        let y = profile::time("mlp.fc2", || self.output.forward(&y))?;
+        let out = profile::time("scale+residual", || {
+            let y = Self::scale(
+                ops::dropout(&y, self.hidden_dropout, train)?,
+                &self.lambda_2,
+            )?;
+            ops::drop_path(&y, self.drop_path, train)? + h
+        })?;
         Ok((out, probs))
     }
 }

@@ -178,9 +178,10 @@ impl BeitModel {
         let p = self.config.patch();
         let window = (height / p, width / p);
         let pixel_values = pixel_values.to_dtype(self.dtype())?;
-        let mut x =
+        let mut x = crate::profile::time("embeddings", || {
             self.embeddings
-                .forward(&pixel_values, opts.bool_masked_pos.as_ref(), opts.train)?;
+                .forward(&pixel_values, opts.bool_masked_pos.as_ref(), opts.train)
+        })?;
         let shared = match &self.shared_relative_position_bias {
             Some(m) => Some(m.forward(window)?),
             None => None,
@@ -189,6 +190,7 @@ impl BeitModel {
         let mut hidden_states = opts.output_hidden_states.then(|| vec![x.clone()]);
         let mut attentions = opts.output_attentions.then(Vec::new);
         for (i, layer) in self.layers.iter().enumerate() {
+            let p = crate::profile::scope("relative_position_bias");
             let own = match &layer.attention.attention.relative_position_bias {
                 Some(m) => Some(m.forward(window)?),
                 None => None,
@@ -199,6 +201,7 @@ impl BeitModel {
                 (None, Some(b)) => Some(b.clone()),
                 (None, None) => None,
             };
+            drop(p);
             let (out, probs) = layer.forward(
                 &x,
                 bias.as_ref(),

@@ -12,7 +12,8 @@ use crate::ops;
 /// Relative position index of a `(Wh, Ww)` window with a CLS token (transformers'
 /// `generate_relative_position_index`, MiDaS-style for any window): `[S * S]`, S = Wh*Ww + 1.
 pub fn relative_position_index(window: (usize, usize)) -> Arc<Vec<u32>> {
-    static CACHE: OnceLock<Mutex<HashMap<(usize, usize), Arc<Vec<u32>>>>> = OnceLock::new();
+    type IndexCache = Mutex<HashMap<(usize, usize), Arc<Vec<u32>>>>;
+    static CACHE: OnceLock<IndexCache> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
     if let Some(v) = cache.lock().ok().and_then(|c| c.get(&window).cloned()) {
         return v;
@@ -31,8 +32,8 @@ pub fn relative_position_index(window: (usize, usize)) -> Arc<Vec<u32>> {
             index[(q + 1) * s + (k + 1)] = (dh * (2 * ww - 1) + dw) as u32;
         }
     }
-    for k in 0..s {
-        index[k] = (num_relative_distance - 3) as u32; // cls to token
+    for v in index.iter_mut().take(s) {
+        *v = (num_relative_distance - 3) as u32; // cls to token
     }
     for q in 0..s {
         index[q * s] = (num_relative_distance - 2) as u32; // token to cls

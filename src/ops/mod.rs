@@ -6,12 +6,15 @@
 //! matches PyTorch's forward numerics.
 
 pub mod activation;
+pub mod conv;
+pub mod gemm;
 pub mod layer_norm;
 pub mod pool;
 pub mod resize;
 pub mod softmax;
 
 pub use activation::{gelu_erf, Activation};
+pub use conv::{conv2d, conv2d_inference};
 pub use layer_norm::layer_norm;
 pub use pool::{adaptive_avg_pool2d, max_pool2d_2x2};
 pub use resize::{bicubic, bilinear};

@@ -6,8 +6,8 @@ use rayon::prelude::*;
 struct SoftmaxLastDim;
 
 fn softmax_rows<T: num_like::Float>(src: &[T], dst: &mut [T], dim: usize) {
-    dst.par_chunks_mut(dim * 64.max(1))
-        .zip(src.par_chunks(dim * 64.max(1)))
+    dst.par_chunks_mut(dim * 64)
+        .zip(src.par_chunks(dim * 64))
         .for_each(|(d, s)| {
             for (drow, srow) in d.chunks_mut(dim).zip(s.chunks(dim)) {
                 let mut max = T::neg_infinity();

@@ -71,7 +71,7 @@ fn compare(name: &str, got: &Tensor, want: &Tensor, atol: f64, rtol: f64) -> Res
     let mut worst = (0.0f64, 0usize);
     for (i, (a, b)) in g.iter().zip(&w).enumerate() {
         let excess = (a - b).abs() - (atol + rtol * b.abs());
-        if !(excess <= 0.0) && (excess > worst.0 || excess.is_nan()) {
+        if (excess > 0.0 || excess.is_nan()) && (excess > worst.0 || excess.is_nan()) {
             worst = (
                 if excess.is_nan() {
                     f64::INFINITY
