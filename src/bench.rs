@@ -409,6 +409,77 @@ pub fn profile_table(r: &BenchResult) -> String {
     s
 }
 
+/// Element-wise kernel timings at BEiT-base batch-8 shapes: `(kernel, ms)` for ours at each ISA
+/// level this CPU supports and for candle's own op.
+pub fn kernel_report() -> candle_core::Result<Vec<(String, f64)>> {
+    use crate::ops::vmath;
+    let dev = Device::Cpu;
+    let time = |f: &mut dyn FnMut()| -> f64 {
+        let mut t = Vec::new();
+        for i in 0..12 {
+            let t0 = Instant::now();
+            f();
+            if i >= 2 {
+                t.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        median(&t)
+    };
+    let mut out = Vec::new();
+    let x = Tensor::randn(0f32, 1f32, (1576, 3072), &dev)?;
+    out.push((
+        "gelu_erf [1576x3072] candle".into(),
+        time(&mut || {
+            x.gelu_erf().unwrap();
+        }),
+    ));
+    let xv = x.flatten_all()?.to_vec1::<f32>()?;
+    for level in vmath::supported() {
+        let mut buf = xv.clone();
+        out.push((
+            format!("gelu_erf [1576x3072] ours {level:?} 1 thread"),
+            time(&mut || {
+                vmath::gelu_inplace_with(level, &mut buf);
+            }),
+        ));
+    }
+    out.push((
+        "gelu_erf [1576x3072] ours (ops::gelu_erf)".into(),
+        time(&mut || {
+            crate::ops::gelu_erf(&x).unwrap();
+        }),
+    ));
+    let s = Tensor::randn(0f32, 1f32, (96, 197, 197), &dev)?;
+    out.push((
+        "softmax [96x197x197] candle_nn".into(),
+        time(&mut || {
+            candle_nn::ops::softmax_last_dim(&s).unwrap();
+        }),
+    ));
+    out.push((
+        "softmax [96x197x197] ours (ops::softmax_last_dim)".into(),
+        time(&mut || {
+            crate::ops::softmax_last_dim(&s).unwrap();
+        }),
+    ));
+    let h = Tensor::randn(0f32, 1f32, (1576, 768), &dev)?;
+    let w = Tensor::ones(768, DType::F32, &dev)?;
+    let b = Tensor::zeros(768, DType::F32, &dev)?;
+    out.push((
+        "layer_norm [1576x768] candle_nn".into(),
+        time(&mut || {
+            candle_nn::ops::layer_norm(&h, &w, &b, 1e-12).unwrap();
+        }),
+    ));
+    out.push((
+        "layer_norm [1576x768] ours (ops::layer_norm)".into(),
+        time(&mut || {
+            crate::ops::layer_norm(&h, &w, &b, 1e-12).unwrap();
+        }),
+    ));
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -41,6 +41,10 @@ pub struct BenchCmd {
     /// Also measure the GEMM rate on BEiT-base shapes and the square peak.
     #[arg(long)]
     pub gemm: bool,
+    /// Also time the element-wise kernels (GELU, softmax, LayerNorm): ours at each ISA level and
+    /// candle's.
+    #[arg(long)]
+    pub kernels: bool,
     /// Also measure load-to-first-output of a saved checkpoint (of the first workload, or
     /// --model), each in a fresh process, warm OS cache.
     #[arg(long)]
@@ -73,6 +77,11 @@ impl BenchCmd {
             profile: self.profile,
             model: self.model.clone(),
         };
+        if self.kernels {
+            for (k, ms) in bench::kernel_report()? {
+                eprintln!("  {k}: {ms:.2} ms");
+            }
+        }
         let mut peak = None;
         if self.gemm {
             let p = self.gemm_report();

@@ -29,9 +29,9 @@ impl BeitSelfAttention {
     pub fn new(cfg: &BeitConfig, vb: VarBuilder, frozen: bool) -> Result<Self> {
         let d = cfg.hidden_size;
         let std = cfg.initializer_range;
-        let query = Linear::new(d, d, true, std, vb.pp("query"))?;
-        let key = Linear::new(d, d, false, std, vb.pp("key"))?;
-        let value = Linear::new(d, d, true, std, vb.pp("value"))?;
+        let mut query = Linear::new(d, d, true, std, vb.pp("query"))?;
+        let mut key = Linear::new(d, d, false, std, vb.pp("key"))?;
+        let mut value = Linear::new(d, d, true, std, vb.pp("value"))?;
         let relative_position_bias = if cfg.use_relative_position_bias {
             Some(BeitRelativePositionBias::new(
                 cfg,
@@ -48,6 +48,14 @@ impl BeitSelfAttention {
                 (Some(q), Some(z), Some(v)) => Some(Tensor::cat(&[q, &z, v], 0)?),
                 _ => None,
             };
+            // The separate projections become views of the fused ones (no second copy).
+            query.weight = weight.narrow(0, 0, d)?;
+            key.weight = weight.narrow(0, d, d)?;
+            value.weight = weight.narrow(0, 2 * d, d)?;
+            if let Some(b) = &bias {
+                query.bias = Some(b.narrow(0, 0, d)?);
+                value.bias = Some(b.narrow(0, 2 * d, d)?);
+            }
             Some(Linear { weight, bias })
         } else {
             None
@@ -62,6 +70,11 @@ impl BeitSelfAttention {
             head_dim: cfg.head_dim(),
             dropout: cfg.attention_probs_dropout_prob,
         })
+    }
+
+    /// The fused `[3D, D]` QKV projection of a frozen model.
+    pub fn fused_qkv(&self) -> Option<&Linear> {
+        self.fused_qkv.as_ref()
     }
 
     /// `x [B, S, D]` -> context `[B, S, D]` and, when asked, the attention probabilities

@@ -6,12 +6,15 @@
 //! matches PyTorch's forward numerics.
 
 pub mod activation;
+pub mod attention;
 pub mod conv;
 pub mod gemm;
 pub mod layer_norm;
+pub mod linear;
 pub mod pool;
 pub mod resize;
 pub mod softmax;
+pub mod vmath;
 
 pub use activation::{gelu_erf, Activation};
 pub use conv::{conv2d, conv2d_inference};
@@ -52,3 +55,55 @@ pub fn dropout(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
     }
     candle_nn::ops::dropout(x, p as f32)
 }
+
+/// Read access to the f32 data of a contiguous CPU tensor.
+pub(crate) struct F32Data<'a> {
+    guard: Box<dyn std::ops::Deref<Target = candle_core::Storage> + 'a>,
+    start: usize,
+    len: usize,
+}
+
+impl F32Data<'_> {
+    pub(crate) fn get(&self) -> &[f32] {
+        match &**self.guard {
+            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
+                &v[self.start..self.start + self.len]
+            }
+            _ => unreachable!("checked in f32_data"),
+        }
+    }
+}
+
+/// The data of `t`, which must be a contiguous f32 tensor on the CPU.
+pub(crate) fn f32_data(t: &Tensor) -> Result<F32Data<'_>> {
+    let (guard, layout) = t.storage_and_layout();
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!(
+            "expected a contiguous tensor, got strides {:?}",
+            layout.stride()
+        )
+    };
+    if !matches!(
+        &*guard,
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(_))
+    ) {
+        candle_core::bail!("expected an f32 CPU tensor, got {:?}", t.dtype())
+    }
+    Ok(F32Data {
+        guard: Box::new(guard),
+        start,
+        len: end - start,
+    })
+}
+
+/// A raw pointer that rayon tasks may share; each task writes a disjoint part.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr<T>(pub *mut T);
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so that closures capture the `Send` wrapper, not the field).
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+}
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
