@@ -211,6 +211,13 @@ pub struct BenchResult {
     pub gflop_per_s: f64,
     /// Peak resident set size of the process that ran this configuration (`VmHWM`), MiB.
     pub peak_rss_mib: f64,
+    /// CPU share used by other processes during the timed runs (0..1, all CPUs together;
+    /// NaN where /proc is unavailable): a high value means the numbers are disturbed.
+    #[serde(default)]
+    pub others_cpu_frac: f64,
+    /// Every timed run, ms.
+    #[serde(default)]
+    pub times_ms: Vec<f64>,
     /// `(stage, ms per forward)` when profiled.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub profile: Vec<(String, f64)>,
@@ -243,6 +250,35 @@ pub fn peak_rss_mib() -> f64 {
         })
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
+}
+
+/// `(total, busy)` jiffies of all CPUs and this process's CPU ticks (`/proc`).
+fn cpu_snapshot() -> Option<(f64, f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<f64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: f64 = v.iter().take(8).sum();
+    let idle = v.get(3)? + v.get(4)?;
+    let me = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let after = &me[me.rfind(')')? + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let mine = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some((total, total - idle, mine))
+}
+
+/// The CPU share of other processes between two snapshots.
+fn others_share(a: Option<(f64, f64, f64)>, b: Option<(f64, f64, f64)>) -> f64 {
+    match (a, b) {
+        (Some(a), Some(b)) if b.0 > a.0 => {
+            (((b.1 - a.1) - (b.2 - a.2)) / (b.0 - a.0)).clamp(0.0, 1.0)
+        }
+        _ => f64::NAN,
+    }
 }
 
 /// What to measure and how.
@@ -286,11 +322,13 @@ pub fn run_one(
     crate::profile::set_enabled(o.profile);
     crate::profile::take();
     let mut times = Vec::with_capacity(o.runs);
+    let cpu0 = cpu_snapshot();
     for _ in 0..o.runs.max(1) {
         let t0 = Instant::now();
         run_forward(&model, &x, &opts)?;
         times.push(t0.elapsed().as_secs_f64() * 1e3);
     }
+    let others = others_share(cpu0, cpu_snapshot());
     let stages = crate::profile::take();
     crate::profile::set_enabled(false);
     let runs = times.len() as f64;
@@ -310,6 +348,8 @@ pub fn run_one(
         gflop_per_image: gflop,
         gflop_per_s: gflop * batch as f64 / (med / 1e3),
         peak_rss_mib: peak_rss_mib(),
+        others_cpu_frac: others,
+        times_ms: times.clone(),
         profile: stages
             .into_iter()
             .map(|(k, d, _)| (k.to_string(), d.as_secs_f64() * 1e3 / runs))
@@ -367,14 +407,14 @@ pub fn load_to_first_output(dir: &Path, device: &Device) -> anyhow::Result<(Dura
 /// A markdown table of results.
 pub fn table(results: &[BenchResult], peak_gflops: Option<f64>) -> String {
     let mut s = String::from(
-        "| workload | batch | median ms | min ms | img/s | GFLOP/s | % GEMM peak | peak RSS MiB |\n|---|---|---|---|---|---|---|---|\n",
+        "| workload | batch | median ms | min ms | img/s | GFLOP/s | % GEMM peak | peak RSS MiB | others' CPU |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in results {
         let pct = peak_gflops
             .map(|p| format!("{:.0}", 100.0 * r.gflop_per_s / p))
             .unwrap_or_else(|| "-".into());
         s.push_str(&format!(
-            "| {} | {} | {:.1} | {:.1} | {:.2} | {:.0} | {} | {:.0} |\n",
+            "| {} | {} | {:.1} | {:.1} | {:.2} | {:.0} | {} | {:.0} | {:.0} % |\n",
             r.workload,
             r.batch,
             r.median_ms,
@@ -382,7 +422,8 @@ pub fn table(results: &[BenchResult], peak_gflops: Option<f64>) -> String {
             r.images_per_s,
             r.gflop_per_s,
             pct,
-            r.peak_rss_mib
+            r.peak_rss_mib,
+            100.0 * r.others_cpu_frac
         ));
     }
     s
@@ -478,6 +519,30 @@ pub fn kernel_report() -> candle_core::Result<Vec<(String, f64)>> {
         }),
     ));
     Ok(out)
+}
+
+/// CPU seconds this thread has used (`/proc/thread-self/stat`, 10 ms ticks; NaN elsewhere).
+pub fn thread_cpu_seconds() -> f64 {
+    (|| -> Option<f64> {
+        let s = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
+        let f: Vec<&str> = s[s.rfind(')')? + 2..].split_whitespace().collect();
+        let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+        Some(ticks / 100.0)
+    })()
+    .unwrap_or(f64::NAN)
+}
+
+/// Single-thread GFLOP per CPU-second of `f` (repeated for at least `secs` CPU seconds): a rate
+/// that load from other processes disturbs much less than wall-clock time does.
+pub fn cpu_rate(flop: f64, secs: f64, mut f: impl FnMut()) -> f64 {
+    f();
+    let c0 = thread_cpu_seconds();
+    let mut n = 0usize;
+    while thread_cpu_seconds() - c0 < secs {
+        f();
+        n += 1;
+    }
+    flop * n as f64 / (thread_cpu_seconds() - c0) / 1e9
 }
 
 #[cfg(test)]

@@ -42,7 +42,13 @@ impl BeitSelfAttention {
             None
         };
         let fused_qkv = if frozen {
-            let weight = Tensor::cat(&[&query.weight, &key.weight, &value.weight], 0)?;
+            // [3D, D], stored transposed (see `Linear::freeze`).
+            let weight = Tensor::cat(
+                &[&query.weight.t()?, &key.weight.t()?, &value.weight.t()?],
+                1,
+            )?
+            .contiguous()?
+            .t()?;
             let zeros = value.bias.as_ref().map(|b| b.zeros_like()).transpose()?;
             let bias = match (&query.bias, zeros, &value.bias) {
                 (Some(q), Some(z), Some(v)) => Some(Tensor::cat(&[q, &z, v], 0)?),
@@ -142,15 +148,19 @@ pub struct BeitAttention {
 impl BeitAttention {
     pub fn new(cfg: &BeitConfig, vb: VarBuilder, frozen: bool) -> Result<Self> {
         let d = cfg.hidden_size;
+        let mut output = Linear::new(
+            d,
+            d,
+            true,
+            cfg.initializer_range,
+            vb.pp("output").pp("dense"),
+        )?;
+        if frozen {
+            output.freeze()?;
+        }
         Ok(Self {
             attention: BeitSelfAttention::new(cfg, vb.pp("attention"), frozen)?,
-            output: Linear::new(
-                d,
-                d,
-                true,
-                cfg.initializer_range,
-                vb.pp("output").pp("dense"),
-            )?,
+            output,
             hidden_dropout: cfg.hidden_dropout_prob,
         })
     }

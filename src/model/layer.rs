@@ -42,24 +42,30 @@ impl BeitLayer {
         } else {
             (None, None)
         };
+        let mut intermediate = Linear::new(
+            d,
+            cfg.intermediate_size,
+            true,
+            std,
+            vb.pp("intermediate").pp("dense"),
+        )?;
+        let mut output = Linear::new(
+            cfg.intermediate_size,
+            d,
+            true,
+            std,
+            vb.pp("output").pp("dense"),
+        )?;
+        if frozen {
+            intermediate.freeze()?;
+            output.freeze()?;
+        }
         Ok(Self {
             attention: BeitAttention::new(cfg, vb.pp("attention"), frozen)?,
             layernorm_before: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("layernorm_before"))?,
             layernorm_after: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("layernorm_after"))?,
-            intermediate: Linear::new(
-                d,
-                cfg.intermediate_size,
-                true,
-                std,
-                vb.pp("intermediate").pp("dense"),
-            )?,
-            output: Linear::new(
-                cfg.intermediate_size,
-                d,
-                true,
-                std,
-                vb.pp("output").pp("dense"),
-            )?,
+            intermediate,
+            output,
             activation: Activation::from_config(cfg)
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
             lambda_1,

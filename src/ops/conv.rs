@@ -92,18 +92,49 @@ struct Part<'a, T> {
     c0: usize,
 }
 
+/// Where weight `(o, c, ky, kx)` is (element strides of each dim; any layout works).
+#[derive(Clone, Copy, Debug)]
+struct WeightLayout {
+    o_stride: usize,
+    c_stride: usize,
+    ky_stride: usize,
+    kx_stride: usize,
+}
+
+impl WeightLayout {
+    /// PyTorch's contiguous `[O, C, kh, kw]`.
+    fn torch(c: usize, kh: usize, kw: usize) -> Self {
+        WeightLayout {
+            o_stride: c * kh * kw,
+            c_stride: kh * kw,
+            ky_stride: kw,
+            kx_stride: 1,
+        }
+    }
+
+    fn of(l: &Layout) -> Self {
+        let s = l.stride();
+        WeightLayout {
+            o_stride: s[0],
+            c_stride: s[1],
+            ky_stride: s[2],
+            kx_stride: s[3],
+        }
+    }
+}
+
 /// `out[N, O, Ho, Wo] = Σ_parts conv(part, W[:, c0..c0+C_i])`, then the epilogue.
+#[allow(clippy::too_many_arguments)]
 fn conv_forward<T: GemmElem + std::ops::Add<Output = T> + PartialOrd>(
     parts: &[Part<'_, T>],
     n: usize,
     weight: &[T],
+    wl: WeightLayout,
     o: usize,
-    c_total: usize,
     g: &Geom,
     epi: Epilogue<'_, T>,
 ) -> Vec<T> {
     let (ho, wo, wp) = (g.ho(), g.wo(), g.wp());
-    let taps = g.kh * g.kw;
     let threads = gemm::num_threads();
     let mut out = vec![T::ZERO; n * o * ho * wo];
     let tile = g.tile_rows(2560);
@@ -125,11 +156,11 @@ fn conv_forward<T: GemmElem + std::ops::Add<Output = T> + PartialOrd>(
                 fill_padded_rows(x, part.c, g, y0, in_rows, plane, &mut tin);
                 for ky in 0..g.kh {
                     for kx in 0..g.kw {
-                        let tap = ky * g.kw + kx;
+                        let tap = ky * wl.ky_stride + kx * wl.kx_stride;
                         let a = View {
-                            ptr: weight[part.c0 * taps + tap..].as_ptr(),
-                            rs: (c_total * taps) as isize,
-                            cs: taps as isize,
+                            ptr: weight[part.c0 * wl.c_stride + tap..].as_ptr(),
+                            rs: wl.o_stride as isize,
+                            cs: wl.c_stride as isize,
                         };
                         let b = View {
                             ptr: tin[ky * g.d * wp + kx * g.d..].as_ptr(),
@@ -294,7 +325,8 @@ impl CustomOp2 for Conv2dOp {
                     bias: None,
                     relu: false,
                 };
-                CpuStorage::$v(conv_forward(&parts, n, w, o, c, &g, epi))
+                let wl = WeightLayout::torch(c, g.kh, g.kw);
+                CpuStorage::$v(conv_forward(&parts, n, w, wl, o, &g, epi))
             }};
         }
         let out = match (s1, s2) {
@@ -477,7 +509,6 @@ pub fn conv2d_inference(
         pw: padding,
         d: dilation,
     };
-    let w = w.contiguous()?;
     let bias = bias.map(|b| b.contiguous()).transpose()?;
     macro_rules! run {
         ($ty:ty, $v:ident) => {{
@@ -499,11 +530,12 @@ pub fn conv2d_inference(
                 });
                 c0 += c;
             }
-            let (ws, wl) = w.storage_and_layout();
+            // Any weight layout: the GEMM reads the taps through their strides.
+            let (ws, wlay) = w.storage_and_layout();
             let candle_core::Storage::Cpu(CpuStorage::$v(wv)) = &*ws else {
                 candle_core::bail!("conv2d_inference: dtype mismatch")
             };
-            let wv = contiguous(wv, &wl, "weight")?;
+            let wv = &wv[wlay.start_offset()..];
             let bg = bias.as_ref().map(|b| b.storage_and_layout());
             let bv: Option<&[$ty]> = match &bg {
                 Some((s, l)) => match &**s {
@@ -512,7 +544,8 @@ pub fn conv2d_inference(
                 },
                 None => None,
             };
-            let out = conv_forward(&parts, n, wv, o, c_total, &g, Epilogue { bias: bv, relu });
+            let wl = WeightLayout::of(wlay);
+            let out = conv_forward(&parts, n, wv, wl, o, &g, Epilogue { bias: bv, relu });
             Tensor::from_vec(out, (n, o, g.ho(), g.wo()), first.device())
         }};
     }
@@ -599,6 +632,16 @@ mod tests {
             .unwrap();
         let got = conv2d_inference(&[&a, &b], &w, Some(&bias), true, 1, 1).unwrap();
         assert!(max_diff(&got, &want) < 1e-12);
+        // the same weights stored as [kh, kw, O, C]
+        let w_t = w
+            .permute((2, 3, 0, 1))
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .permute((2, 3, 0, 1))
+            .unwrap();
+        let got = conv2d_inference(&[&a, &b], &w_t, Some(&bias), true, 1, 1).unwrap();
+        assert!(max_diff(&got, &want) < 1e-12);
     }
 
     /// Central finite differences of `sum(conv(x, w) * r)` in f64.
@@ -650,6 +693,68 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod probe {
+    use super::*;
+
+    /// `cargo test --release --lib conv_cpu_rates -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn conv_cpu_rates() {
+        let (c, o, h, w) = (768usize, 768usize, 80usize, 80usize);
+        let x = vec![0.5f32; c * h * w];
+        let wt = vec![0.01f32; o * c * 9];
+        let g = Geom {
+            h,
+            w,
+            kh: 3,
+            kw: 3,
+            ph: 1,
+            pw: 1,
+            d: 1,
+        };
+        let flop = 2.0 * (o * c * 9 * h * w) as f64;
+        let epi = Epilogue {
+            bias: None,
+            relu: false,
+        };
+        let parts = [Part {
+            data: &x[..],
+            c,
+            c0: 0,
+        }];
+        let layouts = [
+            ("[O,C,kh,kw]", WeightLayout::torch(c, 3, 3)),
+            (
+                "[kh,kw,O,C]",
+                WeightLayout {
+                    o_stride: c,
+                    c_stride: 1,
+                    ky_stride: 3 * o * c,
+                    kx_stride: o * c,
+                },
+            ),
+            (
+                "[kh,kw,C,O]",
+                WeightLayout {
+                    o_stride: 1,
+                    c_stride: o,
+                    ky_stride: 3 * o * c,
+                    kx_stride: o * c,
+                },
+            ),
+        ];
+        for (name, wl) in layouts {
+            let r = crate::bench::cpu_rate(flop, 3.0, || {
+                std::hint::black_box(conv_forward(&parts, 1, &wt, wl, o, &g, epi));
+            });
+            eprintln!(
+                "conv3x3 768->768 80x80 weights {name}, 1 thread: {r:.0} GFLOP per CPU-second"
+            );
         }
     }
 }

@@ -205,3 +205,91 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod probe {
+    use super::*;
+
+    /// `cargo test --release --lib gemm_cpu_rates -- --ignored --nocapture`: single-thread GEMM
+    /// rates per CPU-second on BEiT-base shapes.
+    #[test]
+    #[ignore]
+    fn gemm_cpu_rates() {
+        for &(m, n, k) in &[
+            (1024usize, 1024usize, 1024usize),
+            (197, 2304, 768),
+            (197, 3072, 768),
+            (197, 768, 3072),
+            (1576, 3072, 768),
+            (1576, 768, 3072),
+        ] {
+            let a = vec![0.5f32; m * k];
+            let w = vec![0.25f32; n * k];
+            let wt = vec![0.25f32; n * k];
+            let mut c = vec![0f32; m * n];
+            let flop = 2.0 * (m * n * k) as f64;
+            let r1 = crate::bench::cpu_rate(flop, 1.5, || unsafe {
+                gemm(
+                    m,
+                    n,
+                    k,
+                    ViewMut::row_major(&mut c, 0, n),
+                    false,
+                    View::row_major(&a, 0, k),
+                    View::transposed(&w, 0, k),
+                    1,
+                )
+            });
+            let r2 = crate::bench::cpu_rate(flop, 1.5, || unsafe {
+                gemm(
+                    m,
+                    n,
+                    k,
+                    ViewMut::row_major(&mut c, 0, n),
+                    false,
+                    View::row_major(&a, 0, k),
+                    View::row_major(&wt, 0, n),
+                    1,
+                )
+            });
+            eprintln!("{m}x{n}x{k}: W[out,in]: {r1:.0} GFLOP/cpu-s, W^T[in,out]: {r2:.0}");
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod fma_probe {
+    /// Peak FMA rate of one core: 24 independent 16-lane FMA chains.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn chains(iters: usize) -> f32 {
+        use std::arch::x86_64::*;
+        let mut acc = [_mm512_set1_ps(0.0); 24];
+        let a = _mm512_set1_ps(std::hint::black_box(0.999_999));
+        let b = _mm512_set1_ps(std::hint::black_box(1e-7));
+        for _ in 0..iters {
+            for v in acc.iter_mut() {
+                *v = _mm512_fmadd_ps(*v, a, b);
+            }
+            std::arch::asm!("", options(nomem, nostack));
+        }
+        let mut s = _mm512_set1_ps(0.0);
+        for v in acc {
+            s = _mm512_add_ps(s, v);
+        }
+        _mm512_reduce_add_ps(s)
+    }
+
+    #[test]
+    #[ignore]
+    fn fma_peak_per_cpu_second() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let iters = 1_000_000;
+        let flop = 2.0 * 16.0 * 24.0 * iters as f64;
+        let r = crate::bench::cpu_rate(flop, 2.0, || {
+            std::hint::black_box(unsafe { chains(iters) });
+        });
+        eprintln!("AVX-512 FMA peak: {r:.0} GFLOP per CPU-second");
+    }
+}

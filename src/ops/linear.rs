@@ -40,9 +40,21 @@ pub fn linear_inference(
         candle_core::bail!("linear: input {dims:?} does not fit weight [{n}, {wk}]");
     }
     let x = x.contiguous()?;
-    let weight = weight.contiguous()?;
+    // A weight stored transposed (`nn::Linear::freeze`) is read as the row-major `[in, out]`
+    // matrix it is in memory; any other layout is made contiguous `[out, in]`.
+    let stored_t = weight.t()?.is_contiguous();
+    let weight = if stored_t {
+        weight.t()?
+    } else {
+        weight.contiguous()?
+    };
     let xd = f32_data(&x)?;
     let wd = f32_data(&weight)?;
+    let b_view = if stored_t {
+        View::row_major(wd.get(), 0, n)
+    } else {
+        View::transposed(wd.get(), 0, k)
+    };
     let mut out = vec![0f32; rows * n];
     unsafe {
         gemm::gemm(
@@ -52,7 +64,7 @@ pub fn linear_inference(
             ViewMut::row_major(&mut out, 0, n),
             false,
             View::row_major(xd.get(), 0, k),
-            View::transposed(wd.get(), 0, k),
+            b_view,
             gemm::num_threads(),
         )
     };
