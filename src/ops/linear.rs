@@ -7,8 +7,9 @@
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
+use super::f32_data;
 use super::gemm::{self, View, ViewMut};
-use super::{f32_data, vmath};
+use super::vmath::{self, TileOp};
 
 /// What is applied to `y = x · Wᵀ` row by row.
 #[derive(Clone, Copy)]
@@ -50,24 +51,6 @@ pub fn linear_inference(
     };
     let xd = f32_data(&x)?;
     let wd = f32_data(&weight)?;
-    let b_view = if stored_t {
-        View::row_major(wd.get(), 0, n)
-    } else {
-        View::transposed(wd.get(), 0, k)
-    };
-    let mut out = vec![0f32; rows * n];
-    unsafe {
-        gemm::gemm(
-            rows,
-            n,
-            k,
-            ViewMut::row_major(&mut out, 0, n),
-            false,
-            View::row_major(xd.get(), 0, k),
-            b_view,
-            gemm::num_threads(),
-        )
-    };
     let bias_t = bias.map(|b| b.contiguous()).transpose()?;
     let bd = bias_t.as_ref().map(f32_data).transpose()?;
     let no_bias = vec![0f32; if bd.is_some() { 0 } else { n }];
@@ -75,33 +58,62 @@ pub fn linear_inference(
     if b.len() != n {
         candle_core::bail!("linear: bias of {} for {n} outputs", b.len());
     }
-    let block = (super::activation::CHUNK / n).max(1) * n;
-    match epilogue {
-        Epilogue::Bias => out
-            .par_chunks_mut(block)
-            .for_each(|c| vmath::bias_rows(c, b)),
-        Epilogue::BiasGelu => out
-            .par_chunks_mut(block)
-            .for_each(|c| vmath::bias_gelu_rows(c, b)),
+    let (op, residual, scale) = match epilogue {
+        Epilogue::Bias => (TileOp::Bias, None, None),
+        Epilogue::BiasGelu => (TileOp::BiasGelu, None, None),
         Epilogue::BiasScaleResidual { scale, residual } => {
-            let residual = residual.contiguous()?;
             if residual.elem_count() != rows * n {
                 candle_core::bail!(
                     "linear: residual {:?} for output [{rows}, {n}]",
                     residual.dims()
                 );
             }
-            let rd = f32_data(&residual)?;
-            let scale_t = scale.map(|s| s.contiguous()).transpose()?;
-            let sd = scale_t.as_ref().map(f32_data).transpose()?;
-            let s: &[f32] = sd.as_ref().map(|d| d.get()).unwrap_or(&[]);
-            if !s.is_empty() && s.len() != n {
-                candle_core::bail!("linear: layer scale of {} for {n} outputs", s.len());
-            }
-            out.par_chunks_mut(block)
-                .zip(rd.get().par_chunks(block))
-                .for_each(|(c, r)| vmath::bias_scale_residual_rows(c, b, s, r));
+            (
+                TileOp::BiasScaleResidual,
+                Some(residual.contiguous()?),
+                scale.map(|s| s.contiguous()).transpose()?,
+            )
         }
+    };
+    let rd = residual.as_ref().map(f32_data).transpose()?;
+    let r: &[f32] = rd.as_ref().map(|d| d.get()).unwrap_or(&[]);
+    let sd = scale.as_ref().map(f32_data).transpose()?;
+    let s: &[f32] = sd.as_ref().map(|d| d.get()).unwrap_or(&[]);
+    if !s.is_empty() && s.len() != n {
+        candle_core::bail!("linear: layer scale of {} for {n} outputs", s.len());
+    }
+    let mut out = vec![0f32; rows * n];
+    let threads = gemm::num_threads();
+    {
+        let b_view = if stored_t {
+            View::row_major(wd.get(), 0, n)
+        } else {
+            View::transposed(wd.get(), 0, k)
+        };
+        unsafe {
+            gemm::gemm(
+                rows,
+                n,
+                k,
+                ViewMut::row_major(&mut out, 0, n),
+                false,
+                View::row_major(xd.get(), 0, k),
+                b_view,
+                threads,
+            )
+        };
+        let block = (super::activation::CHUNK / n).max(1);
+        let ro: &[f32] = if r.is_empty() { &[] } else { r };
+        out.par_chunks_mut(block * n)
+            .enumerate()
+            .for_each(|(i, c)| {
+                let rr = if ro.is_empty() {
+                    ro
+                } else {
+                    &ro[i * block * n..]
+                };
+                vmath::tile_epilogue(c, n, c.len() / n, n, op, b, s, rr, n);
+            });
     }
     let mut out_dims = dims;
     if let Some(last) = out_dims.last_mut() {

@@ -87,19 +87,23 @@ pub fn supported() -> Vec<Isa> {
 macro_rules! multiversion {
     ($(#[$doc:meta])* pub fn $name:ident / $with:ident ($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? = $body:ident) => {
         $(#[$doc])*
+        #[allow(clippy::too_many_arguments)]
         pub fn $name($($a: $t),*) $(-> $r)? {
             $with(isa(), $($a),*)
         }
 
         /// The same kernel at a given ISA level (which the CPU must support; see [`supported`]).
+        #[allow(clippy::too_many_arguments)]
         pub fn $with(level: Isa, $($a: $t),*) $(-> $r)? {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
                 unsafe fn v4($($a: $t),*) $(-> $r)? {
                     $body::<true>($($a),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
                 unsafe fn v3($($a: $t),*) $(-> $r)? {
                     $body::<true>($($a),*)
                 }
@@ -223,16 +227,6 @@ fn gelu_inplace_body<const F: bool>(x: &mut [f32]) {
 fn gelu_grad_body<const F: bool>(x: &[f32], g: &[f32], out: &mut [f32]) {
     for ((o, &xv), &gv) in out.iter_mut().zip(x).zip(g) {
         *o = gv * gelu_grad::<F>(xv);
-    }
-}
-
-#[inline(always)]
-fn bias_gelu_rows_body<const F: bool>(y: &mut [f32], bias: &[f32]) {
-    let n = bias.len();
-    for row in y.chunks_exact_mut(n) {
-        for (v, &b) in row.iter_mut().zip(bias) {
-            *v = gelu::<F>(*v + b);
-        }
     }
 }
 
@@ -392,37 +386,67 @@ fn layer_norm_rows_body<const F: bool>(x: &[f32], w: &[f32], b: &[f32], out: &mu
     }
 }
 
-/// `y = res + scale * (y + bias)` per row (`scale`, `bias` of the row length; `scale` may be
-/// empty for 1).
+/// What [`tile_epilogue`] applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TileOp {
+    /// `c + bias`
+    Bias,
+    /// `GELU(c + bias)`
+    BiasGelu,
+    /// `res + scale ⊙ (c + bias)` (`scale` empty: 1)
+    BiasScaleResidual,
+}
+
 #[inline(always)]
-fn bias_scale_residual_rows_body<const F: bool>(
-    y: &mut [f32],
+#[allow(clippy::too_many_arguments)]
+fn tile_epilogue_body<const F: bool>(
+    c: &mut [f32],
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    op: TileOp,
     bias: &[f32],
     scale: &[f32],
     res: &[f32],
+    ldr: usize,
 ) {
-    let n = bias.len();
-    for (row, rrow) in y.chunks_exact_mut(n).zip(res.chunks_exact(n)) {
-        if scale.is_empty() {
-            for ((v, &b), &r) in row.iter_mut().zip(bias).zip(rrow) {
-                *v = r + (*v + b);
+    let bias = &bias[..cols];
+    for i in 0..rows {
+        let row = &mut c[i * ldc..i * ldc + cols];
+        match op {
+            TileOp::Bias => {
+                for (v, &b) in row.iter_mut().zip(bias) {
+                    *v += b;
+                }
             }
-        } else {
-            for (((v, &b), &s), &r) in row.iter_mut().zip(bias).zip(scale).zip(rrow) {
-                *v = madd::<F>(*v + b, s, r);
+            TileOp::BiasGelu => {
+                for (v, &b) in row.iter_mut().zip(bias) {
+                    *v = gelu::<F>(*v + b);
+                }
+            }
+            TileOp::BiasScaleResidual => {
+                let r = &res[i * ldr..i * ldr + cols];
+                if scale.is_empty() {
+                    for ((v, &b), &rv) in row.iter_mut().zip(bias).zip(r) {
+                        *v = rv + (*v + b);
+                    }
+                } else {
+                    for (((v, &b), &s), &rv) in row.iter_mut().zip(bias).zip(&scale[..cols]).zip(r)
+                    {
+                        *v = madd::<F>(*v + b, s, rv);
+                    }
+                }
             }
         }
     }
 }
 
-#[inline(always)]
-fn bias_rows_body<const F: bool>(y: &mut [f32], bias: &[f32]) {
-    let n = bias.len();
-    for row in y.chunks_exact_mut(n) {
-        for (v, &b) in row.iter_mut().zip(bias) {
-            *v += b;
-        }
-    }
+multiversion! {
+    /// The epilogue of a `rows x cols` tile of a GEMM output (row stride `ldc`): `op` with
+    /// `bias`/`scale` indexed by column and `res` (row stride `ldr`) by position.
+    pub fn tile_epilogue / tile_epilogue_with(
+        c: &mut [f32], ldc: usize, rows: usize, cols: usize, op: TileOp, bias: &[f32],
+        scale: &[f32], res: &[f32], ldr: usize) = tile_epilogue_body
 }
 
 multiversion! {
@@ -432,10 +456,6 @@ multiversion! {
 multiversion! {
     /// `out = g * GELU'(x)`.
     pub fn gelu_grad_mul / gelu_grad_mul_with(x: &[f32], g: &[f32], out: &mut [f32]) = gelu_grad_body
-}
-multiversion! {
-    /// `y[r, :] = GELU(y[r, :] + bias)` for the rows of `y`.
-    pub fn bias_gelu_rows / bias_gelu_rows_with(y: &mut [f32], bias: &[f32]) = bias_gelu_rows_body
 }
 multiversion! {
     /// `e^x` in place.
@@ -458,15 +478,6 @@ multiversion! {
     /// LayerNorm of each row (length `w.len()`) of `x` into `out`.
     pub fn layer_norm_rows / layer_norm_rows_with(
         x: &[f32], w: &[f32], b: &[f32], out: &mut [f32], eps: f32) = layer_norm_rows_body
-}
-multiversion! {
-    /// `y = res + scale ⊙ (y + bias)` row-wise (`scale` empty: 1).
-    pub fn bias_scale_residual_rows / bias_scale_residual_rows_with(
-        y: &mut [f32], bias: &[f32], scale: &[f32], res: &[f32]) = bias_scale_residual_rows_body
-}
-multiversion! {
-    /// `y += bias` row-wise.
-    pub fn bias_rows / bias_rows_with(y: &mut [f32], bias: &[f32]) = bias_rows_body
 }
 
 #[cfg(test)]
@@ -555,6 +566,46 @@ mod tests {
                 let dwant = 0.5 * (1.0 + erf64(x / 2f64.sqrt()))
                     + x * (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
                 assert!((gv as f64 - dwant).abs() < 1e-6, "{x}: {gv} vs {dwant}");
+            }
+        }
+    }
+
+    #[test]
+    fn tile_epilogues_match_plain_code_at_every_isa() {
+        let (rows, cols, ldc) = (5usize, 37usize, 40usize);
+        let c0: Vec<f32> = (0..rows * ldc)
+            .map(|i| (i % 13) as f32 * 0.3 - 2.0)
+            .collect();
+        let bias: Vec<f32> = (0..cols).map(|i| i as f32 * 0.01).collect();
+        let scale: Vec<f32> = (0..cols).map(|i| 1.0 - i as f32 * 0.02).collect();
+        let res: Vec<f32> = (0..rows * cols).map(|i| i as f32 * 1e-3).collect();
+        for level in supported() {
+            for op in [TileOp::Bias, TileOp::BiasGelu, TileOp::BiasScaleResidual] {
+                let mut c = c0.clone();
+                tile_epilogue_with(
+                    level, &mut c, ldc, rows, cols, op, &bias, &scale, &res, cols,
+                );
+                for i in 0..rows {
+                    for j in 0..ldc {
+                        let x = c0[i * ldc + j] as f64;
+                        let want = if j >= cols {
+                            x
+                        } else {
+                            let y = x + bias[j] as f64;
+                            match op {
+                                TileOp::Bias => y,
+                                TileOp::BiasGelu => 0.5 * y * (1.0 + erf64(y / 2f64.sqrt())),
+                                TileOp::BiasScaleResidual => {
+                                    res[i * cols + j] as f64 + scale[j] as f64 * y
+                                }
+                            }
+                        };
+                        assert!(
+                            (c[i * ldc + j] as f64 - want).abs() < 1e-5,
+                            "{level:?} {op:?}"
+                        );
+                    }
+                }
             }
         }
     }
