@@ -25,6 +25,9 @@ pub enum Workload {
     Segmentation,
     /// `BeitForMaskedImageModeling`, base pt22k (shared relative bias, 8192 tokens), 40 % masked.
     MaskedImageModeling,
+    /// One training step of `BeitForImageClassification` at 224 (forward + cross-entropy +
+    /// backward + AdamW, drop path 0.1): hidden size 768 (base), 384 (small) or 192 (tiny).
+    TrainStep(usize),
 }
 
 impl Workload {
@@ -35,10 +38,13 @@ impl Workload {
             "cls-512" => Workload::Classification(512),
             "seg-640" | "seg" => Workload::Segmentation,
             "mim-224" | "mim" => Workload::MaskedImageModeling,
+            "train-base" => Workload::TrainStep(768),
+            "train-small" => Workload::TrainStep(384),
+            "train-tiny" => Workload::TrainStep(192),
             other => match other.strip_prefix("cls-").map(str::parse::<usize>) {
                 Some(Ok(r)) if r % 16 == 0 && r > 0 => Workload::Classification(r),
                 _ => anyhow::bail!(
-                    "unknown workload {other:?} (cls-224, cls-384, cls-512, cls-<res>, seg-640, mim-224)"
+                    "unknown workload {other:?} (cls-224, cls-384, cls-512, cls-<res>, seg-640, mim-224, train-base, train-small, train-tiny)"
                 ),
             },
         })
@@ -49,6 +55,10 @@ impl Workload {
             Workload::Classification(r) => format!("cls-{r}"),
             Workload::Segmentation => "seg-640".into(),
             Workload::MaskedImageModeling => "mim-224".into(),
+            Workload::TrainStep(768) => "train-base".into(),
+            Workload::TrainStep(384) => "train-small".into(),
+            Workload::TrainStep(192) => "train-tiny".into(),
+            Workload::TrainStep(d) => format!("train-{d}"),
         }
     }
 
@@ -56,7 +66,7 @@ impl Workload {
         match self {
             Workload::Classification(r) => *r,
             Workload::Segmentation => 640,
-            Workload::MaskedImageModeling => 224,
+            Workload::MaskedImageModeling | Workload::TrainStep(_) => 224,
         }
     }
 
@@ -78,6 +88,12 @@ impl Workload {
                 "use_mask_token": true, "use_shared_relative_position_bias": true,
                 "use_relative_position_bias": false, "use_mean_pooling": false,
                 "layer_scale_init_value": 0.1, "vocab_size": 8192, "drop_path_rate": 0.0,
+            }),
+            Workload::TrainStep(d) => serde_json::json!({
+                "architectures": ["BeitForImageClassification"],
+                "hidden_size": d, "num_attention_heads": d / 64, "intermediate_size": 4 * d,
+                "use_relative_position_bias": true, "use_mean_pooling": true,
+                "layer_scale_init_value": 0.1, "num_labels": 1000, "drop_path_rate": 0.1,
             }),
         };
         let mut cfg: BeitConfig = serde_json::from_value(json).expect("bench config");
@@ -103,6 +119,8 @@ impl Workload {
         let enc = patch + l * layer;
         match self {
             Workload::Classification(_) => enc + 2.0 * d * cfg.num_labels() as f64,
+            // forward + backward (about twice the forward)
+            Workload::TrainStep(_) => 3.0 * (enc + 2.0 * d * cfg.num_labels() as f64),
             Workload::MaskedImageModeling => enc + 2.0 * (n - 1.0) * d * cfg.vocab_size as f64,
             Workload::Segmentation => {
                 let conv = |hw: f64, cin: f64, cout: f64, k: f64| 2.0 * hw * cin * cout * k * k;
@@ -311,13 +329,19 @@ pub fn run_one(
     o: &BenchOptions,
     device: &Device,
 ) -> anyhow::Result<BenchResult> {
-    let model = match &o.model {
-        Some(dir) => AutoModel::from_pretrained(dir, o.dtype, device)?.0,
-        None => random_model(workload, o.dtype, device)?,
+    let mut step: Box<dyn FnMut() -> anyhow::Result<()>> = if let Workload::TrainStep(_) = workload
+    {
+        train_step(workload, batch, device)?
+    } else {
+        let model = match &o.model {
+            Some(dir) => AutoModel::from_pretrained(dir, o.dtype, device)?.0,
+            None => random_model(workload, o.dtype, device)?,
+        };
+        let (x, opts) = random_inputs(workload, batch, device)?;
+        Box::new(move || Ok(run_forward(&model, &x, &opts)?))
     };
-    let (x, opts) = random_inputs(workload, batch, device)?;
     for _ in 0..o.warmup {
-        run_forward(&model, &x, &opts)?;
+        step()?;
     }
     crate::profile::set_enabled(o.profile);
     crate::profile::take();
@@ -325,7 +349,7 @@ pub fn run_one(
     let cpu0 = cpu_snapshot();
     for _ in 0..o.runs.max(1) {
         let t0 = Instant::now();
-        run_forward(&model, &x, &opts)?;
+        step()?;
         times.push(t0.elapsed().as_secs_f64() * 1e3);
     }
     let others = others_share(cpu0, cpu_snapshot());
@@ -355,6 +379,52 @@ pub fn run_one(
             .map(|(k, d, _)| (k.to_string(), d.as_secs_f64() * 1e3 / runs))
             .collect(),
     })
+}
+
+/// A closure running one training step (forward with dropout/drop path, cross-entropy on random
+/// labels, backward, AdamW) of a trainable (`frozen = false`) model with random weights.
+fn train_step(
+    workload: Workload,
+    batch: usize,
+    device: &Device,
+) -> anyhow::Result<Box<dyn FnMut() -> anyhow::Result<()>>> {
+    use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+    let cfg = workload.config();
+    let vars = candle_nn::VarMap::new();
+    let source = Arc::new(ParamSource::new(
+        None,
+        Some(vars.clone()),
+        MissingPolicy::Initialize,
+    ));
+    let vb = crate::weights::var_builder(source, DType::F32, device);
+    let model = crate::heads::BeitForImageClassification::new(&cfg, vb, false)?;
+    let mut opt = AdamW::new(
+        vars.all_vars(),
+        ParamsAdamW {
+            lr: 1e-5,
+            weight_decay: 0.05,
+            ..Default::default()
+        },
+    )?;
+    let x = Tensor::rand(-1f32, 1f32, (batch, 3, 224, 224), device)?;
+    let labels = Tensor::from_vec(
+        (0..batch as i64)
+            .map(|i| (i * 37) % 1000)
+            .collect::<Vec<_>>(),
+        batch,
+        device,
+    )?;
+    let opts = ForwardOptions::default().train(true).with_labels(labels);
+    Ok(Box::new(move || {
+        let loss = crate::profile::time("train.forward", || {
+            model
+                .forward(&x, &opts)
+                .map(|o| o.loss.expect("labels were given"))
+        })?;
+        let grads = crate::profile::time("train.backward", || loss.backward())?;
+        crate::profile::time("train.adamw", || opt.step(&grads))?;
+        Ok(())
+    }))
 }
 
 /// GEMM throughput of the `gemm` crate on one shape (`[m, k] · [k, n]`, B given as the transpose
@@ -435,7 +505,16 @@ pub fn profile_table(r: &BenchResult) -> String {
         "profile: {} batch {} (median {:.1} ms)\n| stage | ms / forward | share |\n|---|---|---|\n",
         r.workload, r.batch, r.median_ms
     );
-    let covered: f64 = r.profile.iter().map(|(_, ms)| ms).sum();
+    // A training step's `train.*` stages contain the forward's own stages.
+    let top = |k: &str| {
+        !r.profile.iter().any(|(s, _)| s.starts_with("train.")) || k.starts_with("train.")
+    };
+    let covered: f64 = r
+        .profile
+        .iter()
+        .filter(|(k, _)| top(k))
+        .map(|(_, ms)| ms)
+        .sum();
     for (k, ms) in &r.profile {
         s.push_str(&format!(
             "| {k} | {ms:.2} | {:.1} % |\n",

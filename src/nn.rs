@@ -40,9 +40,10 @@ impl Linear {
 
     /// For inference: store the weight transposed (`[in, out]` in memory, still seen as
     /// `[out, in]`), the layout the AVX-512 GEMM reads fastest (measured: up to 1.7x on
-    /// `[197x3072]x[3072x768]`). No copy is kept of the original layout.
-    pub fn freeze(&mut self) -> Result<()> {
-        self.weight = self.weight.t()?.contiguous()?.t()?;
+    /// `[197x3072]x[3072x768]`). The data is transposed in place: the weight must not be shared
+    /// with another tensor (it is not, right after loading).
+    pub(crate) fn freeze(&mut self) -> Result<()> {
+        self.weight = ops::transpose_in_place(&self.weight)?.t()?;
         Ok(())
     }
 }

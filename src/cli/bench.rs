@@ -58,6 +58,9 @@ impl BenchCmd {
     pub fn run(&self, dev: &candle_core::Device) -> Result<()> {
         if let Some(dir) = &self.load_only {
             let (load, first) = bench::load_to_first_output(dir, dev)?;
+            for (k, d, n) in beit::profile::take() {
+                eprintln!("{k}: {:.3} s ({n} calls)", d.as_secs_f64());
+            }
             println!(
                 "{}",
                 serde_json::json!({"load_s": load.as_secs_f64(), "first_forward_s": first.as_secs_f64(),

@@ -43,11 +43,10 @@ impl BeitSelfAttention {
         };
         let fused_qkv = if frozen {
             // [3D, D], stored transposed (see `Linear::freeze`).
-            let weight = Tensor::cat(
-                &[&query.weight.t()?, &key.weight.t()?, &value.weight.t()?],
-                1,
-            )?
-            .contiguous()?
+            let weight = ops::transpose_in_place(&Tensor::cat(
+                &[&query.weight, &key.weight, &value.weight],
+                0,
+            )?)?
             .t()?;
             let zeros = value.bias.as_ref().map(|b| b.zeros_like()).transpose()?;
             let bias = match (&query.bias, zeros, &value.bias) {

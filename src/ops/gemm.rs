@@ -49,6 +49,11 @@ impl<T> View<T> {
     }
 }
 
+// SAFETY: a view is a pointer plus strides; what may be read or written through it is the
+// business of the (unsafe) `gemm` call that uses it.
+unsafe impl<T: Sync> Send for View<T> {}
+unsafe impl<T: Sync> Sync for View<T> {}
+
 /// A mutable strided matrix view.
 #[derive(Clone, Copy, Debug)]
 pub struct ViewMut<T> {

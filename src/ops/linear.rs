@@ -7,9 +7,9 @@
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
-use super::f32_data;
 use super::gemm::{self, View, ViewMut};
 use super::vmath::{self, TileOp};
+use super::{f32_data, SendPtr};
 
 /// What is applied to `y = x · Wᵀ` row by row.
 #[derive(Clone, Copy)]
@@ -84,36 +84,57 @@ pub fn linear_inference(
     }
     let mut out = vec![0f32; rows * n];
     let threads = gemm::num_threads();
-    {
+    let split = std::env::var("BEIT_GEMM_SPLIT")
+        .map(|v| v != "0")
+        .unwrap_or(true);
+    // Columns split between the threads, each running a single-threaded GEMM and then the
+    // epilogue on its own block: no synchronisation inside the product.
+    let parts = if split { threads.min(n / 64).max(1) } else { 1 };
+    let inner_threads = if parts > 1 { 1 } else { threads };
+    let per = n.div_ceil(parts).div_ceil(16) * 16;
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let a_view = View::row_major(xd.get(), 0, k);
+    let w = wd.get();
+    let task = |p: usize| {
+        let j0 = (p * per).min(n);
+        let j1 = ((p + 1) * per).min(n);
+        if j0 >= j1 {
+            return;
+        }
+        let cols = j1 - j0;
         let b_view = if stored_t {
-            View::row_major(wd.get(), 0, n)
+            View {
+                ptr: w[j0..].as_ptr(),
+                rs: n as isize,
+                cs: 1,
+            }
         } else {
-            View::transposed(wd.get(), 0, k)
+            View {
+                ptr: w[j0 * k..].as_ptr(),
+                rs: 1,
+                cs: k as isize,
+            }
         };
-        unsafe {
-            gemm::gemm(
-                rows,
-                n,
-                k,
-                ViewMut::row_major(&mut out, 0, n),
-                false,
-                View::row_major(xd.get(), 0, k),
-                b_view,
-                threads,
-            )
+        // SAFETY: this task owns columns [j0, j1) of `out`.
+        let dst = ViewMut {
+            ptr: unsafe { out_ptr.get().add(j0) },
+            rs: n as isize,
+            cs: 1,
         };
-        let block = (super::activation::CHUNK / n).max(1);
-        let ro: &[f32] = if r.is_empty() { &[] } else { r };
-        out.par_chunks_mut(block * n)
-            .enumerate()
-            .for_each(|(i, c)| {
-                let rr = if ro.is_empty() {
-                    ro
-                } else {
-                    &ro[i * block * n..]
-                };
-                vmath::tile_epilogue(c, n, c.len() / n, n, op, b, s, rr, n);
-            });
+        unsafe { gemm::gemm(rows, cols, k, dst, false, a_view, b_view, inner_threads) };
+        if rows == 0 {
+            return;
+        }
+        let c =
+            unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(j0), (rows - 1) * n + cols) };
+        let rr = if r.is_empty() { r } else { &r[j0..] };
+        let ss = if s.is_empty() { s } else { &s[j0..] };
+        vmath::tile_epilogue(c, n, rows, cols, op, &b[j0..], ss, rr, n);
+    };
+    if parts > 1 {
+        (0..parts).into_par_iter().for_each(task);
+    } else {
+        task(0);
     }
     let mut out_dims = dims;
     if let Some(last) = out_dims.last_mut() {
