@@ -14,6 +14,7 @@
 //! ```
 
 pub mod auto;
+pub mod bench;
 pub mod config;
 pub mod error;
 pub mod heads;
@@ -24,6 +25,7 @@ pub mod nn;
 pub mod ops;
 pub mod pretrain;
 pub mod processor;
+pub mod profile;
 pub mod tasks;
 pub mod tokenizer;
 pub mod train;

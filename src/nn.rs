@@ -37,6 +37,15 @@ impl Linear {
         };
         Ok(Self { weight, bias })
     }
+
+    /// For inference: store the weight transposed (`[in, out]` in memory, still seen as
+    /// `[out, in]`), the layout the AVX-512 GEMM reads fastest (measured: up to 1.7x on
+    /// `[197x3072]x[3072x768]`). The data is transposed in place: the weight must not be shared
+    /// with another tensor (it is not, right after loading).
+    pub(crate) fn freeze(&mut self) -> Result<()> {
+        self.weight = ops::transpose_in_place(&self.weight)?.t()?;
+        Ok(())
+    }
 }
 
 impl Module for Linear {
@@ -131,6 +140,9 @@ impl Module for Conv2d {
             let wm = self.weight.reshape((o, c))?;
             wm.broadcast_matmul(&x.reshape((n, c, h * w))?)?
                 .reshape((n, o, h, w))?
+        } else if self.stride == 1 {
+            // Implicit-GEMM convolution (AVX-512 GEMM), differentiable.
+            ops::conv2d(x, &self.weight, self.padding, self.dilation)?
         } else {
             x.conv2d(&self.weight, self.padding, self.stride, self.dilation, 1)?
         };
@@ -168,6 +180,22 @@ impl ConvTranspose2d {
 
 impl Module for ConvTranspose2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (ci, co, kh, kw) = self.weight.dims4()?;
+        if kh == self.stride && kw == self.stride {
+            // Non-overlapping taps: one GEMM `[O*kh*kw, C] x [C, H*W]`, then each tap's values
+            // go to their place in the output (a pixel shuffle). Differentiable.
+            let (n, c, h, w) = x.dims4()?;
+            if c != ci {
+                candle_core::bail!("conv_transpose2d: {c} input channels for a weight of {ci}");
+            }
+            let wm = self.weight.reshape((ci, co * kh * kw))?.t()?;
+            let y = wm
+                .broadcast_matmul(&x.reshape((n, c, h * w))?)?
+                .reshape((n, co, kh, kw, h, w))?
+                .permute((0, 1, 4, 2, 5, 3))?
+                .reshape((n, co, h * kh, w * kw))?;
+            return y.broadcast_add(&self.bias.reshape((1, co, 1, 1))?);
+        }
         let y = x.conv_transpose2d(&self.weight, 0, 0, self.stride, 1)?;
         y.broadcast_add(&self.bias.reshape((1, self.bias.dim(0)?, 1, 1))?)
     }
@@ -243,6 +271,9 @@ fn update_buffer(buffer: &Tensor, value: &Tensor) -> Result<()> {
 pub struct ConvModule {
     pub conv: Conv2d,
     pub bn: BatchNorm2d,
+    /// Inference only ([`ConvModule::freeze`]): the batch norm folded into the convolution,
+    /// `(weight * scale, shift)`.
+    folded: Option<(Tensor, Tensor)>,
 }
 
 impl ConvModule {
@@ -268,10 +299,54 @@ impl ConvModule {
                 vb.pp("conv"),
             )?,
             bn: BatchNorm2d::new(out_c, vb.pp("bn"))?,
+            folded: None,
         })
     }
 
+    /// For a frozen (inference) model: fold the batch norm's running statistics into the
+    /// convolution, so that evaluation is one convolution with bias and ReLU fused. Training
+    /// (`forward_t(.., true)`) still uses the separate layers.
+    pub fn freeze(&mut self) -> Result<()> {
+        let dt = self.conv.weight.dtype();
+        let scale = (self.bn.weight.to_dtype(DType::F32)?
+            / (self.bn.running_var.to_dtype(DType::F32)? + self.bn.eps)?.sqrt()?)?;
+        let shift = (self.bn.bias.to_dtype(DType::F32)?
+            - (self.bn.running_mean.to_dtype(DType::F32)? * &scale)?)?;
+        let o = scale.dim(0)?;
+        // Stored as [kh, kw, O, C] (seen as [O, C, kh, kw]): each tap's [O, C] matrix is
+        // row-major, ~6 % faster in the implicit-GEMM convolution than PyTorch's layout.
+        let w = self
+            .conv
+            .weight
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&scale.reshape((o, 1, 1, 1))?)?
+            .to_dtype(dt)?
+            .permute((2, 3, 0, 1))?
+            .contiguous()?
+            .permute((2, 3, 0, 1))?;
+        self.folded = Some((w, shift.to_dtype(dt)?));
+        Ok(())
+    }
+
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.bn.forward_t(&self.conv.forward(x)?, train)?.relu()
+        self.forward_cat(&[x], train)
+    }
+
+    /// `forward_t(cat(xs, dim=1))`; a frozen model in evaluation reads the inputs in place.
+    pub fn forward_cat(&self, xs: &[&Tensor], train: bool) -> Result<Tensor> {
+        let k = self.conv.weight.dim(2)?;
+        let stage = if k == 1 { "conv1x1" } else { "conv3x3" };
+        if let (Some((w, b)), false, 1) = (&self.folded, train, self.conv.stride) {
+            return crate::profile::time(stage, || {
+                ops::conv2d_inference(xs, w, Some(b), true, self.conv.padding, self.conv.dilation)
+            });
+        }
+        let x = if xs.len() == 1 {
+            xs[0].clone()
+        } else {
+            crate::profile::time("concat", || Tensor::cat(xs, 1))?
+        };
+        let y = crate::profile::time(stage, || self.conv.forward(&x))?;
+        crate::profile::time("batchnorm+relu", || self.bn.forward_t(&y, train)?.relu())
     }
 }

@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod attention;
+mod bench;
 mod classify;
 mod embed;
 mod forward;
@@ -50,6 +51,8 @@ pub enum Command {
     Mim(mim::MimCmd),
     /// The CLS token's attention maps of one layer, per head, over the image.
     Attention(attention::AttentionCmd),
+    /// Measure latency, throughput, peak memory and load time on random-weight models.
+    Bench(bench::BenchCmd),
 }
 
 /// Parse the `--device` option.
@@ -114,6 +117,7 @@ pub fn run() -> Result<()> {
         Command::Embed(cmd) => cmd.run(&dev),
         Command::Mim(cmd) => cmd.run(&dev),
         Command::Attention(cmd) => cmd.run(&dev),
+        Command::Bench(cmd) => cmd.run(&dev),
     }
 }
 

@@ -40,13 +40,17 @@ impl BeitForImageClassification {
     pub fn new(cfg: &BeitConfig, vb: VarBuilder, frozen: bool) -> Result<Self> {
         let n = cfg.num_labels();
         let classifier = if n > 0 {
-            Some(Linear::new(
+            let mut c = Linear::new(
                 cfg.hidden_size,
                 n,
                 true,
                 cfg.initializer_range,
                 vb.pp("classifier"),
-            )?)
+            )?;
+            if frozen {
+                c.freeze()?;
+            }
+            Some(c)
         } else {
             None
         };

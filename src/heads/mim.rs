@@ -25,21 +25,27 @@ pub struct BeitForMaskedImageModeling {
     pub beit: BeitModel,
     pub layernorm: LayerNorm,
     pub lm_head: Linear,
+    frozen: bool,
 }
 
 impl BeitForMaskedImageModeling {
     pub fn new(cfg: &BeitConfig, vb: VarBuilder, frozen: bool) -> Result<Self> {
         let d = cfg.hidden_size;
+        let mut lm_head = Linear::new(
+            d,
+            cfg.vocab_size,
+            true,
+            cfg.initializer_range,
+            vb.pp("lm_head"),
+        )?;
+        if frozen {
+            lm_head.freeze()?;
+        }
         Ok(Self {
             beit: BeitModel::new(cfg, false, vb.pp("beit"), frozen)?,
             layernorm: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("layernorm"))?,
-            lm_head: Linear::new(
-                d,
-                cfg.vocab_size,
-                true,
-                cfg.initializer_range,
-                vb.pp("lm_head"),
-            )?,
+            lm_head,
+            frozen,
         })
     }
 
@@ -49,9 +55,23 @@ impl BeitForMaskedImageModeling {
         let out = self.beit.forward(pixel_values, opts)?;
         let seq = self.layernorm.forward(&out.last_hidden_state)?;
         let s = seq.dim(1)?;
-        let logits = self
-            .lm_head
-            .forward(&seq.i((.., 1..s, ..))?.contiguous()?)?;
+        let patches = seq.i((.., 1..s, ..))?.contiguous()?;
+        let logits = crate::profile::time("head", || {
+            if self.frozen
+                && !opts.train
+                && patches.dtype() == DType::F32
+                && patches.device().is_cpu()
+            {
+                crate::ops::linear::linear_inference(
+                    &patches,
+                    &self.lm_head.weight,
+                    self.lm_head.bias.as_ref(),
+                    crate::ops::linear::Epilogue::Bias,
+                )
+            } else {
+                self.lm_head.forward(&patches)
+            }
+        })?;
         let loss = match (&opts.labels, &opts.bool_masked_pos) {
             (Some(labels), Some(mask)) => Some(masked_loss(&logits, mask, labels)?),
             (Some(_), None) => candle_core::bail!("labels given without bool_masked_pos"),

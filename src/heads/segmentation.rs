@@ -32,6 +32,7 @@ pub struct Fpn1 {
 
 impl Fpn1 {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let _p = crate::profile::scope("fpn");
         let x = self.conv_transpose1.forward(x)?;
         let x = ops::gelu_erf(&self.normalization.forward_t(&x, train)?)?;
         self.conv_transpose2.forward(&x)
@@ -115,15 +116,35 @@ impl BeitUperHead {
         })
     }
 
+    /// Fold every batch norm into its convolution (inference only; see [`ConvModule::freeze`]).
+    pub fn freeze(&mut self) -> Result<()> {
+        for m in self
+            .psp_modules
+            .iter_mut()
+            .map(|b| &mut b.conv)
+            .chain(self.lateral_convs.iter_mut())
+            .chain(self.fpn_convs.iter_mut())
+        {
+            m.freeze()?;
+        }
+        self.bottleneck.freeze()?;
+        self.fpn_bottleneck.freeze()
+    }
+
     fn psp_forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let mut parts = vec![x.clone()];
         for block in &self.psp_modules {
-            let pooled = ops::adaptive_avg_pool2d(x, block.scale, block.scale)?;
+            let pooled = crate::profile::time("resize/pool", || {
+                ops::adaptive_avg_pool2d(x, block.scale, block.scale)
+            })?;
             let y = block.conv.forward_t(&pooled, train)?;
-            parts.push(ops::bilinear(&y, h, w)?);
+            parts.push(crate::profile::time("resize/pool", || {
+                ops::bilinear(&y, h, w)
+            })?);
         }
-        self.bottleneck.forward_t(&Tensor::cat(&parts, 1)?, train)
+        let parts: Vec<&Tensor> = parts.iter().collect();
+        self.bottleneck.forward_cat(&parts, train)
     }
 
     pub fn forward_t(&self, features: &[Tensor], train: bool) -> Result<Tensor> {
@@ -134,6 +155,7 @@ impl BeitUperHead {
         laterals.push(self.psp_forward(&features[3], train)?);
         for i in (1..laterals.len()).rev() {
             let (_, _, h, w) = laterals[i - 1].dims4()?;
+            let _p = crate::profile::scope("resize/pool");
             let up = ops::bilinear(&laterals[i], h, w)?;
             laterals[i - 1] = (&laterals[i - 1] + up)?;
         }
@@ -144,12 +166,11 @@ impl BeitUperHead {
         outs.push(laterals[3].clone());
         let (_, _, h0, w0) = outs[0].dims4()?;
         for o in outs.iter_mut().skip(1) {
-            *o = ops::bilinear(o, h0, w0)?;
+            *o = crate::profile::time("resize/pool", || ops::bilinear(o, h0, w0))?;
         }
-        let x = self
-            .fpn_bottleneck
-            .forward_t(&Tensor::cat(&outs, 1)?, train)?;
-        self.classifier.forward(&x)
+        let outs: Vec<&Tensor> = outs.iter().collect();
+        let x = self.fpn_bottleneck.forward_cat(&outs, train)?;
+        crate::profile::time("conv1x1", || self.classifier.forward(&x))
     }
 }
 
@@ -214,6 +235,14 @@ impl BeitFcnHead {
         })
     }
 
+    /// Fold every batch norm into its convolution (inference only; see [`ConvModule::freeze`]).
+    pub fn freeze(&mut self) -> Result<()> {
+        for m in self.convs.iter_mut().chain(self.conv_cat.iter_mut()) {
+            m.freeze()?;
+        }
+        Ok(())
+    }
+
     pub fn forward_t(&self, features: &[Tensor], train: bool) -> Result<Tensor> {
         let residual = &features[self.in_index];
         let mut x = residual.clone();
@@ -221,9 +250,9 @@ impl BeitFcnHead {
             x = conv.forward_t(&x, train)?;
         }
         if let Some(cat) = &self.conv_cat {
-            x = cat.forward_t(&Tensor::cat(&[residual, &x], 1)?, train)?;
+            x = cat.forward_cat(&[residual, &x], train)?;
         }
-        self.classifier.forward(&x)
+        crate::profile::time("conv1x1", || self.classifier.forward(&x))
     }
 }
 
@@ -251,6 +280,18 @@ impl BeitForSemanticSegmentation {
         }
         let d = cfg.hidden_size;
         let std = cfg.initializer_range;
+        let mut decode_head = BeitUperHead::new(cfg, vb.pp("decode_head"))?;
+        let mut auxiliary_head = if cfg.use_auxiliary_head {
+            Some(BeitFcnHead::new(cfg, vb.pp("auxiliary_head"))?)
+        } else {
+            None
+        };
+        if frozen {
+            decode_head.freeze()?;
+            if let Some(a) = auxiliary_head.as_mut() {
+                a.freeze()?;
+            }
+        }
         Ok(Self {
             beit: BeitModel::new(cfg, false, vb.pp("beit"), frozen)?,
             fpn1: Fpn1 {
@@ -259,12 +300,8 @@ impl BeitForSemanticSegmentation {
                 conv_transpose2: ConvTranspose2d::new(d, d, 2, 2, std, vb.pp("fpn1").pp("3"))?,
             },
             fpn2: ConvTranspose2d::new(d, d, 2, 2, std, vb.pp("fpn2").pp("0"))?,
-            decode_head: BeitUperHead::new(cfg, vb.pp("decode_head"))?,
-            auxiliary_head: if cfg.use_auxiliary_head {
-                Some(BeitFcnHead::new(cfg, vb.pp("auxiliary_head"))?)
-            } else {
-                None
-            },
+            decode_head,
+            auxiliary_head,
             out_indices,
             ignore_index: cfg.semantic_loss_ignore_index,
             auxiliary_loss_weight: cfg.auxiliary_loss_weight,
@@ -299,9 +336,9 @@ impl BeitForSemanticSegmentation {
         }
         Ok(vec![
             self.fpn1.forward_t(&maps[0], train)?,
-            self.fpn2.forward(&maps[1])?,
+            crate::profile::time("fpn", || self.fpn2.forward(&maps[1]))?,
             maps[2].clone(),
-            ops::max_pool2d_2x2(&maps[3])?,
+            crate::profile::time("resize/pool", || ops::max_pool2d_2x2(&maps[3]))?,
         ])
     }
 

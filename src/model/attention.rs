@@ -7,6 +7,7 @@ use crate::config::BeitConfig;
 use crate::model::relative_position::BeitRelativePositionBias;
 use crate::nn::Linear;
 use crate::ops;
+use crate::profile;
 
 /// `attention.attention`: the query/key/value projections (and the layer's own relative
 /// position bias table, which transformers keeps here).
@@ -28,9 +29,9 @@ impl BeitSelfAttention {
     pub fn new(cfg: &BeitConfig, vb: VarBuilder, frozen: bool) -> Result<Self> {
         let d = cfg.hidden_size;
         let std = cfg.initializer_range;
-        let query = Linear::new(d, d, true, std, vb.pp("query"))?;
-        let key = Linear::new(d, d, false, std, vb.pp("key"))?;
-        let value = Linear::new(d, d, true, std, vb.pp("value"))?;
+        let mut query = Linear::new(d, d, true, std, vb.pp("query"))?;
+        let mut key = Linear::new(d, d, false, std, vb.pp("key"))?;
+        let mut value = Linear::new(d, d, true, std, vb.pp("value"))?;
         let relative_position_bias = if cfg.use_relative_position_bias {
             Some(BeitRelativePositionBias::new(
                 cfg,
@@ -41,12 +42,25 @@ impl BeitSelfAttention {
             None
         };
         let fused_qkv = if frozen {
-            let weight = Tensor::cat(&[&query.weight, &key.weight, &value.weight], 0)?;
+            // [3D, D], stored transposed (see `Linear::freeze`).
+            let weight = ops::transpose_in_place(&Tensor::cat(
+                &[&query.weight, &key.weight, &value.weight],
+                0,
+            )?)?
+            .t()?;
             let zeros = value.bias.as_ref().map(|b| b.zeros_like()).transpose()?;
             let bias = match (&query.bias, zeros, &value.bias) {
                 (Some(q), Some(z), Some(v)) => Some(Tensor::cat(&[q, &z, v], 0)?),
                 _ => None,
             };
+            // The separate projections become views of the fused ones (no second copy).
+            query.weight = weight.narrow(0, 0, d)?;
+            key.weight = weight.narrow(0, d, d)?;
+            value.weight = weight.narrow(0, 2 * d, d)?;
+            if let Some(b) = &bias {
+                query.bias = Some(b.narrow(0, 0, d)?);
+                value.bias = Some(b.narrow(0, 2 * d, d)?);
+            }
             Some(Linear { weight, bias })
         } else {
             None
@@ -61,6 +75,11 @@ impl BeitSelfAttention {
             head_dim: cfg.head_dim(),
             dropout: cfg.attention_probs_dropout_prob,
         })
+    }
+
+    /// The fused `[3D, D]` QKV projection of a frozen model.
+    pub fn fused_qkv(&self) -> Option<&Linear> {
+        self.fused_qkv.as_ref()
     }
 
     /// `x [B, S, D]` -> context `[B, S, D]` and, when asked, the attention probabilities
@@ -79,6 +98,7 @@ impl BeitSelfAttention {
         let split = |t: Tensor| -> Result<Tensor> {
             t.reshape((b, s, h, hd))?.transpose(1, 2)?.contiguous()
         };
+        let _p = profile::scope("attn.qkv");
         let (q, k, v) = match &self.fused_qkv {
             Some(qkv) => {
                 let qkv = qkv
@@ -94,17 +114,24 @@ impl BeitSelfAttention {
                 split(self.value.forward(x)?)?,
             ),
         };
+        drop(_p);
         let scale = (hd as f64).powf(-0.5);
+        let _p = profile::scope("attn.scores");
         let mut scores = (q.matmul(&k.t()?)? * scale)?;
         if let Some(bias) = bias {
             scores = scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?;
         }
+        drop(_p);
+        let _p = profile::scope("attn.softmax");
         let mut probs = ops::softmax_last_dim(&scores)?;
+        drop(_p);
         probs = ops::dropout(&probs, self.dropout, train)?;
         if let Some(m) = head_mask {
             probs = probs.broadcast_mul(&m.to_dtype(probs.dtype())?.reshape((1, h, 1, 1))?)?;
         }
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, d))?;
+        let ctx = profile::time("attn.pv", || {
+            probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, d))
+        })?;
         Ok((ctx, output_attentions.then_some(probs)))
     }
 }
@@ -120,15 +147,19 @@ pub struct BeitAttention {
 impl BeitAttention {
     pub fn new(cfg: &BeitConfig, vb: VarBuilder, frozen: bool) -> Result<Self> {
         let d = cfg.hidden_size;
+        let mut output = Linear::new(
+            d,
+            d,
+            true,
+            cfg.initializer_range,
+            vb.pp("output").pp("dense"),
+        )?;
+        if frozen {
+            output.freeze()?;
+        }
         Ok(Self {
             attention: BeitSelfAttention::new(cfg, vb.pp("attention"), frozen)?,
-            output: Linear::new(
-                d,
-                d,
-                true,
-                cfg.initializer_range,
-                vb.pp("output").pp("dense"),
-            )?,
+            output,
             hidden_dropout: cfg.hidden_dropout_prob,
         })
     }
@@ -144,7 +175,8 @@ impl BeitAttention {
         let (ctx, probs) = self
             .attention
             .forward(x, bias, head_mask, train, output_attentions)?;
-        let out = ops::dropout(&self.output.forward(&ctx)?, self.hidden_dropout, train)?;
+        let out = profile::time("attn.proj", || self.output.forward(&ctx))?;
+        let out = ops::dropout(&out, self.hidden_dropout, train)?;
         Ok((out, probs))
     }
 }

@@ -6,7 +6,10 @@ use candle_nn::{Init, VarBuilder};
 use crate::config::BeitConfig;
 use crate::model::attention::BeitAttention;
 use crate::nn::{LayerNorm, Linear};
+use crate::ops::attention::{attention_inference, RelBias};
+use crate::ops::linear::{linear_inference, Epilogue};
 use crate::ops::{self, Activation};
+use crate::profile;
 
 /// `encoder.layer.N`.
 #[derive(Debug)]
@@ -39,24 +42,30 @@ impl BeitLayer {
         } else {
             (None, None)
         };
+        let mut intermediate = Linear::new(
+            d,
+            cfg.intermediate_size,
+            true,
+            std,
+            vb.pp("intermediate").pp("dense"),
+        )?;
+        let mut output = Linear::new(
+            cfg.intermediate_size,
+            d,
+            true,
+            std,
+            vb.pp("output").pp("dense"),
+        )?;
+        if frozen {
+            intermediate.freeze()?;
+            output.freeze()?;
+        }
         Ok(Self {
             attention: BeitAttention::new(cfg, vb.pp("attention"), frozen)?,
             layernorm_before: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("layernorm_before"))?,
             layernorm_after: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("layernorm_after"))?,
-            intermediate: Linear::new(
-                d,
-                cfg.intermediate_size,
-                true,
-                std,
-                vb.pp("intermediate").pp("dense"),
-            )?,
-            output: Linear::new(
-                cfg.intermediate_size,
-                d,
-                true,
-                std,
-                vb.pp("output").pp("dense"),
-            )?,
+            intermediate,
+            output,
             activation: Activation::from_config(cfg)
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
             lambda_1,
@@ -73,6 +82,72 @@ impl BeitLayer {
         }
     }
 
+    /// Whether this layer was built for inference (`frozen`), which enables
+    /// [`BeitLayer::forward_inference`].
+    pub fn is_frozen(&self) -> bool {
+        self.attention.attention.fused_qkv().is_some()
+    }
+
+    /// The inference fast path of a frozen layer on CPU f32 (no dropout, drop path, head mask or
+    /// attention output): LayerNorm, fused QKV GEMM, the tiled attention kernel with the relative
+    /// bias gathered from its table, and GEMMs whose bias / GELU / layer scale / residual are
+    /// applied in the same pass over their output. Same maths as [`BeitLayer::forward`].
+    pub fn forward_inference(&self, x: &Tensor, bias: Option<RelBias<'_>>) -> Result<Tensor> {
+        let qkv_proj = self.attention.attention.fused_qkv().ok_or_else(|| {
+            candle_core::Error::Msg("forward_inference needs a frozen layer".into())
+        })?;
+        let att = &self.attention.attention;
+        let scale = (att.head_dim as f32).powf(-0.5);
+        let ln1 = profile::time("layernorm", || self.layernorm_before.forward(x))?;
+        let qkv = profile::time("attn.qkv", || {
+            linear_inference(
+                &ln1,
+                &qkv_proj.weight,
+                qkv_proj.bias.as_ref(),
+                Epilogue::Bias,
+            )
+        })?;
+        let ctx = profile::time("attn.core", || {
+            attention_inference(&qkv, att.num_heads, scale, bias)
+        })?;
+        let out = &self.attention.output;
+        let h = profile::time("attn.proj", || {
+            linear_inference(
+                &ctx,
+                &out.weight,
+                out.bias.as_ref(),
+                Epilogue::BiasScaleResidual {
+                    scale: self.lambda_1.as_ref(),
+                    residual: x,
+                },
+            )
+        })?;
+        let ln2 = profile::time("layernorm", || self.layernorm_after.forward(&h))?;
+        let fc1 = &self.intermediate;
+        let y = if self.activation == Activation::Gelu {
+            profile::time("mlp.fc1+gelu", || {
+                linear_inference(&ln2, &fc1.weight, fc1.bias.as_ref(), Epilogue::BiasGelu)
+            })?
+        } else {
+            let y = profile::time("mlp.fc1", || {
+                linear_inference(&ln2, &fc1.weight, fc1.bias.as_ref(), Epilogue::Bias)
+            })?;
+            profile::time("mlp.act", || self.activation.forward(&y))?
+        };
+        let fc2 = &self.output;
+        profile::time("mlp.fc2", || {
+            linear_inference(
+                &y,
+                &fc2.weight,
+                fc2.bias.as_ref(),
+                Epilogue::BiasScaleResidual {
+                    scale: self.lambda_2.as_ref(),
+                    residual: &h,
+                },
+            )
+        })
+    }
+
     /// `x [B, S, D]` -> `[B, S, D]` (and the attention probabilities when asked).
     pub fn forward(
         &self,
@@ -82,24 +157,25 @@ impl BeitLayer {
         train: bool,
         output_attentions: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let (attn, probs) = self.attention.forward(
-            &self.layernorm_before.forward(x)?,
-            bias,
-            head_mask,
-            train,
-            output_attentions,
-        )?;
-        let attn = Self::scale(attn, &self.lambda_1)?;
-        let h = (ops::drop_path(&attn, self.drop_path, train)? + x)?;
-        let y = self
-            .intermediate
-            .forward(&self.layernorm_after.forward(&h)?)?;
-        let y = self.output.forward(&self.activation.forward(&y)?)?;
-        let y = Self::scale(
-            ops::dropout(&y, self.hidden_dropout, train)?,
-            &self.lambda_2,
-        )?;
-        let out = (ops::drop_path(&y, self.drop_path, train)? + h)?;
+        let ln1 = profile::time("layernorm", || self.layernorm_before.forward(x))?;
+        let (attn, probs) =
+            self.attention
+                .forward(&ln1, bias, head_mask, train, output_attentions)?;
+        let h = profile::time("scale+residual", || {
+            let attn = Self::scale(attn, &self.lambda_1)?;
+            ops::drop_path(&attn, self.drop_path, train)? + x
+        })?;
+        let ln2 = profile::time("layernorm", || self.layernorm_after.forward(&h))?;
+        let y = profile::time("mlp.fc1", || self.intermediate.forward(&ln2))?;
+        let y = profile::time("mlp.gelu", || self.activation.forward(&y))?;
+        let y = profile::time("mlp.fc2", || self.output.forward(&y))?;
+        let out = profile::time("scale+residual", || {
+            let y = Self::scale(
+                ops::dropout(&y, self.hidden_dropout, train)?,
+                &self.lambda_2,
+            )?;
+            ops::drop_path(&y, self.drop_path, train)? + h
+        })?;
         Ok((out, probs))
     }
 }

@@ -10,6 +10,7 @@ use candle_nn::VarBuilder;
 
 use crate::config::BeitConfig;
 use crate::nn::LayerNorm;
+use crate::ops;
 pub use attention::{BeitAttention, BeitSelfAttention};
 pub use embeddings::{BeitEmbeddings, BeitPatchEmbeddings};
 pub use layer::BeitLayer;
@@ -205,9 +206,10 @@ impl BeitModel {
         let p = self.config.patch();
         let window = (height / p, width / p);
         let pixel_values = pixel_values.to_dtype(self.dtype())?;
-        let mut x =
+        let mut x = crate::profile::time("embeddings", || {
             self.embeddings
-                .forward(&pixel_values, opts.bool_masked_pos.as_ref(), opts.train)?;
+                .forward(&pixel_values, opts.bool_masked_pos.as_ref(), opts.train)
+        })?;
         let shared = match &self.shared_relative_position_bias {
             Some(m) => Some(m.forward(window)?),
             None => None,
@@ -215,7 +217,45 @@ impl BeitModel {
         let head_mask = self.layer_head_masks(opts.head_mask.as_ref())?;
         let mut hidden_states = opts.output_hidden_states.then(|| vec![x.clone()]);
         let mut attentions = opts.output_attentions.then(Vec::new);
-        for (i, layer) in self.layers.iter().enumerate() {
+        // The fused inference kernels: frozen model, f32 on CPU, nothing that needs the
+        // attention probabilities or the autograd graph.
+        let fast = self.layers.iter().all(|l| l.is_frozen())
+            && !opts.train
+            && !opts.output_attentions
+            && head_mask.is_none()
+            && x.dtype() == DType::F32
+            && x.device().is_cpu();
+        if fast {
+            let index = relative_position::relative_position_index(window);
+            let shared = match &self.shared_relative_position_bias {
+                Some(m) => Some(m.head_major_table(window)?),
+                None => None,
+            };
+            for layer in &self.layers {
+                let p = crate::profile::scope("relative_position_bias");
+                let own = match &layer.attention.attention.relative_position_bias {
+                    Some(m) => Some(m.head_major_table(window)?),
+                    None => None,
+                };
+                let table = match (own, &shared) {
+                    (Some(a), Some(b)) => Some((a + b)?),
+                    (Some(a), None) => Some(a),
+                    (None, Some(b)) => Some(b.clone()),
+                    (None, None) => None,
+                };
+                drop(p);
+                let bias = table.as_ref().map(|t| ops::attention::RelBias {
+                    table: t,
+                    index: index.as_slice(),
+                });
+                x = layer.forward_inference(&x, bias)?;
+                if let Some(hs) = hidden_states.as_mut() {
+                    hs.push(x.clone());
+                }
+            }
+        }
+        for (i, layer) in self.layers.iter().enumerate().filter(|_| !fast) {
+            let p = crate::profile::scope("relative_position_bias");
             let own = match &layer.attention.attention.relative_position_bias {
                 Some(m) => Some(m.forward(window)?),
                 None => None,
@@ -226,6 +266,7 @@ impl BeitModel {
                 (None, Some(b)) => Some(b.clone()),
                 (None, None) => None,
             };
+            drop(p);
             let (out, probs) = layer.forward(
                 &x,
                 bias.as_ref(),

@@ -53,10 +53,24 @@ pub struct BeitRelativePositionBias {
     pub relative_position_bias_table: Tensor,
     /// The window the table was trained for (from `config.image_size`).
     pub window_size: (usize, usize),
-    /// Bias per input window, kept when the model is frozen (inference): transformers rebuilds
-    /// it on every forward, which costs ~20 % of a base forward on CPU.
-    cache: Option<Mutex<HashMap<(usize, usize), Tensor>>>,
+    /// Caches per input window, kept when the model is frozen (inference): transformers rebuilds
+    /// the bias on every forward, which costs ~20 % of a base forward on CPU.
+    cache: Option<Mutex<Caches>>,
 }
+
+/// The per-window caches of a frozen model.
+#[derive(Debug, Default)]
+struct Caches {
+    /// The table resized to the window, head-major `[H, R]` (small).
+    tables: HashMap<(usize, usize), Tensor>,
+    /// The gathered bias `[1, H, S, S]`, only for windows where it is small (see
+    /// [`MAX_CACHED_BIAS`]); the fused attention kernel gathers from the table instead.
+    biases: HashMap<(usize, usize), Tensor>,
+}
+
+/// Largest gathered bias (elements) a frozen layer keeps per window: 16 MB in f32, i.e. up to
+/// 384x384 inputs for a base model (at 640x640 it would be 123 MB per layer).
+const MAX_CACHED_BIAS: usize = 4 << 20;
 
 impl BeitRelativePositionBias {
     pub fn new(cfg: &BeitConfig, vb: VarBuilder, frozen: bool) -> Result<Self> {
@@ -70,55 +84,85 @@ impl BeitRelativePositionBias {
         Ok(Self {
             relative_position_bias_table: table,
             window_size,
-            cache: frozen.then(|| Mutex::new(HashMap::new())),
+            cache: frozen.then(|| Mutex::new(Caches::default())),
         })
     }
 
     /// The bias `[1, H, S, S]` for an input whose patch grid is `window`.
     pub fn forward(&self, window: (usize, usize)) -> Result<Tensor> {
         if let Some(cache) = &self.cache {
-            if let Some(t) = cache.lock().ok().and_then(|c| c.get(&window).cloned()) {
+            if let Some(t) = cache
+                .lock()
+                .ok()
+                .and_then(|c| c.biases.get(&window).cloned())
+            {
                 return Ok(t);
             }
         }
-        let bias = self.compute(window)?;
+        let table = self.resized_table(window)?;
+        let (rows, heads) = table.dims2()?;
+        let index = relative_position_index(window);
+        let s = window.0 * window.1 + 1;
+        let idx = Tensor::from_slice(index.as_slice(), s * s, table.device())?;
+        let bias = table
+            .index_select(&idx, 0)?
+            .reshape((s, s, heads))?
+            .permute((2, 0, 1))?
+            .contiguous()?
+            .unsqueeze(0)?;
+        debug_assert!(index.iter().all(|&i| (i as usize) < rows));
         if let Some(cache) = &self.cache {
-            if let Ok(mut c) = cache.lock() {
-                c.insert(window, bias.clone());
+            if s * s * heads <= MAX_CACHED_BIAS {
+                if let Ok(mut c) = cache.lock() {
+                    c.biases.insert(window, bias.clone());
+                }
             }
         }
         Ok(bias)
     }
 
-    fn compute(&self, window: (usize, usize)) -> Result<Tensor> {
+    /// The table for `window` in gather form, head-major `[H, R]` (contiguous): the bias of head
+    /// `h` between tokens `i` and `j` is `table[h, index[i * S + j]]` with
+    /// `index = relative_position_index(window)`. Cached per window when frozen.
+    pub fn head_major_table(&self, window: (usize, usize)) -> Result<Tensor> {
+        if let Some(cache) = &self.cache {
+            if let Some(t) = cache
+                .lock()
+                .ok()
+                .and_then(|c| c.tables.get(&window).cloned())
+            {
+                return Ok(t);
+            }
+        }
+        let t = self.resized_table(window)?.t()?.contiguous()?;
+        if let Some(cache) = &self.cache {
+            if let Ok(mut c) = cache.lock() {
+                c.tables.insert(window, t.clone());
+            }
+        }
+        Ok(t)
+    }
+
+    /// The table `[R, H]` resized to `window` as transformers does.
+    fn resized_table(&self, window: (usize, usize)) -> Result<Tensor> {
         let table = &self.relative_position_bias_table;
         let (rows, heads) = table.dims2()?;
         // transformers reshapes the table as (2*Ww0-1, 2*Wh0-1) (width first) and resizes it
         // bilinearly to (2*Wh-1, 2*Ww-1); replicate that exactly, including for non-square windows.
         let (old_a, old_b) = (2 * self.window_size.1 - 1, 2 * self.window_size.0 - 1);
         let (new_h, new_w) = (2 * window.0 - 1, 2 * window.1 - 1);
-        let table = if (old_a, old_b) == (new_h, new_w) {
-            table.clone()
-        } else {
-            let sub = table.narrow(0, 0, rows - 3)?;
-            let grid = sub
-                .reshape((1, old_a, old_b, heads))?
-                .permute((0, 3, 1, 2))?;
-            let resized = ops::bilinear(&grid, new_h, new_w)?;
-            let resized = resized
-                .permute((0, 2, 3, 1))?
-                .reshape((new_h * new_w, heads))?;
-            Tensor::cat(&[&resized, &table.narrow(0, rows - 3, 3)?], 0)?
-        };
-        let index = relative_position_index(window);
-        let s = window.0 * window.1 + 1;
-        let idx = Tensor::from_slice(index.as_slice(), s * s, table.device())?;
-        table
-            .index_select(&idx, 0)?
-            .reshape((s, s, heads))?
-            .permute((2, 0, 1))?
-            .contiguous()?
-            .unsqueeze(0)
+        if (old_a, old_b) == (new_h, new_w) {
+            return Ok(table.clone());
+        }
+        let sub = table.narrow(0, 0, rows - 3)?;
+        let grid = sub
+            .reshape((1, old_a, old_b, heads))?
+            .permute((0, 3, 1, 2))?;
+        let resized = ops::bilinear(&grid, new_h, new_w)?;
+        let resized = resized
+            .permute((0, 2, 3, 1))?
+            .reshape((new_h * new_w, heads))?;
+        Tensor::cat(&[&resized, &table.narrow(0, rows - 3, 3)?], 0)
     }
 }
 

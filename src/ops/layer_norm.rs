@@ -59,8 +59,12 @@ impl CustomOp3 for LayerNormOp {
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
                 let x = slice(x, l1)?;
+                let (w, b) = (slice(w, l2)?, slice(b, l3)?);
                 let mut o = vec![0f32; x.len()];
-                ln_rows(x, slice(w, l2)?, slice(b, l3)?, &mut o, dim, self.eps);
+                let rows = (super::activation::CHUNK / dim.max(1)).max(1);
+                o.par_chunks_mut(rows * dim)
+                    .zip(x.par_chunks(rows * dim))
+                    .for_each(|(o, x)| super::vmath::layer_norm_rows(x, w, b, o, self.eps as f32));
                 CpuStorage::F32(o)
             }
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {

@@ -6,12 +6,18 @@
 //! matches PyTorch's forward numerics.
 
 pub mod activation;
+pub mod attention;
+pub mod conv;
+pub mod gemm;
 pub mod layer_norm;
+pub mod linear;
 pub mod pool;
 pub mod resize;
 pub mod softmax;
+pub mod vmath;
 
 pub use activation::{gelu_erf, Activation};
+pub use conv::{conv2d, conv2d_inference};
 pub use layer_norm::layer_norm;
 pub use pool::{adaptive_avg_pool2d, max_pool2d_2x2};
 pub use resize::{bicubic, bilinear};
@@ -88,4 +94,195 @@ pub fn dropout(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
         .collect();
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     x.mul(&mask)
+}
+
+/// Read access to the f32 data of a contiguous CPU tensor.
+pub(crate) struct F32Data<'a> {
+    guard: Box<dyn std::ops::Deref<Target = candle_core::Storage> + 'a>,
+    start: usize,
+    len: usize,
+}
+
+impl F32Data<'_> {
+    pub(crate) fn get(&self) -> &[f32] {
+        match &**self.guard {
+            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
+                &v[self.start..self.start + self.len]
+            }
+            _ => unreachable!("checked in f32_data"),
+        }
+    }
+}
+
+/// The data of `t`, which must be a contiguous f32 tensor on the CPU.
+pub(crate) fn f32_data(t: &Tensor) -> Result<F32Data<'_>> {
+    let (guard, layout) = t.storage_and_layout();
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!(
+            "expected a contiguous tensor, got strides {:?}",
+            layout.stride()
+        )
+    };
+    if !matches!(
+        &*guard,
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(_))
+    ) {
+        candle_core::bail!("expected an f32 CPU tensor, got {:?}", t.dtype())
+    }
+    Ok(F32Data {
+        guard: Box::new(guard),
+        start,
+        len: end - start,
+    })
+}
+
+/// A raw pointer that rayon tasks may share; each task writes a disjoint part.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr<T>(pub *mut T);
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so that closures capture the `Send` wrapper, not the field).
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+}
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+/// Blocked transpose of the row-major `r x c` matrix `src` into `dst` (`c x r`), in parallel.
+/// Each task fills 32 output rows; within it, groups of 8 output rows are written as 8
+/// sequential streams (more would alias in L1 when `r * 4` is a multiple of 4 KiB) while a
+/// 64 x 32 source block stays in L1.
+fn transpose_into(src: &[f32], r: usize, c: usize, dst: &mut [f32]) {
+    const B: usize = 32;
+    const G: usize = 8;
+    const IB: usize = 64;
+    use rayon::prelude::*;
+    dst.par_chunks_mut(B * r.max(1))
+        .enumerate()
+        .for_each(|(bj, d)| {
+            let j0 = bj * B;
+            let jn = (c - j0).min(B);
+            for i0 in (0..r).step_by(IB) {
+                let i1 = (i0 + IB).min(r);
+                for g0 in (0..jn).step_by(G) {
+                    let gn = (jn - g0).min(G);
+                    if gn == G {
+                        for i in i0..i1 {
+                            let s: &[f32; G] = src[i * c + j0 + g0..i * c + j0 + g0 + G]
+                                .try_into()
+                                .expect("G elements");
+                            for (jj, &v) in s.iter().enumerate() {
+                                d[(g0 + jj) * r + i] = v;
+                            }
+                        }
+                    } else {
+                        for i in i0..i1 {
+                            for jj in 0..gn {
+                                d[(g0 + jj) * r + i] = src[i * c + j0 + g0 + jj];
+                            }
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// The transpose of a 2-D tensor as a new contiguous tensor (`x.t().contiguous()`); f32 on CPU
+/// goes through a blocked, parallel copy (candle's strided copy moves one element at a time).
+pub fn transpose_contiguous(x: &Tensor) -> Result<Tensor> {
+    let (r, c) = x.dims2()?;
+    if !(x.device().is_cpu() && x.dtype() == DType::F32 && x.is_contiguous()) {
+        return x.t()?.contiguous();
+    }
+    let data = f32_data(x)?;
+    let mut out = vec![0f32; r * c];
+    transpose_into(data.get(), r, c, &mut out);
+    drop(data);
+    Tensor::from_vec(out, (c, r), x.device())
+}
+
+/// `x [r, c]` -> the same storage holding `xᵀ`, returned as a contiguous `[c, r]` tensor. For
+/// f32 on CPU the data is transposed in place (through a reused scratch buffer), so a loaded
+/// weight is not allocated (and page-faulted) a second time; elsewhere a copy.
+///
+/// Every tensor sharing `x`'s storage sees the transposed data: only for tensors nothing else
+/// holds (freshly loaded weights).
+pub(crate) fn transpose_in_place(x: &Tensor) -> Result<Tensor> {
+    let (r, c) = x.dims2()?;
+    if !(x.device().is_cpu() && x.dtype() == DType::F32 && x.is_contiguous()) {
+        return x.t()?.contiguous();
+    }
+    struct TransposeOp(usize, usize);
+    impl candle_core::InplaceOp1 for TransposeOp {
+        fn name(&self) -> &'static str {
+            "beit-transpose-in-place"
+        }
+        fn cpu_fwd(&self, s: &mut candle_core::CpuStorage, l: &candle_core::Layout) -> Result<()> {
+            static SCRATCH: std::sync::Mutex<Vec<f32>> = std::sync::Mutex::new(Vec::new());
+            let candle_core::CpuStorage::F32(v) = s else {
+                candle_core::bail!("transpose_in_place: expected f32")
+            };
+            let Some((a, b)) = l.contiguous_offsets() else {
+                candle_core::bail!("transpose_in_place: not contiguous")
+            };
+            let mut scratch = SCRATCH
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("scratch poisoned".into()))?;
+            scratch.clear();
+            scratch.extend_from_slice(&v[a..b]);
+            transpose_into(&scratch, self.0, self.1, &mut v[a..b]);
+            Ok(())
+        }
+    }
+    let _p = crate::profile::scope("load.transpose");
+    x.inplace_op1(&TransposeOp(r, c))?;
+    x.reshape((c, r))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transposes_match_candle() {
+        let x = Tensor::randn(0f32, 1f32, (70, 45), &candle_core::Device::Cpu).unwrap();
+        let want = x.t().unwrap().contiguous().unwrap();
+        let a = transpose_contiguous(&x).unwrap();
+        let y = x.copy().unwrap();
+        let b = transpose_in_place(&y).unwrap();
+        for t in [a, b] {
+            assert_eq!(t.dims(), &[45, 70]);
+            let d = (t - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap();
+            assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+        }
+    }
+
+    /// `cargo test --release --lib transpose_rate -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn transpose_rate() {
+        let (r, c) = (3072usize, 768usize);
+        let src = vec![1f32; r * c];
+        let mut dst = vec![0f32; r * c];
+        for _ in 0..3 {
+            let t0 = std::time::Instant::now();
+            for _ in 0..20 {
+                transpose_into(&src, r, c, &mut dst);
+            }
+            let t1 = t0.elapsed().as_secs_f64() / 20.0;
+            let t0 = std::time::Instant::now();
+            for _ in 0..20 {
+                dst.copy_from_slice(std::hint::black_box(&src));
+            }
+            let t2 = t0.elapsed().as_secs_f64() / 20.0;
+            eprintln!("transpose {:.2} ms, memcpy {:.2} ms", t1 * 1e3, t2 * 1e3);
+        }
+    }
 }

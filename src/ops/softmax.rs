@@ -108,9 +108,10 @@ impl CustomOp1 for SoftmaxLastDim {
             .ok_or_else(|| candle_core::Error::Msg("softmax: input must be contiguous".into()))?;
         let out = match storage {
             CpuStorage::F32(v) => {
-                let src = &v[start..end];
-                let mut dst = vec![0f32; src.len()];
-                softmax_rows(src, &mut dst, dim);
+                let mut dst = v[start..end].to_vec();
+                let rows = (super::activation::CHUNK / dim.max(1)).max(1);
+                dst.par_chunks_mut(rows * dim)
+                    .for_each(|c| super::vmath::softmax_rows(c, dim));
                 CpuStorage::F32(dst)
             }
             CpuStorage::F64(v) => {

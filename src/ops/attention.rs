@@ -1,0 +1,203 @@
+//! Inference-only multi-head attention on CPU f32, tiled over (batch, head, block of query rows)
+//! so that each block's scores stay in cache: `S = Q·Kᵀ` (GEMM), then in one pass per row
+//! `softmax(S * scale + bias)` with the relative position bias gathered from its table, then
+//! `P·V` (GEMM) written straight into the merged-heads context. Q, K and V are read in place from
+//! the fused QKV projection; nothing is transposed or copied, and the `[B, H, S, S]` score and
+//! bias tensors are never materialised (at 640x640 that is 123 MB per layer).
+//!
+//! No backward, no dropout, no head mask, no attention output: used by frozen models only.
+
+use candle_core::{Result, Tensor};
+use rayon::prelude::*;
+
+use super::gemm::{self, View, ViewMut};
+use super::{f32_data, vmath, SendPtr};
+
+/// The relative position bias of one layer in gather form: `table [H, R]` and, for a sequence
+/// of `S` tokens, `index [S * S]` into the `R` rows (transformers' `relative_position_index`).
+#[derive(Clone, Copy)]
+pub struct RelBias<'a> {
+    pub table: &'a Tensor,
+    pub index: &'a [u32],
+}
+
+/// `softmax(Q Kᵀ · scale + bias) V` for `qkv [B, S, 3D]` (query, key, value projections side by
+/// side, heads `h` of `D / h` each) -> `[B, S, D]` with the heads merged.
+pub fn attention_inference(
+    qkv: &Tensor,
+    heads: usize,
+    scale: f32,
+    bias: Option<RelBias<'_>>,
+) -> Result<Tensor> {
+    let (b, s, d3) = qkv.dims3()?;
+    let d = d3 / 3;
+    if d3 != 3 * d || heads == 0 || d % heads != 0 {
+        candle_core::bail!(
+            "attention: qkv {:?} does not split into {heads} heads",
+            qkv.dims()
+        );
+    }
+    let hd = d / heads;
+    let qkv = qkv.contiguous()?;
+    let qd = f32_data(&qkv)?;
+    let q = qd.get();
+    let table_t = bias.map(|r| r.table.contiguous()).transpose()?;
+    let td = table_t.as_ref().map(f32_data).transpose()?;
+    let (table, index, rows_per_head): (&[f32], &[u32], usize) = match (&td, bias) {
+        (Some(t), Some(r)) => {
+            let (th, tr) = r.table.dims2()?;
+            if th != heads || r.index.len() != s * s {
+                candle_core::bail!(
+                    "attention: bias table {:?} / index of {} for {heads} heads and {s} tokens",
+                    r.table.dims(),
+                    r.index.len()
+                );
+            }
+            // The kernel gathers without bounds checks: check every index once here.
+            if r.index.par_iter().any(|&i| i as usize >= tr) {
+                candle_core::bail!("attention: relative position index out of the table");
+            }
+            (t.get(), r.index, tr)
+        }
+        _ => (&[], &[], 0),
+    };
+    // Query rows per task: a block of scores of at most ~64K floats (256 KB, in L2), and
+    // enough tasks to keep every thread busy.
+    let threads = gemm::num_threads();
+    let s1 = s.max(1);
+    let mut rows = (65536 / s1).max(16).min(s1);
+    while rows > 16 && b * heads * s1.div_ceil(rows) < 4 * threads {
+        rows = rows.div_ceil(2);
+    }
+    let blocks = s1.div_ceil(rows);
+    let mut out = vec![0f32; b * s * d];
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    (0..b * heads * blocks).into_par_iter().for_each_init(
+        || vec![0f32; rows * s1],
+        |scores, task| {
+            let (bh, blk) = (task / blocks, task % blocks);
+            let (bi, h) = (bh / heads, bh % heads);
+            let i0 = blk * rows;
+            let r = rows.min(s - i0);
+            let base = bi * s * d3;
+            let qv = View {
+                ptr: q[base + i0 * d3 + h * hd..].as_ptr(),
+                rs: d3 as isize,
+                cs: 1,
+            };
+            let kt = View {
+                ptr: q[base + d + h * hd..].as_ptr(),
+                rs: 1,
+                cs: d3 as isize,
+            };
+            let vv = View {
+                ptr: q[base + 2 * d + h * hd..].as_ptr(),
+                rs: d3 as isize,
+                cs: 1,
+            };
+            let sc = &mut scores[..r * s];
+            // SAFETY: the views address rows [i0, i0 + r) / all S rows of this image's q, k, v.
+            unsafe { gemm::gemm(r, s, hd, ViewMut::row_major(sc, 0, s), false, qv, kt, 1) };
+            let th = if table.is_empty() {
+                table
+            } else {
+                &table[h * rows_per_head..(h + 1) * rows_per_head]
+            };
+            for (ii, row) in sc.chunks_exact_mut(s).enumerate() {
+                let idx = if index.is_empty() {
+                    index
+                } else {
+                    &index[(i0 + ii) * s..(i0 + ii + 1) * s]
+                };
+                vmath::scaled_biased_softmax_row(row, scale, th, idx);
+            }
+            let dst = ViewMut {
+                // SAFETY: rows [i0, i0 + r) and columns [h*hd, (h+1)*hd) of image bi belong to
+                // this task only.
+                ptr: unsafe { out_ptr.get().add((bi * s + i0) * d + h * hd) },
+                rs: d as isize,
+                cs: 1,
+            };
+            unsafe { gemm::gemm(r, hd, s, dst, false, View::row_major(sc, 0, s), vv, 1) };
+        },
+    );
+    drop(qd);
+    Tensor::from_vec(out, (b, s, d), qkv.device())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, D};
+
+    #[test]
+    fn matches_plain_attention_with_gathered_bias() {
+        let dev = Device::Cpu;
+        for &(b, s, heads, hd) in &[
+            (2usize, 13usize, 3usize, 8usize),
+            (1, 50, 2, 16),
+            (3, 197, 2, 4),
+        ] {
+            let d = heads * hd;
+            let qkv = Tensor::randn(0f32, 1f32, (b, s, 3 * d), &dev).unwrap();
+            let r = 7 + s;
+            let table = Tensor::randn(0f32, 1f32, (heads, r), &dev).unwrap();
+            let index: Vec<u32> = (0..s * s).map(|i| ((i * 31 + i / s) % r) as u32).collect();
+            let scale = (hd as f32).powf(-0.5);
+            let got = attention_inference(
+                &qkv,
+                heads,
+                scale,
+                Some(RelBias {
+                    table: &table,
+                    index: &index,
+                }),
+            )
+            .unwrap();
+            let split = |i: usize| {
+                qkv.narrow(2, i * d, d)
+                    .unwrap()
+                    .reshape((b, s, heads, hd))
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+            };
+            let (q, k, v) = (split(0), split(1), split(2));
+            let idx = Tensor::from_slice(&index, s * s, &dev).unwrap();
+            let bias = table
+                .index_select(&idx, 1)
+                .unwrap()
+                .reshape((1, heads, s, s))
+                .unwrap();
+            let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale as f64)
+                .unwrap()
+                .broadcast_add(&bias)
+                .unwrap();
+            let p = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
+            let want = p
+                .matmul(&v)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((b, s, d))
+                .unwrap();
+            let diff = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-5, "{diff}");
+            let nobias = attention_inference(&qkv, heads, scale, None).unwrap();
+            assert_eq!(nobias.dims(), &[b, s, d]);
+        }
+    }
+}

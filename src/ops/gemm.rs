@@ -1,0 +1,300 @@
+//! Strided GEMM on raw buffers: `C = (C if accumulate) + A · B`, on the `gemm` crate.
+//!
+//! The `gemm` crate picks its micro-kernel at run time (AVX-512 when the CPU has `avx512f` and the
+//! crate's `x86-v4` feature is on, else FMA/AVX2, else scalar), so nothing here assumes an ISA.
+//! The kernels in `ops` call this directly when they need what candle's `matmul` does not give:
+//! accumulation into an existing output (bias / residual fused into the GEMM), strided operands
+//! (implicit-GEMM convolution, per-head attention) and a chosen thread count.
+
+use gemm::Parallelism;
+
+/// Element types the GEMM supports here.
+pub trait GemmElem: Copy + Send + Sync + 'static {
+    const ZERO: Self;
+    const ONE: Self;
+}
+impl GemmElem for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+}
+impl GemmElem for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+}
+
+/// A strided matrix view: element `(i, j)` is at `ptr + i * rs + j * cs`.
+#[derive(Clone, Copy, Debug)]
+pub struct View<T> {
+    pub ptr: *const T,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+impl<T> View<T> {
+    /// A row-major `rows x cols` matrix in `s` starting at `offset`, row stride `ld`.
+    pub fn row_major(s: &[T], offset: usize, ld: usize) -> Self {
+        View {
+            ptr: s[offset..].as_ptr(),
+            rs: ld as isize,
+            cs: 1,
+        }
+    }
+    /// The transpose of a row-major matrix in `s` (row stride `ld`): `(i, j)` reads `s[j*ld + i]`.
+    pub fn transposed(s: &[T], offset: usize, ld: usize) -> Self {
+        View {
+            ptr: s[offset..].as_ptr(),
+            rs: 1,
+            cs: ld as isize,
+        }
+    }
+}
+
+// SAFETY: a view is a pointer plus strides; what may be read or written through it is the
+// business of the (unsafe) `gemm` call that uses it.
+unsafe impl<T: Sync> Send for View<T> {}
+unsafe impl<T: Sync> Sync for View<T> {}
+
+/// A mutable strided matrix view.
+#[derive(Clone, Copy, Debug)]
+pub struct ViewMut<T> {
+    pub ptr: *mut T,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+impl<T> ViewMut<T> {
+    pub fn row_major(s: &mut [T], offset: usize, ld: usize) -> Self {
+        ViewMut {
+            ptr: s[offset..].as_mut_ptr(),
+            rs: ld as isize,
+            cs: 1,
+        }
+    }
+}
+
+/// The thread count for kernels: `RAYON_NUM_THREADS` or the machine's cores (candle's rule).
+pub fn num_threads() -> usize {
+    candle_core::utils::get_num_threads()
+}
+
+fn parallelism(threads: usize) -> Parallelism {
+    if threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    }
+}
+
+/// `C[m x n] = (accumulate ? C : 0) + A[m x k] · B[k x n]` using up to `threads` threads.
+///
+/// # Safety
+/// Every view must address valid memory for the given sizes and strides, and `c` must not
+/// alias `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm<T: GemmElem>(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: ViewMut<T>,
+    accumulate: bool,
+    a: View<T>,
+    b: View<T>,
+    threads: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m as isize {
+                for j in 0..n as isize {
+                    *c.ptr.offset(i * c.rs + j * c.cs) = T::ZERO;
+                }
+            }
+        }
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c.ptr,
+        c.cs,
+        c.rs,
+        accumulate,
+        a.ptr,
+        a.cs,
+        a.rs,
+        b.ptr,
+        b.cs,
+        b.rs,
+        if accumulate { T::ONE } else { T::ZERO },
+        T::ONE,
+        false,
+        false,
+        false,
+        parallelism(threads),
+    )
+}
+
+/// Whether this CPU runs the `gemm` crate's AVX-512 kernels (the `x86-v4` feature is compiled in;
+/// the crate dispatches on `avx512f` at run time).
+pub fn avx512_gemm() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(m: usize, n: usize, k: usize, a: &[f64], b: &[f64]) -> Vec<f64> {
+        let mut c = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn strided_and_accumulating_gemm_matches_naive() {
+        let (m, n, k) = (37, 53, 29);
+        let a: Vec<f64> = (0..m * k).map(|i| ((i * 7 % 13) as f64) - 6.0).collect();
+        let b: Vec<f64> = (0..k * n).map(|i| ((i * 5 % 11) as f64) * 0.5).collect();
+        let want = naive(m, n, k, &a, &b);
+        // B given as the transpose of a row-major [n, k] matrix.
+        let mut bt = vec![0.0; n * k];
+        for p in 0..k {
+            for j in 0..n {
+                bt[j * k + p] = b[p * n + j];
+            }
+        }
+        let mut c = vec![1.0; m * n];
+        unsafe {
+            gemm(
+                m,
+                n,
+                k,
+                ViewMut::row_major(&mut c, 0, n),
+                true,
+                View::row_major(&a, 0, k),
+                View::transposed(&bt, 0, k),
+                2,
+            )
+        };
+        for (x, y) in c.iter().zip(&want) {
+            assert!((x - y - 1.0).abs() < 1e-9);
+        }
+        unsafe {
+            gemm(
+                m,
+                n,
+                k,
+                ViewMut::row_major(&mut c, 0, n),
+                false,
+                View::row_major(&a, 0, k),
+                View::row_major(&b, 0, n),
+                1,
+            )
+        };
+        for (x, y) in c.iter().zip(&want) {
+            assert!((x - y).abs() < 1e-9);
+        }
+    }
+}
+
+#[cfg(test)]
+mod probe {
+    use super::*;
+
+    /// `cargo test --release --lib gemm_cpu_rates -- --ignored --nocapture`: single-thread GEMM
+    /// rates per CPU-second on BEiT-base shapes.
+    #[test]
+    #[ignore]
+    fn gemm_cpu_rates() {
+        for &(m, n, k) in &[
+            (1024usize, 1024usize, 1024usize),
+            (197, 2304, 768),
+            (197, 3072, 768),
+            (197, 768, 3072),
+            (1576, 3072, 768),
+            (1576, 768, 3072),
+        ] {
+            let a = vec![0.5f32; m * k];
+            let w = vec![0.25f32; n * k];
+            let wt = vec![0.25f32; n * k];
+            let mut c = vec![0f32; m * n];
+            let flop = 2.0 * (m * n * k) as f64;
+            let r1 = crate::bench::cpu_rate(flop, 1.5, || unsafe {
+                gemm(
+                    m,
+                    n,
+                    k,
+                    ViewMut::row_major(&mut c, 0, n),
+                    false,
+                    View::row_major(&a, 0, k),
+                    View::transposed(&w, 0, k),
+                    1,
+                )
+            });
+            let r2 = crate::bench::cpu_rate(flop, 1.5, || unsafe {
+                gemm(
+                    m,
+                    n,
+                    k,
+                    ViewMut::row_major(&mut c, 0, n),
+                    false,
+                    View::row_major(&a, 0, k),
+                    View::row_major(&wt, 0, n),
+                    1,
+                )
+            });
+            eprintln!("{m}x{n}x{k}: W[out,in]: {r1:.0} GFLOP/cpu-s, W^T[in,out]: {r2:.0}");
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod fma_probe {
+    /// Peak FMA rate of one core: 24 independent 16-lane FMA chains.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn chains(iters: usize) -> f32 {
+        use std::arch::x86_64::*;
+        let mut acc = [_mm512_set1_ps(0.0); 24];
+        let a = _mm512_set1_ps(std::hint::black_box(0.999_999));
+        let b = _mm512_set1_ps(std::hint::black_box(1e-7));
+        for _ in 0..iters {
+            for v in acc.iter_mut() {
+                *v = _mm512_fmadd_ps(*v, a, b);
+            }
+            std::arch::asm!("", options(nomem, nostack));
+        }
+        let mut s = _mm512_set1_ps(0.0);
+        for v in acc {
+            s = _mm512_add_ps(s, v);
+        }
+        _mm512_reduce_add_ps(s)
+    }
+
+    #[test]
+    #[ignore]
+    fn fma_peak_per_cpu_second() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let iters = 1_000_000;
+        let flop = 2.0 * 16.0 * 24.0 * iters as f64;
+        let r = crate::bench::cpu_rate(flop, 2.0, || {
+            std::hint::black_box(unsafe { chains(iters) });
+        });
+        eprintln!("AVX-512 FMA peak: {r:.0} GFLOP per CPU-second");
+    }
+}

@@ -1,0 +1,196 @@
+//! Inference-only linear layers on CPU f32 with the element-wise work that follows them fused
+//! into one pass over the GEMM output: bias, bias + GELU, or bias + layer scale + residual.
+//!
+//! No backward: these are used only by frozen models (`frozen = true`) outside training; the
+//! differentiable path is `nn::Linear`.
+
+use candle_core::{Result, Tensor};
+use rayon::prelude::*;
+
+use super::gemm::{self, View, ViewMut};
+use super::vmath::{self, TileOp};
+use super::{f32_data, SendPtr};
+
+/// What is applied to `y = x · Wᵀ` row by row.
+#[derive(Clone, Copy)]
+pub enum Epilogue<'a> {
+    /// `y + bias`.
+    Bias,
+    /// `GELU(y + bias)` (exact erf GELU).
+    BiasGelu,
+    /// `residual + scale ⊙ (y + bias)` (`scale` = transformers' layer scale λ, or 1).
+    BiasScaleResidual {
+        scale: Option<&'a Tensor>,
+        residual: &'a Tensor,
+    },
+}
+
+/// `epilogue(x · weightᵀ)` for `x [.., in]` (f32, CPU) and `weight [out, in]`; the output has
+/// `x`'s leading dims. Inference only (no autograd).
+pub fn linear_inference(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    epilogue: Epilogue<'_>,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = *dims.last().unwrap_or(&1);
+    let rows = x.elem_count() / k.max(1);
+    let (n, wk) = weight.dims2()?;
+    if wk != k {
+        candle_core::bail!("linear: input {dims:?} does not fit weight [{n}, {wk}]");
+    }
+    let x = x.contiguous()?;
+    // A weight stored transposed (`nn::Linear::freeze`) is read as the row-major `[in, out]`
+    // matrix it is in memory; any other layout is made contiguous `[out, in]`.
+    let stored_t = weight.t()?.is_contiguous();
+    let weight = if stored_t {
+        weight.t()?
+    } else {
+        weight.contiguous()?
+    };
+    let xd = f32_data(&x)?;
+    let wd = f32_data(&weight)?;
+    let bias_t = bias.map(|b| b.contiguous()).transpose()?;
+    let bd = bias_t.as_ref().map(f32_data).transpose()?;
+    let no_bias = vec![0f32; if bd.is_some() { 0 } else { n }];
+    let b = bd.as_ref().map(|d| d.get()).unwrap_or(&no_bias);
+    if b.len() != n {
+        candle_core::bail!("linear: bias of {} for {n} outputs", b.len());
+    }
+    let (op, residual, scale) = match epilogue {
+        Epilogue::Bias => (TileOp::Bias, None, None),
+        Epilogue::BiasGelu => (TileOp::BiasGelu, None, None),
+        Epilogue::BiasScaleResidual { scale, residual } => {
+            if residual.elem_count() != rows * n {
+                candle_core::bail!(
+                    "linear: residual {:?} for output [{rows}, {n}]",
+                    residual.dims()
+                );
+            }
+            (
+                TileOp::BiasScaleResidual,
+                Some(residual.contiguous()?),
+                scale.map(|s| s.contiguous()).transpose()?,
+            )
+        }
+    };
+    let rd = residual.as_ref().map(f32_data).transpose()?;
+    let r: &[f32] = rd.as_ref().map(|d| d.get()).unwrap_or(&[]);
+    let sd = scale.as_ref().map(f32_data).transpose()?;
+    let s: &[f32] = sd.as_ref().map(|d| d.get()).unwrap_or(&[]);
+    if !s.is_empty() && s.len() != n {
+        candle_core::bail!("linear: layer scale of {} for {n} outputs", s.len());
+    }
+    let mut out = vec![0f32; rows * n];
+    let threads = gemm::num_threads();
+    let split = std::env::var("BEIT_GEMM_SPLIT")
+        .map(|v| v != "0")
+        .unwrap_or(true);
+    // Columns split between the threads, each running a single-threaded GEMM and then the
+    // epilogue on its own block: no synchronisation inside the product.
+    let parts = if split { threads.min(n / 64).max(1) } else { 1 };
+    let inner_threads = if parts > 1 { 1 } else { threads };
+    let per = n.div_ceil(parts).div_ceil(16) * 16;
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let a_view = View::row_major(xd.get(), 0, k);
+    let w = wd.get();
+    let task = |p: usize| {
+        let j0 = (p * per).min(n);
+        let j1 = ((p + 1) * per).min(n);
+        if j0 >= j1 {
+            return;
+        }
+        let cols = j1 - j0;
+        let b_view = if stored_t {
+            View {
+                ptr: w[j0..].as_ptr(),
+                rs: n as isize,
+                cs: 1,
+            }
+        } else {
+            View {
+                ptr: w[j0 * k..].as_ptr(),
+                rs: 1,
+                cs: k as isize,
+            }
+        };
+        // SAFETY: this task owns columns [j0, j1) of `out`.
+        let dst = ViewMut {
+            ptr: unsafe { out_ptr.get().add(j0) },
+            rs: n as isize,
+            cs: 1,
+        };
+        unsafe { gemm::gemm(rows, cols, k, dst, false, a_view, b_view, inner_threads) };
+        if rows == 0 {
+            return;
+        }
+        let c =
+            unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(j0), (rows - 1) * n + cols) };
+        let rr = if r.is_empty() { r } else { &r[j0..] };
+        let ss = if s.is_empty() { s } else { &s[j0..] };
+        vmath::tile_epilogue(c, n, rows, cols, op, &b[j0..], ss, rr, n);
+    };
+    if parts > 1 {
+        (0..parts).into_par_iter().for_each(task);
+    } else {
+        task(0);
+    }
+    let mut out_dims = dims;
+    if let Some(last) = out_dims.last_mut() {
+        *last = n;
+    }
+    Tensor::from_vec(out, out_dims, x.device())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn fused_epilogues_match_plain_ops() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1f32, (2, 5, 24), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.2f32, (40, 24), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1f32, 40, &dev).unwrap();
+        let lam = Tensor::randn(0f32, 1f32, 40, &dev).unwrap();
+        let res = Tensor::randn(0f32, 1f32, (2, 5, 40), &dev).unwrap();
+        let y = x
+            .broadcast_matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        let close = |a: &Tensor, b: &Tensor| {
+            let d = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap();
+            assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+        };
+        close(
+            &linear_inference(&x, &w, Some(&b), Epilogue::Bias).unwrap(),
+            &y,
+        );
+        close(
+            &linear_inference(&x, &w, Some(&b), Epilogue::BiasGelu).unwrap(),
+            &y.gelu_erf().unwrap(),
+        );
+        let want = (y.broadcast_mul(&lam).unwrap() + &res).unwrap();
+        let got = linear_inference(
+            &x,
+            &w,
+            Some(&b),
+            Epilogue::BiasScaleResidual {
+                scale: Some(&lam),
+                residual: &res,
+            },
+        )
+        .unwrap();
+        close(&got, &want);
+    }
+}

@@ -1,0 +1,86 @@
+//! A wall-clock profiler for the forward pass, off unless `BEIT_PROFILE=1` (or `beit bench
+//! --profile`).
+//!
+//! candle's CPU ops run synchronously (each op finishes before it returns, its threads joined), so
+//! timing a stage on the calling thread measures that stage's own work. Stages are flat, leaf
+//! scopes (`attn.qkv`, `mlp.fc1`, ...): nothing is counted twice, and what no scope covers shows
+//! up as the remainder of the total.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// 0 = not read from the environment yet, 1 = off, 2 = on.
+static STATE: AtomicU8 = AtomicU8::new(0);
+static TOTALS: Mutex<Option<HashMap<&'static str, (Duration, u64)>>> = Mutex::new(None);
+
+/// Whether stages are being timed.
+#[inline]
+pub fn enabled() -> bool {
+    match STATE.load(Ordering::Relaxed) {
+        0 => {
+            let on = std::env::var("BEIT_PROFILE").is_ok_and(|v| v != "0" && !v.is_empty());
+            STATE.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+            on
+        }
+        s => s == 2,
+    }
+}
+
+/// Switch the profiler on or off (overrides `BEIT_PROFILE`).
+pub fn set_enabled(on: bool) {
+    STATE.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+}
+
+/// A timed stage; the time is recorded when the guard is dropped.
+pub struct Scope {
+    name: &'static str,
+    start: Option<Instant>,
+}
+
+/// Start timing `name` (a no-op unless the profiler is on).
+#[inline]
+pub fn scope(name: &'static str) -> Scope {
+    Scope {
+        name,
+        start: enabled().then(Instant::now),
+    }
+}
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        if let Some(t0) = self.start {
+            let dt = t0.elapsed();
+            if let Ok(mut g) = TOTALS.lock() {
+                let e = g
+                    .get_or_insert_with(HashMap::new)
+                    .entry(self.name)
+                    .or_default();
+                e.0 += dt;
+                e.1 += 1;
+            }
+        }
+    }
+}
+
+/// Time `f` as stage `name`.
+#[inline]
+pub fn time<R>(name: &'static str, f: impl FnOnce() -> R) -> R {
+    let _s = scope(name);
+    f()
+}
+
+/// The accumulated `(stage, total time, calls)`, largest first, and reset.
+pub fn take() -> Vec<(&'static str, Duration, u64)> {
+    let mut v: Vec<_> = TOTALS
+        .lock()
+        .ok()
+        .and_then(|mut g| g.take())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, (d, n))| (k, d, n))
+        .collect();
+    v.sort_by_key(|e| std::cmp::Reverse(e.1));
+    v
+}
