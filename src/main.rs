@@ -3,6 +3,7 @@
 mod cli;
 
 fn main() {
+    beit::util::tune_allocator();
     let filter = tracing_subscriber::EnvFilter::try_from_env("BEIT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()

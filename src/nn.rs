@@ -50,20 +50,7 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // Fold leading dims so that the GEMM sees one [rows, in] matrix.
-        let dims = x.dims().to_vec();
-        let in_dim = *dims.last().unwrap_or(&1);
-        let rows = x.elem_count() / in_dim.max(1);
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        let mut out_dims = dims;
-        if let Some(last) = out_dims.last_mut() {
-            *last = self.weight.dim(0)?;
-        }
-        y.reshape(out_dims)
+        ops::fused::linear(x, &self.weight, self.bias.as_ref())
     }
 }
 

@@ -97,3 +97,16 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
         )),
     }
 }
+
+/// Keep freed memory in the process for reuse (glibc). Tensors are allocated and freed by the
+/// megabyte on every step; glibc's defaults hand large blocks back to the kernel and fault them
+/// in again, which costs ~30 % of a CPU training step (measured: 82 -> 120 img/s on the
+/// Fashion-MNIST config). Called once by the `beit` binary; library users may call it too.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before heavy allocation.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}

@@ -207,3 +207,69 @@ fn batch_norm_updates_running_statistics_like_pytorch() {
         "{var:?}"
     );
 }
+
+#[test]
+fn fused_training_ops_match_finite_differences_and_the_composition() {
+    use beit::ops::fused;
+    let (w, b) = (randn(&[5, 7]), randn(&[5]));
+    let x = randn(&[2, 3, 7]);
+    check_grad("fused linear (x)", &x, &|x| fused::linear(x, &w, Some(&b)));
+    check_grad("fused linear (w)", &w, &|w| fused::linear(&x, w, Some(&b)));
+    check_grad("fused linear (b)", &b, &|b| fused::linear(&x, &w, Some(b)));
+    check_grad("fused linear no bias (w)", &w, &|w| {
+        fused::linear(&x, w, None)
+    });
+    let want = x
+        .broadcast_matmul(&w.t().unwrap())
+        .unwrap()
+        .broadcast_add(&b)
+        .unwrap();
+    assert!(max_diff(&fused::linear(&x, &w, Some(&b)).unwrap(), &want) < 1e-12);
+
+    let (r, h, l) = (randn(&[2, 3, 4]), randn(&[2, 3, 4]), randn(&[4]));
+    check_grad("scaled residual (r)", &r, &|r| {
+        fused::scaled_residual(r, &h, Some(&l))
+    });
+    check_grad("scaled residual (h)", &h, &|h| {
+        fused::scaled_residual(&r, h, Some(&l))
+    });
+    check_grad("scaled residual (lambda)", &l, &|l| {
+        fused::scaled_residual(&r, &h, Some(l))
+    });
+
+    // Attention core: against the composition, and its gradients.
+    let (bsz, s, heads, hd) = (2, 5, 2, 3);
+    let d = heads * hd;
+    let qkv = randn(&[bsz, s, 3 * d]);
+    let bias1 = randn(&[1, heads, s, s]);
+    let bias_b = randn(&[bsz, heads, s, s]);
+    let scale = 0.7;
+    let plain = |qkv: &Tensor, bias: Option<&Tensor>| -> Result<Tensor> {
+        let split = |i: usize| {
+            qkv.narrow(2, i * d, d)?
+                .reshape((bsz, s, heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+        let mut sc = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(b) = bias {
+            sc = sc.broadcast_add(b)?;
+        }
+        let p = candle_nn::ops::softmax(&sc, candle_core::D::Minus1)?;
+        p.matmul(&v)?.transpose(1, 2)?.reshape((bsz, s, d))
+    };
+    for bias in [None, Some(&bias1), Some(&bias_b)] {
+        let got = fused::attention(&qkv, bias, heads, scale).unwrap().unwrap();
+        assert!(max_diff(&got, &plain(&qkv, bias).unwrap()) < 1e-12);
+        check_grad("fused attention (qkv)", &qkv, &|t| {
+            Ok(fused::attention(t, bias, heads, scale)?.unwrap())
+        });
+    }
+    check_grad("fused attention (shared bias)", &bias1, &|b| {
+        Ok(fused::attention(&qkv, Some(b), heads, scale)?.unwrap())
+    });
+    check_grad("fused attention (per-sample bias)", &bias_b, &|b| {
+        Ok(fused::attention(&qkv, Some(b), heads, scale)?.unwrap())
+    });
+}

@@ -98,6 +98,26 @@ impl BeitSelfAttention {
         let split = |t: Tensor| -> Result<Tensor> {
             t.reshape((b, s, h, hd))?.transpose(1, 2)?.contiguous()
         };
+        let scale = (hd as f64).powf(-0.5);
+        // Training (and any unfrozen model) on CPU: QKV projection and attention core as two
+        // autograd nodes with fused backward kernels, when nothing needs the probabilities.
+        let plain = (!train || self.dropout == 0.0) && head_mask.is_none() && !output_attentions;
+        if plain && self.fused_qkv.is_none() {
+            let weight = Tensor::cat(
+                &[&self.query.weight, &self.key.weight, &self.value.weight],
+                0,
+            )?;
+            let bias_qkv = match (&self.query.bias, &self.value.bias) {
+                (Some(qb), Some(vb)) => Some(Tensor::cat(&[qb, &qb.zeros_like()?, vb], 0)?),
+                _ => None,
+            };
+            if let Some(ctx) = profile::time("attn.core", || {
+                let qkv = ops::fused::linear(x, &weight, bias_qkv.as_ref())?;
+                ops::fused::attention(&qkv, bias, h, scale)
+            })? {
+                return Ok((ctx, None));
+            }
+        }
         let _p = profile::scope("attn.qkv");
         let (q, k, v) = match &self.fused_qkv {
             Some(qkv) => {
@@ -115,7 +135,6 @@ impl BeitSelfAttention {
             ),
         };
         drop(_p);
-        let scale = (hd as f64).powf(-0.5);
         let _p = profile::scope("attn.scores");
         let mut scores = (q.matmul(&k.t()?)? * scale)?;
         if let Some(bias) = bias {

@@ -75,13 +75,6 @@ impl BeitLayer {
         })
     }
 
-    fn scale(x: Tensor, lambda: &Option<Tensor>) -> Result<Tensor> {
-        match lambda {
-            Some(l) => x.broadcast_mul(l),
-            None => Ok(x),
-        }
-    }
-
     /// Whether this layer was built for inference (`frozen`), which enables
     /// [`BeitLayer::forward_inference`].
     pub fn is_frozen(&self) -> bool {
@@ -161,20 +154,20 @@ impl BeitLayer {
         let (attn, probs) =
             self.attention
                 .forward(&ln1, bias, head_mask, train, output_attentions)?;
+        // h = x + drop_path(lambda_1 * attn); drop path (a per-sample 0 or 1/keep) commutes
+        // with the per-channel scale, so the scale and the residual fuse into one node.
         let h = profile::time("scale+residual", || {
-            let attn = Self::scale(attn, &self.lambda_1)?;
-            ops::drop_path(&attn, self.drop_path, train)? + x
+            let attn = ops::drop_path(&attn, self.drop_path, train)?;
+            ops::fused::scaled_residual(x, &attn, self.lambda_1.as_ref())
         })?;
         let ln2 = profile::time("layernorm", || self.layernorm_after.forward(&h))?;
         let y = profile::time("mlp.fc1", || self.intermediate.forward(&ln2))?;
         let y = profile::time("mlp.gelu", || self.activation.forward(&y))?;
         let y = profile::time("mlp.fc2", || self.output.forward(&y))?;
         let out = profile::time("scale+residual", || {
-            let y = Self::scale(
-                ops::dropout(&y, self.hidden_dropout, train)?,
-                &self.lambda_2,
-            )?;
-            ops::drop_path(&y, self.drop_path, train)? + h
+            let y = ops::dropout(&y, self.hidden_dropout, train)?;
+            let y = ops::drop_path(&y, self.drop_path, train)?;
+            ops::fused::scaled_residual(&h, &y, self.lambda_2.as_ref())
         })?;
         Ok((out, probs))
     }

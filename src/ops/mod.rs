@@ -8,6 +8,7 @@
 pub mod activation;
 pub mod attention;
 pub mod conv;
+pub mod fused;
 pub mod gemm;
 pub mod layer_norm;
 pub mod linear;

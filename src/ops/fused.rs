@@ -1,0 +1,1011 @@
+//! Fused training ops: one autograd node where a composition of candle ops would make several.
+//!
+//! candle's autograd allocates and accumulates a gradient buffer for every node, and its
+//! reductions over broadcast dimensions (the backward of a bias add or of a per-channel scale)
+//! are strided loops: a `Linear` written as reshape + matmul + transpose + broadcast-add costs
+//! five full-size gradient buffers and a slow column sum in backward. The ops here compute the
+//! same values (f32/f64, CPU) with one node each and hand-written backward kernels: GEMMs on
+//! the `gemm` crate ([`super::gemm`]) and blocked column sums. Other devices and dtypes use
+//! the plain composition.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use super::gemm::{gemm, num_threads, GemmElem, View, ViewMut};
+
+/// Rows per parallel task of the column sums (fixed, so results do not depend on threads).
+const ROW_BLOCK: usize = 256;
+
+/// f32 / f64 slices of CPU storages, with the element type as a generic parameter.
+trait Elem:
+    GemmElem + std::ops::Add<Output = Self> + std::ops::Mul<Output = Self> + std::iter::Sum
+{
+    fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [Self]>;
+    fn wrap(v: Vec<Self>) -> CpuStorage;
+}
+
+macro_rules! elem {
+    ($t:ty, $variant:ident) => {
+        impl Elem for $t {
+            fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [Self]> {
+                let CpuStorage::$variant(v) = s else {
+                    candle_core::bail!("fused op: mixed dtypes")
+                };
+                let (a, b) = l.contiguous_offsets().ok_or_else(|| {
+                    candle_core::Error::Msg("fused op: operand not contiguous".into())
+                })?;
+                Ok(&v[a..b])
+            }
+            fn wrap(v: Vec<Self>) -> CpuStorage {
+                CpuStorage::$variant(v)
+            }
+        }
+    };
+}
+elem!(f32, F32);
+elem!(f64, F64);
+
+/// Run `f` with the f32 or f64 instantiation matching `s`.
+macro_rules! dispatch {
+    ($s:expr, $f:ident $(, $arg:expr)*) => {
+        match $s {
+            CpuStorage::F32(_) => $f::<f32>($($arg),*),
+            CpuStorage::F64(_) => $f::<f64>($($arg),*),
+            _ => candle_core::bail!("fused op: only f32/f64"),
+        }
+    };
+}
+
+/// Column sums of a row-major `[rows, cols]` matrix (optionally of the product of two).
+fn col_sum<T: Elem>(a: &[T], b: Option<&[T]>, cols: usize) -> Vec<T> {
+    let rows = a.len() / cols.max(1);
+    let partials: Vec<Vec<T>> = (0..rows.div_ceil(ROW_BLOCK))
+        .into_par_iter()
+        .map(|blk| {
+            let mut acc = vec![T::ZERO; cols];
+            for r in blk * ROW_BLOCK..((blk + 1) * ROW_BLOCK).min(rows) {
+                let row = &a[r * cols..(r + 1) * cols];
+                match b {
+                    Some(b) => {
+                        let brow = &b[r * cols..(r + 1) * cols];
+                        for ((s, &x), &y) in acc.iter_mut().zip(row).zip(brow) {
+                            *s = *s + x * y;
+                        }
+                    }
+                    None => {
+                        for (s, &x) in acc.iter_mut().zip(row) {
+                            *s = *s + x;
+                        }
+                    }
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut out = vec![T::ZERO; cols];
+    for p in partials {
+        for (o, v) in out.iter_mut().zip(p) {
+            *o = *o + v;
+        }
+    }
+    out
+}
+
+fn cpu_ok(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64))
+        && ts.windows(2).all(|w| w[0].dtype() == w[1].dtype())
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMM with optional transposes (a building block of the backward passes; no autograd).
+
+/// `op(a) · op(b)` for 2-D row-major `a`, `b` (`op` = transpose when the flag is set).
+struct Gemm {
+    ta: bool,
+    tb: bool,
+}
+
+fn gemm_kernel<T: Elem>(
+    op: &Gemm,
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (a, b) = (T::slice(s1, l1)?, T::slice(s2, l2)?);
+    let (ar, ac) = l1.shape().dims2()?;
+    let (br, bc) = l2.shape().dims2()?;
+    let (m, k) = if op.ta { (ac, ar) } else { (ar, ac) };
+    let (k2, n) = if op.tb { (bc, br) } else { (br, bc) };
+    if k != k2 {
+        candle_core::bail!("fused gemm: inner dims {k} != {k2}");
+    }
+    let av = if op.ta {
+        View::transposed(a, 0, ac)
+    } else {
+        View::row_major(a, 0, ac)
+    };
+    let bv = if op.tb {
+        View::transposed(b, 0, bc)
+    } else {
+        View::row_major(b, 0, bc)
+    };
+    let mut c = vec![T::ZERO; m * n];
+    // SAFETY: the views cover exactly the operands' buffers for these sizes; `c` is fresh.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            ViewMut::row_major(&mut c, 0, n),
+            false,
+            av,
+            bv,
+            num_threads(),
+        )
+    };
+    Ok((T::wrap(c), Shape::from((m, n))))
+}
+
+impl CustomOp2 for Gemm {
+    fn name(&self) -> &'static str {
+        "beit-gemm"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s1, gemm_kernel, self, s1, l1, s2, l2)
+    }
+}
+
+fn matmul_t(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
+    a.contiguous()?
+        .apply_op2_no_bwd(&b.contiguous()?, &Gemm { ta, tb })
+}
+
+/// Column sums of `x` viewed as `[rows, last_dim]`, optionally of `x * y` (no autograd).
+struct ColSum;
+
+fn col_sum_kernel<T: Elem>(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: Option<(&CpuStorage, &Layout)>,
+) -> Result<(CpuStorage, Shape)> {
+    let a = T::slice(s1, l1)?;
+    let cols = *l1.dims().last().unwrap_or(&1);
+    let b = match s2 {
+        Some((s, l)) => Some(T::slice(s, l)?),
+        None => None,
+    };
+    Ok((T::wrap(col_sum(a, b, cols)), Shape::from(cols)))
+}
+
+impl candle_core::CustomOp1 for ColSum {
+    fn name(&self) -> &'static str {
+        "beit-col-sum"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s, col_sum_kernel, s, l, None)
+    }
+}
+
+impl CustomOp2 for ColSum {
+    fn name(&self) -> &'static str {
+        "beit-col-sum-prod"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s1, col_sum_kernel, s1, l1, Some((s2, l2)))
+    }
+}
+
+/// Sum over every dim but the last (fast, no autograd).
+pub fn sum_to_last_dim(x: &Tensor) -> Result<Tensor> {
+    if cpu_ok(&[x]) {
+        x.contiguous()?.apply_op1_no_bwd(&ColSum)
+    } else {
+        let d = x.dim(D::Minus1)?;
+        x.reshape(((), d))?.sum(0)
+    }
+}
+
+fn sum_prod_to_last_dim(x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    if cpu_ok(&[x, y]) {
+        x.contiguous()?.apply_op2_no_bwd(&y.contiguous()?, &ColSum)
+    } else {
+        sum_to_last_dim(&(x * y)?)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear: y = x · wᵀ (+ b), x of any rank (last dim = in).
+
+struct LinearOp;
+
+fn linear_kernel<T: Elem>(
+    x: (&CpuStorage, &Layout),
+    w: (&CpuStorage, &Layout),
+    b: Option<(&CpuStorage, &Layout)>,
+) -> Result<(CpuStorage, Shape)> {
+    let (xs, ws) = (T::slice(x.0, x.1)?, T::slice(w.0, w.1)?);
+    let (out, inp) = w.1.shape().dims2()?;
+    let rows = xs.len() / inp.max(1);
+    if *x.1.dims().last().unwrap_or(&0) != inp {
+        candle_core::bail!("linear: input last dim {:?} != weight in {inp}", x.1.dims());
+    }
+    let mut y = vec![T::ZERO; rows * out];
+    let accumulate = if let Some(b) = b {
+        let bs = T::slice(b.0, b.1)?;
+        y.par_chunks_mut(out).for_each(|r| r.copy_from_slice(bs));
+        true
+    } else {
+        false
+    };
+    // SAFETY: x is [rows, inp] row-major, w is [out, inp] row-major read as its transpose.
+    unsafe {
+        gemm(
+            rows,
+            out,
+            inp,
+            ViewMut::row_major(&mut y, 0, out),
+            accumulate,
+            View::row_major(xs, 0, inp),
+            View::transposed(ws, 0, inp),
+            num_threads(),
+        )
+    };
+    let mut dims = x.1.dims().to_vec();
+    if let Some(l) = dims.last_mut() {
+        *l = out;
+    }
+    Ok((T::wrap(y), Shape::from(dims)))
+}
+
+/// `(dx, dw)` of `y = x · wᵀ` for output gradient `g`.
+fn linear_grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (out, inp) = w.dims2()?;
+    let rows = x.elem_count() / inp.max(1);
+    let g2 = g.contiguous()?.reshape((rows, out))?;
+    let dx = matmul_t(&g2, w, false, false)?.reshape(x.shape())?;
+    let dw = matmul_t(&g2, &x.reshape((rows, inp))?, true, false)?;
+    Ok((dx, dw))
+}
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "beit-linear"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s1, linear_kernel, (s1, l1), (s2, l2), None)
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = linear_grads(x, w, g)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "beit-linear-bias"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s1, linear_kernel, (s1, l1), (s2, l2), Some((s3, l3)))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = linear_grads(x, w, g)?;
+        Ok((Some(dx), Some(dw), Some(sum_to_last_dim(g)?)))
+    }
+}
+
+/// `x · wᵀ + b` over the last dim of `x` (`w` is `[out, in]`), one autograd node on CPU.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let mut all = vec![x, w];
+    all.extend(b);
+    if cpu_ok(&all) {
+        let x = x.contiguous()?;
+        let w = w.contiguous()?;
+        return match b {
+            Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearOp),
+            None => x.apply_op2(&w, LinearOp),
+        };
+    }
+    let dims = x.dims().to_vec();
+    let inp = *dims.last().unwrap_or(&1);
+    let rows = x.elem_count() / inp.max(1);
+    let mut y = x.reshape((rows, inp))?.matmul(&w.t()?)?;
+    if let Some(b) = b {
+        y = y.broadcast_add(b)?;
+    }
+    let mut out = dims;
+    if let Some(l) = out.last_mut() {
+        *l = w.dim(0)?;
+    }
+    y.reshape(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scaled residual: r + λ ⊙ h (layer scale), λ over the last dim.
+
+struct ScaledResidual;
+
+fn scaled_residual_kernel<T: Elem>(
+    r: (&CpuStorage, &Layout),
+    h: (&CpuStorage, &Layout),
+    l: (&CpuStorage, &Layout),
+) -> Result<(CpuStorage, Shape)> {
+    let (rs, hs, ls) = (
+        T::slice(r.0, r.1)?,
+        T::slice(h.0, h.1)?,
+        T::slice(l.0, l.1)?,
+    );
+    let d = ls.len();
+    let mut out = vec![T::ZERO; rs.len()];
+    out.par_chunks_mut(d * ROW_BLOCK)
+        .zip(
+            rs.par_chunks(d * ROW_BLOCK)
+                .zip(hs.par_chunks(d * ROW_BLOCK)),
+        )
+        .for_each(|(o, (r, h))| {
+            for ((orow, rrow), hrow) in o.chunks_mut(d).zip(r.chunks(d)).zip(h.chunks(d)) {
+                for (((ov, &rv), &hv), &lv) in orow.iter_mut().zip(rrow).zip(hrow).zip(ls) {
+                    *ov = rv + lv * hv;
+                }
+            }
+        });
+    Ok((T::wrap(out), r.1.shape().clone()))
+}
+
+impl CustomOp3 for ScaledResidual {
+    fn name(&self) -> &'static str {
+        "beit-scaled-residual"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s1, scaled_residual_kernel, (s1, l1), (s2, l2), (s3, l3))
+    }
+    fn bwd(
+        &self,
+        _r: &Tensor,
+        h: &Tensor,
+        lambda: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let dh = g.broadcast_mul(&lambda.detach())?;
+        let dl = sum_prod_to_last_dim(&g, h)?;
+        Ok((Some(g), Some(dh), Some(dl)))
+    }
+}
+
+/// `residual + lambda ⊙ h` (`lambda` over the last dim; `None` = 1), one autograd node on CPU.
+pub fn scaled_residual(residual: &Tensor, h: &Tensor, lambda: Option<&Tensor>) -> Result<Tensor> {
+    match lambda {
+        None => residual + h,
+        Some(l) if cpu_ok(&[residual, h, l]) && residual.shape() == h.shape() => residual
+            .contiguous()?
+            .apply_op3(&h.contiguous()?, &l.contiguous()?, ScaledResidual),
+        Some(l) => residual + h.broadcast_mul(l)?,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm backward in two fused passes.
+
+/// `dx` of LayerNorm for inputs `x`, weight `w` and output gradient `g`.
+struct LnGradX {
+    eps: f64,
+}
+
+fn ln_stats<T: Elem + Into<f64>>(row: &[T], eps: f64) -> (f64, f64) {
+    let n = row.len() as f64;
+    let mean = row.iter().map(|&v| v.into()).sum::<f64>() / n;
+    let var = row.iter().map(|&v| (v.into() - mean).powi(2)).sum::<f64>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+trait FromF64 {
+    fn from_f64(v: f64) -> Self;
+}
+impl FromF64 for f32 {
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+}
+impl FromF64 for f64 {
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+}
+
+fn ln_grad_x_kernel<T: Elem + Into<f64> + FromF64>(
+    eps: f64,
+    x: (&CpuStorage, &Layout),
+    w: (&CpuStorage, &Layout),
+    g: (&CpuStorage, &Layout),
+) -> Result<(CpuStorage, Shape)> {
+    let (xs, ws, gs) = (
+        T::slice(x.0, x.1)?,
+        T::slice(w.0, w.1)?,
+        T::slice(g.0, g.1)?,
+    );
+    let d = ws.len();
+    let mut dx = vec![T::ZERO; xs.len()];
+    dx.par_chunks_mut(d * 64)
+        .zip(xs.par_chunks(d * 64).zip(gs.par_chunks(d * 64)))
+        .for_each(|(o, (x, g))| {
+            for ((orow, xrow), grow) in o.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
+                let (mean, rstd) = ln_stats(xrow, eps);
+                // dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = g * w
+                let (mut m1, mut m2) = (0f64, 0f64);
+                for ((&xv, &gv), &wv) in xrow.iter().zip(grow).zip(ws) {
+                    let xhat = (xv.into() - mean) * rstd;
+                    let dxhat = gv.into() * wv.into();
+                    m1 += dxhat;
+                    m2 += dxhat * xhat;
+                }
+                let (m1, m2) = (m1 / d as f64, m2 / d as f64);
+                for (((ov, &xv), &gv), &wv) in orow.iter_mut().zip(xrow).zip(grow).zip(ws) {
+                    let xhat = (xv.into() - mean) * rstd;
+                    let dxhat = gv.into() * wv.into();
+                    *ov = T::from_f64(rstd * (dxhat - m1 - xhat * m2));
+                }
+            }
+        });
+    Ok((T::wrap(dx), x.1.shape().clone()))
+}
+
+impl CustomOp3 for LnGradX {
+    fn name(&self) -> &'static str {
+        "beit-layer-norm-grad-x"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s1, ln_grad_x_kernel, self.eps, (s1, l1), (s2, l2), (s3, l3))
+    }
+}
+
+/// `[dw; db]` (`[2, D]`) of LayerNorm: column sums of `g * xhat` and of `g`.
+struct LnGradParams {
+    eps: f64,
+}
+
+fn ln_grad_params_kernel<T: Elem + Into<f64> + FromF64>(
+    eps: f64,
+    x: (&CpuStorage, &Layout),
+    g: (&CpuStorage, &Layout),
+) -> Result<(CpuStorage, Shape)> {
+    let (xs, gs) = (T::slice(x.0, x.1)?, T::slice(g.0, g.1)?);
+    let d = *x.1.dims().last().unwrap_or(&1);
+    let rows = xs.len() / d.max(1);
+    let partials: Vec<Vec<f64>> = (0..rows.div_ceil(ROW_BLOCK))
+        .into_par_iter()
+        .map(|blk| {
+            let mut acc = vec![0f64; 2 * d];
+            for r in blk * ROW_BLOCK..((blk + 1) * ROW_BLOCK).min(rows) {
+                let (xrow, grow) = (&xs[r * d..(r + 1) * d], &gs[r * d..(r + 1) * d]);
+                let (mean, rstd) = ln_stats(xrow, eps);
+                for (j, (&xv, &gv)) in xrow.iter().zip(grow).enumerate() {
+                    acc[j] += gv.into() * (xv.into() - mean) * rstd;
+                    acc[d + j] += gv.into();
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut out = vec![0f64; 2 * d];
+    for p in partials {
+        for (o, v) in out.iter_mut().zip(p) {
+            *o += v;
+        }
+    }
+    Ok((
+        T::wrap(out.into_iter().map(T::from_f64).collect()),
+        Shape::from((2, d)),
+    ))
+}
+
+impl CustomOp2 for LnGradParams {
+    fn name(&self) -> &'static str {
+        "beit-layer-norm-grad-params"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s1, ln_grad_params_kernel, self.eps, (s1, l1), (s2, l2))
+    }
+}
+
+/// LayerNorm gradients `(dx, dw, db)` on CPU f32/f64 (`None` elsewhere: use the composition).
+pub(crate) fn layer_norm_grads(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    eps: f64,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    if !cpu_ok(&[x, w, g]) {
+        return Ok(None);
+    }
+    let (x, w, g) = (x.contiguous()?, w.contiguous()?, g.contiguous()?);
+    let dx = x.apply_op3_no_bwd(&w, &g, &LnGradX { eps })?;
+    let p = x.apply_op2_no_bwd(&g, &LnGradParams { eps })?;
+    Ok(Some((dx, p.get(0)?, p.get(1)?)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Multi-head attention core for training: softmax(Q Kᵀ · scale + bias) V with its backward,
+// computed per (batch, head) straight from the fused QKV projection. The [B, H, S, S]
+// probabilities are recomputed in backward instead of being kept.
+
+/// Float ops the attention kernel needs beyond [`Elem`].
+trait Real:
+    Elem
+    + Into<f64>
+    + FromF64
+    + PartialOrd
+    + std::ops::Sub<Output = Self>
+    + std::ops::Div<Output = Self>
+{
+    fn exp(self) -> Self;
+}
+impl Real for f32 {
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+}
+impl Real for f64 {
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+}
+
+struct AttentionCore {
+    heads: usize,
+    scale: f64,
+}
+
+struct Dims {
+    b: usize,
+    s: usize,
+    d: usize,
+    hd: usize,
+}
+
+impl AttentionCore {
+    fn dims(&self, qkv: &Layout) -> Result<Dims> {
+        let (b, s, d3) = qkv.shape().dims3()?;
+        let d = d3 / 3;
+        if d3 != 3 * d || self.heads == 0 || d % self.heads != 0 {
+            candle_core::bail!(
+                "attention: qkv {:?} does not split into {} heads",
+                qkv.dims(),
+                self.heads
+            );
+        }
+        Ok(Dims {
+            b,
+            s,
+            d,
+            hd: d / self.heads,
+        })
+    }
+}
+
+/// `P = softmax(Q_bh K_bhᵀ · scale + bias_h)` into `p` (`[S, S]`).
+fn attention_probs<T: Real>(
+    qkv: &[T],
+    bias: Option<&[T]>,
+    dm: &Dims,
+    b: usize,
+    h: usize,
+    scale: T,
+    p: &mut [T],
+) {
+    let (s, d, hd) = (dm.s, dm.d, dm.hd);
+    let base = b * s * 3 * d + h * hd;
+    // SAFETY: Q rows start at `base` with row stride 3D; K at `base + D`; all within `qkv`.
+    unsafe {
+        gemm(
+            s,
+            s,
+            hd,
+            ViewMut::row_major(p, 0, s),
+            false,
+            View::row_major(qkv, base, 3 * d),
+            View::transposed(qkv, base + d, 3 * d),
+            1,
+        )
+    };
+    for (i, row) in p.chunks_mut(s).enumerate() {
+        let brow = bias.map(|bs| &bs[i * s..(i + 1) * s]);
+        let mut max = T::from_f64(f64::NEG_INFINITY);
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = *v * scale + brow.map(|r| r[j]).unwrap_or(T::ZERO);
+            if *v > max {
+                max = *v;
+            }
+        }
+        let mut sum = T::ZERO;
+        for v in row.iter_mut() {
+            *v = (*v - max).exp();
+            sum = sum + *v;
+        }
+        for v in row.iter_mut() {
+            *v = *v / sum;
+        }
+    }
+}
+
+/// Pointer wrapper to write disjoint parts of one buffer from parallel tasks.
+#[derive(Clone, Copy)]
+struct Ptr<T>(*mut T);
+unsafe impl<T> Send for Ptr<T> {}
+unsafe impl<T> Sync for Ptr<T> {}
+
+impl<T> Ptr<T> {
+    /// A method (rather than `.0`) so that closures capture the `Send` wrapper, not the pointer.
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// The bias of head `h` for batch element `b` (bias is `[1 | B, H, S, S]`).
+fn bias_slice<T>(
+    bias: Option<(&[T], usize)>,
+    b: usize,
+    h: usize,
+    heads: usize,
+    s: usize,
+) -> Option<&[T]> {
+    bias.map(|(bs, nb)| {
+        let bb = if nb == 1 { 0 } else { b };
+        &bs[((bb * heads + h) * s) * s..((bb * heads + h) * s + s) * s]
+    })
+}
+
+fn attention_fwd_kernel<T: Real>(
+    op: &AttentionCore,
+    q: (&CpuStorage, &Layout),
+    bias: Option<(&CpuStorage, &Layout)>,
+) -> Result<(CpuStorage, Shape)> {
+    let dm = op.dims(q.1)?;
+    let qkv = T::slice(q.0, q.1)?;
+    let bias = match bias {
+        Some((s, l)) => Some((T::slice(s, l)?, l.dims()[0])),
+        None => None,
+    };
+    let (s, d, hd, heads) = (dm.s, dm.d, dm.hd, op.heads);
+    let mut ctx = vec![T::ZERO; dm.b * s * d];
+    let out = Ptr(ctx.as_mut_ptr());
+    let scale = T::from_f64(op.scale);
+    (0..dm.b * heads).into_par_iter().for_each(|bh| {
+        let (b, h) = (bh / heads, bh % heads);
+        let mut p = vec![T::ZERO; s * s];
+        attention_probs(
+            qkv,
+            bias_slice(bias, b, h, heads, s),
+            &dm,
+            b,
+            h,
+            scale,
+            &mut p,
+        );
+        // SAFETY: (b, h) writes only its own rows/columns block of `ctx`.
+        unsafe {
+            gemm(
+                s,
+                hd,
+                s,
+                ViewMut {
+                    ptr: out.get().add(b * s * d + h * hd),
+                    rs: d as isize,
+                    cs: 1,
+                },
+                false,
+                View::row_major(&p, 0, s),
+                View::row_major(qkv, b * s * 3 * d + h * hd + 2 * d, 3 * d),
+                1,
+            )
+        };
+    });
+    Ok((T::wrap(ctx), Shape::from((dm.b, s, d))))
+}
+
+/// `[dqkv ; dbias-per-(b,h)]`: gradients of the attention core for `dctx`.
+struct AttentionGrad<'a> {
+    op: &'a AttentionCore,
+    bias: Option<&'a Tensor>,
+}
+
+fn attention_bwd_kernel<T: Real>(
+    op: &AttentionCore,
+    q: (&CpuStorage, &Layout),
+    g: (&CpuStorage, &Layout),
+    bias: Option<(&[T], usize)>,
+) -> Result<(Vec<T>, Vec<T>, Dims)> {
+    let dm = op.dims(q.1)?;
+    let (qkv, dctx) = (T::slice(q.0, q.1)?, T::slice(g.0, g.1)?);
+    let (s, d, hd, heads) = (dm.s, dm.d, dm.hd, op.heads);
+    let mut dqkv = vec![T::ZERO; qkv.len()];
+    let mut ds_all = vec![
+        T::ZERO;
+        if bias.is_some() {
+            dm.b * heads * s * s
+        } else {
+            0
+        }
+    ];
+    let (dq_ptr, ds_ptr) = (Ptr(dqkv.as_mut_ptr()), Ptr(ds_all.as_mut_ptr()));
+    let scale = T::from_f64(op.scale);
+    (0..dm.b * heads).into_par_iter().for_each(|bh| {
+        let (b, h) = (bh / heads, bh % heads);
+        let mut p = vec![T::ZERO; s * s];
+        attention_probs(
+            qkv,
+            bias_slice(bias, b, h, heads, s),
+            &dm,
+            b,
+            h,
+            scale,
+            &mut p,
+        );
+        let qbase = b * s * 3 * d + h * hd;
+        let gbase = b * s * d + h * hd;
+        let mut dp = vec![T::ZERO; s * s];
+        // SAFETY (all GEMMs below): views stay inside their buffers; each (b, h) writes only its
+        // own head's columns of `dqkv` and its own block of `ds_all`.
+        unsafe {
+            // dV = Pᵀ · dctx
+            gemm(
+                s,
+                hd,
+                s,
+                ViewMut {
+                    ptr: dq_ptr.get().add(qbase + 2 * d),
+                    rs: 3 * d as isize,
+                    cs: 1,
+                },
+                false,
+                View::transposed(&p, 0, s),
+                View::row_major(dctx, gbase, d),
+                1,
+            );
+            // dP = dctx · Vᵀ
+            gemm(
+                s,
+                s,
+                hd,
+                ViewMut::row_major(&mut dp, 0, s),
+                false,
+                View::row_major(dctx, gbase, d),
+                View::transposed(qkv, qbase + 2 * d, 3 * d),
+                1,
+            );
+        }
+        // dS = P ⊙ (dP - rowsum(dP ⊙ P)); dS is the bias gradient, dS · scale the scores'.
+        for (prow, dprow) in p.chunks(s).zip(dp.chunks_mut(s)) {
+            let dot: T = prow.iter().zip(dprow.iter()).map(|(&a, &b)| a * b).sum();
+            for (dv, &pv) in dprow.iter_mut().zip(prow) {
+                *dv = pv * (*dv - dot);
+            }
+        }
+        if bias.is_some() {
+            // SAFETY: block (b, h) of ds_all.
+            let dst =
+                unsafe { std::slice::from_raw_parts_mut(ds_ptr.get().add(bh * s * s), s * s) };
+            dst.copy_from_slice(&dp);
+        }
+        for v in dp.iter_mut() {
+            *v = *v * scale;
+        }
+        unsafe {
+            // dQ = dS · K ; dK = dSᵀ · Q
+            gemm(
+                s,
+                hd,
+                s,
+                ViewMut {
+                    ptr: dq_ptr.get().add(qbase),
+                    rs: 3 * d as isize,
+                    cs: 1,
+                },
+                false,
+                View::row_major(&dp, 0, s),
+                View::row_major(qkv, qbase + d, 3 * d),
+                1,
+            );
+            gemm(
+                s,
+                hd,
+                s,
+                ViewMut {
+                    ptr: dq_ptr.get().add(qbase + d),
+                    rs: 3 * d as isize,
+                    cs: 1,
+                },
+                false,
+                View::transposed(&dp, 0, s),
+                View::row_major(qkv, qbase, 3 * d),
+                1,
+            );
+        }
+    });
+    Ok((dqkv, ds_all, dm))
+}
+
+impl candle_core::CustomOp1 for AttentionCore {
+    fn name(&self) -> &'static str {
+        "beit-attention"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s, attention_fwd_kernel, self, (s, l), None)
+    }
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let g = g.contiguous()?;
+        let flat = qkv.apply_op2_no_bwd(
+            &g,
+            &AttentionGrad {
+                op: self,
+                bias: None,
+            },
+        )?;
+        Ok(Some(flat.reshape(qkv.shape())?))
+    }
+}
+
+impl CustomOp2 for AttentionCore {
+    fn name(&self) -> &'static str {
+        "beit-attention-bias"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s1, attention_fwd_kernel, self, (s1, l1), Some((s2, l2)))
+    }
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let both = qkv.apply_op2_no_bwd(
+            &g,
+            &AttentionGrad {
+                op: self,
+                bias: Some(bias),
+            },
+        )?;
+        let n = qkv.elem_count();
+        let dqkv = both.narrow(0, 0, n)?.reshape(qkv.shape())?;
+        let (b, heads, s) = (qkv.dim(0)?, self.heads, qkv.dim(1)?);
+        let ds = both
+            .narrow(0, n, b * heads * s * s)?
+            .reshape((b, heads, s, s))?;
+        let dbias = if bias.dim(0)? == 1 && b > 1 {
+            // Sum over the batch: the column sums of [B, H*S*S].
+            sum_to_last_dim(&ds.reshape((b, heads * s * s))?)?.reshape((1, heads, s, s))?
+        } else {
+            ds
+        };
+        Ok((Some(dqkv), Some(dbias)))
+    }
+}
+
+impl CustomOp2 for AttentionGrad<'_> {
+    fn name(&self) -> &'static str {
+        "beit-attention-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(
+            me: &AttentionGrad,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            let bias_t = me.bias.map(|b| b.contiguous()).transpose()?;
+            let guard = bias_t.as_ref().map(|b| b.storage_and_layout());
+            let bias = match &guard {
+                Some((st, l)) => match &**st {
+                    candle_core::Storage::Cpu(c) => Some((T::slice(c, l)?, l.dims()[0])),
+                    _ => candle_core::bail!("attention: bias not on the CPU"),
+                },
+                None => None,
+            };
+            let (mut dqkv, ds, _) = attention_bwd_kernel::<T>(me.op, (s1, l1), (s2, l2), bias)?;
+            dqkv.extend(ds);
+            let n = dqkv.len();
+            Ok((T::wrap(dqkv), Shape::from(n)))
+        }
+        dispatch!(s1, run, self, s1, l1, s2, l2)
+    }
+}
+
+/// `softmax(Q Kᵀ · scale + bias) V` for `qkv [B, S, 3D]` (projections side by side) and an
+/// optional additive `bias [1 | B, H, S, S]`, heads merged into `[B, S, D]`. One autograd node
+/// with an exact backward (probabilities recomputed); `None` when not on CPU f32/f64.
+pub fn attention(
+    qkv: &Tensor,
+    bias: Option<&Tensor>,
+    heads: usize,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    let mut all = vec![qkv];
+    all.extend(bias);
+    if !cpu_ok(&all) {
+        return Ok(None);
+    }
+    let op = AttentionCore { heads, scale };
+    let qkv = qkv.contiguous()?;
+    Ok(Some(match bias {
+        Some(b) => qkv.apply_op2(&b.to_dtype(qkv.dtype())?.contiguous()?, op)?,
+        None => qkv.apply_op1(op)?,
+    }))
+}
