@@ -64,6 +64,7 @@ fn pcfg(epochs: usize) -> PretrainConfig {
             lr: 2e-3,
             warmup_epochs: 0.5,
             log_every: 1,
+            eval_every: 1,
             ..PretrainConfig::default().optim
         },
         eval_limit: Some(8),

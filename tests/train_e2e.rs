@@ -58,6 +58,7 @@ fn small_cfg() -> TrainConfig {
             warmup_epochs: 0.5,
             layer_decay: 0.9,
             log_every: 1,
+            eval_every: 1,
             ..LoopConfig::default()
         },
         rand_augment: Some((2, 9.0)),

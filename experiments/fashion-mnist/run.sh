@@ -14,6 +14,8 @@ PT_EPOCHS=${PT_EPOCHS:-10}
 # Fine-tuning budgets (same for pre-trained and scratch): epochs per label-set size.
 EPOCHS_1K=${EPOCHS_1K:-60}
 EPOCHS_60K=${EPOCHS_60K:-5}
+# Test-set evaluation every N epochs on the 1k runs (always after the last epoch).
+EVAL_EVERY_1K=${EVAL_EVERY_1K:-10}
 mkdir -p "$OUT"
 
 # 1. Visual tokenizer: a discrete VAE on the training images (labels unused).
@@ -31,14 +33,14 @@ mkdir -p "$OUT"
 common=(--data "$DATA" --batch-size 64 --lr 2e-3 --min-lr 1e-5 --weight-decay 0.05 --drop-path 0.1
         --label-smoothing 0.1 --rrc-min-scale 0.5 --rand-augment 2,9 --eval-limit 10000)
 for n in 1000 60000; do
-  if [ "$n" = 1000 ]; then epochs=$EPOCHS_1K; warm=5; else epochs=$EPOCHS_60K; warm=1; fi
+  if [ "$n" = 1000 ]; then epochs=$EPOCHS_1K; warm=5; every=$EVAL_EVERY_1K; else epochs=$EPOCHS_60K; warm=1; every=1; fi
   for seed in $SEEDS; do
     for init in pretrained scratch; do
       dir="$OUT/finetune-$n-$init-seed$seed"
       [ -f "$dir/model.safetensors" ] && continue
       if [ "$init" = pretrained ]; then src=(--model "$OUT/pretrain" --layer-decay 0.75); else src=(--config "$CFG" --layer-decay 1.0); fi
       $BEIT train classification "${src[@]}" "${common[@]}" --train-limit "$n" --epochs "$epochs" \
-        --warmup-epochs "$warm" --seed "$seed" --output "$dir" --resume
+        --warmup-epochs "$warm" --eval-every "$every" --seed "$seed" --output "$dir" --resume
     done
   done
 done

@@ -159,6 +159,9 @@ pub struct LoopArgs {
     /// Stop after N optimiser steps (continue later with --resume).
     #[arg(long)]
     pub max_steps: Option<usize>,
+    /// Evaluate every N epochs (and after the last); default 1.
+    #[arg(long)]
+    pub eval_every: Option<usize>,
 }
 
 impl LoopArgs {
@@ -197,6 +200,7 @@ impl LoopArgs {
             checkpoint_every: self.checkpoint_every.or(d.checkpoint_every),
             max_steps: self.max_steps.or(d.max_steps),
             log_every: d.log_every,
+            eval_every: self.eval_every.unwrap_or(d.eval_every),
         };
         if c.epochs == 0 || c.batch_size == 0 || c.accum_steps == 0 {
             anyhow::bail!("--epochs, --batch-size and --accum-steps must be positive");

@@ -86,6 +86,7 @@ impl Default for LoopConfig {
             checkpoint_every: None,
             max_steps: None,
             log_every: 10,
+            eval_every: 1,
         }
     }
 }

@@ -58,6 +58,8 @@ pub struct LoopConfig {
     /// Stop after this many optimiser steps (the run can be resumed).
     pub max_steps: Option<usize>,
     pub log_every: usize,
+    /// Evaluate every N epochs (and always after the last one); 1 = every epoch.
+    pub eval_every: usize,
 }
 
 impl LoopConfig {
@@ -65,7 +67,7 @@ impl LoopConfig {
     /// when to stop, how often to save and how to log.
     pub fn without_run_controls(v: &mut serde_json::Value) {
         if let Some(o) = v.as_object_mut() {
-            for k in ["max_steps", "checkpoint_every", "log_every", "skip_bad"] {
+            for k in ["max_steps", "checkpoint_every", "log_every", "eval_every", "skip_bad"] {
                 o.remove(k);
             }
         }
@@ -351,7 +353,8 @@ pub fn train_loop(run: Run, objective: &dyn Objective, device: &Device) -> Resul
             "images_per_sec": images as f64 / t_epoch.elapsed().as_secs_f64().max(1e-9),
             "elapsed_sec": t0.elapsed().as_secs_f64(),
         });
-        let evaluation = if leader {
+        let eval_now = (epoch + 1).is_multiple_of(cfg.eval_every.max(1)) || epoch + 1 == cfg.epochs;
+        let evaluation = if leader && eval_now {
             objective.evaluate(&tm.model, device)?
         } else {
             None
