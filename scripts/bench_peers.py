@@ -48,8 +48,17 @@ WORKLOADS = {
 }
 
 
+TRAIN_SIZES = {"base": 768, "small": 384, "tiny": 192}
+
+
 def parse_workload(name):
     kind, res = name.split("-")
+    if kind == "train":  # train-base / train-small / train-tiny: a training step at 224
+        d = TRAIN_SIZES[res]
+        cfg = dict(hidden_size=d, num_attention_heads=d // 64, intermediate_size=4 * d,
+                   use_relative_position_bias=True, use_mean_pooling=True, layer_scale_init_value=0.1,
+                   num_labels=1000, drop_path_rate=0.1, image_size=224)
+        return kind, 224, "BeitForImageClassification", cfg
     res = int(res)
     w = dict(WORKLOADS[kind])
     cfg = dict(w["cfg"])
@@ -87,6 +96,38 @@ def wait_idle(max_wait, threshold=0.25, window=2.0):
 # children: one peer, one config, prints a JSON line
 
 
+def child_train(a):
+    """One training step: forward (train mode, drop path) + cross-entropy + backward + AdamW."""
+    import torch
+    import transformers
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    _, res, arch, cfg = parse_workload(a.workload)
+    model = getattr(transformers, arch)(transformers.BeitConfig(**cfg), ).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05)
+    x = torch.rand(a.batch, 3, res, res) * 2 - 1
+    labels = torch.arange(a.batch) * 37 % 1000
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = model(pixel_values=x, labels=labels).loss
+        loss.backward()
+        opt.step()
+
+    for _ in range(a.warmup):
+        step()
+    c0, s0 = cpu_times(), self_ticks()
+    times = []
+    for _ in range(a.runs):
+        t = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t) * 1e3)
+    c1, s1 = cpu_times(), self_ticks()
+    others = max(0.0, ((c1[1] - c0[1]) - (s1 - s0)) / max(c1[0] - c0[0], 1e-9))
+    return dict(times_ms=times, median_ms=statistics.median(times), peak_rss_mib=vm_hwm_mib(),
+                others_cpu_frac=others)
+
+
 def child_torch(a):
     import torch
     import transformers
@@ -97,6 +138,9 @@ def child_torch(a):
     model = cls.from_pretrained(a.model_dir, attn_implementation=a.attn).eval()
     g = torch.Generator().manual_seed(0)
     x = torch.rand(a.batch, 3, res, res, generator=g) * 2 - 1
+    if a.bf16:
+        model = model.to(torch.bfloat16)
+        x = x.to(torch.bfloat16)
     kw = {}
     if kind == "mim":
         n = (res // 16) ** 2
@@ -236,9 +280,12 @@ def check_outputs(workload, model_dir, beit):
 
 def run_peer(peer, workload, batch, a, model_dir, onnx_path):
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads))
-    if peer == "ours":
+    if peer in ("ours", "ours-bf16"):
         cmd = [a.beit, "bench", "--workloads", workload, "--batch", str(batch), "--runs", str(a.runs),
-               "--warmup", str(a.warmup), "--json", "--model", model_dir]
+               "--warmup", str(a.warmup), "--json",
+               "--matmul-precision", "bf16" if peer == "ours-bf16" else "highest"]
+        if not workload.startswith("train-"):  # a training step starts from fresh random weights
+            cmd += ["--model", model_dir]
         out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
         r = json.loads(out)["results"][0]
         return dict(median_ms=r["median_ms"], peak_rss_mib=r["peak_rss_mib"],
@@ -254,7 +301,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="cls-224:1,cls-224:8",
                     help="workload:batch list (workloads: cls-224, cls-384, cls-512, seg-640, mim-224)")
-    ap.add_argument("--peers", default="ours,hf-eager,hf-sdpa,ort")
+    ap.add_argument("--peers", default="ours,hf-eager,hf-sdpa,ort",
+                    help="ours, ours-bf16 (bf16 GEMMs), hf-eager, hf-sdpa, hf-sdpa-bf16, hf-eager-bf16, ort")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
@@ -278,8 +326,13 @@ def main():
     if a.child:
         if a.child == "ort":
             r = child_ort(a)
+        elif a.workload.startswith("train-"):
+            r = child_train(a)
         else:
-            a.attn = a.child.split("-")[1]
+            # hf-eager, hf-sdpa, hf-sdpa-bf16, hf-eager-bf16
+            parts = a.child.split("-")
+            a.attn = parts[1]
+            a.bf16 = parts[-1] == "bf16"
             r = child_torch(a)
         print(json.dumps(r))
         return
@@ -292,8 +345,9 @@ def main():
     try:
         checked = {}
         for workload, batch in configs:
-            model_dir, onnx_path = prepare(workload, tmp, "ort" in peers)
-            if workload not in checked and "ours" in peers:
+            train = workload.startswith("train-")
+            model_dir, onnx_path = (tmp, "") if train else prepare(workload, tmp, "ort" in peers)
+            if workload not in checked and "ours" in peers and not train:
                 checked[workload] = check_outputs(workload, model_dir, a.beit)
                 print(f"{workload}: max |ours - transformers| = {checked[workload]:.2e}", file=sys.stderr)
             active = [p for p in peers if p != "ort" or os.path.exists(onnx_path)]
