@@ -415,6 +415,82 @@ fn layer_norm_rows_body<const F: bool>(x: &[f32], w: &[f32], b: &[f32], out: &mu
     }
 }
 
+/// Softmax backward of rows: `dx = y * (g - sum(g * y))`.
+#[inline(always)]
+fn softmax_backward_rows_body<const F: bool>(y: &[f32], g: &[f32], dx: &mut [f32], dim: usize) {
+    for ((yr, gr), dr) in y
+        .chunks_exact(dim)
+        .zip(g.chunks_exact(dim))
+        .zip(dx.chunks_exact_mut(dim))
+    {
+        let mut acc = [0f32; LANES];
+        let mut s = 0f32;
+        let mut yc = yr.chunks_exact(LANES);
+        let mut gc = gr.chunks_exact(LANES);
+        for (a, b) in (&mut yc).zip(&mut gc) {
+            for ((t, &yv), &gv) in acc.iter_mut().zip(a).zip(b) {
+                *t = madd::<F>(yv, gv, *t);
+            }
+        }
+        for (&yv, &gv) in yc.remainder().iter().zip(gc.remainder()) {
+            s = madd::<F>(yv, gv, s);
+        }
+        let dot = acc.iter().sum::<f32>() + s;
+        for ((d, &yv), &gv) in dr.iter_mut().zip(yr).zip(gr) {
+            *d = yv * (gv - dot);
+        }
+    }
+}
+
+/// LayerNorm backward of rows (length `w.len()`): writes `dx` and adds each row's
+/// `g * xhat` and `g` into `dw` and `db`.
+#[inline(always)]
+fn layer_norm_backward_rows_body<const F: bool>(
+    x: &[f32],
+    w: &[f32],
+    g: &[f32],
+    dx: &mut [f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+    eps: f32,
+) {
+    let d = w.len();
+    let n = d as f32;
+    for ((xr, gr), dr) in x
+        .chunks_exact(d)
+        .zip(g.chunks_exact(d))
+        .zip(dx.chunks_exact_mut(d))
+    {
+        let mean = sum_lanes(xr) / n;
+        let mut var = 0f32;
+        for &v in xr {
+            let t = v - mean;
+            var = madd::<F>(t, t, var);
+        }
+        let rstd = 1.0 / (var / n + eps).sqrt();
+        // m1 = mean(g * w), m2 = mean(g * w * xhat)
+        let (mut m1, mut m2) = (0f32, 0f32);
+        for (((&xv, &gv), &wv), (dwv, dbv)) in xr
+            .iter()
+            .zip(gr)
+            .zip(w)
+            .zip(dw.iter_mut().zip(db.iter_mut()))
+        {
+            let xh = (xv - mean) * rstd;
+            let gw = gv * wv;
+            m1 += gw;
+            m2 = madd::<F>(gw, xh, m2);
+            *dwv = madd::<F>(gv, xh, *dwv);
+            *dbv += gv;
+        }
+        let (m1, m2) = (m1 / n, m2 / n);
+        for (((d, &xv), &gv), &wv) in dr.iter_mut().zip(xr).zip(gr).zip(w) {
+            let xh = (xv - mean) * rstd;
+            *d = rstd * (gv * wv - m1 - xh * m2);
+        }
+    }
+}
+
 /// What [`tile_epilogue`] applies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TileOp {
@@ -478,6 +554,17 @@ multiversion! {
         scale: &[f32], res: &[f32], ldr: usize) = tile_epilogue_body
 }
 
+multiversion! {
+    /// Softmax backward of `dim`-long rows: `dx = y * (g - sum(g * y))`.
+    pub fn softmax_backward_rows / softmax_backward_rows_with(
+        y: &[f32], g: &[f32], dx: &mut [f32], dim: usize) = softmax_backward_rows_body
+}
+multiversion! {
+    /// LayerNorm backward of rows: `dx`, and `dw += Σ g·xhat`, `db += Σ g` over the rows.
+    pub fn layer_norm_backward_rows / layer_norm_backward_rows_with(
+        x: &[f32], w: &[f32], g: &[f32], dx: &mut [f32], dw: &mut [f32], db: &mut [f32],
+        eps: f32) = layer_norm_backward_rows_body
+}
 multiversion! {
     /// GELU (erf) in place.
     pub fn gelu_inplace / gelu_inplace_with(x: &mut [f32]) = gelu_inplace_body
@@ -601,6 +688,33 @@ mod tests {
                 let dwant = 0.5 * (1.0 + erf64(x / 2f64.sqrt()))
                     + x * (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
                 assert!((gv as f64 - dwant).abs() < 1e-6, "{x}: {gv} vs {dwant}");
+            }
+        }
+    }
+
+    #[test]
+    fn backward_rows_agree_at_every_isa() {
+        let (rows, d) = (6usize, 77usize);
+        let x: Vec<f32> = (0..rows * d)
+            .map(|i| ((i * 29 % 61) as f32 - 30.0) * 0.1)
+            .collect();
+        let g: Vec<f32> = (0..rows * d)
+            .map(|i| ((i * 17 % 23) as f32 - 11.0) * 0.05)
+            .collect();
+        let w: Vec<f32> = (0..d).map(|i| 1.0 + i as f32 * 0.01).collect();
+        let run = |level: Isa| {
+            let mut sdx = vec![0f32; rows * d];
+            softmax_backward_rows_with(level, &x, &g, &mut sdx, d);
+            let (mut dx, mut dw, mut db) = (vec![0f32; rows * d], vec![0f32; d], vec![0f32; d]);
+            layer_norm_backward_rows_with(level, &x, &w, &g, &mut dx, &mut dw, &mut db, 1e-5);
+            [sdx, dx, dw, db]
+        };
+        let base = run(Isa::Generic);
+        for level in supported() {
+            for (a, b) in run(level).iter().zip(&base) {
+                for (u, v) in a.iter().zip(b) {
+                    assert!((u - v).abs() < 1e-4 * (1.0 + v.abs()), "{level:?}");
+                }
             }
         }
     }
