@@ -315,6 +315,8 @@ def main():
     ap.add_argument("--out", help="write OUT.json and OUT.md")
     ap.add_argument("--plot", action="store_true", help="also write OUT.png (needs --out)")
     ap.add_argument("--keep", help="keep the models/ONNX files in this folder (reused when present)")
+    ap.add_argument("--plot-from", nargs="+", metavar="JSON",
+                    help="only draw OUT.png (and OUT.md) from the results of earlier runs")
     # child mode
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--workload", help=argparse.SUPPRESS)
@@ -338,6 +340,16 @@ def main():
         return
 
     peers = a.peers.split(",")
+    if a.plot_from:
+        results = []
+        for f in a.plot_from:
+            with open(f) as fh:
+                results += json.load(fh)["results"]
+        peers = sorted({p for r in results for p in r["peers"]}, key=lambda p: (p != "ours", p))
+        with open(a.out + ".md", "w") as f:
+            f.write(table(results, peers, a))
+        plot(results, peers, a.out + ".png")
+        return
     configs = [(c.split(":")[0], int(c.split(":")[1])) for c in a.configs.split(",")]
     tmp = a.keep or tempfile.mkdtemp(prefix="beit-peers-")
     os.makedirs(tmp, exist_ok=True)

@@ -427,8 +427,8 @@ fn train_step(
     }))
 }
 
-/// GEMM throughput of the `gemm` crate on one shape (`[m, k] · [k, n]`, B given as the transpose
-/// of a row-major `[n, k]` weight as in a Linear layer), GFLOP/s, median of `runs`.
+/// GEMM throughput of the `gemm` crate on one shape (`[m, k] · [k, n]`, B row-major as a frozen
+/// Linear stores its weight), GFLOP/s, median of `runs`.
 pub fn gemm_gflops(m: usize, n: usize, k: usize, runs: usize) -> f64 {
     let a: Vec<f32> = (0..m * k).map(|i| ((i % 17) as f32 - 8.0) * 0.01).collect();
     let w: Vec<f32> = (0..n * k).map(|i| ((i % 13) as f32 - 6.0) * 0.01).collect();
@@ -445,7 +445,7 @@ pub fn gemm_gflops(m: usize, n: usize, k: usize, runs: usize) -> f64 {
                 gemm::ViewMut::row_major(&mut c, 0, n),
                 false,
                 gemm::View::row_major(&a, 0, k),
-                gemm::View::transposed(&w, 0, k),
+                gemm::View::row_major(&w, 0, n),
                 threads,
             )
         };
