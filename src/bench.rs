@@ -427,8 +427,8 @@ fn train_step(
     }))
 }
 
-/// GEMM throughput of the `gemm` crate on one shape (`[m, k] · [k, n]`, B given as the transpose
-/// of a row-major `[n, k]` weight as in a Linear layer), GFLOP/s, median of `runs`.
+/// GEMM throughput of the `gemm` crate on one shape (`[m, k] · [k, n]`, B row-major as a frozen
+/// Linear stores its weight), GFLOP/s, median of `runs`.
 pub fn gemm_gflops(m: usize, n: usize, k: usize, runs: usize) -> f64 {
     let a: Vec<f32> = (0..m * k).map(|i| ((i % 17) as f32 - 8.0) * 0.01).collect();
     let w: Vec<f32> = (0..n * k).map(|i| ((i % 13) as f32 - 6.0) * 0.01).collect();
@@ -445,7 +445,7 @@ pub fn gemm_gflops(m: usize, n: usize, k: usize, runs: usize) -> f64 {
                 gemm::ViewMut::row_major(&mut c, 0, n),
                 false,
                 gemm::View::row_major(&a, 0, k),
-                gemm::View::transposed(&w, 0, k),
+                gemm::View::row_major(&w, 0, n),
                 threads,
             )
         };
@@ -598,6 +598,158 @@ pub fn kernel_report() -> candle_core::Result<Vec<(String, f64)>> {
         }),
     ));
     Ok(out)
+}
+
+/// Forward and backward time of the ops of a BEiT-base training step at batch 8, each alone:
+/// `(op, forward ms, backward ms)`, medians of 5. The backward is that of `sum(op(x))`; the
+/// first row ("identity") is that harness alone: candle's backward seeds every gradient with
+/// `zeros_like` and then adds to it, so each node of the graph costs an allocation, a fill and
+/// an add over its size on top of its own gradient.
+pub fn backward_report() -> anyhow::Result<Vec<(String, f64, f64)>> {
+    use candle_core::Var;
+    let dev = Device::Cpu;
+    let (b, s, d, h, hd, inter) = (8usize, 197usize, 768usize, 12usize, 64usize, 3072usize);
+    let mut out = Vec::new();
+    let mut measure = |name: &str,
+                       inputs: Vec<Var>,
+                       f: &dyn Fn(&[Var]) -> candle_core::Result<Tensor>|
+     -> anyhow::Result<()> {
+        let mut fw = Vec::new();
+        let mut bw = Vec::new();
+        for i in 0..6 {
+            let t0 = Instant::now();
+            let y = f(&inputs)?;
+            let t1 = t0.elapsed().as_secs_f64() * 1e3;
+            let loss = y.sum_all()?;
+            let t0 = Instant::now();
+            let g = loss.backward()?;
+            let t2 = t0.elapsed().as_secs_f64() * 1e3;
+            drop(g);
+            if i > 0 {
+                fw.push(t1);
+                bw.push(t2);
+            }
+        }
+        out.push((name.to_string(), median(&fw), median(&bw)));
+        Ok(())
+    };
+    let var = |shape: &[usize]| Var::from_tensor(&Tensor::randn(0f32, 0.1, shape, &dev)?);
+    let big = var(&[b * s, inter])?;
+    measure(
+        "identity (harness: sum + gradient seeding) [1576x3072]",
+        vec![big],
+        &|v| v[0].affine(1.0, 0.0),
+    )?;
+    let x = var(&[b * s, d])?;
+    let w1 = var(&[inter, d])?;
+    let b1 = var(&[inter])?;
+    measure(
+        "linear fc1 [1576x768]->3072 (matmul + bias)",
+        vec![x.clone(), w1, b1],
+        &|v| v[0].matmul(&v[1].t()?)?.broadcast_add(&v[2]),
+    )?;
+    let hmid = var(&[b * s, inter])?;
+    measure("gelu_erf [1576x3072]", vec![hmid.clone()], &|v| {
+        crate::ops::gelu_erf(&v[0])
+    })?;
+    let lw = var(&[d])?;
+    let lb = var(&[d])?;
+    measure("layer_norm [1576x768]", vec![x.clone(), lw, lb], &|v| {
+        crate::ops::layer_norm(&v[0], &v[1], &v[2], 1e-12)
+    })?;
+    let qkv = var(&[b, s, 3 * d])?;
+    measure(
+        "head split: reshape+transpose+contiguous [8,197,3x768]",
+        vec![qkv],
+        &|v| {
+            let t = v[0]
+                .reshape((b, s, 3, h, hd))?
+                .permute((2, 0, 3, 1, 4))?
+                .contiguous()?;
+            t.get(0)
+        },
+    )?;
+    let q = var(&[b, h, s, hd])?;
+    let k = var(&[b, h, s, hd])?;
+    measure("q.k^T [96x197x64]x[96x64x197]", vec![q, k], &|v| {
+        v[0].matmul(&v[1].t()?)
+    })?;
+    let scores = var(&[b, h, s, s])?;
+    let bias = var(&[1, h, s, s])?;
+    measure(
+        "scores + bias (broadcast over batch)",
+        vec![scores.clone(), bias],
+        &|v| v[0].broadcast_add(&v[1]),
+    )?;
+    measure("softmax_last_dim [8,12,197,197]", vec![scores], &|v| {
+        crate::ops::softmax_last_dim(&v[0])
+    })?;
+    let table = var(&[732, h])?;
+    let index = crate::model::relative_position::relative_position_index((14, 14));
+    let idx = Tensor::from_slice(index.as_slice(), s * s, &dev)?;
+    measure(
+        "relative bias gather (index_select [732,12] -> [197x197,12] + permute)",
+        vec![table],
+        &|v| {
+            v[0].index_select(&idx, 0)?
+                .reshape((s, s, h))?
+                .permute((2, 0, 1))?
+                .contiguous()
+        },
+    )?;
+    let lam = var(&[d])?;
+    measure(
+        "layer scale + residual [1576x768]",
+        vec![x.clone(), lam],
+        &|v| v[0].broadcast_mul(&v[1])? + v[0].as_tensor(),
+    )?;
+    Ok(out)
+}
+
+/// f32 against bf16 GEMMs on the same random-weight model (saved and loaded twice) and the
+/// same random inputs: max and mean |difference| of the outputs, largest |output|, and for
+/// classification the top-1 agreement over the batch.
+pub fn precision_check(
+    workload: Workload,
+    batch: usize,
+    device: &Device,
+) -> anyhow::Result<serde_json::Value> {
+    use crate::ops::bf16::{available, set_f32_matmul_precision, MatmulPrecision};
+    if !available() {
+        anyhow::bail!("this CPU has no AVX512-BF16: bf16 GEMMs are not available");
+    }
+    let dir = std::env::temp_dir().join(format!("beit-precision-{}", std::process::id()));
+    save_random_checkpoint(workload, &dir)?;
+    let (x, opts) = random_inputs(workload, batch, device)?;
+    let mut outs = Vec::new();
+    for p in [MatmulPrecision::Highest, MatmulPrecision::Bf16] {
+        set_f32_matmul_precision(p);
+        let (model, _) = AutoModel::from_pretrained(&dir, DType::F32, device)?;
+        let o = model.forward(&x, &opts)?;
+        let key = if o.tensors.contains_key("logits") {
+            "logits"
+        } else {
+            "last_hidden_state"
+        };
+        outs.push(o.tensors[key].to_dtype(DType::F32)?);
+    }
+    set_f32_matmul_precision(MatmulPrecision::Highest);
+    let _ = std::fs::remove_dir_all(&dir);
+    let diff = (&outs[1] - &outs[0])?.abs()?.flatten_all()?;
+    let max_diff = diff.max(0)?.to_scalar::<f32>()?;
+    let mean_diff = diff.mean(0)?.to_scalar::<f32>()?;
+    let max_abs = outs[0].abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let top1 = if let Workload::Classification(_) = workload {
+        let a = outs[0].argmax(1)?.to_vec1::<u32>()?;
+        let b = outs[1].argmax(1)?.to_vec1::<u32>()?;
+        Some(a.iter().zip(&b).filter(|(x, y)| x == y).count() as f64 / a.len() as f64)
+    } else {
+        None
+    };
+    Ok(serde_json::json!({
+        "workload": workload.name(), "batch": batch, "max_abs_diff": max_diff,
+        "mean_abs_diff": mean_diff, "max_abs_output": max_abs, "top1_agreement": top1,
+    }))
 }
 
 /// CPU seconds this thread has used (`/proc/thread-self/stat`, 10 ms ticks; NaN elsewhere).

@@ -168,6 +168,18 @@ impl ConvTranspose2d {
 impl Module for ConvTranspose2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (ci, co, kh, kw) = self.weight.dims4()?;
+        if kh == self.stride
+            && kw == self.stride
+            && !x.track_op()
+            && !self.weight.track_op()
+            && !self.bias.track_op()
+            && x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32
+        {
+            // Nothing to differentiate: GEMM + scatter with the bias, one pass.
+            return ops::conv::conv_transpose_inference(x, &self.weight, &self.bias);
+        }
         if kh == self.stride && kw == self.stride {
             // Non-overlapping taps: one GEMM `[O*kh*kw, C] x [C, H*W]`, then each tap's values
             // go to their place in the output (a pixel shuffle). Differentiable.

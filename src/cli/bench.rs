@@ -24,6 +24,14 @@ pub struct BenchCmd {
     /// Compute dtype: f32, f16, bf16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Precision of the f32 GEMMs of frozen models: highest (f32), or bf16 (bf16 inputs, f32
+    /// accumulation; AVX512-BF16 CPUs only, else f32).
+    #[arg(long, default_value = "highest")]
+    pub matmul_precision: String,
+    /// Compare the outputs of the f32 and bf16 GEMM precisions on the first workload (random
+    /// weights and inputs): max |difference|, top-1 agreement.
+    #[arg(long)]
+    pub precision_check: bool,
     /// Print the results as JSON (one array) instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -45,6 +53,9 @@ pub struct BenchCmd {
     /// candle's.
     #[arg(long)]
     pub kernels: bool,
+    /// Also time the forward and backward of each op of a base training step (batch 8) alone.
+    #[arg(long)]
+    pub backward_ops: bool,
     /// Also measure load-to-first-output of a saved checkpoint (of the first workload, or
     /// --model), each in a fresh process, warm OS cache.
     #[arg(long)]
@@ -73,6 +84,18 @@ impl BenchCmd {
             .iter()
             .map(|w| Workload::parse(w))
             .collect::<Result<Vec<_>>>()?;
+        use beit::ops::bf16::{set_f32_matmul_precision, MatmulPrecision};
+        set_f32_matmul_precision(match self.matmul_precision.as_str() {
+            "highest" | "f32" => MatmulPrecision::Highest,
+            "bf16" | "medium" => MatmulPrecision::Bf16,
+            other => anyhow::bail!("--matmul-precision: {other:?} (highest, bf16)"),
+        });
+        if self.precision_check {
+            let batch = self.batch.first().copied().unwrap_or(8);
+            let r = bench::precision_check(workloads[0], batch, dev)?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            return Ok(());
+        }
         let opts = BenchOptions {
             dtype: beit::util::parse_dtype(&self.dtype)?,
             warmup: self.warmup,
@@ -83,6 +106,12 @@ impl BenchCmd {
         if self.kernels {
             for (k, ms) in bench::kernel_report()? {
                 eprintln!("  {k}: {ms:.2} ms");
+            }
+        }
+        if self.backward_ops {
+            eprintln!("op | forward ms | backward ms");
+            for (k, f, b) in bench::backward_report()? {
+                eprintln!("{k} | {f:.1} | {b:.1}");
             }
         }
         let mut peak = None;
@@ -142,7 +171,8 @@ impl BenchCmd {
             .args(["--workloads", &w.name(), "--batch", &b.to_string()])
             .args(["--warmup", &self.warmup.to_string()])
             .args(["--runs", &self.runs.to_string()])
-            .args(["--dtype", &self.dtype]);
+            .args(["--dtype", &self.dtype])
+            .args(["--matmul-precision", &self.matmul_precision]);
         if self.profile {
             cmd.arg("--profile");
         }

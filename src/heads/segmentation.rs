@@ -28,14 +28,46 @@ pub struct Fpn1 {
     pub conv_transpose1: ConvTranspose2d,
     pub normalization: BatchNorm2d,
     pub conv_transpose2: ConvTranspose2d,
+    /// Inference only ([`Fpn1::freeze`]): `conv_transpose1` with the batch norm folded in.
+    folded: Option<ConvTranspose2d>,
 }
 
 impl Fpn1 {
+    /// Fold the batch norm's running statistics into the first transposed convolution (used in
+    /// evaluation only; training keeps the separate layers).
+    pub fn freeze(&mut self) -> Result<()> {
+        let bn = &self.normalization;
+        let scale = (bn.weight.to_dtype(DType::F32)?
+            / (bn.running_var.to_dtype(DType::F32)? + bn.eps)?.sqrt()?)?;
+        let shift =
+            (bn.bias.to_dtype(DType::F32)? - (bn.running_mean.to_dtype(DType::F32)? * &scale)?)?;
+        let c = &self.conv_transpose1;
+        let dt = c.weight.dtype();
+        let co = scale.dim(0)?;
+        // weight [in, out, kh, kw]: scale each output channel
+        let weight = c
+            .weight
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&scale.reshape((1, co, 1, 1))?)?
+            .to_dtype(dt)?;
+        let bias = ((c.bias.to_dtype(DType::F32)? * &scale)? + shift)?.to_dtype(dt)?;
+        self.folded = Some(ConvTranspose2d {
+            weight,
+            bias,
+            stride: c.stride,
+        });
+        Ok(())
+    }
+
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let _p = crate::profile::scope("fpn");
-        let x = self.conv_transpose1.forward(x)?;
-        let x = ops::gelu_erf(&self.normalization.forward_t(&x, train)?)?;
-        self.conv_transpose2.forward(&x)
+        let x = match (&self.folded, train) {
+            (Some(folded), false) => folded.forward(x)?,
+            _ => self
+                .normalization
+                .forward_t(&self.conv_transpose1.forward(x)?, train)?,
+        };
+        self.conv_transpose2.forward(&ops::gelu_erf(&x)?)
     }
 }
 
@@ -286,7 +318,14 @@ impl BeitForSemanticSegmentation {
         } else {
             None
         };
+        let mut fpn1 = Fpn1 {
+            conv_transpose1: ConvTranspose2d::new(d, d, 2, 2, std, vb.pp("fpn1").pp("0"))?,
+            normalization: BatchNorm2d::new(d, vb.pp("fpn1").pp("1"))?,
+            conv_transpose2: ConvTranspose2d::new(d, d, 2, 2, std, vb.pp("fpn1").pp("3"))?,
+            folded: None,
+        };
         if frozen {
+            fpn1.freeze()?;
             decode_head.freeze()?;
             if let Some(a) = auxiliary_head.as_mut() {
                 a.freeze()?;
@@ -294,11 +333,7 @@ impl BeitForSemanticSegmentation {
         }
         Ok(Self {
             beit: BeitModel::new(cfg, false, vb.pp("beit"), frozen)?,
-            fpn1: Fpn1 {
-                conv_transpose1: ConvTranspose2d::new(d, d, 2, 2, std, vb.pp("fpn1").pp("0"))?,
-                normalization: BatchNorm2d::new(d, vb.pp("fpn1").pp("1"))?,
-                conv_transpose2: ConvTranspose2d::new(d, d, 2, 2, std, vb.pp("fpn1").pp("3"))?,
-            },
+            fpn1,
             fpn2: ConvTranspose2d::new(d, d, 2, 2, std, vb.pp("fpn2").pp("0"))?,
             decode_head,
             auxiliary_head,

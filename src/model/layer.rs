@@ -7,7 +7,8 @@ use crate::config::BeitConfig;
 use crate::model::attention::BeitAttention;
 use crate::nn::{LayerNorm, Linear};
 use crate::ops::attention::{attention_inference, RelBias};
-use crate::ops::linear::{linear_inference, Epilogue};
+use crate::ops::bf16::{f32_matmul_precision, MatmulPrecision, PackedBf16};
+use crate::ops::linear::{linear_inference, linear_inference_bf16, Epilogue};
 use crate::ops::{self, Activation};
 use crate::profile;
 
@@ -27,6 +28,26 @@ pub struct BeitLayer {
     pub lambda_2: Option<Tensor>,
     pub drop_path: f64,
     pub hidden_dropout: f64,
+    /// The four GEMM weights packed for the bf16 kernel, when the model was built frozen with
+    /// `ops::bf16::set_f32_matmul_precision(Bf16)` on a CPU with AVX512-BF16.
+    bf16: Option<Box<Bf16Weights>>,
+}
+
+/// `[K, N]` bf16 panels of the QKV, output, fc1 and fc2 weights of a layer.
+#[derive(Debug)]
+struct Bf16Weights {
+    qkv: PackedBf16,
+    proj: PackedBf16,
+    fc1: PackedBf16,
+    fc2: PackedBf16,
+}
+
+/// Pack a frozen `Linear` weight (`[out, in]`, any layout) for the bf16 kernel.
+fn pack_bf16(w: &Tensor) -> Result<PackedBf16> {
+    let (n, k) = w.dims2()?;
+    let wt = w.t()?.contiguous()?; // [in, out]: a no-op for a frozen weight
+    let d = crate::ops::f32_data(&wt)?;
+    Ok(PackedBf16::pack(d.get(), k, n, n, 1))
 }
 
 impl BeitLayer {
@@ -60,8 +81,25 @@ impl BeitLayer {
             intermediate.freeze()?;
             output.freeze()?;
         }
+        let attention = BeitAttention::new(cfg, vb.pp("attention"), frozen)?;
+        let bf16 = match attention.attention.fused_qkv() {
+            Some(qkv)
+                if f32_matmul_precision() == MatmulPrecision::Bf16
+                    && crate::ops::bf16::available()
+                    && qkv.weight.dtype() == candle_core::DType::F32
+                    && qkv.weight.device().is_cpu() =>
+            {
+                Some(Box::new(Bf16Weights {
+                    qkv: pack_bf16(&qkv.weight)?,
+                    proj: pack_bf16(&attention.output.weight)?,
+                    fc1: pack_bf16(&intermediate.weight)?,
+                    fc2: pack_bf16(&output.weight)?,
+                }))
+            }
+            _ => None,
+        };
         Ok(Self {
-            attention: BeitAttention::new(cfg, vb.pp("attention"), frozen)?,
+            attention,
             layernorm_before: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("layernorm_before"))?,
             layernorm_after: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("layernorm_after"))?,
             intermediate,
@@ -72,6 +110,7 @@ impl BeitLayer {
             lambda_2,
             drop_path,
             hidden_dropout: cfg.hidden_dropout_prob,
+            bf16,
         })
     }
 
@@ -92,23 +131,24 @@ impl BeitLayer {
         let att = &self.attention.attention;
         let scale = (att.head_dim as f32).powf(-0.5);
         let ln1 = profile::time("layernorm", || self.layernorm_before.forward(x))?;
+        let bf = self.bf16.as_deref();
+        // The f32 GEMM, or the bf16 one when the layer has packed weights.
+        let lin =
+            |x: &Tensor, l: &Linear, packed: Option<&PackedBf16>, e: Epilogue<'_>| match packed {
+                Some(p) => linear_inference_bf16(x, p, l.bias.as_ref(), e),
+                None => linear_inference(x, &l.weight, l.bias.as_ref(), e),
+            };
         let qkv = profile::time("attn.qkv", || {
-            linear_inference(
-                &ln1,
-                &qkv_proj.weight,
-                qkv_proj.bias.as_ref(),
-                Epilogue::Bias,
-            )
+            lin(&ln1, qkv_proj, bf.map(|b| &b.qkv), Epilogue::Bias)
         })?;
         let ctx = profile::time("attn.core", || {
             attention_inference(&qkv, att.num_heads, scale, bias)
         })?;
-        let out = &self.attention.output;
         let h = profile::time("attn.proj", || {
-            linear_inference(
+            lin(
                 &ctx,
-                &out.weight,
-                out.bias.as_ref(),
+                &self.attention.output,
+                bf.map(|b| &b.proj),
                 Epilogue::BiasScaleResidual {
                     scale: self.lambda_1.as_ref(),
                     residual: x,
@@ -119,20 +159,19 @@ impl BeitLayer {
         let fc1 = &self.intermediate;
         let y = if self.activation == Activation::Gelu {
             profile::time("mlp.fc1+gelu", || {
-                linear_inference(&ln2, &fc1.weight, fc1.bias.as_ref(), Epilogue::BiasGelu)
+                lin(&ln2, fc1, bf.map(|b| &b.fc1), Epilogue::BiasGelu)
             })?
         } else {
             let y = profile::time("mlp.fc1", || {
-                linear_inference(&ln2, &fc1.weight, fc1.bias.as_ref(), Epilogue::Bias)
+                lin(&ln2, fc1, bf.map(|b| &b.fc1), Epilogue::Bias)
             })?;
             profile::time("mlp.act", || self.activation.forward(&y))?
         };
-        let fc2 = &self.output;
         profile::time("mlp.fc2", || {
-            linear_inference(
+            lin(
                 &y,
-                &fc2.weight,
-                fc2.bias.as_ref(),
+                &self.output,
+                bf.map(|b| &b.fc2),
                 Epilogue::BiasScaleResidual {
                     scale: self.lambda_2.as_ref(),
                     residual: &h,

@@ -7,6 +7,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod bf16;
 pub mod conv;
 pub mod fused;
 pub mod gemm;

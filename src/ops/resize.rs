@@ -87,6 +87,70 @@ fn matrix(
     Tensor::from_slice(w.as_slice(), (output, input), dev)?.to_dtype(dtype)
 }
 
+/// The non-zero run of each row of a 1-D resampling matrix: `(first input index, weights)`.
+fn sparse_rows(kind: Kind, input: usize, output: usize) -> Vec<(usize, Vec<f32>)> {
+    let m = weights(kind, input, output);
+    m.chunks(input)
+        .map(|row| {
+            let first = row.iter().position(|&v| v != 0.0).unwrap_or(0);
+            let last = row.iter().rposition(|&v| v != 0.0).unwrap_or(0);
+            (first, row[first..=last.max(first)].to_vec())
+        })
+        .collect()
+}
+
+/// The same resampling computed directly from the few non-zero weights of each row (a
+/// horizontal then a vertical pass, each output a short weighted sum), f32 on CPU. No backward:
+/// used when the input is not tracked by autograd.
+fn resample_direct(x: &Tensor, kind: Kind, out_h: usize, out_w: usize) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let rank = x.rank();
+    let (h, w) = (x.dim(rank - 2)?, x.dim(rank - 1)?);
+    let planes = x.elem_count() / (h * w).max(1);
+    let x = x.contiguous()?;
+    let data = super::f32_data(&x)?;
+    let src = data.get();
+    let horizontal;
+    let tmp: &[f32] = if w == out_w {
+        src
+    } else {
+        let wx = sparse_rows(kind, w, out_w);
+        let mut t = vec![0f32; planes * h * out_w];
+        t.par_chunks_mut(out_w)
+            .zip(src.par_chunks(w))
+            .for_each(|(o, row)| {
+                for (v, (s0, ws)) in o.iter_mut().zip(&wx) {
+                    *v = ws.iter().zip(&row[*s0..]).map(|(a, b)| a * b).sum();
+                }
+            });
+        horizontal = t;
+        &horizontal
+    };
+    let mut out = vec![0f32; planes * out_h * out_w];
+    if h == out_h {
+        out.copy_from_slice(tmp);
+    } else {
+        let wy = sparse_rows(kind, h, out_h);
+        out.par_chunks_mut(out_h * out_w)
+            .zip(tmp.par_chunks(h * out_w))
+            .for_each(|(o, plane)| {
+                for (orow, (s0, ws)) in o.chunks_mut(out_w).zip(&wy) {
+                    for (t, &wt) in ws.iter().enumerate() {
+                        let irow = &plane[(s0 + t) * out_w..(s0 + t + 1) * out_w];
+                        for (v, &iv) in orow.iter_mut().zip(irow) {
+                            *v += wt * iv;
+                        }
+                    }
+                }
+            });
+    }
+    drop(data);
+    let mut dims = x.dims().to_vec();
+    dims[rank - 2] = out_h;
+    dims[rank - 1] = out_w;
+    Tensor::from_vec(out, dims, x.device())
+}
+
 /// Resample the last two dims of `x` (`[..., H, W]`) to `(out_h, out_w)`.
 pub fn resample(x: &Tensor, kind: Kind, out_h: usize, out_w: usize) -> Result<Tensor> {
     let rank = x.rank();
@@ -97,6 +161,9 @@ pub fn resample(x: &Tensor, kind: Kind, out_h: usize, out_w: usize) -> Result<Te
     // Every kind here is an exact identity along an axis whose size does not change.
     if (h, w) == (out_h, out_w) {
         return Ok(x.clone());
+    }
+    if !x.track_op() && x.device().is_cpu() && x.dtype() == DType::F32 && h * w > 0 {
+        return resample_direct(x, kind, out_h, out_w);
     }
     let dev = x.device();
     let mut y = x.clone();
@@ -135,6 +202,30 @@ mod tests {
                     let s: f32 = m[r * i..(r + 1) * i].iter().sum();
                     assert!((s - 1.0).abs() < 1e-5, "{kind:?} {i}->{o} row {r}: {s}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn direct_path_matches_the_matmuls() {
+        let dev = candle_core::Device::Cpu;
+        let x = Tensor::randn(0f32, 1f32, (2, 3, 7, 9), &dev).unwrap();
+        for kind in [Kind::Linear, Kind::Cubic, Kind::AdaptiveAvg] {
+            for (oh, ow) in [(14, 18), (3, 4), (7, 5), (20, 9)] {
+                // A Var input takes the differentiable (matmul) path.
+                let v = candle_core::Var::from_tensor(&x).unwrap();
+                let want = resample(&v, kind, oh, ow).unwrap();
+                let got = resample(&x, kind, oh, ow).unwrap();
+                assert_eq!(got.dims(), want.dims());
+                let d = (got - want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap();
+                assert!(d.to_scalar::<f32>().unwrap() < 1e-5, "{kind:?} {oh}x{ow}");
             }
         }
     }

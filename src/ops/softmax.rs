@@ -127,9 +127,47 @@ impl CustomOp1 for SoftmaxLastDim {
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         // dx = y * (g - sum(g * y))
+        if res.dtype() == DType::F32 && res.device().is_cpu() {
+            return Ok(Some(
+                res.apply_op2_no_bwd(&grad_res.contiguous()?, &SoftmaxGrad)?,
+            ));
+        }
         let gy = (grad_res * res)?;
         let s = gy.sum_keepdim(D::Minus1)?;
         Ok(Some((gy - res.broadcast_mul(&s)?)?))
+    }
+}
+
+/// `(y, g) -> y * (g - sum(g * y))` over the last dimension, one vectorised pass per row (f32).
+struct SoftmaxGrad;
+
+impl candle_core::CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "beit-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(y), CpuStorage::F32(g)) = (s1, s2) else {
+            candle_core::bail!("softmax backward: expected f32")
+        };
+        let (Some((ya, yb)), Some((ga, gb))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("softmax backward: not contiguous")
+        };
+        let dim = l1.dims().last().copied().unwrap_or(1).max(1);
+        let (y, g) = (&y[ya..yb], &g[ga..gb]);
+        let mut dx = vec![0f32; y.len()];
+        let rows = (super::activation::CHUNK / dim).max(1) * dim;
+        dx.par_chunks_mut(rows)
+            .zip(y.par_chunks(rows).zip(g.par_chunks(rows)))
+            .for_each(|(d, (y, g))| super::vmath::softmax_backward_rows(y, g, d, dim));
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
 
@@ -143,4 +181,34 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
             candle_nn::ops::softmax(x, D::Minus1)
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn fused_f32_backward_matches_f64_composition() {
+        let dev = Device::Cpu;
+        let x = (Tensor::randn(0f64, 1., (2, 3, 7, 37), &dev).unwrap() * 2.0).unwrap();
+        let r = Tensor::randn(0f64, 1., (2, 3, 7, 37), &dev).unwrap();
+        let mut grads = Vec::new();
+        for dt in [DType::F64, DType::F32] {
+            let xv = Var::from_tensor(&x.to_dtype(dt).unwrap()).unwrap();
+            let y = softmax_last_dim(&xv).unwrap();
+            let loss = (y * r.to_dtype(dt).unwrap()).unwrap().sum_all().unwrap();
+            let g = loss.backward().unwrap();
+            grads.push(g.get(xv.as_tensor()).unwrap().to_dtype(DType::F64).unwrap());
+        }
+        let d = (&grads[0] - &grads[1])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        assert!(d.to_scalar::<f64>().unwrap() < 1e-5);
+    }
 }

@@ -331,22 +331,51 @@ fn scaled_biased_softmax_row_body<const F: bool>(
     scale: f32,
     table: &[f32],
     index: &[u32],
-) {
+) -> f32 {
+    // Pass 1: scale, add the gathered bias, and track the maximum (16 lanes).
+    let mut acc = [f32::NEG_INFINITY; LANES];
     if table.is_empty() {
-        for v in row.iter_mut() {
+        let mut chunks = row.chunks_exact_mut(LANES);
+        for c in &mut chunks {
+            for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
+                *v *= scale;
+                *a = a.max(*v);
+            }
+        }
+        for v in chunks.into_remainder() {
             *v *= scale;
+            acc[0] = acc[0].max(*v);
         }
     } else {
         assert!(index.len() == row.len());
-        for (v, &i) in row.iter_mut().zip(index) {
-            // SAFETY: every index was checked against the table length by the caller
-            // (`attention::check_index`).
+        let mut chunks = row.chunks_exact_mut(LANES);
+        let mut ichunks = index.chunks_exact(LANES);
+        for (c, ic) in (&mut chunks).zip(&mut ichunks) {
+            for ((a, v), &i) in acc.iter_mut().zip(c.iter_mut()).zip(ic) {
+                // SAFETY: every index was checked against the table length by the caller.
+                *v = madd::<F>(*v, scale, unsafe { *table.get_unchecked(i as usize) });
+                *a = a.max(*v);
+            }
+        }
+        for (v, &i) in chunks.into_remainder().iter_mut().zip(ichunks.remainder()) {
+            // SAFETY: as above.
             *v = madd::<F>(*v, scale, unsafe { *table.get_unchecked(i as usize) });
+            acc[0] = acc[0].max(*v);
         }
     }
-    let m = max_lanes(row);
-    let s = exp_shift_sum::<F>(row, m);
-    let inv = 1.0 / s;
+    let m = acc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    // Pass 2: exponentials and their sum; the caller divides by it.
+    exp_shift_sum::<F>(row, m)
+}
+
+#[inline(always)]
+fn scaled_biased_softmax_row_normalized_body<const F: bool>(
+    row: &mut [f32],
+    scale: f32,
+    table: &[f32],
+    index: &[u32],
+) {
+    let inv = 1.0 / scaled_biased_softmax_row_body::<F>(row, scale, table, index);
     for v in row.iter_mut() {
         *v *= inv;
     }
@@ -382,6 +411,33 @@ fn layer_norm_rows_body<const F: bool>(x: &[f32], w: &[f32], b: &[f32], out: &mu
         let rstd = 1.0 / (var + eps).sqrt();
         for (((o, &v), &wv), &bv) in orow.iter_mut().zip(row).zip(w).zip(b) {
             *o = madd::<F>((v - mean) * rstd, wv, bv);
+        }
+    }
+}
+
+/// Softmax backward of rows: `dx = y * (g - sum(g * y))`.
+#[inline(always)]
+fn softmax_backward_rows_body<const F: bool>(y: &[f32], g: &[f32], dx: &mut [f32], dim: usize) {
+    for ((yr, gr), dr) in y
+        .chunks_exact(dim)
+        .zip(g.chunks_exact(dim))
+        .zip(dx.chunks_exact_mut(dim))
+    {
+        let mut acc = [0f32; LANES];
+        let mut s = 0f32;
+        let mut yc = yr.chunks_exact(LANES);
+        let mut gc = gr.chunks_exact(LANES);
+        for (a, b) in (&mut yc).zip(&mut gc) {
+            for ((t, &yv), &gv) in acc.iter_mut().zip(a).zip(b) {
+                *t = madd::<F>(yv, gv, *t);
+            }
+        }
+        for (&yv, &gv) in yc.remainder().iter().zip(gc.remainder()) {
+            s = madd::<F>(yv, gv, s);
+        }
+        let dot = acc.iter().sum::<f32>() + s;
+        for ((d, &yv), &gv) in dr.iter_mut().zip(yr).zip(gr) {
+            *d = yv * (gv - dot);
         }
     }
 }
@@ -450,6 +506,11 @@ multiversion! {
 }
 
 multiversion! {
+    /// Softmax backward of `dim`-long rows: `dx = y * (g - sum(g * y))`.
+    pub fn softmax_backward_rows / softmax_backward_rows_with(
+        y: &[f32], g: &[f32], dx: &mut [f32], dim: usize) = softmax_backward_rows_body
+}
+multiversion! {
     /// GELU (erf) in place.
     pub fn gelu_inplace / gelu_inplace_with(x: &mut [f32]) = gelu_inplace_body
 }
@@ -472,7 +533,13 @@ multiversion! {
 multiversion! {
     /// `softmax(row * scale + table[index])` in place (`table` empty: no bias).
     pub fn scaled_biased_softmax_row / scaled_biased_softmax_row_with(
-        row: &mut [f32], scale: f32, table: &[f32], index: &[u32]) = scaled_biased_softmax_row_body
+        row: &mut [f32], scale: f32, table: &[f32], index: &[u32]) = scaled_biased_softmax_row_normalized_body
+}
+multiversion! {
+    /// `exp(row * scale + table[index] - max)` in place, returning the sum of the row (the
+    /// softmax before its normalisation, which the attention kernel applies to `P·V`).
+    pub fn scaled_biased_exp_row / scaled_biased_exp_row_with(
+        row: &mut [f32], scale: f32, table: &[f32], index: &[u32]) -> f32 = scaled_biased_softmax_row_body
 }
 multiversion! {
     /// LayerNorm of each row (length `w.len()`) of `x` into `out`.
@@ -571,6 +638,30 @@ mod tests {
     }
 
     #[test]
+    fn backward_rows_agree_at_every_isa() {
+        let (rows, d) = (6usize, 77usize);
+        let x: Vec<f32> = (0..rows * d)
+            .map(|i| ((i * 29 % 61) as f32 - 30.0) * 0.1)
+            .collect();
+        let g: Vec<f32> = (0..rows * d)
+            .map(|i| ((i * 17 % 23) as f32 - 11.0) * 0.05)
+            .collect();
+        let run = |level: Isa| {
+            let mut sdx = vec![0f32; rows * d];
+            softmax_backward_rows_with(level, &x, &g, &mut sdx, d);
+            [sdx]
+        };
+        let base = run(Isa::Generic);
+        for level in supported() {
+            for (a, b) in run(level).iter().zip(&base) {
+                for (u, v) in a.iter().zip(b) {
+                    assert!((u - v).abs() < 1e-4 * (1.0 + v.abs()), "{level:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn tile_epilogues_match_plain_code_at_every_isa() {
         let (rows, cols, ldc) = (5usize, 37usize, 40usize);
         let c0: Vec<f32> = (0..rows * ldc)
@@ -607,6 +698,40 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// `cargo test --release --lib softmax_row_rate -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn softmax_row_rate() {
+        let s = 197usize;
+        let rows = 2000usize;
+        let x: Vec<f32> = (0..s * rows).map(|i| (i % 97) as f32 * 0.01).collect();
+        let table: Vec<f32> = (0..800).map(|i| i as f32 * 1e-3).collect();
+        let index: Vec<u32> = (0..s * s).map(|i| (i * 13 % 800) as u32).collect();
+        for level in supported() {
+            let mut buf = x.clone();
+            let t0 = std::time::Instant::now();
+            for r in 0..rows {
+                let row = &mut buf[r * s..(r + 1) * s];
+                scaled_biased_softmax_row_with(
+                    level,
+                    row,
+                    0.125,
+                    &table,
+                    &index[(r % s) * s..(r % s + 1) * s],
+                );
+            }
+            let with_bias = t0.elapsed().as_secs_f64() / (s * rows) as f64 * 1e9;
+            let mut buf = x.clone();
+            let t0 = std::time::Instant::now();
+            for r in 0..rows {
+                let row = &mut buf[r * s..(r + 1) * s];
+                scaled_biased_softmax_row_with(level, row, 0.125, &[], &[]);
+            }
+            let no_bias = t0.elapsed().as_secs_f64() / (s * rows) as f64 * 1e9;
+            eprintln!("{level:?}: softmax row {with_bias:.2} ns/elt with gathered bias, {no_bias:.2} without");
         }
     }
 

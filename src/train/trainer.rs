@@ -67,7 +67,13 @@ impl LoopConfig {
     /// when to stop, how often to save and how to log.
     pub fn without_run_controls(v: &mut serde_json::Value) {
         if let Some(o) = v.as_object_mut() {
-            for k in ["max_steps", "checkpoint_every", "log_every", "eval_every", "skip_bad"] {
+            for k in [
+                "max_steps",
+                "checkpoint_every",
+                "log_every",
+                "eval_every",
+                "skip_bad",
+            ] {
                 o.remove(k);
             }
         }
