@@ -1401,3 +1401,43 @@ fn prefetcher_streams_with_bounded_lookahead() {
     assert_eq!(second[0].path, PathBuf::from("img4.png"));
     drop(batches); // stops the producer
 }
+
+/// `--gpus` is validated, and a build without the `nccl` feature says how to get one instead of
+/// silently training on one device.
+#[test]
+fn gpus_option_is_checked_and_needs_the_nccl_build() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let cfg = model(CLS).join("config.json");
+    let base = [
+        "train",
+        "classification",
+        "--config",
+        s(&cfg),
+        "--data",
+        s(tmp.path()),
+        "--output",
+        s(&out),
+    ];
+    for (gpus, want) in [
+        ("0", "two or more"),
+        ("0,x", "not a CUDA ordinal"),
+        ("1,1", "twice"),
+    ] {
+        let r = beit(&[&base[..], &["--gpus", gpus]].concat());
+        assert!(
+            !r.ok && r.stderr.contains(want),
+            "--gpus {gpus}: {}",
+            r.stderr
+        );
+    }
+    if !cfg!(feature = "nccl") {
+        let r = beit(&[&base[..], &["--gpus", "0,1"]].concat());
+        assert!(
+            !r.ok && r.stderr.contains("--features nccl"),
+            "{}",
+            r.stderr
+        );
+    }
+    assert!(!out.exists());
+}

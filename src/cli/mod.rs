@@ -75,6 +75,87 @@ pub fn device(spec: &str) -> Result<candle_core::Device> {
     }
 }
 
+/// Parse `--gpus` (`0,1,...`): distinct CUDA ordinals, at least two.
+pub fn parse_gpus(spec: &str) -> Result<Vec<usize>> {
+    let mut ids = Vec::new();
+    for part in spec.split(',') {
+        let id: usize = part
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--gpus: {part:?} is not a CUDA ordinal (e.g. 0,1)"))?;
+        if ids.contains(&id) {
+            anyhow::bail!("--gpus: device {id} given twice");
+        }
+        ids.push(id);
+    }
+    if ids.len() < 2 {
+        anyhow::bail!("--gpus: give two or more devices (for one, use --device cuda:N)");
+    }
+    Ok(ids)
+}
+
+/// Run `replica` once per GPU of `--gpus`, each thread on its own device, joined in one NCCL
+/// group; returns rank 0's summary (rank 0 writes the outputs).
+#[cfg(feature = "nccl")]
+pub fn data_parallel(
+    gpus: &str,
+    replica: impl Fn(
+            &candle_core::Device,
+            std::sync::Arc<dyn beit::train::distributed::GradSync>,
+        ) -> Result<beit::train::trainer::TrainSummary>
+        + Sync,
+) -> Result<beit::train::trainer::TrainSummary> {
+    use beit::train::distributed::NcclSync;
+    let ids = parse_gpus(gpus)?;
+    let world = ids.len();
+    let group = NcclSync::new_id()?;
+    let results: Vec<Result<beit::train::trainer::TrainSummary>> = std::thread::scope(|s| {
+        let handles: Vec<_> = ids
+            .iter()
+            .enumerate()
+            .map(|(rank, &gpu)| {
+                let (group, replica) = (&group, &replica);
+                s.spawn(move || -> Result<beit::train::trainer::TrainSummary> {
+                    let dev = device(&format!("cuda:{gpu}"))?;
+                    let sync = NcclSync::new(&dev, rank, world, NcclSync::id_from_bytes(group)?)?;
+                    replica(&dev, std::sync::Arc::new(sync))
+                        .map_err(|e| anyhow::anyhow!("replica {rank} (cuda:{gpu}): {e:#}"))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a training replica panicked")))
+            })
+            .collect()
+    });
+    let mut first = None;
+    for r in results {
+        let r = r?;
+        first.get_or_insert(r);
+    }
+    first.ok_or_else(|| anyhow::anyhow!("--gpus: no replica ran"))
+}
+
+/// Without the `nccl` feature, `--gpus` explains how to get it.
+#[cfg(not(feature = "nccl"))]
+pub fn data_parallel(
+    gpus: &str,
+    _replica: impl Fn(
+            &candle_core::Device,
+            std::sync::Arc<dyn beit::train::distributed::GradSync>,
+        ) -> Result<beit::train::trainer::TrainSummary>
+        + Sync,
+) -> Result<beit::train::trainer::TrainSummary> {
+    parse_gpus(gpus)?;
+    anyhow::bail!(
+        "--gpus: this beit was built without multi-GPU support; rebuild with \
+         `cargo build --release --features nccl` (needs CUDA and NCCL)"
+    )
+}
+
 /// Resolve `--model`: a local folder, or a hub id (`org/name[@revision]`) found in (or
 /// downloaded into) the Hugging Face cache.
 pub fn model_dir(spec: &str) -> Result<PathBuf> {

@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 
 use beit::pretrain::tokenizer::{train_tokenizer, TokenizerTrainConfig};
-use beit::pretrain::{pretrain, PretrainConfig, TokenizerSource};
+use beit::pretrain::{pretrain, pretrain_data_parallel, PretrainConfig, TokenizerSource};
 use beit::tokenizer::dvae::{DvaeConfig, DvaeTrainConfig};
 
 use super::train::LoopArgs;
@@ -70,15 +70,30 @@ impl PretrainCmd {
         }
         let tok = TokenizerSource::from_path(&self.tokenizer)?;
         let resume = super::resume_dir(self.resume.as_deref(), &self.output);
-        let summary = pretrain(
-            &self.config,
-            &self.data,
-            &tok,
-            &self.output,
-            &cfg,
-            resume.as_deref(),
-            device,
-        )?;
+        let summary = match &self.optim.gpus {
+            None => pretrain(
+                &self.config,
+                &self.data,
+                &tok,
+                &self.output,
+                &cfg,
+                resume.as_deref(),
+                device,
+            )?,
+            Some(gpus) => super::data_parallel(gpus, |dev, sync| {
+                let (data, out, resume) = (&self.data, &self.output, resume.as_deref());
+                Ok(pretrain_data_parallel(
+                    &self.config,
+                    data,
+                    &tok,
+                    out,
+                    &cfg,
+                    resume,
+                    dev,
+                    sync,
+                )?)
+            })?,
+        };
         println!("{}", serde_json::to_string_pretty(&summary)?);
         Ok(())
     }

@@ -4,4 +4,4 @@ pub mod masking;
 pub mod mim;
 pub mod tokenizer;
 
-pub use mim::{pretrain, PretrainConfig, TokenizerSource};
+pub use mim::{pretrain, pretrain_data_parallel, PretrainConfig, TokenizerSource};
