@@ -76,13 +76,7 @@ impl CustomOp1 for GeluErf {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(v) = s else {
-            candle_core::bail!("gelu_erf: expected f32")
-        };
-        let (a, b) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("gelu_erf: not contiguous".into()))?;
-        let mut out = v[a..b].to_vec();
+        let mut out = super::cpu_f32(s, l, "gelu_erf")?.to_vec();
         out.par_chunks_mut(CHUNK).for_each(vmath::gelu_inplace);
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -107,14 +101,8 @@ impl CustomOp2 for GeluErfGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(g)) = (s1, s2) else {
-            candle_core::bail!("gelu_erf backward: expected f32")
-        };
-        let (Some((xa, xb)), Some((ga, gb))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("gelu_erf backward: not contiguous")
-        };
-        let (x, g) = (&x[xa..xb], &g[ga..gb]);
+        let x = super::cpu_f32(s1, l1, "gelu_erf backward")?;
+        let g = super::cpu_f32(s2, l2, "gelu_erf backward")?;
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))

@@ -143,7 +143,7 @@ pub fn attention_inference(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device, D};
+    use candle_core::{Device, D};
 
     #[test]
     fn matches_plain_attention_with_gathered_bias() {
@@ -198,18 +198,7 @@ mod tests {
                 .unwrap()
                 .reshape((b, s, d))
                 .unwrap();
-            let diff = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = crate::ops::max_abs_diff(&got, &want) as f32;
             assert!(diff < 1e-5, "{diff}");
             let nobias = attention_inference(&qkv, heads, scale, None).unwrap();
             assert_eq!(nobias.dims(), &[b, s, d]);

@@ -635,18 +635,7 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
+    use crate::ops::max_abs_diff as max_diff;
 
     #[test]
     fn forward_matches_candle_conv2d() {
@@ -688,15 +677,8 @@ mod tests {
             .unwrap();
         let got = conv_transpose_inference(&x, &w, &b).unwrap();
         assert_eq!(got.dims(), want.dims());
-        let d = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
-        assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+        let d = crate::ops::max_abs_diff(&got, &want);
+        assert!(d < 1e-5);
     }
 
     #[test]

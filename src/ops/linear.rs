@@ -233,15 +233,8 @@ mod tests {
             .broadcast_add(&b)
             .unwrap();
         let close = |a: &Tensor, b: &Tensor| {
-            let d = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap();
-            assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+            let d = crate::ops::max_abs_diff(a, b);
+            assert!(d < 1e-5);
         };
         close(
             &linear_inference(&x, &w, Some(&b), Epilogue::Bias).unwrap(),

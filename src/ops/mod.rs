@@ -116,6 +116,24 @@ impl F32Data<'_> {
     }
 }
 
+/// The f32 elements a CPU custom op reads (`op` names it in the error otherwise).
+pub(crate) fn cpu_f32<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    op: &str,
+) -> Result<&'a [f32]> {
+    let candle_core::CpuStorage::F32(v) = s else {
+        candle_core::bail!(
+            "{op}: expected f32, got {:?}",
+            candle_core::backend::BackendStorage::dtype(s)
+        )
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: operand not contiguous")
+    };
+    Ok(&v[a..b])
+}
+
 /// The data of `t`, which must be a contiguous f32 tensor on the CPU.
 pub(crate) fn f32_data(t: &Tensor) -> Result<F32Data<'_>> {
     let (guard, layout) = t.storage_and_layout();
@@ -241,6 +259,22 @@ pub(crate) fn transpose_in_place(x: &Tensor) -> Result<Tensor> {
     x.reshape((c, r))
 }
 
+/// Largest absolute element difference of two tensors of one shape (tests).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let f = |t: &Tensor| t.to_dtype(candle_core::DType::F64).unwrap();
+    (f(a) - f(b))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,15 +288,8 @@ mod tests {
         let b = transpose_in_place(&y).unwrap();
         for t in [a, b] {
             assert_eq!(t.dims(), &[45, 70]);
-            let d = (t - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap();
-            assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+            let d = crate::ops::max_abs_diff(&t, &want);
+            assert_eq!(d, 0.0);
         }
     }
 

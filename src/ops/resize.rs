@@ -217,15 +217,8 @@ mod tests {
                 let want = resample(&v, kind, oh, ow).unwrap();
                 let got = resample(&x, kind, oh, ow).unwrap();
                 assert_eq!(got.dims(), want.dims());
-                let d = (got - want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap();
-                assert!(d.to_scalar::<f32>().unwrap() < 1e-5, "{kind:?} {oh}x{ow}");
+                let d = crate::ops::max_abs_diff(&got, &want);
+                assert!(d < 1e-5, "{kind:?} {oh}x{ow}");
             }
         }
     }

@@ -153,15 +153,9 @@ impl candle_core::CustomOp2 for SoftmaxGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(y), CpuStorage::F32(g)) = (s1, s2) else {
-            candle_core::bail!("softmax backward: expected f32")
-        };
-        let (Some((ya, yb)), Some((ga, gb))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("softmax backward: not contiguous")
-        };
+        let y = super::cpu_f32(s1, l1, "softmax backward")?;
+        let g = super::cpu_f32(s2, l2, "softmax backward")?;
         let dim = l1.dims().last().copied().unwrap_or(1).max(1);
-        let (y, g) = (&y[ya..yb], &g[ga..gb]);
         let mut dx = vec![0f32; y.len()];
         let rows = (super::activation::CHUNK / dim).max(1) * dim;
         dx.par_chunks_mut(rows)
@@ -201,14 +195,7 @@ mod tests {
             let g = loss.backward().unwrap();
             grads.push(g.get(xv.as_tensor()).unwrap().to_dtype(DType::F64).unwrap());
         }
-        let d = (&grads[0] - &grads[1])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
-        assert!(d.to_scalar::<f64>().unwrap() < 1e-5);
+        let d = crate::ops::max_abs_diff(&grads[0], &grads[1]);
+        assert!(d < 1e-5);
     }
 }
