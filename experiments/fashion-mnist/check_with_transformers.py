@@ -32,6 +32,8 @@ def main():
     ap.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
     ap.add_argument("--n", type=int, default=200, help="test images compared with beit classify")
     ap.add_argument("--beit", default=os.path.join(ROOT, "target", "release", "beit"))
+    ap.add_argument("--examples", help="also write transformers' probabilities for the images of "
+                    "this folder to DIR/expected.json (the shipped-model test reads it)")
     a = ap.parse_args()
     x = idx(os.path.join(a.data, "t10k-images-idx3-ubyte.gz"), 16).reshape(-1, 28, 28)
     y = idx(os.path.join(a.data, "t10k-labels-idx1-ubyte.gz"), 8).astype(np.int64)
@@ -62,6 +64,16 @@ def main():
     for line in out.splitlines():
         r = json.loads(line)
         ours[os.path.basename(r["path"])] = {p["id"]: p["score"] for p in r["predictions"]}
+    if a.examples:
+        names = sorted(f for f in os.listdir(a.examples) if f.endswith(".png"))
+        imgs = [Image.open(os.path.join(a.examples, f)).convert("RGB") for f in names]
+        with torch.no_grad():
+            p = torch.softmax(model(pixel_values=proc(imgs, return_tensors="pt")["pixel_values"]).logits, -1)
+        expected = {f: [float(v) for v in row] for f, row in zip(names, p)}
+        with open(os.path.join(a.examples, "expected.json"), "w") as f:
+            json.dump({"transformers": __import__("transformers").__version__,
+                       "probabilities": expected}, f, indent=1)
+        print(f"wrote transformers' probabilities for {len(names)} examples")
     probs = torch.softmax(logits[: a.n], -1).numpy()
     diff, agree = 0.0, 0
     for i in range(a.n):

@@ -10,10 +10,10 @@ DATA=${DATA:-/usr/share/datasets/fashion-mnist}
 OUT=${OUT:-runs/fashion-mnist}
 CFG=experiments/fashion-mnist/config.json
 SEEDS=${SEEDS:-"0 1 2"}
-PT_EPOCHS=${PT_EPOCHS:-10}
+PT_EPOCHS=${PT_EPOCHS:-5}
 # Fine-tuning budgets (same for pre-trained and scratch): epochs per label-set size.
-EPOCHS_1K=${EPOCHS_1K:-60}
-EPOCHS_60K=${EPOCHS_60K:-5}
+EPOCHS_1K=${EPOCHS_1K:-30}
+EPOCHS_60K=${EPOCHS_60K:-1}
 # Test-set evaluation every N epochs on the 1k runs (always after the last epoch).
 EVAL_EVERY_1K=${EVAL_EVERY_1K:-10}
 mkdir -p "$OUT"

@@ -27,7 +27,8 @@ pub fn default_model() -> Option<PathBuf> {
     match std::env::var_os(DEFAULT_MODEL_ENV) {
         Some(v) if !v.is_empty() => Some(PathBuf::from(v)),
         _ => Path::new(SHIPPED_MODEL)
-            .is_dir()
+            .join("config.json")
+            .is_file()
             .then(|| PathBuf::from(SHIPPED_MODEL)),
     }
 }
