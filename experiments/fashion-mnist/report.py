@@ -82,7 +82,7 @@ def main():
     lo = min(means) - 5 if means else 0
     ax.set_ylim(max(0, lo), 100)
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title("final accuracy (mean ± std, 3 seeds)")
+    ax.set_title("final test accuracy (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "results.png"), dpi=110)
     print(f"\nplot: {os.path.join(out, 'results.png')}")

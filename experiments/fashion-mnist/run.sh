@@ -14,6 +14,9 @@ PT_EPOCHS=${PT_EPOCHS:-5}
 # Fine-tuning budgets (same for pre-trained and scratch): epochs per label-set size.
 EPOCHS_1K=${EPOCHS_1K:-30}
 EPOCHS_60K=${EPOCHS_60K:-1}
+# Warm-up of the 60k-label runs, in epochs (a fraction when EPOCHS_60K is small: warm-up takes
+# the learning rate up to its peak; the cosine decay after it is what anneals the model).
+WARMUP_60K=${WARMUP_60K:-0.1}
 # Test-set evaluation every N epochs on the 1k runs (always after the last epoch).
 EVAL_EVERY_1K=${EVAL_EVERY_1K:-10}
 mkdir -p "$OUT"
@@ -33,7 +36,7 @@ mkdir -p "$OUT"
 common=(--data "$DATA" --batch-size 64 --lr 2e-3 --min-lr 1e-5 --weight-decay 0.05 --drop-path 0.1
         --label-smoothing 0.1 --rrc-min-scale 0.5 --rand-augment 2,9 --eval-limit 10000)
 for n in 1000 60000; do
-  if [ "$n" = 1000 ]; then epochs=$EPOCHS_1K; warm=5; every=$EVAL_EVERY_1K; else epochs=$EPOCHS_60K; warm=1; every=1; fi
+  if [ "$n" = 1000 ]; then epochs=$EPOCHS_1K; warm=5; every=$EVAL_EVERY_1K; else epochs=$EPOCHS_60K; warm=$WARMUP_60K; every=1; fi
   for seed in $SEEDS; do
     for init in pretrained scratch; do
       dir="$OUT/finetune-$n-$init-seed$seed"
