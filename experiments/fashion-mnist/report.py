@@ -60,7 +60,7 @@ def main():
         ax = axes[k]
         for init, color in (("pretrained", "tab:blue"), ("scratch", "tab:orange")):
             for i, c in enumerate(curves.get((n, init), [])):
-                ax.plot([e for e, _ in c], [100 * a for _, a in c], color=color, alpha=0.8,
+                ax.plot([e for e, _ in c], [100 * a for _, a in c], "o-", color=color, alpha=0.8,
                         label=f"{init}" if i == 0 else None)
         ax.set_title(f"fine-tuning on {n} labels")
         ax.set_xlabel("epoch")
