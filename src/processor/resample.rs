@@ -518,6 +518,31 @@ pub fn resize(
     })
 }
 
+/// [`resize`] for an 8-bit `image` buffer of any pixel layout (channels interleaved).
+fn resize_buffer<P: image::Pixel<Subpixel = u8>>(
+    img: &image::ImageBuffer<P, Vec<u8>>,
+    dst_w: u32,
+    dst_h: u32,
+    filter: PILImageResampling,
+) -> Result<image::ImageBuffer<P, Vec<u8>>, ResampleError> {
+    let out = resize(
+        img.as_raw(),
+        img.width() as usize,
+        img.height() as usize,
+        P::CHANNEL_COUNT as usize,
+        dst_w as usize,
+        dst_h as usize,
+        filter,
+    )?;
+    // The length is dst_w * dst_h * channels by construction.
+    image::ImageBuffer::from_raw(dst_w, dst_h, out).ok_or(ResampleError::Size {
+        src_w: img.width() as usize,
+        src_h: img.height() as usize,
+        dst_w: dst_w as usize,
+        dst_h: dst_h as usize,
+    })
+}
+
 /// [`resize`] for an `image::RgbImage`.
 pub fn resize_rgb(
     img: &image::RgbImage,
@@ -525,22 +550,7 @@ pub fn resize_rgb(
     dst_h: u32,
     filter: PILImageResampling,
 ) -> Result<image::RgbImage, ResampleError> {
-    let out = resize(
-        img.as_raw(),
-        img.width() as usize,
-        img.height() as usize,
-        3,
-        dst_w as usize,
-        dst_h as usize,
-        filter,
-    )?;
-    // The length is dst_w * dst_h * 3 by construction.
-    image::RgbImage::from_raw(dst_w, dst_h, out).ok_or(ResampleError::Size {
-        src_w: img.width() as usize,
-        src_h: img.height() as usize,
-        dst_w: dst_w as usize,
-        dst_h: dst_h as usize,
-    })
+    resize_buffer(img, dst_w, dst_h, filter)
 }
 
 /// [`resize`] for an `image::GrayImage` (Pillow mode `L`).
@@ -550,21 +560,7 @@ pub fn resize_gray(
     dst_h: u32,
     filter: PILImageResampling,
 ) -> Result<image::GrayImage, ResampleError> {
-    let out = resize(
-        img.as_raw(),
-        img.width() as usize,
-        img.height() as usize,
-        1,
-        dst_w as usize,
-        dst_h as usize,
-        filter,
-    )?;
-    image::GrayImage::from_raw(dst_w, dst_h, out).ok_or(ResampleError::Size {
-        src_w: img.width() as usize,
-        src_h: img.height() as usize,
-        dst_w: dst_w as usize,
-        dst_h: dst_h as usize,
-    })
+    resize_buffer(img, dst_w, dst_h, filter)
 }
 
 #[cfg(test)]
