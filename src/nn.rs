@@ -273,6 +273,8 @@ pub struct ConvModule {
     /// Inference only ([`ConvModule::freeze`]): the batch norm folded into the convolution,
     /// `(weight * scale, shift)`.
     folded: Option<(Tensor, Tensor)>,
+    /// The folded 3x3 weight in the Winograd domain, made on first use at a size where it pays.
+    winograd: std::sync::Arc<std::sync::OnceLock<ops::winograd::WinogradKernel>>,
 }
 
 impl ConvModule {
@@ -299,6 +301,7 @@ impl ConvModule {
             )?,
             bn: BatchNorm2d::new(out_c, vb.pp("bn"))?,
             folded: None,
+            winograd: Default::default(),
         })
     }
 
@@ -324,6 +327,7 @@ impl ConvModule {
             .contiguous()?
             .permute((2, 3, 0, 1))?;
         self.folded = Some((w, shift.to_dtype(dt)?));
+        self.winograd = Default::default();
         Ok(())
     }
 
@@ -336,7 +340,26 @@ impl ConvModule {
         let k = self.conv.weight.dim(2)?;
         let stage = if k == 1 { "conv1x1" } else { "conv3x3" };
         if let (Some((w, b)), false, 1) = (&self.folded, train, self.conv.stride) {
+            let (_, _, h, wd) = xs[0].dims4()?;
+            let winograd = k == 3
+                && (self.conv.padding, self.conv.dilation) == (1, 1)
+                && w.dtype() == DType::F32
+                && w.device().is_cpu()
+                && ops::winograd::worthwhile(h, wd);
             return crate::profile::time(stage, || {
+                if winograd {
+                    let kernel = match self.winograd.get() {
+                        Some(k) => k,
+                        None => {
+                            let k = ops::winograd::WinogradKernel::from_tensor(
+                                ops::winograd::default_tile(),
+                                w,
+                            )?;
+                            self.winograd.get_or_init(|| k)
+                        }
+                    };
+                    return ops::conv3x3_winograd_inference(xs, kernel, Some(b), true);
+                }
                 ops::conv2d_inference(xs, w, Some(b), true, self.conv.padding, self.conv.dilation)
             });
         }

@@ -18,6 +18,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{self, GemmElem, View, ViewMut};
+use super::winograd::{self, WinogradKernel};
 
 /// Geometry of a stride-1 convolution.
 #[derive(Clone, Copy, Debug)]
@@ -49,9 +50,9 @@ impl Geom {
 
 /// What happens to each output value when it is written: `+ bias[o]`, then ReLU.
 #[derive(Clone, Copy)]
-struct Epilogue<'a, T> {
-    bias: Option<&'a [T]>,
-    relu: bool,
+pub(super) struct Epilogue<'a, T> {
+    pub(super) bias: Option<&'a [T]>,
+    pub(super) relu: bool,
 }
 
 /// Copy input rows `[r0, r0 + rows)` of the *padded* image (zeros outside the image) of each
@@ -86,10 +87,10 @@ fn fill_padded_rows<T: GemmElem>(
 
 /// One input of a (channel-concatenated) convolution: `[C_i, H, W]` data of image `n` is at
 /// `data[n * C_i * H * W..]`, and its weights start at input channel `c0`.
-struct Part<'a, T> {
-    data: &'a [T],
-    c: usize,
-    c0: usize,
+pub(super) struct Part<'a, T> {
+    pub(super) data: &'a [T],
+    pub(super) c: usize,
+    pub(super) c0: usize,
 }
 
 /// Where weight `(o, c, ky, kx)` is (element strides of each dim; any layout works).
@@ -458,6 +459,91 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, dilation: usize) -> Result
     )
 }
 
+/// The element types of the CPU fast paths, read out of candle's storage.
+trait CpuElem: GemmElem + candle_core::WithDType + std::ops::Add<Output = Self> + PartialOrd {
+    fn slice(s: &CpuStorage) -> Option<&[Self]>;
+}
+impl CpuElem for f32 {
+    fn slice(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+impl CpuElem for f64 {
+    fn slice(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::F64(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+/// The contiguous `T` data of a CPU tensor (`what` names it in the error).
+fn cpu_slice<'a, T: CpuElem>(
+    s: &'a candle_core::Storage,
+    l: &Layout,
+    what: &str,
+) -> Result<&'a [T]> {
+    match s {
+        candle_core::Storage::Cpu(cs) => match T::slice(cs) {
+            Some(v) => contiguous(v, l, what),
+            None => candle_core::bail!("conv2d_inference: {what} has another dtype"),
+        },
+        _ => candle_core::bail!("conv2d_inference: {what} is not on the CPU"),
+    }
+}
+
+/// `(n, h, w)` of channel-concatenated inputs, checked against the weight's `c_total`.
+fn concat_geometry(inputs: &[Tensor], c_total: usize) -> Result<(usize, usize, usize)> {
+    let Some(first) = inputs.first() else {
+        candle_core::bail!("conv2d_inference: no input")
+    };
+    let (n, _, h, w) = first.dims4()?;
+    let mut c = 0;
+    for t in inputs {
+        let (tn, tc, th, tw) = t.dims4()?;
+        if (tn, th, tw) != (n, h, w) {
+            candle_core::bail!("conv2d_inference: inputs of different sizes");
+        }
+        c += tc;
+    }
+    if c != c_total {
+        candle_core::bail!("conv2d_inference: {c} input channels for a weight of {c_total}");
+    }
+    Ok((n, h, w))
+}
+
+/// Run `f` on the inputs' data as [`Part`]s and the bias as a slice.
+fn with_parts<T: CpuElem, R>(
+    inputs: &[Tensor],
+    bias: Option<&Tensor>,
+    f: impl FnOnce(&[Part<'_, T>], Option<&[T]>) -> Result<R>,
+) -> Result<R> {
+    let guards = inputs
+        .iter()
+        .map(|t| t.storage_and_layout())
+        .collect::<Vec<_>>();
+    let mut parts = Vec::new();
+    let mut c0 = 0;
+    for (t, (s, l)) in inputs.iter().zip(&guards) {
+        let c = t.dim(1)?;
+        parts.push(Part {
+            data: cpu_slice(s, l, "input")?,
+            c,
+            c0,
+        });
+        c0 += c;
+    }
+    let bg = bias.map(|b| b.storage_and_layout());
+    let bv = match &bg {
+        Some((s, l)) => Some(cpu_slice(s, l, "bias")?),
+        None => None,
+    };
+    f(&parts, bv)
+}
+
 /// Inference only (no backward): `relu?(conv2d(cat(inputs, dim=1), w) + bias)`, stride 1,
 /// without materialising the concatenation. f32/f64 on CPU; other cases go through candle ops.
 pub fn conv2d_inference(
@@ -483,23 +569,12 @@ pub fn conv2d_inference(
         }
         return if relu { y.relu() } else { Ok(y) };
     }
-    let (n, _, h, wd) = first.dims4()?;
     let (o, c_total, kh, kw) = w.dims4()?;
     let xs = inputs
         .iter()
         .map(|t| t.contiguous())
         .collect::<Result<Vec<_>>>()?;
-    let mut c0 = 0;
-    for t in &xs {
-        let (tn, tc, th, tw) = t.dims4()?;
-        if (tn, th, tw) != (n, h, wd) {
-            candle_core::bail!("conv2d_inference: inputs of different sizes");
-        }
-        c0 += tc;
-    }
-    if c0 != c_total {
-        candle_core::bail!("conv2d_inference: {c0} input channels for a weight of {c_total}");
-    }
+    let (n, h, wd) = concat_geometry(&xs, c_total)?;
     let g = Geom {
         h,
         w: wd,
@@ -510,50 +585,75 @@ pub fn conv2d_inference(
         d: dilation,
     };
     let bias = bias.map(|b| b.contiguous()).transpose()?;
-    macro_rules! run {
-        ($ty:ty, $v:ident) => {{
-            let guards = xs
-                .iter()
-                .map(|t| t.storage_and_layout())
-                .collect::<Vec<_>>();
-            let mut parts = Vec::new();
-            let mut c0 = 0;
-            for (t, (s, l)) in xs.iter().zip(&guards) {
-                let candle_core::Storage::Cpu(CpuStorage::$v(v)) = &**s else {
-                    candle_core::bail!("conv2d_inference: dtype mismatch")
-                };
-                let c = t.dim(1)?;
-                parts.push(Part {
-                    data: contiguous(v, l, "input")?,
-                    c,
-                    c0,
-                });
-                c0 += c;
-            }
-            // Any weight layout: the GEMM reads the taps through their strides.
-            let (ws, wlay) = w.storage_and_layout();
-            let candle_core::Storage::Cpu(CpuStorage::$v(wv)) = &*ws else {
-                candle_core::bail!("conv2d_inference: dtype mismatch")
-            };
-            let wv = &wv[wlay.start_offset()..];
-            let bg = bias.as_ref().map(|b| b.storage_and_layout());
-            let bv: Option<&[$ty]> = match &bg {
-                Some((s, l)) => match &**s {
-                    candle_core::Storage::Cpu(CpuStorage::$v(v)) => Some(contiguous(v, l, "bias")?),
-                    _ => candle_core::bail!("conv2d_inference: bias dtype mismatch"),
-                },
-                None => None,
-            };
-            let wl = WeightLayout::of(wlay);
-            let out = conv_forward(&parts, n, wv, wl, o, &g, Epilogue { bias: bv, relu });
-            Tensor::from_vec(out, (n, o, g.ho(), g.wo()), first.device())
-        }};
+    fn run<T: CpuElem>(
+        xs: &[Tensor],
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        relu: bool,
+        n: usize,
+        o: usize,
+        g: &Geom,
+    ) -> Result<Tensor> {
+        // Any weight layout: the GEMM reads the taps through their strides.
+        let (ws, wlay) = w.storage_and_layout();
+        let wv = match &*ws {
+            candle_core::Storage::Cpu(cs) => match T::slice(cs) {
+                Some(v) => &v[wlay.start_offset()..],
+                None => candle_core::bail!("conv2d_inference: weight has another dtype"),
+            },
+            _ => candle_core::bail!("conv2d_inference: weight is not on the CPU"),
+        };
+        let wl = WeightLayout::of(wlay);
+        let out = with_parts::<T, _>(xs, bias, |parts, bias| {
+            Ok(conv_forward(
+                parts,
+                n,
+                wv,
+                wl,
+                o,
+                g,
+                Epilogue { bias, relu },
+            ))
+        })?;
+        Tensor::from_vec(out, (n, o, g.ho(), g.wo()), xs[0].device())
     }
     match w.dtype() {
-        DType::F32 => run!(f32, F32),
-        DType::F64 => run!(f64, F64),
+        DType::F32 => run::<f32>(&xs, w, bias.as_ref(), relu, n, o, &g),
+        DType::F64 => run::<f64>(&xs, w, bias.as_ref(), relu, n, o, &g),
         _ => unreachable!(),
     }
+}
+
+/// Inference only: `relu?(conv2d(cat(inputs, dim=1), w, padding = 1) + bias)` for a 3x3 kernel
+/// already in the Winograd domain ([`super::winograd`]). f32 CPU inputs.
+pub fn conv3x3_winograd_inference(
+    inputs: &[&Tensor],
+    kernel: &WinogradKernel,
+    bias: Option<&Tensor>,
+    relu: bool,
+) -> Result<Tensor> {
+    let xs = inputs
+        .iter()
+        .map(|t| t.to_dtype(DType::F32)?.contiguous())
+        .collect::<Result<Vec<_>>>()?;
+    if xs.iter().any(|t| !t.device().is_cpu()) {
+        candle_core::bail!("conv3x3_winograd_inference: CPU inputs only");
+    }
+    let (n, h, w) = concat_geometry(&xs, kernel.in_channels())?;
+    let bias = bias
+        .map(|b| b.to_dtype(DType::F32)?.contiguous())
+        .transpose()?;
+    let out = with_parts::<f32, _>(&xs, bias.as_ref(), |parts, bias| {
+        Ok(winograd::conv3x3(
+            parts,
+            n,
+            h,
+            w,
+            kernel,
+            Epilogue { bias, relu },
+        ))
+    })?;
+    Tensor::from_vec(out, (n, kernel.out_channels(), h, w), xs[0].device())
 }
 
 /// Inference only (no backward): `conv_transpose2d(x, w, stride = k) + bias` for

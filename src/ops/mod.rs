@@ -17,9 +17,10 @@ pub mod pool;
 pub mod resize;
 pub mod softmax;
 pub mod vmath;
+pub mod winograd;
 
 pub use activation::{gelu_erf, Activation};
-pub use conv::{conv2d, conv2d_inference};
+pub use conv::{conv2d, conv2d_inference, conv3x3_winograd_inference};
 pub use layer_norm::layer_norm;
 pub use pool::{adaptive_avg_pool2d, max_pool2d_2x2};
 pub use resize::{bicubic, bilinear};
