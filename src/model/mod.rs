@@ -131,12 +131,21 @@ impl BeitModel {
         } else {
             None
         };
-        let layers = (0..l)
-            .map(|i| {
-                let rate = cfg.drop_path_rate * i as f64 / (l.max(2) - 1) as f64;
-                BeitLayer::new(cfg, rate, enc.pp("layer").pp(i), frozen)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let layer = |i: usize| {
+            let rate = cfg.drop_path_rate * i as f64 / (l.max(2) - 1) as f64;
+            BeitLayer::new(cfg, rate, enc.pp("layer").pp(i), frozen)
+        };
+        // A frozen model's layers are read (and their weights transposed) on all cores: this
+        // is most of the load time. Fresh parameters are seeded by name, so order is free.
+        let layers = if frozen {
+            use rayon::prelude::*;
+            (0..l)
+                .into_par_iter()
+                .map(layer)
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            (0..l).map(layer).collect::<Result<Vec<_>>>()?
+        };
         let d = cfg.hidden_size;
         let layernorm = if cfg.use_mean_pooling {
             None

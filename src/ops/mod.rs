@@ -239,19 +239,22 @@ pub(crate) fn transpose_in_place(x: &Tensor) -> Result<Tensor> {
             "beit-transpose-in-place"
         }
         fn cpu_fwd(&self, s: &mut candle_core::CpuStorage, l: &candle_core::Layout) -> Result<()> {
-            static SCRATCH: std::sync::Mutex<Vec<f32>> = std::sync::Mutex::new(Vec::new());
+            // Per thread: layers are loaded in parallel.
+            thread_local! {
+                static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+            }
             let candle_core::CpuStorage::F32(v) = s else {
                 candle_core::bail!("transpose_in_place: expected f32")
             };
             let Some((a, b)) = l.contiguous_offsets() else {
                 candle_core::bail!("transpose_in_place: not contiguous")
             };
-            let mut scratch = SCRATCH
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("scratch poisoned".into()))?;
-            scratch.clear();
-            scratch.extend_from_slice(&v[a..b]);
-            transpose_into(&scratch, self.0, self.1, &mut v[a..b]);
+            SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                scratch.clear();
+                scratch.extend_from_slice(&v[a..b]);
+                transpose_into(&scratch, self.0, self.1, &mut v[a..b]);
+            });
             Ok(())
         }
     }
