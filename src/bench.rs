@@ -3,6 +3,7 @@
 //! Each (workload, batch) configuration runs in a fresh child process by default, so that its peak
 //! RSS (`VmHWM`) is its own; the numbers are medians over timed runs after warm-up runs.
 
+use crate::ops::packed::{set_f32_matmul_precision, MatmulPrecision};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -706,23 +707,21 @@ pub fn backward_report() -> anyhow::Result<Vec<(String, f64, f64)>> {
     Ok(out)
 }
 
-/// f32 against bf16 GEMMs on the same random-weight model (saved and loaded twice) and the
-/// same random inputs: max and mean |difference| of the outputs, largest |output|, and for
-/// classification the top-1 agreement over the batch.
+/// f32 against reduced-precision GEMMs (`precision`: bf16 or int8) on the same random-weight
+/// model (saved and loaded twice) and the same random inputs: max and mean |difference| of the
+/// outputs, largest |output|, and for classification the top-1 agreement over the batch.
 pub fn precision_check(
     workload: Workload,
     batch: usize,
+    precision: MatmulPrecision,
     device: &Device,
 ) -> anyhow::Result<serde_json::Value> {
-    use crate::ops::bf16::{available, set_f32_matmul_precision, MatmulPrecision};
-    if !available() {
-        anyhow::bail!("this CPU has no AVX512-BF16: bf16 GEMMs are not available");
-    }
+    check_precision_available(precision)?;
     let dir = std::env::temp_dir().join(format!("beit-precision-{}", std::process::id()));
     save_random_checkpoint(workload, &dir)?;
     let (x, opts) = random_inputs(workload, batch, device)?;
     let mut outs = Vec::new();
-    for p in [MatmulPrecision::Highest, MatmulPrecision::Bf16] {
+    for p in [MatmulPrecision::Highest, precision] {
         set_f32_matmul_precision(p);
         let (model, _) = AutoModel::from_pretrained(&dir, DType::F32, device)?;
         let o = model.forward(&x, &opts)?;
@@ -735,21 +734,118 @@ pub fn precision_check(
     }
     set_f32_matmul_precision(MatmulPrecision::Highest);
     let _ = std::fs::remove_dir_all(&dir);
-    let diff = (&outs[1] - &outs[0])?.abs()?.flatten_all()?;
+    let mut r = compare_outputs(&outs[0], &outs[1], None)?;
+    r["workload"] = workload.name().into();
+    r["batch"] = batch.into();
+    r["precision"] = format!("{precision:?}").into();
+    Ok(r)
+}
+
+fn check_precision_available(precision: MatmulPrecision) -> anyhow::Result<()> {
+    if precision == MatmulPrecision::Highest {
+        anyhow::bail!("--precision-check compares f32 with --matmul-precision bf16 or int8");
+    }
+    if !precision.available() {
+        anyhow::bail!(
+            "this CPU lacks the instructions of the {precision:?} GEMM (AVX512-BF16 for bf16, AVX512-VNNI for int8)"
+        );
+    }
+    Ok(())
+}
+
+/// Max / mean |difference| of two `[B, C]` (or any) outputs, the largest |output| of the f32
+/// one, and for 2-D outputs top-1 agreement (and accuracy of each against `labels`).
+fn compare_outputs(
+    f32_out: &Tensor,
+    reduced: &Tensor,
+    labels: Option<&[usize]>,
+) -> anyhow::Result<serde_json::Value> {
+    let diff = (reduced - f32_out)?.abs()?.flatten_all()?;
     let max_diff = diff.max(0)?.to_scalar::<f32>()?;
     let mean_diff = diff.mean(0)?.to_scalar::<f32>()?;
-    let max_abs = outs[0].abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-    let top1 = if let Workload::Classification(_) = workload {
-        let a = outs[0].argmax(1)?.to_vec1::<u32>()?;
-        let b = outs[1].argmax(1)?.to_vec1::<u32>()?;
-        Some(a.iter().zip(&b).filter(|(x, y)| x == y).count() as f64 / a.len() as f64)
+    let max_abs = f32_out.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let mut r = serde_json::json!({
+        "max_abs_diff": max_diff, "mean_abs_diff": mean_diff, "max_abs_output": max_abs,
+    });
+    if f32_out.rank() == 2 {
+        let a = f32_out.argmax(1)?.to_vec1::<u32>()?;
+        let b = reduced.argmax(1)?.to_vec1::<u32>()?;
+        let agree = a.iter().zip(&b).filter(|(x, y)| x == y).count();
+        r["top1_agreement"] = (agree as f64 / a.len() as f64).into();
+        r["images"] = a.len().into();
+        if let Some(l) = labels {
+            let acc = |p: &[u32]| {
+                p.iter().zip(l).filter(|(x, y)| **x as usize == **y).count() as f64 / l.len() as f64
+            };
+            r["top1_accuracy_f32"] = acc(&a).into();
+            r["top1_accuracy_reduced"] = acc(&b).into();
+        }
+    }
+    Ok(r)
+}
+
+/// f32 against reduced-precision GEMMs on a real classifier folder and labelled images: the
+/// test split of IDX files (Fashion-MNIST) or class sub-folders of images, at most `limit`
+/// samples. Reports what [`precision_check`] does, plus both accuracies.
+pub fn precision_check_model(
+    model: &Path,
+    data: &Path,
+    limit: usize,
+    precision: MatmulPrecision,
+    device: &Device,
+) -> anyhow::Result<serde_json::Value> {
+    use crate::train::data::{Dataset, IdxDataset, ImageFolder, Target};
+    check_precision_available(precision)?;
+    let has_idx = ["t10k-images-idx3-ubyte", "t10k-images-idx3-ubyte.gz"]
+        .iter()
+        .any(|f| data.join(f).is_file());
+    let ds: Box<dyn Dataset> = if has_idx {
+        Box::new(IdxDataset::open(data, "t10k")?)
     } else {
-        None
+        Box::new(ImageFolder::scan(data, None)?)
     };
-    Ok(serde_json::json!({
-        "workload": workload.name(), "batch": batch, "max_abs_diff": max_diff,
-        "mean_abs_diff": mean_diff, "max_abs_output": max_abs, "top1_agreement": top1,
-    }))
+    let n = ds.len().min(limit);
+    if n == 0 {
+        anyhow::bail!("{}: no labelled images", data.display());
+    }
+    let mut logits: Vec<Vec<Tensor>> = vec![Vec::new(), Vec::new()];
+    let mut labels = Vec::with_capacity(n);
+    for (which, p) in [MatmulPrecision::Highest, precision]
+        .into_iter()
+        .enumerate()
+    {
+        set_f32_matmul_precision(p);
+        let clf = crate::tasks::classify::Classifier::from_dir(model, device);
+        set_f32_matmul_precision(MatmulPrecision::Highest);
+        let clf = clf?;
+        for start in (0..n).step_by(32) {
+            let mut px = Vec::new();
+            let mut shape = (0, 0);
+            for i in start..(start + 32).min(n) {
+                let s = ds.load(i)?;
+                if which == 0 {
+                    let Target::Class(c) = s.target else {
+                        anyhow::bail!("{}: not a classification sample", ds.describe(i))
+                    };
+                    labels.push(c);
+                }
+                let p = clf.processor.preprocess_rgb(&s.image)?;
+                shape = (p.height, p.width);
+                px.extend(p.pixel_values);
+            }
+            let b = px.len() / (3 * shape.0 * shape.1);
+            let x = Tensor::from_vec(px, (b, 3, shape.0, shape.1), device)?;
+            let out = clf.model.forward(&x, &ForwardOptions::default())?;
+            logits[which].push(out.tensors["logits"].to_dtype(DType::F32)?);
+        }
+    }
+    let a = Tensor::cat(&logits[0], 0)?;
+    let b = Tensor::cat(&logits[1], 0)?;
+    let mut r = compare_outputs(&a, &b, Some(&labels))?;
+    r["model"] = model.display().to_string().into();
+    r["data"] = data.display().to_string().into();
+    r["precision"] = format!("{precision:?}").into();
+    Ok(r)
 }
 
 /// CPU seconds this thread has used (`/proc/thread-self/stat`, 10 ms ticks; NaN elsewhere).

@@ -58,3 +58,83 @@ fn default_model_classifies_the_examples_as_transformers_does() {
     assert_eq!(seen, expected.len());
     assert!(correct >= 8, "only {correct} of {seen} examples right");
 }
+
+/// `--matmul-precision bf16 | int8` (where the CPU has AVX512-BF16 / AVX512-VNNI) really runs
+/// the reduced-precision GEMMs (the probabilities move) and stays close to transformers' f32
+/// ones, with the same top class on every example.
+#[test]
+fn reduced_precisions_stay_close_to_f32() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fashion-mnist-beit");
+    let examples = root.join("examples");
+    let expected: Value =
+        serde_json::from_slice(&std::fs::read(examples.join("expected.json")).unwrap()).unwrap();
+    let expected = expected["probabilities"].as_object().unwrap();
+    let has = |f: &str| {
+        std::fs::read_to_string("/proc/cpuinfo")
+            .map(|c| c.split_whitespace().any(|w| w == f))
+            .unwrap_or(false)
+    };
+    for (precision, flag, bound) in [("bf16", "avx512_bf16", 0.01), ("int8", "avx512_vnni", 0.05)] {
+        if !has(flag) {
+            eprintln!("skipping {precision}: no {flag}");
+            continue;
+        }
+        let out = Command::new(env!("CARGO_BIN_EXE_beit"))
+            .args([
+                "--matmul-precision",
+                precision,
+                "classify",
+                "--json",
+                "--top-k",
+                "10",
+            ])
+            .arg(&examples)
+            .env_remove("BEIT_DEFAULT_MODEL")
+            .env("BEIT_LOG", "error")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut moved = 0f64;
+        for line in String::from_utf8(out.stdout).unwrap().lines() {
+            let r: Value = serde_json::from_str(line).unwrap();
+            let name = Path::new(r["path"].as_str().unwrap())
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .to_string();
+            let want: Vec<f64> = expected[&name]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            let preds = r["predictions"].as_array().unwrap();
+            let top_want = (0..want.len())
+                .max_by(|&a, &b| want[a].total_cmp(&want[b]))
+                .unwrap();
+            assert_eq!(
+                preds[0]["id"].as_u64().unwrap() as usize,
+                top_want,
+                "{precision} {name}"
+            );
+            for p in preds {
+                let id = p["id"].as_u64().unwrap() as usize;
+                let d = (p["score"].as_f64().unwrap() - want[id]).abs();
+                assert!(
+                    d < bound,
+                    "{precision} {name}: class {id} probability off by {d}"
+                );
+                moved = moved.max(d);
+            }
+        }
+        assert!(
+            moved > 1e-5,
+            "{precision}: the probabilities equal f32's (max diff {moved})"
+        );
+        eprintln!("{precision}: max probability difference to transformers f32 {moved:.2e}");
+    }
+}

@@ -24,14 +24,18 @@ pub struct BenchCmd {
     /// Compute dtype: f32, f16, bf16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// Precision of the f32 GEMMs of frozen models: highest (f32), or bf16 (bf16 inputs, f32
-    /// accumulation; AVX512-BF16 CPUs only, else f32).
-    #[arg(long, default_value = "highest")]
-    pub matmul_precision: String,
-    /// Compare the outputs of the f32 and bf16 GEMM precisions on the first workload (random
-    /// weights and inputs): max |difference|, top-1 agreement.
+    /// Compare the outputs of f32 and `--matmul-precision` (bf16 or int8) GEMMs: on the first
+    /// workload (random weights and inputs), or on `--model` with `--precision-data`: max
+    /// |logit difference|, top-1 agreement (and accuracies).
     #[arg(long)]
     pub precision_check: bool,
+    /// Labelled images for `--precision-check --model`: a folder with Fashion-MNIST-style IDX
+    /// files (its t10k split) or with one sub-folder of images per class.
+    #[arg(long)]
+    pub precision_data: Option<PathBuf>,
+    /// At most this many images of `--precision-data`.
+    #[arg(long, default_value_t = 10000)]
+    pub precision_limit: usize,
     /// Print the results as JSON (one array) instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -84,15 +88,20 @@ impl BenchCmd {
             .iter()
             .map(|w| Workload::parse(w))
             .collect::<Result<Vec<_>>>()?;
-        use beit::ops::bf16::{set_f32_matmul_precision, MatmulPrecision};
-        set_f32_matmul_precision(match self.matmul_precision.as_str() {
-            "highest" | "f32" => MatmulPrecision::Highest,
-            "bf16" | "medium" => MatmulPrecision::Bf16,
-            other => anyhow::bail!("--matmul-precision: {other:?} (highest, bf16)"),
-        });
+        let precision = beit::ops::packed::f32_matmul_precision();
         if self.precision_check {
-            let batch = self.batch.first().copied().unwrap_or(8);
-            let r = bench::precision_check(workloads[0], batch, dev)?;
+            let r = match (&self.model, &self.precision_data) {
+                (Some(m), Some(d)) => {
+                    bench::precision_check_model(m, d, self.precision_limit, precision, dev)?
+                }
+                (None, None) => {
+                    let batch = self.batch.first().copied().unwrap_or(8);
+                    bench::precision_check(workloads[0], batch, precision, dev)?
+                }
+                _ => anyhow::bail!(
+                    "--precision-check: give both --model and --precision-data, or neither"
+                ),
+            };
             println!("{}", serde_json::to_string_pretty(&r)?);
             return Ok(());
         }
@@ -172,7 +181,14 @@ impl BenchCmd {
             .args(["--warmup", &self.warmup.to_string()])
             .args(["--runs", &self.runs.to_string()])
             .args(["--dtype", &self.dtype])
-            .args(["--matmul-precision", &self.matmul_precision]);
+            .args([
+                "--matmul-precision",
+                match beit::ops::packed::f32_matmul_precision() {
+                    beit::ops::packed::MatmulPrecision::Highest => "highest",
+                    beit::ops::packed::MatmulPrecision::Bf16 => "bf16",
+                    beit::ops::packed::MatmulPrecision::Int8 => "int8",
+                },
+            ]);
         if self.profile {
             cmd.arg("--profile");
         }

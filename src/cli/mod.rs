@@ -23,6 +23,12 @@ pub struct Cli {
     /// Run on this device: cpu, or cuda[:N] when built with the `cuda` feature.
     #[arg(long, global = true, default_value = "cpu")]
     pub device: String,
+    /// Precision of the linear layers of inference models on CPU: highest (f32, default), bf16
+    /// (bf16 inputs, f32 accumulation; AVX512-BF16) or int8 (int8 weights, activations
+    /// quantised per token; AVX512-VNNI). Reduced precisions trade accuracy for speed (see
+    /// `beit bench --precision-check`); without the instructions, f32 runs.
+    #[arg(long, global = true, default_value = "highest")]
+    pub matmul_precision: String,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -187,6 +193,20 @@ pub fn resume_dir(flag: Option<&str>, output: &std::path::Path) -> Option<PathBu
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
     let dev = device(&cli.device)?;
+    use beit::ops::packed::{set_f32_matmul_precision, MatmulPrecision};
+    let precision = MatmulPrecision::parse(&cli.matmul_precision).ok_or_else(|| {
+        anyhow::anyhow!(
+            "--matmul-precision: {:?} is not one of highest, bf16, int8",
+            cli.matmul_precision
+        )
+    })?;
+    if !precision.available() {
+        tracing::warn!(
+            "--matmul-precision {}: this CPU lacks the instructions; using f32",
+            cli.matmul_precision
+        );
+    }
+    set_f32_matmul_precision(precision);
     match cli.command {
         Command::Forward(cmd) => cmd.run(&dev),
         Command::Train(cmd) => cmd.run(&dev),

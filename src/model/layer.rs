@@ -7,8 +7,8 @@ use crate::config::BeitConfig;
 use crate::model::attention::BeitAttention;
 use crate::nn::{LayerNorm, Linear};
 use crate::ops::attention::{attention_inference, RelBias};
-use crate::ops::bf16::{f32_matmul_precision, MatmulPrecision, PackedBf16};
-use crate::ops::linear::{linear_inference, linear_inference_bf16, Epilogue};
+use crate::ops::linear::{linear_inference, linear_inference_packed, Epilogue};
+use crate::ops::packed::{f32_matmul_precision, PackedWeight};
 use crate::ops::{self, Activation};
 use crate::profile;
 
@@ -28,26 +28,45 @@ pub struct BeitLayer {
     pub lambda_2: Option<Tensor>,
     pub drop_path: f64,
     pub hidden_dropout: f64,
-    /// The four GEMM weights packed for the bf16 kernel, when the model was built frozen with
-    /// `ops::bf16::set_f32_matmul_precision(Bf16)` on a CPU with AVX512-BF16.
-    bf16: Option<Box<Bf16Weights>>,
+    /// The four GEMM weights packed for a reduced-precision kernel, when the model was built
+    /// frozen with `ops::packed::set_f32_matmul_precision(Bf16 | Int8)` on a CPU that has it.
+    packed: Option<Box<PackedWeights>>,
 }
 
-/// `[K, N]` bf16 panels of the QKV, output, fc1 and fc2 weights of a layer.
+/// The QKV, output, fc1 and fc2 weights of a layer, packed.
 #[derive(Debug)]
-struct Bf16Weights {
-    qkv: PackedBf16,
-    proj: PackedBf16,
-    fc1: PackedBf16,
-    fc2: PackedBf16,
+struct PackedWeights {
+    qkv: PackedWeight,
+    proj: PackedWeight,
+    fc1: PackedWeight,
+    fc2: PackedWeight,
 }
 
-/// Pack a frozen `Linear` weight (`[out, in]`, any layout) for the bf16 kernel.
-fn pack_bf16(w: &Tensor) -> Result<PackedBf16> {
-    let (n, k) = w.dims2()?;
-    let wt = w.t()?.contiguous()?; // [in, out]: a no-op for a frozen weight
-    let d = crate::ops::f32_data(&wt)?;
-    Ok(PackedBf16::pack(d.get(), k, n, n, 1))
+impl PackedWeights {
+    /// `None` at f32 precision, for other dtypes / devices, or where the CPU lacks the kernel.
+    fn new(qkv: &Linear, proj: &Linear, fc1: &Linear, fc2: &Linear) -> Result<Option<Self>> {
+        let precision = f32_matmul_precision();
+        let w = &qkv.weight;
+        if !precision.available() || w.dtype() != candle_core::DType::F32 || !w.device().is_cpu() {
+            return Ok(None);
+        }
+        // A frozen `Linear` weight (`[out, in]`, any layout) as `[in, out]`.
+        let pack = |l: &Linear| -> Result<Option<PackedWeight>> {
+            let (n, k) = l.weight.dims2()?;
+            let wt = l.weight.t()?.contiguous()?; // a no-op for a frozen weight
+            let d = crate::ops::f32_data(&wt)?;
+            Ok(PackedWeight::pack(precision, d.get(), k, n, n, 1))
+        };
+        Ok(match (pack(qkv)?, pack(proj)?, pack(fc1)?, pack(fc2)?) {
+            (Some(qkv), Some(proj), Some(fc1), Some(fc2)) => Some(Self {
+                qkv,
+                proj,
+                fc1,
+                fc2,
+            }),
+            _ => None,
+        })
+    }
 }
 
 impl BeitLayer {
@@ -82,21 +101,11 @@ impl BeitLayer {
             output.freeze()?;
         }
         let attention = BeitAttention::new(cfg, vb.pp("attention"), frozen)?;
-        let bf16 = match attention.attention.fused_qkv() {
-            Some(qkv)
-                if f32_matmul_precision() == MatmulPrecision::Bf16
-                    && crate::ops::bf16::available()
-                    && qkv.weight.dtype() == candle_core::DType::F32
-                    && qkv.weight.device().is_cpu() =>
-            {
-                Some(Box::new(Bf16Weights {
-                    qkv: pack_bf16(&qkv.weight)?,
-                    proj: pack_bf16(&attention.output.weight)?,
-                    fc1: pack_bf16(&intermediate.weight)?,
-                    fc2: pack_bf16(&output.weight)?,
-                }))
+        let packed = match attention.attention.fused_qkv() {
+            Some(qkv) => {
+                PackedWeights::new(qkv, &attention.output, &intermediate, &output)?.map(Box::new)
             }
-            _ => None,
+            None => None,
         };
         Ok(Self {
             attention,
@@ -110,7 +119,7 @@ impl BeitLayer {
             lambda_2,
             drop_path,
             hidden_dropout: cfg.hidden_dropout_prob,
-            bf16,
+            packed,
         })
     }
 
@@ -131,11 +140,11 @@ impl BeitLayer {
         let att = &self.attention.attention;
         let scale = (att.head_dim as f32).powf(-0.5);
         let ln1 = profile::time("layernorm", || self.layernorm_before.forward(x))?;
-        let bf = self.bf16.as_deref();
-        // The f32 GEMM, or the bf16 one when the layer has packed weights.
+        let bf = self.packed.as_deref();
+        // The f32 GEMM, or the reduced-precision one when the layer has packed weights.
         let lin =
-            |x: &Tensor, l: &Linear, packed: Option<&PackedBf16>, e: Epilogue<'_>| match packed {
-                Some(p) => linear_inference_bf16(x, p, l.bias.as_ref(), e),
+            |x: &Tensor, l: &Linear, packed: Option<&PackedWeight>, e: Epilogue<'_>| match packed {
+                Some(p) => linear_inference_packed(x, p, l.bias.as_ref(), e),
                 None => linear_inference(x, &l.weight, l.bias.as_ref(), e),
             };
         let qkv = profile::time("attn.qkv", || {

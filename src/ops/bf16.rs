@@ -1,61 +1,16 @@
-//! Opt-in reduced precision for inference: f32 linear layers computed with bf16 inputs and f32
-//! accumulation on AVX512-BF16 (`vdpbf16ps`, two multiply-adds per lane per instruction, twice
-//! the f32 FMA rate), like PyTorch's `torch.set_float32_matmul_precision("medium")`.
+//! The bf16 weights and micro-kernel of the opt-in reduced-precision GEMM (`ops::packed`):
+//! bf16 inputs and f32 accumulation on AVX512-BF16 (`vdpbf16ps`, two multiply-adds per lane per
+//! instruction, twice the f32 FMA rate), like PyTorch's
+//! `torch.set_float32_matmul_precision("medium")`.
 //!
 //! The weight is converted once (round to nearest even) and packed into 32-column panels of
-//! k-pairs, `[N/32][K/2][32][2]`, the layout the instruction consumes; the activations are
-//! converted and packed once per call into 14-row panels of k-pairs shared by the threads.
-//! Single core on Zen 4: 171-210 GFLOP/cpu-s on the BEiT-base shapes, against a measured
-//! `vdpbf16ps` peak of 233 and ~105 for the f32 GEMM. The micro-kernel keeps a 14 x 32 f32 tile in 28
-//! zmm registers; the epilogue (bias, GELU, layer scale + residual) runs on each finished tile.
-//! Everything outside the GEMMs stays f32.
-//!
-//! Off unless asked for ([`set_f32_matmul_precision`] or `BEIT_F32_MATMUL_PRECISION=bf16` when
-//! the model is built), and only where the CPU has `avx512bf16` (checked at run time).
-
-use std::sync::atomic::{AtomicU8, Ordering};
+//! k-pairs, `[N/32][K/2][32][2]`, the layout the instruction consumes. Single core on Zen 4:
+//! 171-210 GFLOP/cpu-s on the BEiT-base shapes, against a measured `vdpbf16ps` peak of 233 and
+//! ~105 for the f32 GEMM.
 
 use rayon::prelude::*;
 
-use super::vmath;
-#[cfg(test)]
-use super::vmath::TileOp;
-use super::SendPtr;
-
-/// Precision of the f32 inference GEMMs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MatmulPrecision {
-    /// f32 inputs (default, matches transformers to ~1e-6).
-    Highest,
-    /// bf16 inputs, f32 accumulation (AVX512-BF16 only; ~1e-2 relative error).
-    Bf16,
-}
-
-static PRECISION: AtomicU8 = AtomicU8::new(0);
-
-/// Set the precision used by models built from now on (frozen f32 models on CPU).
-pub fn set_f32_matmul_precision(p: MatmulPrecision) {
-    PRECISION.store(
-        match p {
-            MatmulPrecision::Highest => 1,
-            MatmulPrecision::Bf16 => 2,
-        },
-        Ordering::Relaxed,
-    );
-}
-
-/// The precision for a model built now: [`set_f32_matmul_precision`], else
-/// `BEIT_F32_MATMUL_PRECISION` (`bf16` / `highest`), else highest.
-pub fn f32_matmul_precision() -> MatmulPrecision {
-    match PRECISION.load(Ordering::Relaxed) {
-        1 => MatmulPrecision::Highest,
-        2 => MatmulPrecision::Bf16,
-        _ => match std::env::var("BEIT_F32_MATMUL_PRECISION").as_deref() {
-            Ok("bf16") | Ok("medium") => MatmulPrecision::Bf16,
-            _ => MatmulPrecision::Highest,
-        },
-    }
-}
+use super::packed::{PanelWeight, MR, NR};
 
 /// Whether this CPU runs the bf16 kernel.
 pub fn available() -> bool {
@@ -69,15 +24,6 @@ pub fn available() -> bool {
         false
     }
 }
-
-/// Rows of the micro-tile.
-const MR: usize = 14;
-/// Columns of the micro-tile / of a weight panel.
-const NR: usize = 32;
-/// Depth of a block (even).
-const KC: usize = 256;
-/// Rows of an activation block.
-const MC: usize = MR * 16;
 
 /// Round to the nearest bf16 (ties to even), as bits (NaN stays NaN).
 #[inline(always)]
@@ -131,117 +77,49 @@ impl PackedBf16 {
     }
 }
 
-/// The epilogue of [`gemm_bf16`] (see `ops::linear`).
-pub use super::linear::EpilogueData as Epi;
-
-/// `C [m x n] = epilogue(A [m x k] · W)`, `A` row-major (row stride `k`), `C` row-major.
-///
-/// Panics unless [`available`].
-pub fn gemm_bf16(a: &[f32], m: usize, w: &PackedBf16, c: &mut [f32], epi: Epi<'_>, threads: usize) {
-    assert!(available(), "gemm_bf16 needs AVX512-BF16");
-    let (k, n) = (w.k, w.n);
-    assert!(a.len() >= m * k && c.len() >= m * n && epi.bias.len() >= n);
-    if m == 0 || n == 0 {
-        return;
+impl PanelWeight for PackedBf16 {
+    fn k(&self) -> usize {
+        self.k
     }
-    // The activations as bf16 pairs in MR-row panels over the whole depth, `[panel][K/2][MR]`,
-    // packed once and shared by the threads.
-    let kq = w.kp / 2;
-    let mut apack = vec![0u32; m.div_ceil(MR) * MR * kq];
-    apack
-        .par_chunks_mut(MR * kq)
-        .enumerate()
-        .for_each(|(p, panel)| pack_a(a, k, m, p * MR, panel));
-    let apack = &apack;
-    let panels = n.div_ceil(NR);
-    let parts = threads.clamp(1, panels);
-    let cptr = SendPtr(c.as_mut_ptr());
-    let run = |t: usize| {
-        let p0 = panels * t / parts;
-        let p1 = panels * (t + 1) / parts;
-        if p0 < p1 {
-            // SAFETY: AVX512-BF16 checked above; each part writes its own panels' columns.
-            unsafe { gemm_panels(apack, m, w, cptr.get(), p0, p1, epi) };
-        }
-    };
-    if parts == 1 {
-        run(0);
-    } else {
-        (0..parts).into_par_iter().for_each(run);
+    fn n(&self) -> usize {
+        self.n
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn gemm_panels(
-    apack: &[u32],
-    m: usize,
-    w: &PackedBf16,
-    c: *mut f32,
-    p0: usize,
-    p1: usize,
-    epi: Epi<'_>,
-) {
-    let (n, kp) = (w.n, w.kp);
-    let kq_all = kp / 2;
-    let mut ic = 0;
-    while ic < m {
-        let mc = MC.min(m - ic);
-        let mut pc = 0;
-        while pc < kp {
-            let kc = KC.min(kp - pc);
-            let (first, last) = (pc == 0, pc + kc >= kp);
-            for p in p0..p1 {
-                let j0 = p * NR;
-                let cols = NR.min(n - j0);
-                let panel = w.data.as_ptr().add(p * kp * NR + pc * NR);
-                let mut ir = 0;
-                while ir < mc {
-                    kernel(
-                        kc / 2,
-                        apack.as_ptr().add((ic + ir) * kq_all + pc / 2 * MR),
-                        panel,
-                        c.add((ic + ir) * n + j0),
-                        n,
-                        MR.min(mc - ir),
-                        cols,
-                        first,
-                    );
-                    ir += MR;
-                }
-                if last {
-                    let tile =
-                        std::slice::from_raw_parts_mut(c.add(ic * n + j0), (mc - 1) * n + cols);
-                    let res = if epi.res.is_empty() {
-                        epi.res
-                    } else {
-                        &epi.res[ic * n + j0..]
-                    };
-                    let scale = if epi.scale.is_empty() {
-                        epi.scale
-                    } else {
-                        &epi.scale[j0..]
-                    };
-                    vmath::tile_epilogue(tile, n, mc, cols, epi.op, &epi.bias[j0..], scale, res, n);
-                }
-            }
-            pc += kc;
-        }
-        ic += mc;
+    fn groups(&self) -> usize {
+        self.kp / 2
     }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn gemm_panels(
-    _: &[u32],
-    _: usize,
-    _: &PackedBf16,
-    _: *mut f32,
-    _: usize,
-    _: usize,
-    _: Epi<'_>,
-) {
-    unreachable!("gemm_bf16 checks `available()`")
+    fn cpu_ok(&self) -> bool {
+        available()
+    }
+    fn pack_rows(&self, a: &[f32], m: usize, r0: usize, panel: &mut [u32], _: &mut [f32]) {
+        pack_a(a, self.k, m, r0, panel)
+    }
+    unsafe fn tile(
+        &self,
+        p: usize,
+        g0: usize,
+        gc: usize,
+        ap: *const u32,
+        _row_scales: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        first: bool,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        kernel(
+            gc,
+            ap,
+            self.data.as_ptr().add((p * self.kp + 2 * g0) * NR),
+            c,
+            ldc,
+            rows,
+            cols,
+            first,
+        );
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("{p} {g0} {gc} {ap:?} {c:?} {ldc} {rows} {cols} {first}");
+    }
 }
 
 /// Rows `[r0, r0 + MR)` of `A` (`m x k`, row stride `k`) as bf16 pairs, `panel[q * MR + i]` =
@@ -320,6 +198,8 @@ unsafe fn kernel(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::packed::Epi;
+    use crate::ops::vmath::TileOp;
 
     #[test]
     fn bf16_gemm_matches_f64_product_of_rounded_inputs() {
@@ -348,7 +228,7 @@ mod tests {
                 res: &[],
             };
             for threads in [1, 2] {
-                gemm_bf16(&a, m, &packed, &mut c, epi, threads);
+                crate::ops::packed::gemm_packed(&a, m, &packed, &mut c, epi, threads);
                 let r = |v: f32| half::bf16::from_f32(v).to_f32() as f64;
                 for i in 0..m {
                     for j in 0..n {
@@ -371,6 +251,8 @@ mod tests {
 #[cfg(test)]
 mod probe {
     use super::*;
+    use crate::ops::packed::Epi;
+    use crate::ops::vmath::TileOp;
 
     /// `cargo test --release --lib bf16_rates -- --ignored --nocapture`: single-thread GFLOP per
     /// CPU-second of the bf16 kernel and of the f32 `gemm` crate on BEiT-base shapes.
@@ -398,8 +280,9 @@ mod probe {
                 scale: &[],
                 res: &[],
             };
-            let ours =
-                crate::bench::cpu_rate(flop, 1.5, || gemm_bf16(&a, m, &packed, &mut c, epi, 1));
+            let ours = crate::bench::cpu_rate(flop, 1.5, || {
+                crate::ops::packed::gemm_packed(&a, m, &packed, &mut c, epi, 1)
+            });
             let f32r = crate::bench::cpu_rate(flop, 1.5, || unsafe {
                 crate::ops::gemm::gemm(
                     m,

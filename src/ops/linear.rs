@@ -7,8 +7,8 @@
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
-use super::bf16::{self, PackedBf16};
 use super::gemm::{self, View, ViewMut};
+use super::packed::PackedWeight;
 use super::vmath::{self, TileOp};
 use super::{f32_data, SendPtr};
 
@@ -189,11 +189,11 @@ pub fn linear_inference(
     })
 }
 
-/// As [`linear_inference`] with the weight packed for the bf16 kernel (`ops::bf16`: bf16
-/// inputs, f32 accumulation). Needs AVX512-BF16.
-pub fn linear_inference_bf16(
+/// As [`linear_inference`] with the weight packed for a reduced-precision kernel
+/// (`ops::packed`: bf16 or int8).
+pub fn linear_inference_packed(
     x: &Tensor,
-    weight: &PackedBf16,
+    weight: &PackedWeight,
     bias: Option<&Tensor>,
     epilogue: Epilogue<'_>,
 ) -> Result<Tensor> {
@@ -205,11 +205,8 @@ pub fn linear_inference_bf16(
             weight.k()
         );
     }
-    if !bf16::available() {
-        candle_core::bail!("linear_inference_bf16: this CPU has no AVX512-BF16");
-    }
     run_linear(x, weight.n(), bias, epilogue, |xs, rows, _, out, epi| {
-        bf16::gemm_bf16(xs, rows, weight, out, epi, gemm::num_threads());
+        weight.gemm(xs, rows, out, epi, gemm::num_threads());
         Ok(())
     })
 }

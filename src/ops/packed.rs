@@ -1,0 +1,297 @@
+//! Opt-in reduced-precision GEMMs for the linear layers of frozen f32 models on CPU, with the
+//! weights packed once at load:
+//!
+//! * [`MatmulPrecision::Bf16`] (`ops::bf16`): bf16 inputs, f32 accumulation, AVX512-BF16
+//!   (`vdpbf16ps`: 2 multiply-adds per lane per instruction), like PyTorch's
+//!   `torch.set_float32_matmul_precision("medium")`;
+//! * [`MatmulPrecision::Int8`] (`ops::int8`): int8 weights (one scale per output column) and
+//!   int8 activations quantised per row at run time, i32 accumulation, AVX512-VNNI
+//!   (`vpdpbusd`: 4 multiply-adds per lane), like PyTorch's / ONNX Runtime's dynamic
+//!   quantisation.
+//!
+//! Both run on one driver ([`gemm_packed`]): the weight is packed in 32-column panels of
+//! 32-bit lane groups (`[N/32][K/G][32][G]`, `G` = 2 bf16 or 4 int8 values of depth per lane),
+//! the activations are converted once per call into 14-row panels of lane groups shared by the
+//! threads, each thread takes a range of column panels, and a 14 x 32 micro-kernel keeps its
+//! f32 / i32 accumulators in 28 zmm registers. The epilogue (bias, GELU, layer scale +
+//! residual) runs on each finished tile. Everything outside the linear layers stays f32.
+//!
+//! Off unless asked for ([`set_f32_matmul_precision`], `BEIT_F32_MATMUL_PRECISION`, or the
+//! CLI's `--matmul-precision`), and only where the CPU has the instructions (checked at run
+//! time; elsewhere the f32 GEMM runs).
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use rayon::prelude::*;
+
+use super::vmath;
+use super::SendPtr;
+
+/// Precision of the f32 inference GEMMs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatmulPrecision {
+    /// f32 inputs (default, matches transformers to ~1e-6).
+    Highest,
+    /// bf16 inputs, f32 accumulation (AVX512-BF16 only; ~1e-2 relative error).
+    Bf16,
+    /// int8 weights and dynamically quantised int8 activations (AVX512-VNNI only).
+    Int8,
+}
+
+impl MatmulPrecision {
+    /// `highest` / `f32`, `bf16` / `medium`, `int8`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "highest" | "f32" => Some(Self::Highest),
+            "bf16" | "medium" => Some(Self::Bf16),
+            "int8" => Some(Self::Int8),
+            _ => None,
+        }
+    }
+
+    /// Whether this CPU has the instructions of this precision's kernel.
+    pub fn available(self) -> bool {
+        match self {
+            Self::Highest => true,
+            Self::Bf16 => super::bf16::available(),
+            Self::Int8 => super::int8::available(),
+        }
+    }
+}
+
+static PRECISION: AtomicU8 = AtomicU8::new(0);
+
+/// Set the precision used by models built from now on (frozen f32 models on CPU).
+pub fn set_f32_matmul_precision(p: MatmulPrecision) {
+    PRECISION.store(
+        match p {
+            MatmulPrecision::Highest => 1,
+            MatmulPrecision::Bf16 => 2,
+            MatmulPrecision::Int8 => 3,
+        },
+        Ordering::Relaxed,
+    );
+}
+
+/// The precision for a model built now: [`set_f32_matmul_precision`], else
+/// `BEIT_F32_MATMUL_PRECISION` (`bf16` / `int8` / `highest`), else highest.
+pub fn f32_matmul_precision() -> MatmulPrecision {
+    match PRECISION.load(Ordering::Relaxed) {
+        1 => MatmulPrecision::Highest,
+        2 => MatmulPrecision::Bf16,
+        3 => MatmulPrecision::Int8,
+        _ => std::env::var("BEIT_F32_MATMUL_PRECISION")
+            .ok()
+            .and_then(|s| MatmulPrecision::parse(&s))
+            .unwrap_or(MatmulPrecision::Highest),
+    }
+}
+
+/// Rows of the micro-tile.
+pub(super) const MR: usize = 14;
+/// Columns of the micro-tile / of a weight panel.
+pub(super) const NR: usize = 32;
+/// Lane groups of depth per block (16 KB of a weight panel: stays in L1).
+const KG: usize = 128;
+/// Rows of an activation block.
+const MC: usize = MR * 16;
+
+/// A `[K, N]` weight packed in panels for one of the reduced-precision micro-kernels.
+pub(super) trait PanelWeight: Sync {
+    fn k(&self) -> usize;
+    fn n(&self) -> usize;
+    /// Depth in 32-bit lane groups.
+    fn groups(&self) -> usize;
+    /// Whether this CPU runs the micro-kernel.
+    fn cpu_ok(&self) -> bool;
+    /// Convert rows `[r0, r0 + MR)` of `A` (`m x k`, row stride `k`) into `panel`
+    /// (`[groups][MR]` lanes, zero past `m`), and their scales into `scales` (int8).
+    fn pack_rows(&self, a: &[f32], m: usize, r0: usize, panel: &mut [u32], scales: &mut [f32]);
+    /// `C[rows x cols] (+)= Apanel[gc groups x MR] · (panel p, groups [g0, g0 + gc))`, the
+    /// activation panel at `ap` and its rows' scales at `row_scales`; `first` overwrites.
+    ///
+    /// # Safety
+    /// The CPU must have the kernel's instructions ([`PanelWeight::cpu_ok`]); the pointers
+    /// must address `gc * MR` lanes, `rows` scales and a `rows x cols` tile (row stride `ldc`).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile(
+        &self,
+        p: usize,
+        g0: usize,
+        gc: usize,
+        ap: *const u32,
+        row_scales: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        first: bool,
+    );
+}
+
+/// The epilogue applied to each finished tile (see `ops::linear`).
+pub use super::linear::EpilogueData as Epi;
+
+/// `C [m x n] = epilogue(A [m x k] · W)`, `A` row-major (row stride `k`), `C` row-major.
+///
+/// Panics unless the CPU runs `w`'s kernel.
+pub(super) fn gemm_packed<W: PanelWeight>(
+    a: &[f32],
+    m: usize,
+    w: &W,
+    c: &mut [f32],
+    epi: Epi<'_>,
+    threads: usize,
+) {
+    assert!(
+        w.cpu_ok(),
+        "this CPU lacks the reduced-precision kernel's instructions"
+    );
+    let (k, n, g) = (w.k(), w.n(), w.groups());
+    assert!(a.len() >= m * k && c.len() >= m * n && epi.bias.len() >= n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let mut apack = vec![0u32; m.div_ceil(MR) * MR * g];
+    let mut scales = vec![0f32; m.div_ceil(MR) * MR];
+    apack
+        .par_chunks_mut(MR * g)
+        .zip(scales.par_chunks_mut(MR))
+        .enumerate()
+        .for_each(|(p, (panel, sc))| w.pack_rows(a, m, p * MR, panel, sc));
+    let (apack, scales) = (&apack, &scales);
+    let panels = n.div_ceil(NR);
+    let parts = threads.clamp(1, panels);
+    let cptr = SendPtr(c.as_mut_ptr());
+    let run = |t: usize| {
+        let p0 = panels * t / parts;
+        let p1 = panels * (t + 1) / parts;
+        if p0 < p1 {
+            // SAFETY: the kernel's CPU features were checked above; each part writes its own
+            // panels' columns.
+            unsafe { gemm_panels(w, apack, scales, m, cptr.get(), p0, p1, epi) };
+        }
+    };
+    if parts == 1 {
+        run(0);
+    } else {
+        (0..parts).into_par_iter().for_each(run);
+    }
+}
+
+/// Column panels `[p0, p1)` of `C`, in blocks of MC rows x KG lane groups.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_panels<W: PanelWeight>(
+    w: &W,
+    apack: &[u32],
+    scales: &[f32],
+    m: usize,
+    c: *mut f32,
+    p0: usize,
+    p1: usize,
+    epi: Epi<'_>,
+) {
+    let (n, g_all) = (w.n(), w.groups());
+    let mut ic = 0;
+    while ic < m {
+        let mc = MC.min(m - ic);
+        let mut g0 = 0;
+        while g0 < g_all {
+            let gc = KG.min(g_all - g0);
+            let (first, last) = (g0 == 0, g0 + gc >= g_all);
+            for p in p0..p1 {
+                let j0 = p * NR;
+                let cols = NR.min(n - j0);
+                let mut ir = 0;
+                while ir < mc {
+                    w.tile(
+                        p,
+                        g0,
+                        gc,
+                        apack.as_ptr().add((ic + ir) * g_all + g0 * MR),
+                        scales.as_ptr().add(ic + ir),
+                        c.add((ic + ir) * n + j0),
+                        n,
+                        MR.min(mc - ir),
+                        cols,
+                        first,
+                    );
+                    ir += MR;
+                }
+                if last {
+                    let tile =
+                        std::slice::from_raw_parts_mut(c.add(ic * n + j0), (mc - 1) * n + cols);
+                    let res = if epi.res.is_empty() {
+                        epi.res
+                    } else {
+                        &epi.res[ic * n + j0..]
+                    };
+                    let scale = if epi.scale.is_empty() {
+                        epi.scale
+                    } else {
+                        &epi.scale[j0..]
+                    };
+                    vmath::tile_epilogue(tile, n, mc, cols, epi.op, &epi.bias[j0..], scale, res, n);
+                }
+            }
+            g0 += gc;
+        }
+        ic += mc;
+    }
+}
+
+/// A linear layer's weight packed for the chosen reduced precision.
+#[derive(Debug)]
+pub enum PackedWeight {
+    Bf16(super::bf16::PackedBf16),
+    Int8(super::int8::PackedInt8),
+}
+
+impl PackedWeight {
+    /// Pack `w` (`[K, N]`, element `(kk, j)` at `w[kk * rs + j * cs]`) for `precision`;
+    /// `None` for f32 or when the CPU lacks the instructions.
+    pub fn pack(
+        precision: MatmulPrecision,
+        w: &[f32],
+        k: usize,
+        n: usize,
+        rs: usize,
+        cs: usize,
+    ) -> Option<Self> {
+        if !precision.available() {
+            return None;
+        }
+        match precision {
+            MatmulPrecision::Highest => None,
+            MatmulPrecision::Bf16 => {
+                Some(Self::Bf16(super::bf16::PackedBf16::pack(w, k, n, rs, cs)))
+            }
+            MatmulPrecision::Int8 => {
+                Some(Self::Int8(super::int8::PackedInt8::pack(w, k, n, rs, cs)))
+            }
+        }
+    }
+
+    pub fn k(&self) -> usize {
+        match self {
+            Self::Bf16(w) => w.k(),
+            Self::Int8(w) => w.k(),
+        }
+    }
+
+    pub fn n(&self) -> usize {
+        match self {
+            Self::Bf16(w) => w.n(),
+            Self::Int8(w) => w.n(),
+        }
+    }
+
+    /// `C [m x n] = epilogue(A [m x k] · W)`; panics unless the CPU runs the kernel (it did
+    /// when the weight was packed).
+    pub fn gemm(&self, a: &[f32], m: usize, c: &mut [f32], epi: Epi<'_>, threads: usize) {
+        match self {
+            Self::Bf16(w) => gemm_packed(a, m, w, c, epi, threads),
+            Self::Int8(w) => gemm_packed(a, m, w, c, epi, threads),
+        }
+    }
+}
