@@ -280,10 +280,10 @@ def check_outputs(workload, model_dir, beit):
 
 def run_peer(peer, workload, batch, a, model_dir, onnx_path):
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads))
-    if peer in ("ours", "ours-bf16"):
+    if peer in ("ours", "ours-bf16", "ours-int8"):
+        precision = {"ours": "highest", "ours-bf16": "bf16", "ours-int8": "int8"}[peer]
         cmd = [a.beit, "bench", "--workloads", workload, "--batch", str(batch), "--runs", str(a.runs),
-               "--warmup", str(a.warmup), "--json",
-               "--matmul-precision", "bf16" if peer == "ours-bf16" else "highest"]
+               "--warmup", str(a.warmup), "--json", "--matmul-precision", precision]
         if not workload.startswith("train-"):  # a training step starts from fresh random weights
             cmd += ["--model", model_dir]
         out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
@@ -302,7 +302,8 @@ def main():
     ap.add_argument("--configs", default="cls-224:1,cls-224:8",
                     help="workload:batch list (workloads: cls-224, cls-384, cls-512, seg-640, mim-224)")
     ap.add_argument("--peers", default="ours,hf-eager,hf-sdpa,ort",
-                    help="ours, ours-bf16 (bf16 GEMMs), hf-eager, hf-sdpa, hf-sdpa-bf16, hf-eager-bf16, ort")
+                    help="ours, ours-bf16 (bf16 GEMMs), ours-int8 (int8 GEMMs), hf-eager, hf-sdpa, hf-sdpa-bf16, "
+                         "hf-eager-bf16, ort")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
@@ -407,17 +408,21 @@ def main():
 
 
 def table(results, peers, a):
+    # ours (f32) against every other peer; our reduced precisions against transformers' bf16.
+    pairs = [("ours", p) for p in peers if p != "ours"]
+    pairs += [(o, p) for o in ("ours-bf16", "ours-int8") if o in peers for p in peers if p.endswith("-bf16")
+              and p.startswith("hf-")]
     lines = [f"threads {a.threads}; medians over {a.rounds} rounds x {a.runs} runs (after {a.warmup} warm-up); "
              "ratio = ours / peer time (< 1: ours faster)", "",
              "| workload | batch | " + " | ".join(f"{p} ms" for p in peers) + " | " +
-             " | ".join(f"ours/{p}" for p in peers if p != "ours") + " | peak RSS MiB (" + ", ".join(peers) +
+             " | ".join(f"{o}/{p}" for o, p in pairs) + " | peak RSS MiB (" + ", ".join(peers) +
              ") | max others' CPU | max abs diff vs transformers |",
-             "|" + "---|" * (2 + len(peers) + len([p for p in peers if p != "ours"]) + 3)]
+             "|" + "---|" * (2 + len(peers) + len(pairs) + 3)]
     for r in results:
         pp = r["peers"]
         cells = [f"{pp[p]['median_ms']:.1f}" if p in pp else "-" for p in peers]
-        ratios = [f"{pp['ours']['median_ms'] / pp[p]['median_ms']:.2f}" if "ours" in pp and p in pp else "-"
-                  for p in peers if p != "ours"]
+        ratios = [f"{pp[o]['median_ms'] / pp[p]['median_ms']:.2f}" if o in pp and p in pp else "-"
+                  for o, p in pairs]
         rss = ", ".join(f"{pp[p]['peak_rss_mib']:.0f}" if p in pp else "-" for p in peers)
         others = max(pp[p]["others_cpu_frac"] for p in pp)
         diff = f"{r['max_abs_diff']:.1e}" if r.get("max_abs_diff") is not None else "-"

@@ -601,23 +601,54 @@ trait Real:
     + std::ops::Sub<Output = Self>
     + std::ops::Div<Output = Self>
 {
-    fn exp(self) -> Self;
+    /// Softmax of each `s`-long row in place (f32: the vectorised kernel of `ops::vmath`).
+    fn softmax_rows(x: &mut [Self], s: usize);
+    /// Softmax backward of rows: `ds = p ⊙ (dp - rowsum(dp ⊙ p))`.
+    fn softmax_backward_rows(p: &[Self], dp: &[Self], ds: &mut [Self], s: usize);
 }
 impl Real for f32 {
-    fn exp(self) -> Self {
-        f32::exp(self)
+    fn softmax_rows(x: &mut [Self], s: usize) {
+        super::vmath::softmax_rows(x, s)
+    }
+    fn softmax_backward_rows(p: &[Self], dp: &[Self], ds: &mut [Self], s: usize) {
+        super::vmath::softmax_backward_rows(p, dp, ds, s)
     }
 }
 impl Real for f64 {
-    fn exp(self) -> Self {
-        f64::exp(self)
+    fn softmax_rows(x: &mut [Self], s: usize) {
+        for row in x.chunks_mut(s) {
+            let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v));
+            let mut sum = 0.0;
+            for v in row.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            for v in row.iter_mut() {
+                *v /= sum;
+            }
+        }
+    }
+    fn softmax_backward_rows(p: &[Self], dp: &[Self], ds: &mut [Self], s: usize) {
+        for ((prow, dprow), dsrow) in p.chunks(s).zip(dp.chunks(s)).zip(ds.chunks_mut(s)) {
+            let dot: f64 = prow.iter().zip(dprow).map(|(&a, &b)| a * b).sum();
+            for ((d, &pv), &gv) in dsrow.iter_mut().zip(prow).zip(dprow) {
+                *d = pv * (gv - dot);
+            }
+        }
     }
 }
 
 struct AttentionCore {
     heads: usize,
     scale: f64,
+    /// The probabilities `[B, H, S, S]` of the forward pass, kept for the backward when they
+    /// are small ([`PROBS_CACHE_BYTES`]); otherwise the backward recomputes them.
+    probs: std::sync::Mutex<Option<CpuStorage>>,
 }
+
+/// Largest probabilities tensor kept from forward to backward (per attention call): 64 MB is
+/// e.g. batch 32 x 3 heads at 224 or batch 8 x 12 heads; at 640 (S = 1601) they are recomputed.
+const PROBS_CACHE_BYTES: usize = 64 << 20;
 
 struct Dims {
     b: usize,
@@ -672,23 +703,20 @@ fn attention_probs<T: Real>(
         )
     };
     for (i, row) in p.chunks_mut(s).enumerate() {
-        let brow = bias.map(|bs| &bs[i * s..(i + 1) * s]);
-        let mut max = T::from_f64(f64::NEG_INFINITY);
-        for (j, v) in row.iter_mut().enumerate() {
-            *v = *v * scale + brow.map(|r| r[j]).unwrap_or(T::ZERO);
-            if *v > max {
-                max = *v;
+        match bias {
+            Some(bs) => {
+                for (v, &b) in row.iter_mut().zip(&bs[i * s..(i + 1) * s]) {
+                    *v = *v * scale + b;
+                }
+            }
+            None => {
+                for v in row.iter_mut() {
+                    *v = *v * scale;
+                }
             }
         }
-        let mut sum = T::ZERO;
-        for v in row.iter_mut() {
-            *v = (*v - max).exp();
-            sum = sum + *v;
-        }
-        for v in row.iter_mut() {
-            *v = *v / sum;
-        }
     }
+    T::softmax_rows(p, s);
 }
 
 /// Pointer wrapper to write disjoint parts of one buffer from parallel tasks.
@@ -733,18 +761,20 @@ fn attention_fwd_kernel<T: Real>(
     let mut ctx = vec![T::ZERO; dm.b * s * d];
     let out = Ptr(ctx.as_mut_ptr());
     let scale = T::from_f64(op.scale);
+    let keep = dm.b * heads * s * s * std::mem::size_of::<T>() <= PROBS_CACHE_BYTES;
+    let mut kept = vec![T::ZERO; if keep { dm.b * heads * s * s } else { 0 }];
+    let kept_ptr = Ptr(kept.as_mut_ptr());
     (0..dm.b * heads).into_par_iter().for_each(|bh| {
         let (b, h) = (bh / heads, bh % heads);
-        let mut p = vec![T::ZERO; s * s];
-        attention_probs(
-            qkv,
-            bias_slice(bias, b, h, heads, s),
-            &dm,
-            b,
-            h,
-            scale,
-            &mut p,
-        );
+        let mut local = Vec::new();
+        let p = if keep {
+            // SAFETY: block `bh` of `kept`, written by this task only.
+            unsafe { std::slice::from_raw_parts_mut(kept_ptr.get().add(bh * s * s), s * s) }
+        } else {
+            local.resize(s * s, T::ZERO);
+            &mut local[..]
+        };
+        attention_probs(qkv, bias_slice(bias, b, h, heads, s), &dm, b, h, scale, p);
         // SAFETY: (b, h) writes only its own rows/columns block of `ctx`.
         unsafe {
             gemm(
@@ -757,12 +787,15 @@ fn attention_fwd_kernel<T: Real>(
                     cs: 1,
                 },
                 false,
-                View::row_major(&p, 0, s),
+                View::row_major(p, 0, s),
                 View::row_major(qkv, b * s * 3 * d + h * hd + 2 * d, 3 * d),
                 1,
             )
         };
     });
+    if let Ok(mut slot) = op.probs.lock() {
+        *slot = keep.then(|| T::wrap(kept));
+    }
     Ok((T::wrap(ctx), Shape::from((dm.b, s, d))))
 }
 
@@ -792,18 +825,32 @@ fn attention_bwd_kernel<T: Real>(
     ];
     let (dq_ptr, ds_ptr) = (Ptr(dqkv.as_mut_ptr()), Ptr(ds_all.as_mut_ptr()));
     let scale = T::from_f64(op.scale);
+    // The forward's probabilities when it kept them (taken: one backward per forward).
+    let kept = op.probs.lock().ok().and_then(|mut slot| slot.take());
+    let n_probs = dm.b * heads * s * s;
+    let kept = match &kept {
+        Some(st) => Some(T::slice(st, &Layout::contiguous(n_probs))?),
+        None => None,
+    };
     (0..dm.b * heads).into_par_iter().for_each(|bh| {
         let (b, h) = (bh / heads, bh % heads);
-        let mut p = vec![T::ZERO; s * s];
-        attention_probs(
-            qkv,
-            bias_slice(bias, b, h, heads, s),
-            &dm,
-            b,
-            h,
-            scale,
-            &mut p,
-        );
+        let mut local = Vec::new();
+        let p: &[T] = match kept {
+            Some(k) => &k[bh * s * s..(bh + 1) * s * s],
+            None => {
+                local.resize(s * s, T::ZERO);
+                attention_probs(
+                    qkv,
+                    bias_slice(bias, b, h, heads, s),
+                    &dm,
+                    b,
+                    h,
+                    scale,
+                    &mut local,
+                );
+                &local
+            }
+        };
         let qbase = b * s * 3 * d + h * hd;
         let gbase = b * s * d + h * hd;
         let mut dp = vec![T::ZERO; s * s];
@@ -821,7 +868,7 @@ fn attention_bwd_kernel<T: Real>(
                     cs: 1,
                 },
                 false,
-                View::transposed(&p, 0, s),
+                View::transposed(p, 0, s),
                 View::row_major(dctx, gbase, d),
                 1,
             );
@@ -838,12 +885,9 @@ fn attention_bwd_kernel<T: Real>(
             );
         }
         // dS = P ⊙ (dP - rowsum(dP ⊙ P)); dS is the bias gradient, dS · scale the scores'.
-        for (prow, dprow) in p.chunks(s).zip(dp.chunks_mut(s)) {
-            let dot: T = prow.iter().zip(dprow.iter()).map(|(&a, &b)| a * b).sum();
-            for (dv, &pv) in dprow.iter_mut().zip(prow) {
-                *dv = pv * (*dv - dot);
-            }
-        }
+        let mut ds = vec![T::ZERO; s * s];
+        T::softmax_backward_rows(p, &dp, &mut ds, s);
+        let mut dp = ds;
         if bias.is_some() {
             // SAFETY: block (b, h) of ds_all.
             let dst =
@@ -1002,7 +1046,11 @@ pub fn attention(
     if !cpu_ok(&all) {
         return Ok(None);
     }
-    let op = AttentionCore { heads, scale };
+    let op = AttentionCore {
+        heads,
+        scale,
+        probs: Default::default(),
+    };
     let qkv = qkv.contiguous()?;
     Ok(Some(match bias {
         Some(b) => qkv.apply_op2(&b.to_dtype(qkv.dtype())?.contiguous()?, op)?,
