@@ -96,29 +96,25 @@ impl PanelWeight for PackedBf16 {
     unsafe fn tile(
         &self,
         p: usize,
-        g0: usize,
-        gc: usize,
         ap: *const u32,
         _row_scales: *const f32,
         c: *mut f32,
         ldc: usize,
         rows: usize,
         cols: usize,
-        first: bool,
     ) {
         #[cfg(target_arch = "x86_64")]
         kernel(
-            gc,
+            self.kp / 2,
             ap,
-            self.data.as_ptr().add((p * self.kp + 2 * g0) * NR),
+            self.data.as_ptr().add(p * self.kp * NR),
             c,
             ldc,
             rows,
             cols,
-            first,
         );
         #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("{p} {g0} {gc} {ap:?} {c:?} {ldc} {rows} {cols} {first}");
+        unreachable!("{p} {ap:?} {c:?} {ldc} {rows} {cols}");
     }
 }
 
@@ -144,7 +140,7 @@ fn pack_a(a: &[f32], k: usize, m: usize, r0: usize, panel: &mut [u32]) {
     }
 }
 
-/// `C[rows x cols] (+)= Apairs[kq x 14] · Bpanel[kq x 32 pairs]`.
+/// `C[rows x cols] = Apairs[kq x 14] · Bpanel[kq x 32 pairs]`.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 #[inline]
@@ -157,7 +153,6 @@ unsafe fn kernel(
     ldc: usize,
     rows: usize,
     cols: usize,
-    first: bool,
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
@@ -185,13 +180,8 @@ unsafe fn kernel(
     };
     for (i, acc_i) in acc.iter().enumerate().take(rows) {
         let cr = c.add(i * ldc);
-        let (mut v0, mut v1) = (acc_i[0], acc_i[1]);
-        if !first {
-            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cr));
-            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cr.add(16)));
-        }
-        _mm512_mask_storeu_ps(cr, m0, v0);
-        _mm512_mask_storeu_ps(cr.add(16), m1, v1);
+        _mm512_mask_storeu_ps(cr, m0, acc_i[0]);
+        _mm512_mask_storeu_ps(cr.add(16), m1, acc_i[1]);
     }
 }
 

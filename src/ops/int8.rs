@@ -202,21 +202,18 @@ impl PanelWeight for PackedInt8 {
     unsafe fn tile(
         &self,
         p: usize,
-        g0: usize,
-        gc: usize,
         ap: *const u32,
         row_scales: *const f32,
         c: *mut f32,
         ldc: usize,
         rows: usize,
         cols: usize,
-        first: bool,
     ) {
         #[cfg(target_arch = "x86_64")]
         kernel(
-            gc,
+            self.g,
             ap,
-            self.data.as_ptr().add((p * self.g + g0) * NR * 4),
+            self.data.as_ptr().add(p * self.g * NR * 4),
             row_scales,
             self.col_scale.as_ptr().add(p * NR),
             self.col_offset.as_ptr().add(p * NR),
@@ -224,15 +221,14 @@ impl PanelWeight for PackedInt8 {
             ldc,
             rows,
             cols,
-            first,
         );
         #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("{p} {g0} {gc} {ap:?} {row_scales:?} {c:?} {ldc} {rows} {cols} {first}");
+        unreachable!("{p} {ap:?} {row_scales:?} {c:?} {ldc} {rows} {cols}");
     }
 }
 
-/// `C[rows x cols] (+)= s_m s_n (Aquads[gc x 14] · Bpanel[gc x 32 quads] - offset_n)`, the
-/// column offset subtracted once (in the `first` depth block).
+/// `C[rows x cols] = s_m s_n (Aquads[gc x 14] · Bpanel[gc x 32 quads] - offset_n)` (the
+/// `+ 128` of the unsigned activations taken back through the column sums).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 #[inline]
@@ -248,7 +244,6 @@ unsafe fn kernel(
     ldc: usize,
     rows: usize,
     cols: usize,
-    first: bool,
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_si512(); 2]; MR];
@@ -278,29 +273,21 @@ unsafe fn kernel(
         _mm512_loadu_ps(col_scale),
         _mm512_loadu_ps(col_scale.add(16)),
     );
-    let (o0, o1) = if first {
-        (
-            _mm512_loadu_ps(col_offset),
-            _mm512_loadu_ps(col_offset.add(16)),
-        )
-    } else {
-        (_mm512_setzero_ps(), _mm512_setzero_ps())
-    };
+    let (o0, o1) = (
+        _mm512_loadu_ps(col_offset),
+        _mm512_loadu_ps(col_offset.add(16)),
+    );
     for (i, acc_i) in acc.iter().enumerate().take(rows) {
         let cr = c.add(i * ldc);
         let rs = _mm512_set1_ps(*row_scales.add(i));
-        let mut v0 = _mm512_mul_ps(
+        let v0 = _mm512_mul_ps(
             _mm512_sub_ps(_mm512_cvtepi32_ps(acc_i[0]), o0),
             _mm512_mul_ps(rs, s0),
         );
-        let mut v1 = _mm512_mul_ps(
+        let v1 = _mm512_mul_ps(
             _mm512_sub_ps(_mm512_cvtepi32_ps(acc_i[1]), o1),
             _mm512_mul_ps(rs, s1),
         );
-        if !first {
-            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cr));
-            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cr.add(16)));
-        }
         _mm512_mask_storeu_ps(cr, m0, v0);
         _mm512_mask_storeu_ps(cr.add(16), m1, v1);
     }

@@ -91,11 +91,6 @@ pub fn f32_matmul_precision() -> MatmulPrecision {
 pub(super) const MR: usize = 14;
 /// Columns of the micro-tile / of a weight panel.
 pub(super) const NR: usize = 32;
-/// Lane groups of depth per block: the whole depth. Blocks of 128 groups (16 KB of a weight
-/// panel, L1-sized) were 10-20 % slower on BEiT's shapes (int8 293-389 -> 346-431 G ops per
-/// CPU-second, bf16 169-208 -> 195-222 GFLOP): every block stores and reloads the C tile, whose
-/// rows (3072 floats apart for fc1) all fall in one L1 set.
-const KG: usize = usize::MAX;
 /// Rows of an activation block.
 const MC: usize = MR * 16;
 
@@ -110,25 +105,27 @@ pub(super) trait PanelWeight: Sync {
     /// Convert rows `[r0, r0 + MR)` of `A` (`m x k`, row stride `k`) into `panel`
     /// (`[groups][MR]` lanes, zero past `m`), and their scales into `scales` (int8).
     fn pack_rows(&self, a: &[f32], m: usize, r0: usize, panel: &mut [u32], scales: &mut [f32]);
-    /// `C[rows x cols] (+)= Apanel[gc groups x MR] · (panel p, groups [g0, g0 + gc))`, the
-    /// activation panel at `ap` and its rows' scales at `row_scales`; `first` overwrites.
+    /// `C[rows x cols] = Apanel[groups x MR] · (panel p)`, the activation panel at `ap` and its
+    /// rows' scales at `row_scales`. The whole depth in one call: blocking the depth in 128
+    /// groups (an L1-sized 16 KB of the weight panel) was 10-20 % slower on BEiT's shapes (int8
+    /// 293-389 against 346-431 G ops per CPU-second, bf16 169-208 against 195-222 GFLOP): each
+    /// block stores and reloads the C tile, whose rows (3072 floats apart for fc1) all fall in
+    /// one L1 set.
     ///
     /// # Safety
     /// The CPU must have the kernel's instructions ([`PanelWeight::cpu_ok`]); the pointers
-    /// must address `gc * MR` lanes, `rows` scales and a `rows x cols` tile (row stride `ldc`).
+    /// must address `groups * MR` lanes, `rows` scales and a `rows x cols` tile (row stride
+    /// `ldc`).
     #[allow(clippy::too_many_arguments)]
     unsafe fn tile(
         &self,
         p: usize,
-        g0: usize,
-        gc: usize,
         ap: *const u32,
         row_scales: *const f32,
         c: *mut f32,
         ldc: usize,
         rows: usize,
         cols: usize,
-        first: bool,
     );
 }
 
@@ -182,7 +179,7 @@ pub(super) fn gemm_packed<W: PanelWeight>(
     }
 }
 
-/// Column panels `[p0, p1)` of `C`, in blocks of MC rows x KG lane groups.
+/// Column panels `[p0, p1)` of `C`, in blocks of MC rows.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_panels<W: PanelWeight>(
     w: &W,
@@ -194,50 +191,38 @@ unsafe fn gemm_panels<W: PanelWeight>(
     p1: usize,
     epi: Epi<'_>,
 ) {
-    let (n, g_all) = (w.n(), w.groups());
+    let (n, g) = (w.n(), w.groups());
     let mut ic = 0;
     while ic < m {
         let mc = MC.min(m - ic);
-        let mut g0 = 0;
-        while g0 < g_all {
-            let gc = KG.min(g_all - g0);
-            let (first, last) = (g0 == 0, g0 + gc >= g_all);
-            for p in p0..p1 {
-                let j0 = p * NR;
-                let cols = NR.min(n - j0);
-                let mut ir = 0;
-                while ir < mc {
-                    w.tile(
-                        p,
-                        g0,
-                        gc,
-                        apack.as_ptr().add((ic + ir) * g_all + g0 * MR),
-                        scales.as_ptr().add(ic + ir),
-                        c.add((ic + ir) * n + j0),
-                        n,
-                        MR.min(mc - ir),
-                        cols,
-                        first,
-                    );
-                    ir += MR;
-                }
-                if last {
-                    let tile =
-                        std::slice::from_raw_parts_mut(c.add(ic * n + j0), (mc - 1) * n + cols);
-                    let res = if epi.res.is_empty() {
-                        epi.res
-                    } else {
-                        &epi.res[ic * n + j0..]
-                    };
-                    let scale = if epi.scale.is_empty() {
-                        epi.scale
-                    } else {
-                        &epi.scale[j0..]
-                    };
-                    vmath::tile_epilogue(tile, n, mc, cols, epi.op, &epi.bias[j0..], scale, res, n);
-                }
+        for p in p0..p1 {
+            let j0 = p * NR;
+            let cols = NR.min(n - j0);
+            let mut ir = 0;
+            while ir < mc {
+                w.tile(
+                    p,
+                    apack.as_ptr().add((ic + ir) * g),
+                    scales.as_ptr().add(ic + ir),
+                    c.add((ic + ir) * n + j0),
+                    n,
+                    MR.min(mc - ir),
+                    cols,
+                );
+                ir += MR;
             }
-            g0 += gc;
+            let tile = std::slice::from_raw_parts_mut(c.add(ic * n + j0), (mc - 1) * n + cols);
+            let res = if epi.res.is_empty() {
+                epi.res
+            } else {
+                &epi.res[ic * n + j0..]
+            };
+            let scale = if epi.scale.is_empty() {
+                epi.scale
+            } else {
+                &epi.scale[j0..]
+            };
+            vmath::tile_epilogue(tile, n, mc, cols, epi.op, &epi.bias[j0..], scale, res, n);
         }
         ic += mc;
     }
