@@ -121,7 +121,10 @@ pub fn quantize_row(x: &[f32], out: &mut [u8]) -> f32 {
         // SAFETY: the features were just checked.
         return unsafe { quantize_row_avx512(x, out) };
     }
-    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let amax = x.iter().fold(
+        0f32,
+        |m, v| if v.is_nan() { f32::NAN } else { m.max(v.abs()) },
+    );
     let (s, inv) = scale_of(amax);
     for (o, &v) in out.iter_mut().zip(x) {
         *o = ((v * inv).round_ties_even() as i32 + 128) as u8;
@@ -129,9 +132,12 @@ pub fn quantize_row(x: &[f32], out: &mut [u8]) -> f32 {
     s
 }
 
-/// `(s, 1 / s)` for a row whose largest magnitude is `amax` (an all-zero row gets `(0, 0)`).
+/// `(s, 1 / s)` for a row whose largest magnitude is `amax` (an all-zero row gets `(0, 0)`; a
+/// row with a NaN or an infinity gets a NaN scale, so that its outputs are NaN as in f32).
 fn scale_of(amax: f32) -> (f32, f32) {
-    if amax > 0.0 {
+    if !amax.is_finite() {
+        (f32::NAN, 0.0)
+    } else if amax > 0.0 {
         (amax / 127.0, 127.0 / amax)
     } else {
         (0.0, 0.0)
@@ -145,12 +151,19 @@ unsafe fn quantize_row_avx512(x: &[f32], out: &mut [u8]) -> f32 {
     let k = x.len();
     let body = k / 16 * 16;
     let mut mx = _mm512_setzero_ps();
+    // `max` drops NaNs: they are flagged on the side.
+    let mut nan: __mmask16 = 0;
     for i in (0..body).step_by(16) {
-        mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(x.as_ptr().add(i))));
+        let v = _mm512_loadu_ps(x.as_ptr().add(i));
+        nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+        mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
     }
-    let amax = x[body..]
+    let mut amax = x[body..]
         .iter()
         .fold(_mm512_reduce_max_ps(mx), |m, v| m.max(v.abs()));
+    if nan != 0 || x[body..].iter().any(|v| v.is_nan()) {
+        amax = f32::NAN;
+    }
     let (s, inv) = scale_of(amax);
     let vinv = _mm512_set1_ps(inv);
     let off = _mm512_set1_epi32(128);
@@ -378,6 +391,13 @@ mod tests {
         let mut z = [7u8; 3];
         assert_eq!(quantize_row(&[0.0; 3], &mut z), 0.0);
         assert_eq!(z, [128; 3]);
+        // A NaN or an infinity makes the row's outputs NaN, as they would be in f32.
+        let mut long = vec![0u8; 40];
+        for bad in [f32::NAN, f32::INFINITY] {
+            let mut x = vec![1.0f32; 40];
+            x[33] = bad;
+            assert!(quantize_row(&x, &mut long).is_nan());
+        }
     }
 }
 
