@@ -4,24 +4,32 @@
 //! (`examples/expected.json`, written by experiments/fashion-mnist/check_with_transformers.py),
 //! and it recognises the garments.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
-#[test]
-fn default_model_classifies_the_examples_as_transformers_does() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fashion-mnist-beit");
-    let examples = root.join("examples");
-    let expected: Value =
-        serde_json::from_slice(&std::fs::read(examples.join("expected.json")).unwrap()).unwrap();
-    let expected = expected["probabilities"].as_object().unwrap();
-    let config: Value =
-        serde_json::from_slice(&std::fs::read(root.join("config.json")).unwrap()).unwrap();
-    let labels = config["id2label"].as_object().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_beit"))
+fn model_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fashion-mnist-beit")
+}
+
+/// transformers' probabilities per example file name.
+fn expected() -> Map<String, Value> {
+    let path = model_dir().join("examples/expected.json");
+    let v: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    v["probabilities"].as_object().unwrap().clone()
+}
+
+/// `beit [--matmul-precision P] classify --json --top-k 10` on the examples with the default
+/// model: `(file name, predictions)` per image.
+fn classify_examples(precision: Option<&str>) -> Vec<(String, Vec<Value>)> {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_beit"));
+    if let Some(p) = precision {
+        cmd.args(["--matmul-precision", p]);
+    }
+    let out = cmd
         .args(["classify", "--json", "--top-k", "10"])
-        .arg(&examples)
+        .arg(model_dir().join("examples"))
         .env_remove("BEIT_DEFAULT_MODEL")
         .env("BEIT_LOG", "error")
         .output()
@@ -31,19 +39,32 @@ fn default_model_classifies_the_examples_as_transformers_does() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let r: Value = serde_json::from_str(line).unwrap();
+            let name = Path::new(r["path"].as_str().unwrap())
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .to_string();
+            (name, r["predictions"].as_array().unwrap().clone())
+        })
+        .collect()
+}
+
+#[test]
+fn default_model_classifies_the_examples_as_transformers_does() {
+    let expected = expected();
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(model_dir().join("config.json")).unwrap()).unwrap();
+    let labels = config["id2label"].as_object().unwrap();
     let (mut seen, mut correct) = (0, 0);
-    for line in String::from_utf8(out.stdout).unwrap().lines() {
-        let r: Value = serde_json::from_str(line).unwrap();
-        let name = Path::new(r["path"].as_str().unwrap())
-            .file_name()
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .to_string();
+    for (name, preds) in classify_examples(None) {
         let want = expected[&name].as_array().unwrap();
-        let preds = r["predictions"].as_array().unwrap();
         assert_eq!(preds.len(), want.len());
-        for p in preds {
+        for p in &preds {
             let id = p["id"].as_u64().unwrap() as usize;
             let d = (p["score"].as_f64().unwrap() - want[id].as_f64().unwrap()).abs();
             assert!(d < 1e-4, "{name}: class {id} probability off by {d}");
@@ -64,11 +85,7 @@ fn default_model_classifies_the_examples_as_transformers_does() {
 /// ones, with the same top class on every example.
 #[test]
 fn reduced_precisions_stay_close_to_f32() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fashion-mnist-beit");
-    let examples = root.join("examples");
-    let expected: Value =
-        serde_json::from_slice(&std::fs::read(examples.join("expected.json")).unwrap()).unwrap();
-    let expected = expected["probabilities"].as_object().unwrap();
+    let expected = expected();
     let has = |f: &str| {
         std::fs::read_to_string("/proc/cpuinfo")
             .map(|c| c.split_whitespace().any(|w| w == f))
@@ -79,49 +96,20 @@ fn reduced_precisions_stay_close_to_f32() {
             eprintln!("skipping {precision}: no {flag}");
             continue;
         }
-        let out = Command::new(env!("CARGO_BIN_EXE_beit"))
-            .args([
-                "--matmul-precision",
-                precision,
-                "classify",
-                "--json",
-                "--top-k",
-                "10",
-            ])
-            .arg(&examples)
-            .env_remove("BEIT_DEFAULT_MODEL")
-            .env("BEIT_LOG", "error")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         let mut moved = 0f64;
-        for line in String::from_utf8(out.stdout).unwrap().lines() {
-            let r: Value = serde_json::from_str(line).unwrap();
-            let name = Path::new(r["path"].as_str().unwrap())
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .to_string();
+        for (name, preds) in classify_examples(Some(precision)) {
             let want: Vec<f64> = expected[&name]
                 .as_array()
                 .unwrap()
                 .iter()
                 .map(|v| v.as_f64().unwrap())
                 .collect();
-            let preds = r["predictions"].as_array().unwrap();
             let top_want = (0..want.len())
                 .max_by(|&a, &b| want[a].total_cmp(&want[b]))
                 .unwrap();
-            assert_eq!(
-                preds[0]["id"].as_u64().unwrap() as usize,
-                top_want,
-                "{precision} {name}"
-            );
-            for p in preds {
+            let top = preds[0]["id"].as_u64().unwrap() as usize;
+            assert_eq!(top, top_want, "{precision} {name}");
+            for p in &preds {
                 let id = p["id"].as_u64().unwrap() as usize;
                 let d = (p["score"].as_f64().unwrap() - want[id]).abs();
                 assert!(

@@ -5,7 +5,7 @@
 //!
 //! The weight is converted once (round to nearest even) and packed into 32-column panels of
 //! k-pairs, `[N/32][K/2][32][2]`, the layout the instruction consumes. Single core on Zen 4:
-//! 171-210 GFLOP/cpu-s on the BEiT-base shapes, against a measured `vdpbf16ps` peak of 233 and
+//! 195-222 GFLOP/cpu-s on the BEiT-base shapes, against a measured `vdpbf16ps` peak of 233 and
 //! ~105 for the f32 GEMM.
 
 use rayon::prelude::*;
@@ -166,18 +166,7 @@ unsafe fn kernel(
             acc_i[1] = _mm512_dpbf16_ps(acc_i[1], av, b1);
         }
     }
-    let m0: __mmask16 = if cols >= 16 {
-        0xffff
-    } else {
-        ((1u32 << cols) - 1) as u16
-    };
-    let m1: __mmask16 = if cols >= NR {
-        0xffff
-    } else if cols > 16 {
-        ((1u32 << (cols - 16)) - 1) as u16
-    } else {
-        0
-    };
+    let (m0, m1) = super::packed::col_masks(cols);
     for (i, acc_i) in acc.iter().enumerate().take(rows) {
         let cr = c.add(i * ldc);
         _mm512_mask_storeu_ps(cr, m0, acc_i[0]);
@@ -234,58 +223,6 @@ mod tests {
                     }
                 }
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod probe {
-    use super::*;
-    use crate::ops::packed::Epi;
-    use crate::ops::vmath::TileOp;
-
-    /// `cargo test --release --lib bf16_rates -- --ignored --nocapture`: single-thread GFLOP per
-    /// CPU-second of the bf16 kernel and of the f32 `gemm` crate on BEiT-base shapes.
-    #[test]
-    #[ignore]
-    fn bf16_rates() {
-        if !available() {
-            return;
-        }
-        for &(m, n, k) in &[
-            (197usize, 3072usize, 768usize),
-            (197, 768, 3072),
-            (1576, 3072, 768),
-            (1576, 768, 3072),
-        ] {
-            let a = vec![0.5f32; m * k];
-            let w = vec![0.25f32; n * k];
-            let bias = vec![0f32; n];
-            let packed = PackedBf16::pack(&w, k, n, n, 1);
-            let mut c = vec![0f32; m * n];
-            let flop = 2.0 * (m * n * k) as f64;
-            let epi = Epi {
-                op: TileOp::Bias,
-                bias: &bias,
-                scale: &[],
-                res: &[],
-            };
-            let ours = crate::bench::cpu_rate(flop, 1.5, || {
-                crate::ops::packed::gemm_packed(&a, m, &packed, &mut c, epi, 1)
-            });
-            let f32r = crate::bench::cpu_rate(flop, 1.5, || unsafe {
-                crate::ops::gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    crate::ops::gemm::ViewMut::row_major(&mut c, 0, n),
-                    false,
-                    crate::ops::gemm::View::row_major(&a, 0, k),
-                    crate::ops::gemm::View::row_major(&w, 0, n),
-                    1,
-                )
-            });
-            eprintln!("{m}x{n}x{k}: bf16 {ours:.0}, f32 gemm crate {f32r:.0} GFLOP/cpu-s");
         }
     }
 }

@@ -270,18 +270,7 @@ unsafe fn kernel(
             acc_i[1] = _mm512_dpbusd_epi32(acc_i[1], av, b1);
         }
     }
-    let m0: __mmask16 = if cols >= 16 {
-        0xffff
-    } else {
-        ((1u32 << cols) - 1) as u16
-    };
-    let m1: __mmask16 = if cols >= NR {
-        0xffff
-    } else if cols > 16 {
-        ((1u32 << (cols - 16)) - 1) as u16
-    } else {
-        0
-    };
+    let (m0, m1) = super::packed::col_masks(cols);
     let (s0, s1) = (
         _mm512_loadu_ps(col_scale),
         _mm512_loadu_ps(col_scale.add(16)),
@@ -397,46 +386,6 @@ mod tests {
             let mut x = vec![1.0f32; 40];
             x[33] = bad;
             assert!(quantize_row(&x, &mut long).is_nan());
-        }
-    }
-}
-
-#[cfg(test)]
-mod probe {
-    use super::*;
-    use crate::ops::packed::{gemm_packed, Epi};
-    use crate::ops::vmath::TileOp;
-
-    /// `cargo test --release --lib int8_rates -- --ignored --nocapture`: single-thread G ops
-    /// (2 per multiply-add) per CPU-second on BEiT-base shapes.
-    #[test]
-    #[ignore]
-    fn int8_rates() {
-        if !available() {
-            return;
-        }
-        for &(m, n, k) in &[
-            (197usize, 2304usize, 768usize),
-            (197, 3072, 768),
-            (197, 768, 3072),
-            (1576, 3072, 768),
-            (1576, 768, 3072),
-        ] {
-            let a = vec![0.5f32; m * k];
-            let w = vec![0.25f32; n * k];
-            let bias = vec![0f32; n];
-            let packed = PackedInt8::pack(&w, k, n, n, 1);
-            let mut c = vec![0f32; m * n];
-            let epi = Epi {
-                op: TileOp::Bias,
-                bias: &bias,
-                scale: &[],
-                res: &[],
-            };
-            let r = crate::bench::cpu_rate(2.0 * (m * n * k) as f64, 1.5, || {
-                gemm_packed(&a, m, &packed, &mut c, epi, 1)
-            });
-            eprintln!("{m}x{n}x{k}: int8 {r:.0} G ops/cpu-s");
         }
     }
 }

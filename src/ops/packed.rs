@@ -94,6 +94,18 @@ pub(super) const NR: usize = 32;
 /// Rows of an activation block.
 const MC: usize = MR * 16;
 
+/// The lane masks of a tile's two 16-column halves when only `cols` of its 32 columns exist.
+pub(super) fn col_masks(cols: usize) -> (u16, u16) {
+    let m = |c: usize| {
+        if c >= 16 {
+            0xffff
+        } else {
+            ((1u32 << c) - 1) as u16
+        }
+    };
+    (m(cols), m(cols.saturating_sub(16)))
+}
+
 /// A `[K, N]` weight packed in panels for one of the reduced-precision micro-kernels.
 pub(super) trait PanelWeight: Sync {
     fn k(&self) -> usize;
@@ -280,6 +292,47 @@ impl PackedWeight {
         match self {
             Self::Bf16(w) => gemm_packed(a, m, w, c, epi, threads),
             Self::Int8(w) => gemm_packed(a, m, w, c, epi, threads),
+        }
+    }
+}
+
+#[cfg(test)]
+mod probe {
+    use super::*;
+    use crate::ops::vmath::TileOp;
+
+    /// `cargo test --release --lib packed_rates -- --ignored --nocapture`: single-thread rates
+    /// (2 ops per multiply-add, per CPU-second) of the bf16 and int8 kernels on BEiT-base
+    /// shapes (the f32 GEMM's on the same shapes: `gemm_cpu_rates`).
+    #[test]
+    #[ignore]
+    fn packed_rates() {
+        for &(m, n, k) in &[
+            (197usize, 2304usize, 768usize),
+            (197, 3072, 768),
+            (197, 768, 3072),
+            (1576, 3072, 768),
+            (1576, 768, 3072),
+        ] {
+            let a = vec![0.5f32; m * k];
+            let w = vec![0.25f32; n * k];
+            let bias = vec![0f32; n];
+            let mut c = vec![0f32; m * n];
+            let ops = 2.0 * (m * n * k) as f64;
+            let epi = Epi {
+                op: TileOp::Bias,
+                bias: &bias,
+                scale: &[],
+                res: &[],
+            };
+            let mut line = format!("{m}x{n}x{k}:");
+            for p in [MatmulPrecision::Bf16, MatmulPrecision::Int8] {
+                if let Some(packed) = PackedWeight::pack(p, &w, k, n, n, 1) {
+                    let r = crate::bench::cpu_rate(ops, 1.5, || packed.gemm(&a, m, &mut c, epi, 1));
+                    line += &format!(" {p:?} {r:.0}");
+                }
+            }
+            eprintln!("{line} G ops per CPU-second");
         }
     }
 }
