@@ -140,7 +140,7 @@ impl BeitLayer {
         let att = &self.attention.attention;
         let scale = (att.head_dim as f32).powf(-0.5);
         let ln1 = profile::time("layernorm", || self.layernorm_before.forward(x))?;
-        let bf = self.packed.as_deref();
+        let pw = self.packed.as_deref();
         // The f32 GEMM, or the reduced-precision one when the layer has packed weights.
         let lin =
             |x: &Tensor, l: &Linear, packed: Option<&PackedWeight>, e: Epilogue<'_>| match packed {
@@ -148,7 +148,7 @@ impl BeitLayer {
                 None => linear_inference(x, &l.weight, l.bias.as_ref(), e),
             };
         let qkv = profile::time("attn.qkv", || {
-            lin(&ln1, qkv_proj, bf.map(|b| &b.qkv), Epilogue::Bias)
+            lin(&ln1, qkv_proj, pw.map(|p| &p.qkv), Epilogue::Bias)
         })?;
         let ctx = profile::time("attn.core", || {
             attention_inference(&qkv, att.num_heads, scale, bias)
@@ -157,7 +157,7 @@ impl BeitLayer {
             lin(
                 &ctx,
                 &self.attention.output,
-                bf.map(|b| &b.proj),
+                pw.map(|p| &p.proj),
                 Epilogue::BiasScaleResidual {
                     scale: self.lambda_1.as_ref(),
                     residual: x,
@@ -168,11 +168,11 @@ impl BeitLayer {
         let fc1 = &self.intermediate;
         let y = if self.activation == Activation::Gelu {
             profile::time("mlp.fc1+gelu", || {
-                lin(&ln2, fc1, bf.map(|b| &b.fc1), Epilogue::BiasGelu)
+                lin(&ln2, fc1, pw.map(|p| &p.fc1), Epilogue::BiasGelu)
             })?
         } else {
             let y = profile::time("mlp.fc1", || {
-                lin(&ln2, fc1, bf.map(|b| &b.fc1), Epilogue::Bias)
+                lin(&ln2, fc1, pw.map(|p| &p.fc1), Epilogue::Bias)
             })?;
             profile::time("mlp.act", || self.activation.forward(&y))?
         };
@@ -180,7 +180,7 @@ impl BeitLayer {
             lin(
                 &y,
                 &self.output,
-                bf.map(|b| &b.fc2),
+                pw.map(|p| &p.fc2),
                 Epilogue::BiasScaleResidual {
                     scale: self.lambda_2.as_ref(),
                     residual: &h,
