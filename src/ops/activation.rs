@@ -82,6 +82,7 @@ impl CustomOp1 for GeluErf {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let _p = crate::profile::scope("bwd.gelu");
         Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &GeluErfGrad)?))
     }
 }

@@ -345,6 +345,7 @@ impl CustomOp2 for Conv2dOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _p = crate::profile::scope("bwd.conv");
         let (_, _, kh, kw) = w.dims4()?;
         let g = g.contiguous()?;
         // dX: the convolution of dY with the flipped, transposed kernel; padding d(k-1) - p

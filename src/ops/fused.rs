@@ -301,6 +301,7 @@ impl CustomOp2 for LinearOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _p = crate::profile::scope("bwd.linear");
         let (dx, dw) = linear_grads(x, w, g)?;
         Ok((Some(dx), Some(dw)))
     }
@@ -329,6 +330,7 @@ impl CustomOp3 for LinearOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _p = crate::profile::scope("bwd.linear");
         let (dx, dw) = linear_grads(x, w, g)?;
         Ok((Some(dx), Some(dw), Some(sum_to_last_dim(g)?)))
     }
@@ -415,6 +417,7 @@ impl CustomOp3 for ScaledResidual {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _p = crate::profile::scope("bwd.scale+residual");
         let g = g.contiguous()?;
         let dh = g.broadcast_mul(&lambda.detach())?;
         let dl = sum_prod_to_last_dim(&g, h)?;
@@ -940,6 +943,7 @@ impl candle_core::CustomOp1 for AttentionCore {
         dispatch!(s, attention_fwd_kernel, self, (s, l), None)
     }
     fn bwd(&self, qkv: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let _p = crate::profile::scope("bwd.attention");
         let g = g.contiguous()?;
         let flat = qkv.apply_op2_no_bwd(
             &g,
@@ -972,6 +976,7 @@ impl CustomOp2 for AttentionCore {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _p = crate::profile::scope("bwd.attention");
         let g = g.contiguous()?;
         let both = qkv.apply_op2_no_bwd(
             &g,

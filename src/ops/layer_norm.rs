@@ -86,6 +86,7 @@ impl CustomOp3 for LayerNormOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _p = crate::profile::scope("bwd.layernorm");
         if let Some((dx, dw, db)) = super::fused::layer_norm_grads(x, w, g, self.eps)? {
             return Ok((Some(dx), Some(dw), Some(db)));
         }

@@ -126,6 +126,7 @@ impl CustomOp1 for SoftmaxLastDim {
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let _p = crate::profile::scope("bwd.softmax");
         // dx = y * (g - sum(g * y))
         if res.dtype() == DType::F32 && res.device().is_cpu() {
             return Ok(Some(
