@@ -19,6 +19,9 @@ pub fn normal_init(std: f64) -> Init {
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// A frozen layer's weight packed for the reduced-precision GEMM chosen when it was frozen
+    /// (`ops::packed::set_f32_matmul_precision`: bf16 or int8), where the CPU has it.
+    packed: Option<std::sync::Arc<ops::packed::PackedWeight>>,
 }
 
 impl Linear {
@@ -35,16 +38,54 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight,
+            bias,
+            packed: None,
+        })
     }
 
     /// For inference: store the weight transposed (`[in, out]` in memory, still seen as
     /// `[out, in]`), the layout the AVX-512 GEMM reads fastest (measured: up to 1.7x on
-    /// `[197x3072]x[3072x768]`). The data is transposed in place: the weight must not be shared
-    /// with another tensor (it is not, right after loading).
+    /// `[197x3072]x[3072x768]`), and pack it for a reduced-precision GEMM if one is chosen.
+    /// The data is transposed in place: the weight must not be shared with another tensor (it
+    /// is not, right after loading).
     pub(crate) fn freeze(&mut self) -> Result<()> {
-        self.weight = ops::transpose_in_place(&self.weight)?.t()?;
+        let weight = ops::transpose_in_place(&self.weight)?.t()?;
+        *self = Self::frozen(weight, self.bias.take())?;
         Ok(())
+    }
+
+    /// A frozen layer from a weight already stored transposed (`[out, in]` seen, `[in, out]`
+    /// in memory), packed for the chosen reduced precision.
+    pub(crate) fn frozen(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let precision = ops::packed::f32_matmul_precision();
+        let packed = if weight.dtype() == DType::F32 && weight.device().is_cpu() {
+            let (n, k) = weight.dims2()?;
+            let wt = weight.t()?.contiguous()?; // [in, out]: a no-op for a frozen weight
+            let d = ops::f32_data(&wt)?;
+            ops::packed::PackedWeight::pack(precision, d.get(), k, n, n, 1).map(std::sync::Arc::new)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            packed,
+        })
+    }
+
+    /// The inference path of a frozen layer (f32 CPU input): the reduced-precision GEMM when
+    /// the weight is packed, else the f32 one, with `epilogue` fused.
+    pub fn forward_inference(
+        &self,
+        x: &Tensor,
+        epilogue: ops::linear::Epilogue<'_>,
+    ) -> Result<Tensor> {
+        match &self.packed {
+            Some(p) => ops::linear::linear_inference_packed(x, p, self.bias.as_ref(), epilogue),
+            None => ops::linear::linear_inference(x, &self.weight, self.bias.as_ref(), epilogue),
+        }
     }
 }
 

@@ -62,12 +62,8 @@ impl BeitForMaskedImageModeling {
                 && patches.dtype() == DType::F32
                 && patches.device().is_cpu()
             {
-                crate::ops::linear::linear_inference(
-                    &patches,
-                    &self.lm_head.weight,
-                    self.lm_head.bias.as_ref(),
-                    crate::ops::linear::Epilogue::Bias,
-                )
+                self.lm_head
+                    .forward_inference(&patches, crate::ops::linear::Epilogue::Bias)
             } else {
                 self.lm_head.forward(&patches)
             }

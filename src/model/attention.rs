@@ -61,7 +61,7 @@ impl BeitSelfAttention {
                 query.bias = Some(b.narrow(0, 0, d)?);
                 value.bias = Some(b.narrow(0, 2 * d, d)?);
             }
-            Some(Linear { weight, bias })
+            Some(Linear::frozen(weight, bias)?)
         } else {
             None
         };

@@ -7,8 +7,7 @@ use crate::config::BeitConfig;
 use crate::model::attention::BeitAttention;
 use crate::nn::{LayerNorm, Linear};
 use crate::ops::attention::{attention_inference, RelBias};
-use crate::ops::linear::{linear_inference, linear_inference_packed, Epilogue};
-use crate::ops::packed::{f32_matmul_precision, PackedWeight};
+use crate::ops::linear::Epilogue;
 use crate::ops::{self, Activation};
 use crate::profile;
 
@@ -28,45 +27,6 @@ pub struct BeitLayer {
     pub lambda_2: Option<Tensor>,
     pub drop_path: f64,
     pub hidden_dropout: f64,
-    /// The four GEMM weights packed for a reduced-precision kernel, when the model was built
-    /// frozen with `ops::packed::set_f32_matmul_precision(Bf16 | Int8)` on a CPU that has it.
-    packed: Option<Box<PackedWeights>>,
-}
-
-/// The QKV, output, fc1 and fc2 weights of a layer, packed.
-#[derive(Debug)]
-struct PackedWeights {
-    qkv: PackedWeight,
-    proj: PackedWeight,
-    fc1: PackedWeight,
-    fc2: PackedWeight,
-}
-
-impl PackedWeights {
-    /// `None` at f32 precision, for other dtypes / devices, or where the CPU lacks the kernel.
-    fn new(qkv: &Linear, proj: &Linear, fc1: &Linear, fc2: &Linear) -> Result<Option<Self>> {
-        let precision = f32_matmul_precision();
-        let w = &qkv.weight;
-        if !precision.available() || w.dtype() != candle_core::DType::F32 || !w.device().is_cpu() {
-            return Ok(None);
-        }
-        // A frozen `Linear` weight (`[out, in]`, any layout) as `[in, out]`.
-        let pack = |l: &Linear| -> Result<Option<PackedWeight>> {
-            let (n, k) = l.weight.dims2()?;
-            let wt = l.weight.t()?.contiguous()?; // a no-op for a frozen weight
-            let d = crate::ops::f32_data(&wt)?;
-            Ok(PackedWeight::pack(precision, d.get(), k, n, n, 1))
-        };
-        Ok(match (pack(qkv)?, pack(proj)?, pack(fc1)?, pack(fc2)?) {
-            (Some(qkv), Some(proj), Some(fc1), Some(fc2)) => Some(Self {
-                qkv,
-                proj,
-                fc1,
-                fc2,
-            }),
-            _ => None,
-        })
-    }
 }
 
 impl BeitLayer {
@@ -101,12 +61,6 @@ impl BeitLayer {
             output.freeze()?;
         }
         let attention = BeitAttention::new(cfg, vb.pp("attention"), frozen)?;
-        let packed = match attention.attention.fused_qkv() {
-            Some(qkv) => {
-                PackedWeights::new(qkv, &attention.output, &intermediate, &output)?.map(Box::new)
-            }
-            None => None,
-        };
         Ok(Self {
             attention,
             layernorm_before: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("layernorm_before"))?,
@@ -119,7 +73,6 @@ impl BeitLayer {
             lambda_2,
             drop_path,
             hidden_dropout: cfg.hidden_dropout_prob,
-            packed,
         })
     }
 
@@ -140,24 +93,15 @@ impl BeitLayer {
         let att = &self.attention.attention;
         let scale = (att.head_dim as f32).powf(-0.5);
         let ln1 = profile::time("layernorm", || self.layernorm_before.forward(x))?;
-        let pw = self.packed.as_deref();
-        // The f32 GEMM, or the reduced-precision one when the layer has packed weights.
-        let lin =
-            |x: &Tensor, l: &Linear, packed: Option<&PackedWeight>, e: Epilogue<'_>| match packed {
-                Some(p) => linear_inference_packed(x, p, l.bias.as_ref(), e),
-                None => linear_inference(x, &l.weight, l.bias.as_ref(), e),
-            };
         let qkv = profile::time("attn.qkv", || {
-            lin(&ln1, qkv_proj, pw.map(|p| &p.qkv), Epilogue::Bias)
+            qkv_proj.forward_inference(&ln1, Epilogue::Bias)
         })?;
         let ctx = profile::time("attn.core", || {
             attention_inference(&qkv, att.num_heads, scale, bias)
         })?;
         let h = profile::time("attn.proj", || {
-            lin(
+            self.attention.output.forward_inference(
                 &ctx,
-                &self.attention.output,
-                pw.map(|p| &p.proj),
                 Epilogue::BiasScaleResidual {
                     scale: self.lambda_1.as_ref(),
                     residual: x,
@@ -168,19 +112,15 @@ impl BeitLayer {
         let fc1 = &self.intermediate;
         let y = if self.activation == Activation::Gelu {
             profile::time("mlp.fc1+gelu", || {
-                lin(&ln2, fc1, pw.map(|p| &p.fc1), Epilogue::BiasGelu)
+                fc1.forward_inference(&ln2, Epilogue::BiasGelu)
             })?
         } else {
-            let y = profile::time("mlp.fc1", || {
-                lin(&ln2, fc1, pw.map(|p| &p.fc1), Epilogue::Bias)
-            })?;
+            let y = profile::time("mlp.fc1", || fc1.forward_inference(&ln2, Epilogue::Bias))?;
             profile::time("mlp.act", || self.activation.forward(&y))?
         };
         profile::time("mlp.fc2", || {
-            lin(
+            self.output.forward_inference(
                 &y,
-                &self.output,
-                pw.map(|p| &p.fc2),
                 Epilogue::BiasScaleResidual {
                     scale: self.lambda_2.as_ref(),
                     residual: &h,

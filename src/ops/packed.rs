@@ -241,10 +241,19 @@ unsafe fn gemm_panels<W: PanelWeight>(
 }
 
 /// A linear layer's weight packed for the chosen reduced precision.
-#[derive(Debug)]
 pub enum PackedWeight {
     Bf16(super::bf16::PackedBf16),
     Int8(super::int8::PackedInt8),
+}
+
+impl std::fmt::Debug for PackedWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self {
+            Self::Bf16(_) => "bf16",
+            Self::Int8(_) => "int8",
+        };
+        write!(f, "PackedWeight({kind}, [{}, {}])", self.k(), self.n())
+    }
 }
 
 impl PackedWeight {
