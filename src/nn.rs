@@ -91,6 +91,11 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // A packed weight belongs to a frozen (inference) layer: every path through it uses
+        // the chosen precision, whether or not hidden states or attentions are asked for.
+        if self.packed.is_some() && x.dtype() == DType::F32 && x.device().is_cpu() {
+            return self.forward_inference(x, ops::linear::Epilogue::Bias);
+        }
         ops::fused::linear(x, &self.weight, self.bias.as_ref())
     }
 }
