@@ -437,10 +437,12 @@ pub fn scaled_residual(residual: &Tensor, h: &Tensor, lambda: Option<&Tensor>) -
 }
 
 // ---------------------------------------------------------------------------------------------
-// LayerNorm backward in two fused passes.
+// LayerNorm backward in one fused pass.
 
-/// `dx` of LayerNorm for inputs `x`, weight `w` and output gradient `g`.
-struct LnGradX {
+/// `[dx (x's size); dw (D); db (D)]` of LayerNorm for inputs `x`, weight `w` and output gradient
+/// `g`: per block of rows, the row statistics once, `dx` of each row, and the block's partial
+/// column sums of `g * xhat` and `g` (f64 accumulation throughout).
+struct LnGrads {
     eps: f64,
 }
 
@@ -465,7 +467,7 @@ impl FromF64 for f64 {
     }
 }
 
-fn ln_grad_x_kernel<T: Elem + Into<f64> + FromF64>(
+fn ln_grads_kernel<T: Elem + Into<f64> + FromF64>(
     eps: f64,
     x: (&CpuStorage, &Layout),
     w: (&CpuStorage, &Layout),
@@ -477,19 +479,29 @@ fn ln_grad_x_kernel<T: Elem + Into<f64> + FromF64>(
         T::slice(g.0, g.1)?,
     );
     let d = ws.len();
-    let mut dx = vec![T::ZERO; xs.len()];
-    dx.par_chunks_mut(d * 64)
-        .zip(xs.par_chunks(d * 64).zip(gs.par_chunks(d * 64)))
-        .for_each(|(o, (x, g))| {
+    let mut out = vec![T::ZERO; xs.len() + 2 * d];
+    let (dx, params) = out.split_at_mut(xs.len());
+    let partials: Vec<Vec<f64>> = dx
+        .par_chunks_mut(d * ROW_BLOCK)
+        .zip(
+            xs.par_chunks(d * ROW_BLOCK)
+                .zip(gs.par_chunks(d * ROW_BLOCK)),
+        )
+        .map(|(o, (x, g))| {
+            let mut acc = vec![0f64; 2 * d];
+            let (dw, db) = acc.split_at_mut(d);
             for ((orow, xrow), grow) in o.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
                 let (mean, rstd) = ln_stats(xrow, eps);
                 // dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = g * w
                 let (mut m1, mut m2) = (0f64, 0f64);
-                for ((&xv, &gv), &wv) in xrow.iter().zip(grow).zip(ws) {
+                for (j, ((&xv, &gv), &wv)) in xrow.iter().zip(grow).zip(ws).enumerate() {
                     let xhat = (xv.into() - mean) * rstd;
-                    let dxhat = gv.into() * wv.into();
+                    let gv = gv.into();
+                    let dxhat = gv * wv.into();
                     m1 += dxhat;
                     m2 += dxhat * xhat;
+                    dw[j] += gv * xhat;
+                    db[j] += gv;
                 }
                 let (m1, m2) = (m1 / d as f64, m2 / d as f64);
                 for (((ov, &xv), &gv), &wv) in orow.iter_mut().zip(xrow).zip(grow).zip(ws) {
@@ -498,13 +510,25 @@ fn ln_grad_x_kernel<T: Elem + Into<f64> + FromF64>(
                     *ov = T::from_f64(rstd * (dxhat - m1 - xhat * m2));
                 }
             }
-        });
-    Ok((T::wrap(dx), x.1.shape().clone()))
+            acc
+        })
+        .collect();
+    let mut sums = vec![0f64; 2 * d];
+    for p in partials {
+        for (o, v) in sums.iter_mut().zip(p) {
+            *o += v;
+        }
+    }
+    for (o, v) in params.iter_mut().zip(sums) {
+        *o = T::from_f64(v);
+    }
+    let n = out.len();
+    Ok((T::wrap(out), Shape::from(n)))
 }
 
-impl CustomOp3 for LnGradX {
+impl CustomOp3 for LnGrads {
     fn name(&self) -> &'static str {
-        "beit-layer-norm-grad-x"
+        "beit-layer-norm-grads"
     }
     fn cpu_fwd(
         &self,
@@ -515,62 +539,7 @@ impl CustomOp3 for LnGradX {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        dispatch!(s1, ln_grad_x_kernel, self.eps, (s1, l1), (s2, l2), (s3, l3))
-    }
-}
-
-/// `[dw; db]` (`[2, D]`) of LayerNorm: column sums of `g * xhat` and of `g`.
-struct LnGradParams {
-    eps: f64,
-}
-
-fn ln_grad_params_kernel<T: Elem + Into<f64> + FromF64>(
-    eps: f64,
-    x: (&CpuStorage, &Layout),
-    g: (&CpuStorage, &Layout),
-) -> Result<(CpuStorage, Shape)> {
-    let (xs, gs) = (T::slice(x.0, x.1)?, T::slice(g.0, g.1)?);
-    let d = *x.1.dims().last().unwrap_or(&1);
-    let rows = xs.len() / d.max(1);
-    let partials: Vec<Vec<f64>> = (0..rows.div_ceil(ROW_BLOCK))
-        .into_par_iter()
-        .map(|blk| {
-            let mut acc = vec![0f64; 2 * d];
-            for r in blk * ROW_BLOCK..((blk + 1) * ROW_BLOCK).min(rows) {
-                let (xrow, grow) = (&xs[r * d..(r + 1) * d], &gs[r * d..(r + 1) * d]);
-                let (mean, rstd) = ln_stats(xrow, eps);
-                for (j, (&xv, &gv)) in xrow.iter().zip(grow).enumerate() {
-                    acc[j] += gv.into() * (xv.into() - mean) * rstd;
-                    acc[d + j] += gv.into();
-                }
-            }
-            acc
-        })
-        .collect();
-    let mut out = vec![0f64; 2 * d];
-    for p in partials {
-        for (o, v) in out.iter_mut().zip(p) {
-            *o += v;
-        }
-    }
-    Ok((
-        T::wrap(out.into_iter().map(T::from_f64).collect()),
-        Shape::from((2, d)),
-    ))
-}
-
-impl CustomOp2 for LnGradParams {
-    fn name(&self) -> &'static str {
-        "beit-layer-norm-grad-params"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        dispatch!(s1, ln_grad_params_kernel, self.eps, (s1, l1), (s2, l2))
+        dispatch!(s1, ln_grads_kernel, self.eps, (s1, l1), (s2, l2), (s3, l3))
     }
 }
 
@@ -585,15 +554,18 @@ pub(crate) fn layer_norm_grads(
         return Ok(None);
     }
     let (x, w, g) = (x.contiguous()?, w.contiguous()?, g.contiguous()?);
-    let dx = x.apply_op3_no_bwd(&w, &g, &LnGradX { eps })?;
-    let p = x.apply_op2_no_bwd(&g, &LnGradParams { eps })?;
-    Ok(Some((dx, p.get(0)?, p.get(1)?)))
+    let all = x.apply_op3_no_bwd(&w, &g, &LnGrads { eps })?;
+    let (n, d) = (x.elem_count(), w.elem_count());
+    let dx = all.narrow(0, 0, n)?.reshape(x.shape())?;
+    let dw = all.narrow(0, n, d)?.reshape(w.shape())?;
+    let db = all.narrow(0, n + d, d)?.reshape(w.shape())?;
+    Ok(Some((dx, dw, db)))
 }
 
 // ---------------------------------------------------------------------------------------------
 // Multi-head attention core for training: softmax(Q Kᵀ · scale + bias) V with its backward,
 // computed per (batch, head) straight from the fused QKV projection. The [B, H, S, S]
-// probabilities are recomputed in backward instead of being kept.
+// probabilities are kept for the backward when small, else recomputed there.
 
 /// Float ops the attention kernel needs beyond [`Elem`].
 trait Real:
