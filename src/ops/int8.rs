@@ -308,7 +308,7 @@ mod tests {
     }
 
     /// The kernel computes exactly `Σ_k deq(a)_mk deq(w)_kn` (up to f32 rounding of the
-    /// result), on odd shapes (partial quads, panels and row panels), several depth blocks and
+    /// result), on odd shapes (partial quads, panels and row panels), a deep product and
     /// 1 or 2 threads; and the quantised product is within int8 error of the f32 one.
     #[test]
     fn int8_gemm_is_the_product_of_the_quantised_operands() {
