@@ -74,7 +74,9 @@ pub fn attention_inference(
         rows = rows.div_ceil(2);
     }
     let blocks = s1.div_ceil(rows);
-    let mut out = vec![0f32; b * s * d];
+    // SAFETY: the tasks cover every (image, head, row block), each writing its rows x head
+    // columns with a non-accumulating GEMM.
+    let mut out = unsafe { super::uninit_buffer::<f32>(b * s * d) };
     let out_ptr = SendPtr(out.as_mut_ptr());
     (0..b * heads * blocks).into_par_iter().for_each_init(
         || (vec![0f32; rows * s1], vec![0f32; rows]),

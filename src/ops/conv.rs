@@ -137,7 +137,8 @@ fn conv_forward<T: GemmElem + std::ops::Add<Output = T> + PartialOrd>(
 ) -> Vec<T> {
     let (ho, wo, wp) = (g.ho(), g.wo(), g.wp());
     let threads = gemm::num_threads();
-    let mut out = vec![T::ZERO; n * o * ho * wo];
+    // SAFETY: every tile of rows writes all its output rows and columns below.
+    let mut out = unsafe { super::uninit_buffer::<T>(n * o * ho * wo) };
     let tile = g.tile_rows(2560);
     let max_c = parts.iter().map(|p| p.c).max().unwrap_or(0);
     let tail = g.d * (g.kw - 1);

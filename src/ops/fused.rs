@@ -131,7 +131,8 @@ fn gemm_kernel<T: Elem>(
     } else {
         View::row_major(b, 0, bc)
     };
-    let mut c = vec![T::ZERO; m * n];
+    // SAFETY: the GEMM (no accumulation) writes all of `c`.
+    let mut c = unsafe { super::uninit_buffer::<T>(m * n) };
     // SAFETY: the views cover exactly the operands' buffers for these sizes; `c` is fresh.
     unsafe {
         gemm(
@@ -733,11 +734,14 @@ fn attention_fwd_kernel<T: Real>(
         None => None,
     };
     let (s, d, hd, heads) = (dm.s, dm.d, dm.hd, op.heads);
-    let mut ctx = vec![T::ZERO; dm.b * s * d];
+    // SAFETY: every (b, h) writes its rows x head columns with a non-accumulating GEMM.
+    let mut ctx = unsafe { super::uninit_buffer::<T>(dm.b * s * d) };
     let out = Ptr(ctx.as_mut_ptr());
     let scale = T::from_f64(op.scale);
     let keep = dm.b * heads * s * s * std::mem::size_of::<T>() <= PROBS_CACHE_BYTES;
-    let mut kept = vec![T::ZERO; if keep { dm.b * heads * s * s } else { 0 }];
+    // SAFETY: every (b, h) block is written by `attention_probs` before the backward reads it.
+    let mut kept =
+        unsafe { super::uninit_buffer::<T>(if keep { dm.b * heads * s * s } else { 0 }) };
     let kept_ptr = Ptr(kept.as_mut_ptr());
     (0..dm.b * heads).into_par_iter().for_each(|bh| {
         let (b, h) = (bh / heads, bh % heads);
@@ -789,7 +793,8 @@ fn attention_bwd_kernel<T: Real>(
     let dm = op.dims(q.1)?;
     let (qkv, dctx) = (T::slice(q.0, q.1)?, T::slice(g.0, g.1)?);
     let (s, d, hd, heads) = (dm.s, dm.d, dm.hd, op.heads);
-    let mut dqkv = vec![T::ZERO; qkv.len()];
+    // SAFETY: every (b, h) writes its Q, K and V columns with non-accumulating GEMMs.
+    let mut dqkv = unsafe { super::uninit_buffer::<T>(qkv.len()) };
     let mut ds_all = vec![
         T::ZERO;
         if bias.is_some() {
@@ -828,7 +833,8 @@ fn attention_bwd_kernel<T: Real>(
         };
         let qbase = b * s * 3 * d + h * hd;
         let gbase = b * s * d + h * hd;
-        let mut dp = vec![T::ZERO; s * s];
+        // SAFETY: written by the GEMM below (no accumulation).
+        let mut dp = unsafe { super::uninit_buffer::<T>(s * s) };
         // SAFETY (all GEMMs below): views stay inside their buffers; each (b, h) writes only its
         // own head's columns of `dqkv` and its own block of `ds_all`.
         unsafe {
@@ -860,7 +866,8 @@ fn attention_bwd_kernel<T: Real>(
             );
         }
         // dS = P ⊙ (dP - rowsum(dP ⊙ P)); dS is the bias gradient, dS · scale the scores'.
-        let mut ds = vec![T::ZERO; s * s];
+        // SAFETY: every row is written by the softmax backward.
+        let mut ds = unsafe { super::uninit_buffer::<T>(s * s) };
         T::softmax_backward_rows(p, &dp, &mut ds, s);
         let mut dp = ds;
         if bias.is_some() {

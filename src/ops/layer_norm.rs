@@ -60,7 +60,8 @@ impl CustomOp3 for LayerNormOp {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
                 let x = slice(x, l1)?;
                 let (w, b) = (slice(w, l2)?, slice(b, l3)?);
-                let mut o = vec![0f32; x.len()];
+                // SAFETY: `layer_norm_rows` writes every element of every row.
+                let mut o = unsafe { super::uninit_buffer::<f32>(x.len()) };
                 let rows = (super::activation::CHUNK / dim.max(1)).max(1);
                 o.par_chunks_mut(rows * dim)
                     .zip(x.par_chunks(rows * dim))

@@ -85,7 +85,9 @@ fn run_linear(
     if !epi.scale.is_empty() && epi.scale.len() != n {
         candle_core::bail!("linear: layer scale of {} for {n} outputs", epi.scale.len());
     }
-    let mut out = vec![0f32; rows * n];
+    // SAFETY: both GEMM paths (`gemm` crate without accumulation, the packed driver) write
+    // every element of the output before the epilogue reads it.
+    let mut out = unsafe { super::uninit_buffer::<f32>(rows * n) };
     gemm(xd.get(), rows, k, &mut out, epi)?;
     let mut out_dims = dims;
     if let Some(last) = out_dims.last_mut() {

@@ -164,8 +164,9 @@ pub(super) fn gemm_packed<W: PanelWeight>(
     if m == 0 || n == 0 {
         return;
     }
-    let mut apack = vec![0u32; m.div_ceil(MR) * MR * g];
-    let mut scales = vec![0f32; m.div_ceil(MR) * MR];
+    // SAFETY: `pack_rows` writes every lane and scale of its panel (zeros past `m`).
+    let mut apack = unsafe { super::uninit_buffer::<u32>(m.div_ceil(MR) * MR * g) };
+    let mut scales = unsafe { super::uninit_buffer::<f32>(m.div_ceil(MR) * MR) };
     apack
         .par_chunks_mut(MR * g)
         .zip(scales.par_chunks_mut(MR))

@@ -379,9 +379,12 @@ fn conv3x3_with<const M: usize, const A: usize>(
     // Whole tile rows per block, at least one.
     let rows_per_block = (BLOCK_BYTES / (4 * c * a2 * tiles_x)).clamp(1, tiles_y);
     let tb_max = (rows_per_block * tiles_x).min(tiles);
-    let mut v = vec![0f32; c * a2 * tb_max];
-    let mut mm = vec![0f32; o * a2 * tb_max];
-    let mut out = vec![0f32; n * o * h * w];
+    // SAFETY: per block, the input transform writes all C channels' rows of `v` (the parts
+    // cover the channels), the GEMMs (no accumulation) all of `mm`, and the output transform
+    // every pixel of `out` (the tiles cover the image).
+    let mut v = unsafe { super::uninit_buffer::<f32>(c * a2 * tb_max) };
+    let mut mm = unsafe { super::uninit_buffer::<f32>(o * a2 * tb_max) };
+    let mut out = unsafe { super::uninit_buffer::<f32>(n * o * h * w) };
     for img in 0..n {
         let mut t0 = 0;
         while t0 < tiles {
