@@ -165,6 +165,7 @@ pub(crate) fn f32_data(t: &Tensor) -> Result<F32Data<'_>> {
 ///
 /// # Safety
 /// The caller must write all `n` elements before reading any of them.
+#[allow(clippy::uninit_vec)] // deliberate: see the safety contract above
 pub(crate) unsafe fn uninit_buffer<T: Copy>(n: usize) -> Vec<T> {
     let mut v = Vec::with_capacity(n);
     // SAFETY: capacity is `n`; `T: Copy` has no drop glue; the caller initialises every
