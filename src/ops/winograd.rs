@@ -85,23 +85,28 @@ const AT4: [[f32; 6]; 4] = [
     [0.0, 1.0, -1.0, 8.0, -8.0, 1.0],
 ];
 
-/// `L · X · Rᵀ` for small constant matrices (`L [P x Q]`, `X [Q x Q']`, `R [S x Q']`), in f64
-/// for the one-off weight transform.
-fn sandwich<const P: usize, const Q: usize, const Q2: usize, const S: usize>(
+/// `L · X · Rᵀ` for small constant matrices (`L [P x Q]`, `X [Q x Q']`, `R [S x Q']`): every
+/// transform of the algorithm (`G g Gᵀ` in f64 once per filter, `Bᵀ d B` and `Aᵀ M A` in f32
+/// per tile; inlined, so the zeros and ones of the constant matrices fold away).
+#[inline(always)]
+fn sandwich<T, const P: usize, const Q: usize, const Q2: usize, const S: usize>(
     l: &[[f32; Q]; P],
-    x: &[[f64; Q2]; Q],
+    x: &[[T; Q2]; Q],
     r: &[[f32; Q2]; S],
-) -> [[f64; S]; P] {
-    let mut lx = [[0f64; Q2]; P];
+) -> [[T; S]; P]
+where
+    T: Copy + Default + From<f32> + std::ops::Add<Output = T> + std::ops::Mul<Output = T>,
+{
+    let mut lx = [[T::default(); Q2]; P];
     for i in 0..P {
         for j in 0..Q2 {
-            lx[i][j] = (0..Q).map(|q| l[i][q] as f64 * x[q][j]).sum();
+            lx[i][j] = (0..Q).fold(T::default(), |s, q| s + T::from(l[i][q]) * x[q][j]);
         }
     }
-    let mut out = [[0f64; S]; P];
+    let mut out = [[T::default(); S]; P];
     for i in 0..P {
         for j in 0..S {
-            out[i][j] = (0..Q2).map(|q| lx[i][q] * r[j][q] as f64).sum();
+            out[i][j] = (0..Q2).fold(T::default(), |s, q| s + lx[i][q] * T::from(r[j][q]));
         }
     }
     out
@@ -202,61 +207,6 @@ pub fn default_tile() -> Tile {
     Tile::F4
 }
 
-/// `V = Bᵀ d B` for one `α x α` tile.
-#[inline(always)]
-fn input_tile<const A: usize>(bt: &[[f32; A]; A], d: &[[f32; A]; A]) -> [[f32; A]; A] {
-    let mut t = [[0f32; A]; A];
-    for i in 0..A {
-        for j in 0..A {
-            let mut s = 0.0;
-            for q in 0..A {
-                s += bt[i][q] * d[q][j];
-            }
-            t[i][j] = s;
-        }
-    }
-    let mut v = [[0f32; A]; A];
-    for i in 0..A {
-        for j in 0..A {
-            let mut s = 0.0;
-            for q in 0..A {
-                s += t[i][q] * bt[j][q];
-            }
-            v[i][j] = s;
-        }
-    }
-    v
-}
-
-/// `Y = Aᵀ M A` for one tile.
-#[inline(always)]
-fn output_tile<const M: usize, const A: usize>(
-    at: &[[f32; A]; M],
-    mt: &[[f32; A]; A],
-) -> [[f32; M]; M] {
-    let mut t = [[0f32; A]; M];
-    for i in 0..M {
-        for j in 0..A {
-            let mut s = 0.0;
-            for q in 0..A {
-                s += at[i][q] * mt[q][j];
-            }
-            t[i][j] = s;
-        }
-    }
-    let mut y = [[0f32; M]; M];
-    for i in 0..M {
-        for j in 0..M {
-            let mut s = 0.0;
-            for q in 0..A {
-                s += t[i][q] * at[j][q];
-            }
-            y[i][j] = s;
-        }
-    }
-    y
-}
-
 /// Transform the input tiles `[t0, t0 + tb)` (row-major over a `tiles_x`-wide grid) of one
 /// channel plane `x [H, W]` into `v [α², tb]` (position-major).
 #[allow(clippy::too_many_arguments)]
@@ -296,7 +246,7 @@ fn transform_input<const M: usize, const A: usize>(
                 }
             }
         }
-        let vt = input_tile(bt, &d);
+        let vt = sandwich(bt, &d, bt); // Bᵀ d B
         for (k, val) in vt.iter().flatten().enumerate() {
             v[k * tb + t] = *val;
         }
@@ -324,7 +274,7 @@ fn transform_output<const M: usize, const A: usize>(
         for (k, val) in mt.iter_mut().flatten().enumerate() {
             *val = m[k * tb + t];
         }
-        let y = output_tile(at, &mt);
+        let y = sandwich(at, &mt, at); // Aᵀ M A
         for (i, row) in y.iter().enumerate() {
             let yy = ty * M + i;
             if yy >= h {
