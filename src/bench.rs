@@ -808,35 +808,34 @@ pub fn precision_check_model(
     if n == 0 {
         anyhow::bail!("{}: no labelled images", data.display());
     }
-    let mut logits: Vec<Vec<Tensor>> = vec![Vec::new(), Vec::new()];
-    let mut labels = Vec::with_capacity(n);
-    for (which, p) in [MatmulPrecision::Highest, precision]
-        .into_iter()
-        .enumerate()
-    {
+    // Both models side by side, so that each image is decoded and preprocessed once.
+    let load = |p| {
         set_f32_matmul_precision(p);
         let clf = crate::tasks::classify::Classifier::from_dir(model, device);
         set_f32_matmul_precision(MatmulPrecision::Highest);
-        let clf = clf?;
-        for start in (0..n).step_by(32) {
-            let mut px = Vec::new();
-            let mut shape = (0, 0);
-            for i in start..(start + 32).min(n) {
-                let s = ds.load(i)?;
-                if which == 0 {
-                    let Target::Class(c) = s.target else {
-                        anyhow::bail!("{}: not a classification sample", ds.describe(i))
-                    };
-                    labels.push(c);
-                }
-                let p = clf.processor.preprocess_rgb(&s.image)?;
-                shape = (p.height, p.width);
-                px.extend(p.pixel_values);
-            }
-            let b = px.len() / (3 * shape.0 * shape.1);
-            let x = Tensor::from_vec(px, (b, 3, shape.0, shape.1), device)?;
-            let out = clf.model.forward(&x, &ForwardOptions::default())?;
-            logits[which].push(out.tensors["logits"].to_dtype(DType::F32)?);
+        clf
+    };
+    let models = [load(MatmulPrecision::Highest)?, load(precision)?];
+    let mut logits: Vec<Vec<Tensor>> = vec![Vec::new(), Vec::new()];
+    let mut labels = Vec::with_capacity(n);
+    for start in (0..n).step_by(32) {
+        let mut px = Vec::new();
+        let mut shape = (0, 0);
+        for i in start..(start + 32).min(n) {
+            let s = ds.load(i)?;
+            let Target::Class(c) = s.target else {
+                anyhow::bail!("{}: not a classification sample", ds.describe(i))
+            };
+            labels.push(c);
+            let p = models[0].processor.preprocess_rgb(&s.image)?;
+            shape = (p.height, p.width);
+            px.extend(p.pixel_values);
+        }
+        let b = px.len() / (3 * shape.0 * shape.1);
+        let x = Tensor::from_vec(px, (b, 3, shape.0, shape.1), device)?;
+        for (clf, out) in models.iter().zip(logits.iter_mut()) {
+            let o = clf.model.forward(&x, &ForwardOptions::default())?;
+            out.push(o.tensors["logits"].to_dtype(DType::F32)?);
         }
     }
     let a = Tensor::cat(&logits[0], 0)?;

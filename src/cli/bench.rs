@@ -183,11 +183,7 @@ impl BenchCmd {
             .args(["--dtype", &self.dtype])
             .args([
                 "--matmul-precision",
-                match beit::ops::packed::f32_matmul_precision() {
-                    beit::ops::packed::MatmulPrecision::Highest => "highest",
-                    beit::ops::packed::MatmulPrecision::Bf16 => "bf16",
-                    beit::ops::packed::MatmulPrecision::Int8 => "int8",
-                },
+                beit::ops::packed::f32_matmul_precision().name(),
             ]);
         if self.profile {
             cmd.arg("--profile");

@@ -49,6 +49,15 @@ impl MatmulPrecision {
         }
     }
 
+    /// The name [`MatmulPrecision::parse`] reads back.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Highest => "highest",
+            Self::Bf16 => "bf16",
+            Self::Int8 => "int8",
+        }
+    }
+
     /// Whether this CPU has the instructions of this precision's kernel.
     pub fn available(self) -> bool {
         match self {
