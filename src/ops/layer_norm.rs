@@ -121,6 +121,9 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
         if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
             x.contiguous()?
                 .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNormOp { eps })
+        } else if !(x.track_op() || w.track_op() || b.track_op()) {
+            // candle's one-kernel layer norm (CUDA, Metal) has no backward: inference only.
+            candle_nn::ops::layer_norm(&x.contiguous()?, &w, &b, eps as f32)
         } else {
             let mean = x.mean_keepdim(D::Minus1)?;
             let xc = x.broadcast_sub(&mean)?;

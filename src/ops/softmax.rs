@@ -172,6 +172,9 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     super::in_f32(x, |x| {
         if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
             x.contiguous()?.apply_op1(SoftmaxLastDim)
+        } else if !x.track_op() {
+            // candle's one-kernel softmax (CUDA, Metal) has no backward: inference only.
+            candle_nn::ops::softmax_last_dim(&x.contiguous()?)
         } else {
             candle_nn::ops::softmax(x, D::Minus1)
         }
