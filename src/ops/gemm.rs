@@ -257,7 +257,118 @@ mod probe {
                     1,
                 )
             });
-            eprintln!("{m}x{n}x{k}: W[out,in]: {r1:.0} GFLOP/cpu-s, W^T[in,out]: {r2:.0}");
+            // The same product computed as yᵀ = W · xᵀ (W [out,in] row-major on the left).
+            let r3 = crate::bench::cpu_rate(flop, 1.5, || unsafe {
+                gemm(
+                    n,
+                    m,
+                    k,
+                    ViewMut {
+                        ptr: c.as_mut_ptr(),
+                        rs: 1,
+                        cs: n as isize,
+                    },
+                    false,
+                    View::row_major(&w, 0, k),
+                    View::transposed(&a, 0, k),
+                    1,
+                )
+            });
+            eprintln!(
+                "{m}x{n}x{k}: W[out,in]: {r1:.0} GFLOP/cpu-s, W^T[in,out]: {r2:.0}, (W·xᵀ)ᵀ: {r3:.0}"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod backward_probe {
+    use super::*;
+
+    fn wall_ms(mut f: impl FnMut()) -> f64 {
+        f();
+        let mut t = Vec::new();
+        for _ in 0..5 {
+            let t0 = std::time::Instant::now();
+            f();
+            t.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        t.sort_by(f64::total_cmp);
+        t[2]
+    }
+
+    /// `cargo test --release --lib backward_gemm_layouts -- --ignored --nocapture`: wall ms of
+    /// a linear layer's weight gradient `dW = gᵀ·x` in three layouts, all threads.
+    #[test]
+    #[ignore]
+    fn backward_gemm_layouts() {
+        let rows = 1576;
+        for &(inp, out) in &[(768usize, 2304usize), (768, 768), (768, 3072), (3072, 768)] {
+            let x = vec![0.5f32; rows * inp];
+            let g = vec![0.25f32; rows * out];
+            let mut gt = vec![0f32; rows * out];
+            let mut dw = vec![0f32; out * inp];
+            let th = num_threads();
+            let a = wall_ms(|| unsafe {
+                gemm(
+                    out,
+                    inp,
+                    rows,
+                    ViewMut::row_major(&mut dw, 0, inp),
+                    false,
+                    View::transposed(&g, 0, out),
+                    View::row_major(&x, 0, inp),
+                    th,
+                )
+            });
+            let b = wall_ms(|| unsafe {
+                crate::ops::transpose_into(&g, rows, out, &mut gt);
+                gemm(
+                    out,
+                    inp,
+                    rows,
+                    ViewMut::row_major(&mut dw, 0, inp),
+                    false,
+                    View::row_major(&gt, 0, rows),
+                    View::row_major(&x, 0, inp),
+                    th,
+                )
+            });
+            let c = wall_ms(|| unsafe {
+                gemm(
+                    inp,
+                    out,
+                    rows,
+                    ViewMut {
+                        ptr: dw.as_mut_ptr(),
+                        rs: 1,
+                        cs: inp as isize,
+                    },
+                    false,
+                    View::transposed(&x, 0, inp),
+                    View::row_major(&g, 0, out),
+                    th,
+                )
+            });
+            let mut dxv = vec![0f32; rows * inp];
+            let dx = wall_ms(|| unsafe {
+                gemm(
+                    rows,
+                    inp,
+                    out,
+                    ViewMut::row_major(&mut dxv, 0, inp),
+                    false,
+                    View::row_major(&g, 0, out),
+                    View::row_major(&dw, 0, inp),
+                    th,
+                )
+            });
+            let gf = 2.0 * (rows * inp * out) as f64 / 1e6;
+            eprintln!(
+                "in {inp} out {out}: dW gᵀ·x {a:.1} ms ({:.0} GFLOP/s), transposed copy {b:.1} ms, \
+                 (xᵀ·g)ᵀ {c:.1} ms; dx {dx:.1} ms ({:.0} GFLOP/s)",
+                gf / a, gf / dx
+            );
         }
     }
 }

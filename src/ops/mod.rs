@@ -190,7 +190,7 @@ unsafe impl<T> Sync for SendPtr<T> {}
 /// Each task fills 32 output rows; within it, groups of 8 output rows are written as 8
 /// sequential streams (more would alias in L1 when `r * 4` is a multiple of 4 KiB) while a
 /// 64 x 32 source block stays in L1.
-fn transpose_into(src: &[f32], r: usize, c: usize, dst: &mut [f32]) {
+pub(crate) fn transpose_into<T: Copy + Send + Sync>(src: &[T], r: usize, c: usize, dst: &mut [T]) {
     const B: usize = 32;
     const G: usize = 8;
     const IB: usize = 64;
@@ -206,7 +206,7 @@ fn transpose_into(src: &[f32], r: usize, c: usize, dst: &mut [f32]) {
                     let gn = (jn - g0).min(G);
                     if gn == G {
                         for i in i0..i1 {
-                            let s: &[f32; G] = src[i * c + j0 + g0..i * c + j0 + g0 + G]
+                            let s: &[T; G] = src[i * c + j0 + g0..i * c + j0 + g0 + G]
                                 .try_into()
                                 .expect("G elements");
                             for (jj, &v) in s.iter().enumerate() {

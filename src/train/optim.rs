@@ -3,7 +3,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
+use rayon::prelude::*;
 
 use crate::error::{BeitError, Result};
 
@@ -68,7 +69,6 @@ impl AdamW {
                 continue;
             };
             let g = g.to_dtype(DType::F32)?;
-            let theta = p.var.as_tensor().to_dtype(DType::F32)?;
             let lr_p = lr * p.lr_scale;
             let st = match self.state.remove(&p.name) {
                 Some(s) => s,
@@ -79,11 +79,42 @@ impl AdamW {
                 },
             };
             let step = st.step + 1;
+            let bias_c1 = 1.0 - b1.powi(step as i32);
+            let bias_c2 = 1.0 - b2.powi(step as i32);
+            if fused_ok(p.var.as_tensor(), &g, &st) {
+                // f32 on CPU: three in-place passes, no temporaries (the composition below
+                // makes ~12 full-size tensors per parameter).
+                st.exp_avg.inplace_op2(
+                    &g,
+                    &MomentUpdate {
+                        beta: b1,
+                        square: false,
+                    },
+                )?;
+                st.exp_avg_sq.inplace_op2(
+                    &g,
+                    &MomentUpdate {
+                        beta: b2,
+                        square: true,
+                    },
+                )?;
+                p.var.as_tensor().inplace_op3(
+                    &st.exp_avg,
+                    &st.exp_avg_sq,
+                    &ParamUpdate {
+                        decay: 1.0 - lr_p * p.weight_decay,
+                        step_size: lr_p / bias_c1,
+                        sqrt_bias_c2: bias_c2.sqrt(),
+                        eps,
+                    },
+                )?;
+                self.state.insert(p.name.clone(), Moments { step, ..st });
+                continue;
+            }
+            let theta = p.var.as_tensor().to_dtype(DType::F32)?;
             let theta = (theta * (1.0 - lr_p * p.weight_decay))?;
             let exp_avg = ((st.exp_avg * b1)? + (&g * (1.0 - b1))?)?;
             let exp_avg_sq = ((st.exp_avg_sq * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let bias_c1 = 1.0 - b1.powi(step as i32);
-            let bias_c2 = 1.0 - b2.powi(step as i32);
             let denom = ((exp_avg_sq.sqrt()? / bias_c2.sqrt())? + eps)?;
             let update = (exp_avg.div(&denom)? * (lr_p / bias_c1))?;
             let theta = (theta - update)?;
@@ -104,8 +135,9 @@ impl AdamW {
     pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for (name, m) in &self.state {
-            out.insert(format!("exp_avg.{name}"), m.exp_avg.clone());
-            out.insert(format!("exp_avg_sq.{name}"), m.exp_avg_sq.clone());
+            // Copies: the live moments are updated in place by later steps.
+            out.insert(format!("exp_avg.{name}"), m.exp_avg.copy()?);
+            out.insert(format!("exp_avg_sq.{name}"), m.exp_avg_sq.copy()?);
             out.insert(
                 format!("step.{name}"),
                 Tensor::new(&[m.step as i64], m.exp_avg.device())?,
@@ -141,12 +173,113 @@ impl AdamW {
             self.state.insert(
                 p.name.clone(),
                 Moments {
-                    exp_avg: a.to_dtype(DType::F32)?,
-                    exp_avg_sq: s.to_dtype(DType::F32)?,
+                    // Own storage: updated in place, never the caller's tensors.
+                    exp_avg: a.to_dtype(DType::F32)?.copy()?,
+                    exp_avg_sq: s.to_dtype(DType::F32)?.copy()?,
                     step,
                 },
             );
         }
+        Ok(())
+    }
+}
+
+/// Whether the in-place f32 CPU kernels can update this parameter and its moments.
+fn fused_ok(theta: &Tensor, g: &Tensor, st: &Moments) -> bool {
+    [theta, g, &st.exp_avg, &st.exp_avg_sq]
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
+        && g.dims() == theta.dims()
+}
+
+/// Elements per parallel task of the optimiser kernels.
+const CHUNK: usize = 1 << 14;
+
+/// The f32 slice of a contiguous CPU tensor's storage.
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("adamw: expected a contiguous f32 tensor"),
+    }
+}
+
+fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("adamw: expected a contiguous f32 tensor"),
+    }
+}
+
+/// `m = beta·m + (1 − beta)·g` (or `g²`), in place.
+struct MomentUpdate {
+    beta: f64,
+    square: bool,
+}
+
+impl InplaceOp2 for MomentUpdate {
+    fn name(&self) -> &'static str {
+        "beit-adamw-moment"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let (m, g) = (f32_slice_mut(s1, l1)?, f32_slice(s2, l2)?);
+        let (b, c) = (self.beta as f32, (1.0 - self.beta) as f32);
+        let square = self.square;
+        m.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(m, g)| {
+                if square {
+                    m.iter_mut()
+                        .zip(g)
+                        .for_each(|(m, &g)| *m = *m * b + g * g * c);
+                } else {
+                    m.iter_mut().zip(g).for_each(|(m, &g)| *m = *m * b + g * c);
+                }
+            });
+        Ok(())
+    }
+}
+
+/// `θ = θ·decay − step_size · m / (√v / √(1 − β₂ᵗ) + eps)`, in place (torch's AdamW update).
+struct ParamUpdate {
+    decay: f64,
+    step_size: f64,
+    sqrt_bias_c2: f64,
+    eps: f64,
+}
+
+impl InplaceOp3 for ParamUpdate {
+    fn name(&self) -> &'static str {
+        "beit-adamw-param"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let theta = f32_slice_mut(s1, l1)?;
+        let (m, v) = (f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+        let decay = self.decay as f32;
+        let step = self.step_size as f32;
+        let sqrt_bc2 = self.sqrt_bias_c2 as f32;
+        let eps = self.eps as f32;
+        theta
+            .par_chunks_mut(CHUNK)
+            .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
+            .for_each(|(t, (m, v))| {
+                for ((t, &m), &v) in t.iter_mut().zip(m).zip(v) {
+                    *t = *t * decay - step * (m / (v.sqrt() / sqrt_bc2 + eps));
+                }
+            });
         Ok(())
     }
 }
@@ -234,6 +367,61 @@ pub fn is_buffer(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn in_place_update_matches_the_composition() {
+        // Same values as f32 (in-place kernels) and f64 parameters (the tensor composition).
+        let dev = candle_core::Device::Cpu;
+        let theta = Tensor::randn(0f32, 1f32, (37, 29), &dev).unwrap();
+        let mut runs = Vec::new();
+        for dtype in [DType::F32, DType::F64] {
+            let var = Var::from_tensor(&theta.to_dtype(dtype).unwrap()).unwrap();
+            let param = |wd| Param {
+                name: "w".into(),
+                var: var.clone(),
+                lr_scale: 0.5,
+                weight_decay: wd,
+            };
+            // eps large enough to matter, so a wrong eps term shows.
+            let config = AdamWConfig {
+                eps: 1e-2,
+                ..AdamWConfig::default()
+            };
+            let mut opt = AdamW::new(vec![param(0.05)], config);
+            for step in 0..3 {
+                // The same gradients in both runs, different at each step.
+                let g = Tensor::arange(0f32, (37 * 29) as f32, &dev)
+                    .unwrap()
+                    .reshape((37, 29))
+                    .unwrap()
+                    .affine(0.013 * (step as f64 + 1.0), -3.0)
+                    .unwrap()
+                    .sin()
+                    .unwrap();
+                let grads = HashMap::from([("w".to_string(), g)]);
+                opt.step(&grads, 1e-2).unwrap();
+            }
+            let state = opt.state_tensors().unwrap();
+            runs.push((
+                var.as_tensor().to_dtype(DType::F32).unwrap(),
+                state["exp_avg_sq.w"].clone(),
+            ));
+        }
+        let moved = (&runs[0].0 - &theta)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(
+            moved.to_scalar::<f32>().unwrap() > 1e-3,
+            "the update must move θ"
+        );
+        for (a, b) in [(&runs[0].0, &runs[1].0), (&runs[0].1, &runs[1].1)] {
+            let d = crate::ops::max_abs_diff(a, b);
+            assert!(d < 1e-6, "in-place vs composition: {d}");
+        }
+    }
 
     #[test]
     fn schedule_matches_unilm_cosine_scheduler() {
