@@ -2,10 +2,10 @@
 """beit-rs against transformers on one CUDA GPU, side by side: same random weights, same inputs.
 
 Build the binary where Rust is (the GPU machine needs none), with a CUDA whose PTX the GPU's
-driver can load (`nvcc --version` <= the driver's CUDA version):
+driver can load (nvcc's CUDA version <= the driver's), then run this there:
 
-    CUDA_ROOT=/opt/cuda CUDA_COMPUTE_CAP=90 cargo build --release --features cuda
-    python scripts/bench_gpu.py --beit target/release/beit --out bench/gpu_h200
+    scripts/build_cuda.sh                     # -> .gpu/beit.gz, and the commands below
+    python3 scripts/bench_gpu.py --beit /tmp/beit --out bench/gpu_h200
 
 For each workload the script saves a random-weight transformers model (`save_pretrained`), checks
 that our output on the GPU matches transformers' on the GPU (f32, max |diff| of the logits), then
