@@ -219,23 +219,19 @@ fn fused_training_ops_match_finite_differences_and_the_composition() {
     check_grad("fused linear no bias (w)", &w, &|w| {
         fused::linear(&x, w, None)
     });
-    let want = x
-        .broadcast_matmul(&w.t().unwrap())
-        .unwrap()
-        .broadcast_add(&b)
-        .unwrap();
-    assert!(max_diff(&fused::linear(&x, &w, Some(&b)).unwrap(), &want) < 1e-12);
-    // More inputs than outputs and many rows: the weight is read through a transposed copy.
-    let (w, x) = (randn(&[5, 9]), randn(&[2, 40, 9]));
-    let want = x
-        .broadcast_matmul(&w.t().unwrap())
-        .unwrap()
-        .broadcast_add(&b)
-        .unwrap();
-    assert!(max_diff(&fused::linear(&x, &w, Some(&b)).unwrap(), &want) < 1e-12);
-    check_grad("fused linear, transposed weight (w)", &w, &|w| {
-        fused::linear(&x, w, Some(&b))
-    });
+    // The second shape has more inputs than outputs and many rows: the weight is read through a
+    // transposed copy.
+    for (w, x) in [(w, x), (randn(&[5, 9]), randn(&[2, 40, 9]))] {
+        let want = x
+            .broadcast_matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        assert!(max_diff(&fused::linear(&x, &w, Some(&b)).unwrap(), &want) < 1e-12);
+        check_grad("fused linear (w), both layouts", &w, &|w| {
+            fused::linear(&x, w, Some(&b))
+        });
+    }
 
     let (r, h, l) = (randn(&[2, 3, 4]), randn(&[2, 3, 4]), randn(&[4]));
     check_grad("scaled residual (r)", &r, &|r| {

@@ -309,60 +309,26 @@ mod backward_probe {
             let mut gt = vec![0f32; rows * out];
             let mut dw = vec![0f32; out * inp];
             let th = num_threads();
-            let a = wall_ms(|| unsafe {
-                gemm(
-                    out,
-                    inp,
-                    rows,
-                    ViewMut::row_major(&mut dw, 0, inp),
-                    false,
-                    View::transposed(&g, 0, out),
-                    View::row_major(&x, 0, inp),
-                    th,
-                )
-            });
-            let b = wall_ms(|| unsafe {
+            // SAFETY (all calls): the views address buffers of the stated sizes.
+            let run = |m, n, k, c: ViewMut<f32>, a: View<f32>, b: View<f32>| unsafe {
+                gemm(m, n, k, c, false, a, b, th)
+            };
+            let dw_rm = ViewMut::row_major(&mut dw, 0, inp);
+            let (xr, gr) = (View::row_major(&x, 0, inp), View::row_major(&g, 0, out));
+            let a = wall_ms(|| run(out, inp, rows, dw_rm, View::transposed(&g, 0, out), xr));
+            let b = wall_ms(|| {
                 crate::ops::transpose_into(&g, rows, out, &mut gt);
-                gemm(
-                    out,
-                    inp,
-                    rows,
-                    ViewMut::row_major(&mut dw, 0, inp),
-                    false,
-                    View::row_major(&gt, 0, rows),
-                    View::row_major(&x, 0, inp),
-                    th,
-                )
+                run(out, inp, rows, dw_rm, View::row_major(&gt, 0, rows), xr)
             });
-            let c = wall_ms(|| unsafe {
-                gemm(
-                    inp,
-                    out,
-                    rows,
-                    ViewMut {
-                        ptr: dw.as_mut_ptr(),
-                        rs: 1,
-                        cs: inp as isize,
-                    },
-                    false,
-                    View::transposed(&x, 0, inp),
-                    View::row_major(&g, 0, out),
-                    th,
-                )
-            });
+            let dw_cm = ViewMut {
+                ptr: dw_rm.ptr,
+                rs: 1,
+                cs: inp as isize,
+            };
+            let c = wall_ms(|| run(inp, out, rows, dw_cm, View::transposed(&x, 0, inp), gr));
             let mut dxv = vec![0f32; rows * inp];
-            let dx = wall_ms(|| unsafe {
-                gemm(
-                    rows,
-                    inp,
-                    out,
-                    ViewMut::row_major(&mut dxv, 0, inp),
-                    false,
-                    View::row_major(&g, 0, out),
-                    View::row_major(&dw, 0, inp),
-                    th,
-                )
-            });
+            let dx_rm = ViewMut::row_major(&mut dxv, 0, inp);
+            let dx = wall_ms(|| run(rows, inp, out, dx_rm, gr, View::row_major(&dw, 0, inp)));
             let gf = 2.0 * (rows * inp * out) as f64 / 1e6;
             eprintln!(
                 "in {inp} out {out}: dW gᵀ·x {a:.1} ms ({:.0} GFLOP/s), transposed copy {b:.1} ms, \
