@@ -102,7 +102,9 @@ impl BeitSelfAttention {
         // Training (and any unfrozen model) on CPU: QKV projection and attention core as two
         // autograd nodes with fused backward kernels, when nothing needs the probabilities.
         let plain = (!train || self.dropout == 0.0) && head_mask.is_none() && !output_attentions;
-        if plain && self.fused_qkv.is_none() {
+        // (Checked first: elsewhere, e.g. on a GPU, the fused core is unavailable and the
+        // concatenated projection below would be wasted.)
+        if plain && self.fused_qkv.is_none() && ops::fused::cpu_ok(&[x]) {
             let weight = Tensor::cat(
                 &[&self.query.weight, &self.key.weight, &self.value.weight],
                 0,

@@ -91,7 +91,9 @@ fn col_sum<T: Elem>(a: &[T], b: Option<&[T]>, cols: usize) -> Vec<T> {
     out
 }
 
-fn cpu_ok(ts: &[&Tensor]) -> bool {
+/// Whether the fused CPU ops (`linear`, `attention`, ...) take these tensors (f32/f64 on CPU, one
+/// dtype); elsewhere they return `None` or fall back to compositions.
+pub(crate) fn cpu_ok(ts: &[&Tensor]) -> bool {
     ts.iter()
         .all(|t| t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64))
         && ts.windows(2).all(|w| w[0].dtype() == w[1].dtype())
