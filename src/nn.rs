@@ -60,7 +60,7 @@ impl Linear {
     /// in memory), packed for the chosen reduced precision.
     pub(crate) fn frozen(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let precision = ops::packed::f32_matmul_precision();
-        let packed = if weight.dtype() == DType::F32 && weight.device().is_cpu() {
+        let packed = if weight.dtype() == DType::F32 && ops::fast_cpu(weight.device()) {
             let (n, k) = weight.dims2()?;
             let wt = weight.t()?.contiguous()?; // [in, out]: a no-op for a frozen weight
             let d = ops::f32_data(&wt)?;
@@ -93,7 +93,7 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // A packed weight belongs to a frozen (inference) layer: every path through it uses
         // the chosen precision, whether or not hidden states or attentions are asked for.
-        if self.packed.is_some() && x.dtype() == DType::F32 && x.device().is_cpu() {
+        if self.packed.is_some() && x.dtype() == DType::F32 && ops::fast_cpu(x.device()) {
             return self.forward_inference(x, ops::linear::Epilogue::Bias);
         }
         ops::fused::linear(x, &self.weight, self.bias.as_ref())
@@ -219,7 +219,7 @@ impl Module for ConvTranspose2d {
             && !x.track_op()
             && !self.weight.track_op()
             && !self.bias.track_op()
-            && x.device().is_cpu()
+            && ops::fast_cpu(x.device())
             && x.dtype() == DType::F32
             && self.weight.dtype() == DType::F32
         {
@@ -390,7 +390,7 @@ impl ConvModule {
             let winograd = k == 3
                 && (self.conv.padding, self.conv.dilation) == (1, 1)
                 && w.dtype() == DType::F32
-                && w.device().is_cpu()
+                && ops::fast_cpu(w.device())
                 && ops::winograd::worthwhile(h, wd);
             return crate::profile::time(stage, || {
                 if winograd {

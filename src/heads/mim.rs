@@ -60,7 +60,7 @@ impl BeitForMaskedImageModeling {
             if self.frozen
                 && !opts.train
                 && patches.dtype() == DType::F32
-                && patches.device().is_cpu()
+                && crate::ops::fast_cpu(patches.device())
             {
                 self.lm_head
                     .forward_inference(&patches, crate::ops::linear::Epilogue::Bias)

@@ -233,7 +233,7 @@ impl BeitModel {
             && !opts.output_attentions
             && head_mask.is_none()
             && x.dtype() == DType::F32
-            && x.device().is_cpu();
+            && ops::fast_cpu(x.device());
         if fast {
             let index = relative_position::relative_position_index(window);
             let shared = match &self.shared_relative_position_bias {

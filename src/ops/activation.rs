@@ -58,7 +58,7 @@ impl Activation {
 /// Exact (erf) GELU with a backward pass. On CPU in f32: a vectorised kernel
 /// (`ops::vmath`, erf abs error < 1e-7) and a fused backward; candle's op otherwise.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if super::fast_cpu(x.device()) && x.dtype() == DType::F32 {
         x.contiguous()?.apply_op1(GeluErf)
     } else {
         x.gelu_erf()

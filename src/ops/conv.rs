@@ -442,7 +442,7 @@ impl CustomOp2 for Conv2dWeightGrad {
 }
 
 fn fast_path(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+    super::fast_cpu(x.device()) && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
 /// `F.conv2d(x, w, stride=1, padding, dilation)` on `[N, C, H, W]` with `w [O, C, kh, kw]`,

@@ -95,7 +95,7 @@ fn col_sum<T: Elem>(a: &[T], b: Option<&[T]>, cols: usize) -> Vec<T> {
 /// dtype); elsewhere they return `None` or fall back to compositions.
 pub(crate) fn cpu_ok(ts: &[&Tensor]) -> bool {
     ts.iter()
-        .all(|t| t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64))
+        .all(|t| super::fast_cpu(t.device()) && matches!(t.dtype(), DType::F32 | DType::F64))
         && ts.windows(2).all(|w| w[0].dtype() == w[1].dtype())
 }
 

@@ -118,7 +118,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     super::in_f32(x, |x| {
         let w = weight.to_dtype(x.dtype())?;
         let b = bias.to_dtype(x.dtype())?;
-        if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        if super::fast_cpu(x.device()) && matches!(x.dtype(), DType::F32 | DType::F64) {
             x.contiguous()?
                 .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNormOp { eps })
         } else if !(x.track_op() || w.track_op() || b.track_op()) {

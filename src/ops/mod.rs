@@ -22,6 +22,30 @@ pub mod vmath;
 pub mod winograd;
 
 pub use activation::{gelu_erf, Activation};
+
+static GENERIC_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Route every op through its device-generic candle composition (what CUDA and Metal run), also
+/// on CPU: to test those paths without a GPU. Also set by `BEIT_GENERIC_OPS=1` (read once).
+pub fn set_generic_only(on: bool) {
+    GENERIC_ONLY.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn generic_only() -> bool {
+    static FROM_ENV: std::sync::Once = std::sync::Once::new();
+    FROM_ENV.call_once(|| {
+        if std::env::var("BEIT_GENERIC_OPS").is_ok_and(|v| v == "1") {
+            set_generic_only(true);
+        }
+    });
+    GENERIC_ONLY.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether the CPU kernels of this crate may run on `device` (a CPU, unless
+/// [`set_generic_only`]).
+pub fn fast_cpu(device: &candle_core::Device) -> bool {
+    device.is_cpu() && !generic_only()
+}
 pub use conv::{conv2d, conv2d_inference, conv3x3_winograd_inference};
 pub use layer_norm::layer_norm;
 pub use pool::{adaptive_avg_pool2d, max_pool2d_2x2};

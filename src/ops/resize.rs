@@ -162,7 +162,7 @@ pub fn resample(x: &Tensor, kind: Kind, out_h: usize, out_w: usize) -> Result<Te
     if (h, w) == (out_h, out_w) {
         return Ok(x.clone());
     }
-    if !x.track_op() && x.device().is_cpu() && x.dtype() == DType::F32 && h * w > 0 {
+    if !x.track_op() && super::fast_cpu(x.device()) && x.dtype() == DType::F32 && h * w > 0 {
         return resample_direct(x, kind, out_h, out_w);
     }
     let dev = x.device();

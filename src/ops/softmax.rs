@@ -128,7 +128,7 @@ impl CustomOp1 for SoftmaxLastDim {
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let _p = crate::profile::scope("bwd.softmax");
         // dx = y * (g - sum(g * y))
-        if res.dtype() == DType::F32 && res.device().is_cpu() {
+        if res.dtype() == DType::F32 && super::fast_cpu(res.device()) {
             return Ok(Some(
                 res.apply_op2_no_bwd(&grad_res.contiguous()?, &SoftmaxGrad)?,
             ));
@@ -170,7 +170,7 @@ impl candle_core::CustomOp2 for SoftmaxGrad {
 /// attention does). Fast fused kernel on CPU; a differentiable composition elsewhere.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     super::in_f32(x, |x| {
-        if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        if super::fast_cpu(x.device()) && matches!(x.dtype(), DType::F32 | DType::F64) {
             x.contiguous()?.apply_op1(SoftmaxLastDim)
         } else if !x.track_op() {
             // candle's one-kernel softmax (CUDA, Metal) has no backward: inference only.

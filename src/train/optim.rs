@@ -188,7 +188,7 @@ impl AdamW {
 fn fused_ok(theta: &Tensor, g: &Tensor, st: &Moments) -> bool {
     [theta, g, &st.exp_avg, &st.exp_avg_sq]
         .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
+        .all(|t| crate::ops::fast_cpu(t.device()) && t.dtype() == DType::F32 && t.is_contiguous())
         && g.dims() == theta.dims()
 }
 

@@ -2,6 +2,8 @@
 //! `beit forward` contract and compare every output with what transformers produced.
 #![allow(dead_code)]
 
+pub mod train;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
