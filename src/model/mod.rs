@@ -240,27 +240,70 @@ impl BeitModel {
                 Some(m) => Some(m.head_major_table(window)?),
                 None => None,
             };
-            for layer in &self.layers {
-                let p = crate::profile::scope("relative_position_bias");
-                let own = match &layer.attention.attention.relative_position_bias {
-                    Some(m) => Some(m.head_major_table(window)?),
-                    None => None,
-                };
-                let table = match (own, &shared) {
-                    (Some(a), Some(b)) => Some((a + b)?),
-                    (Some(a), None) => Some(a),
-                    (None, Some(b)) => Some(b.clone()),
-                    (None, None) => None,
-                };
-                drop(p);
-                let bias = table.as_ref().map(|t| ops::attention::RelBias {
-                    table: t,
-                    index: index.as_slice(),
-                });
-                x = layer.forward_inference(&x, bias)?;
-                if let Some(hs) = hidden_states.as_mut() {
-                    hs.push(x.clone());
+            let p = crate::profile::scope("relative_position_bias");
+            let tables = self
+                .layers
+                .iter()
+                .map(|layer| {
+                    let own = match &layer.attention.attention.relative_position_bias {
+                        Some(m) => Some(m.head_major_table(window)?),
+                        None => None,
+                    };
+                    Ok(match (own, &shared) {
+                        (Some(a), Some(b)) => Some((a + b)?),
+                        (Some(a), None) => Some(a),
+                        (None, Some(b)) => Some(b.clone()),
+                        (None, None) => None,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            drop(p);
+            let keep = hidden_states.is_some();
+            // All layers on `x`; the hidden state after each when asked for.
+            let run = |mut x: Tensor| -> Result<(Tensor, Vec<Tensor>)> {
+                let mut states = Vec::new();
+                for (layer, table) in self.layers.iter().zip(&tables) {
+                    let bias = table.as_ref().map(|t| ops::attention::RelBias {
+                        table: t,
+                        index: index.as_slice(),
+                    });
+                    x = layer.forward_inference(&x, bias)?;
+                    if keep {
+                        states.push(x.clone());
+                    }
                 }
+                Ok((x, states))
+            };
+            // Images split between the threads, each running its share through all layers with
+            // single-threaded kernels: no synchronisation between threads inside the encoder
+            // (batch 8, 2 cores: ~5 % more throughput than splitting every GEMM). Not while
+            // profiling: concurrent stages would add up.
+            let threads = ops::gemm::num_threads();
+            let images = x.dim(0)?;
+            let parts = threads.min(images);
+            let (out, states) = if parts > 1 && !crate::profile::enabled() {
+                use rayon::prelude::*;
+                let per = images.div_ceil(parts);
+                let chunks = (0..images)
+                    .step_by(per)
+                    .map(|i| x.narrow(0, i, per.min(images - i)))
+                    .collect::<Result<Vec<_>>>()?;
+                let inner = (threads / chunks.len()).max(1);
+                let done = chunks
+                    .into_par_iter()
+                    .map(|c| ops::gemm::with_threads(inner, || run(c.contiguous()?)))
+                    .collect::<Result<Vec<_>>>()?;
+                let outs = done.iter().map(|(o, _)| o).collect::<Vec<_>>();
+                let states = (0..done[0].1.len())
+                    .map(|l| Tensor::cat(&done.iter().map(|(_, s)| &s[l]).collect::<Vec<_>>(), 0))
+                    .collect::<Result<Vec<_>>>()?;
+                (Tensor::cat(&outs, 0)?, states)
+            } else {
+                run(x)?
+            };
+            x = out;
+            if let Some(hs) = hidden_states.as_mut() {
+                hs.extend(states);
             }
         }
         for (i, layer) in self.layers.iter().enumerate().filter(|_| !fast) {

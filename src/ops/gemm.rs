@@ -72,9 +72,31 @@ impl<T> ViewMut<T> {
     }
 }
 
-/// The thread count for kernels: `RAYON_NUM_THREADS` or the machine's cores (candle's rule).
+thread_local! {
+    /// This thread's limit set by [`with_threads`] (0: none).
+    static THREAD_LIMIT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The thread count for kernels: `RAYON_NUM_THREADS` or the machine's cores (candle's rule), or
+/// the limit [`with_threads`] set on this thread.
 pub fn num_threads() -> usize {
-    candle_core::utils::get_num_threads()
+    match THREAD_LIMIT.with(|l| l.get()) {
+        0 => candle_core::utils::get_num_threads(),
+        n => n,
+    }
+}
+
+/// Run `f` with the kernels it starts on this thread limited to `n` threads (work split across
+/// threads at a coarser level, e.g. images of a batch, needs no splitting inside each GEMM).
+pub fn with_threads<R>(n: usize, f: impl FnOnce() -> R) -> R {
+    struct Restore(usize);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            THREAD_LIMIT.with(|l| l.set(self.0));
+        }
+    }
+    let _restore = Restore(THREAD_LIMIT.with(|l| l.replace(n.max(1))));
+    f()
 }
 
 fn parallelism(threads: usize) -> Parallelism {
