@@ -39,7 +39,8 @@ pub struct BenchCmd {
     /// Print the results as JSON (one array) instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// Time each stage of the forward pass and print its share.
+    /// Time each stage of the forward pass and print its share (a batch then runs as one, not
+    /// split between the threads by images).
     #[arg(long)]
     pub profile: bool,
     /// Run every configuration in this process (default: one child process each, so that each

@@ -276,7 +276,7 @@ impl BeitModel {
             };
             // Images split between the threads, each running its share through all layers with
             // single-threaded kernels: no synchronisation between threads inside the encoder
-            // (batch 8, 2 cores: ~5 % more throughput than splitting every GEMM). Not while
+            // (batch 8, 2 cores: ~3 % more throughput than splitting every GEMM). Not while
             // profiling: concurrent stages would add up.
             let threads = ops::gemm::num_threads();
             let images = x.dim(0)?;

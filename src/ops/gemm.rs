@@ -187,6 +187,16 @@ mod tests {
     }
 
     #[test]
+    fn thread_limit_applies_inside_and_is_restored() {
+        let outer = num_threads();
+        let inner = with_threads(1, || (num_threads(), with_threads(3, num_threads)));
+        assert_eq!(inner, (1, 3));
+        assert_eq!(num_threads(), outer);
+        let _ = std::panic::catch_unwind(|| with_threads(1, || panic!("restored on unwind too")));
+        assert_eq!(num_threads(), outer);
+    }
+
+    #[test]
     fn strided_and_accumulating_gemm_matches_naive() {
         let (m, n, k) = (37, 53, 29);
         let a: Vec<f64> = (0..m * k).map(|i| ((i * 7 % 13) as f64) - 6.0).collect();
