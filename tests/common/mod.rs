@@ -27,6 +27,16 @@ pub fn fixtures_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models")
 }
 
+/// All values of `t` as f64, flattened.
+pub fn f64_values(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
 fn compare(name: &str, got: &Tensor, want: &Tensor, atol: f64, rtol: f64) -> Result<f64, String> {
     if got.dims() != want.dims() {
         return Err(format!(
@@ -51,20 +61,7 @@ fn compare(name: &str, got: &Tensor, want: &Tensor, atol: f64, rtol: f64) -> Res
         }
         return Ok(diff as f64);
     }
-    let g = got
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    let w = want
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
+    let (g, w) = (f64_values(got), f64_values(want));
     let max_abs = g
         .iter()
         .zip(&w)

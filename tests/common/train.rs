@@ -10,7 +10,7 @@ use beit::train::{
 use beit::util::load_safetensors;
 use beit::weights::{canonical_name, MissingPolicy};
 use beit::ForwardOptions;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 #[derive(serde::Deserialize)]
 struct Recipe {
@@ -50,20 +50,7 @@ fn batch(batches: &HashMap<String, Tensor>, k: usize) -> (Tensor, ForwardOptions
 /// tensors whose exact value is 0, e.g. the gradient of a bias followed by a training-mode
 /// BatchNorm, where both sides hold only rounding noise).
 fn rel_err(a: &Tensor, b: &Tensor, floor: f64) -> f64 {
-    let a = a
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    let b = b
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
+    let (a, b) = (super::f64_values(a), super::f64_values(b));
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(floor);
     let diff = a
