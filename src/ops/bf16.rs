@@ -68,13 +68,6 @@ impl PackedBf16 {
             });
         PackedBf16 { k, n, kp, data }
     }
-
-    pub fn k(&self) -> usize {
-        self.k
-    }
-    pub fn n(&self) -> usize {
-        self.n
-    }
 }
 
 impl PanelWeight for PackedBf16 {

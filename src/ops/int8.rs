@@ -92,13 +92,6 @@ impl PackedInt8 {
         }
     }
 
-    pub fn k(&self) -> usize {
-        self.k
-    }
-    pub fn n(&self) -> usize {
-        self.n
-    }
-
     /// The weight as it is used: `q_kn s_n`, `[K, N]` row-major (for tests and error reports).
     pub fn dequantized(&self) -> Vec<f32> {
         let mut w = vec![0f32; self.k * self.n];
