@@ -378,15 +378,17 @@ pub fn train_loop(run: Run, objective: &dyn Objective, device: &Device) -> Resul
         last_metrics = m;
         save(&tm, &state, &opt)?;
     }
-    // The final model in save_pretrained layout, plus reports.
-    tm.save_pretrained(output)?;
-    objective.save_extra(output)?;
-    objective.finish(&tm, output)?;
-    plot_curves(
-        &state,
-        &objective.plot_metrics(),
-        &output.join("curves.png"),
-    )?;
+    // The final model in save_pretrained layout, plus reports (rank 0 only, like every file).
+    if leader {
+        tm.save_pretrained(output)?;
+        objective.save_extra(output)?;
+        objective.finish(&tm, output)?;
+        plot_curves(
+            &state,
+            &objective.plot_metrics(),
+            &output.join("curves.png"),
+        )?;
+    }
     Ok(TrainSummary {
         steps: state.step,
         epochs_done: state.epoch,
