@@ -200,6 +200,7 @@ def main():
                 except Exception as e:  # noqa: BLE001  (report and go on)
                     checks[workload] = f"failed: {str(e)[-300:]}"
                 print(f"check {workload}: {checks[workload]}", flush=True)
+                report(info, rows, checks, a.out)
         for dtype in (["f32"] if train else a.dtypes.split(",")):
             peers = {"ours": lambda: ours(workload, d, batch, dtype, a, env)}
             if train:
@@ -216,6 +217,12 @@ def main():
                     row[f"{name}_error"] = str(e)[-300:]
             rows.append(row)
             print(json.dumps(row), flush=True)
+            report(info, rows, checks, a.out)  # so far: a run stopped at its time limit keeps its rows
+    print(report(info, rows, checks, a.out))
+
+
+def report(info, rows, checks, out):
+    """The markdown table (printed, and with the JSON written to OUT.md / OUT.json when given)."""
     md = [f"GPU: {info['gpu']}; torch {info['torch']} (CUDA {info['cuda']}), transformers {info['transformers']}.",
           "Median ms per call (forward, or training step); ratio = ours / peer (< 1: we are faster).", "",
           "| workload | batch | dtype | ours ms | transformers eager ms | sdpa ms | torch train ms | ours/eager | ours/sdpa | ours img/s |",
@@ -235,12 +242,12 @@ def main():
             if k.endswith("_error")]
     if errs:
         md += ["", "Failures:"] + errs
-    print("\n".join(md))
-    if a.out:
-        with open(a.out + ".json", "w") as fh:
+    if out:
+        with open(out + ".json", "w") as fh:
             json.dump(dict(info=info, rows=rows, checks=checks), fh, indent=1)
-        with open(a.out + ".md", "w") as fh:
+        with open(out + ".md", "w") as fh:
             fh.write("\n".join(md) + "\n")
+    return "\n".join(md)
 
 
 if __name__ == "__main__":
