@@ -74,6 +74,9 @@ def check(workload, d, beit, env):
     import transformers
     from safetensors.torch import load_file, save_file
     kind, res, arch, _ = parse_workload(workload)
+    # Full f32 for the reference: torch lets cuDNN convolutions use TF32 by default (~1e-3 off).
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     model = getattr(transformers, arch).from_pretrained(d, attn_implementation="eager")
     # The file's tensors by name: transformers 5.x's from_pretrained swaps BeitForMaskedImageModeling's
     # `layernorm` and `beit.layernorm` (4.57 does not), which would show as our error.
@@ -90,6 +93,7 @@ def check(workload, d, beit, env):
     subprocess.run([beit, "--device", DEVICE, "forward", "--model", d, "--inputs", ip, "--output", op],
                    check=True, env=env)
     got = load_file(op)["logits"].float()
+    torch.backends.cudnn.allow_tf32 = True  # torch's default again, for the timings
     return float((got - want).abs().max()), float(want.abs().max())
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session's measurements, as one command on the GPU machine (see scripts/build_cuda.sh,
 # which packs the binary into .gpu/beit.gz). Writes everything under ${OUT:-gpu_out}:
-#     scripts/gpu_session.sh [bench_gpu.py options...]
+#     scripts/gpu_session.sh [bench_gpu.py options...]     # ours vs transformers on the GPU
+#     scripts/gpu_session.sh --profile WORKLOAD:BATCH:DTYPE...  # our per-stage times
 set -uo pipefail
 out=${OUT:-gpu_out}
 mkdir -p "$out"
@@ -19,6 +20,16 @@ if grep -q "not found" "$out/ldd.txt"; then
     [ -n "$f" ] && LD_LIBRARY_PATH=$(dirname "$f"):$LD_LIBRARY_PATH
   done
   export LD_LIBRARY_PATH
+fi
+if [ "${1:-}" = "--profile" ]; then
+  shift
+  for c in "$@"; do
+    IFS=: read -r w b d <<< "$c"
+    echo "== $w batch $b $d"
+    /tmp/beit --device cuda bench --workloads "$w" --batch "$b" --dtype "$d" --runs 5 --warmup 2 \
+      --profile --in-process 2>&1 | tee -a "$out/profile.txt"
+  done
+  exit 0
 fi
 PYTHONUNBUFFERED=1 python3 scripts/bench_gpu.py --beit /tmp/beit --out "$out/gpu_h200" "$@" 2>&1 |
   grep -v "Loading weights" | tee "$out/log.txt"

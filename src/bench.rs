@@ -344,6 +344,7 @@ pub fn run_one(
     for _ in 0..o.warmup {
         step()?;
     }
+    crate::profile::set_device(device);
     crate::profile::set_enabled(o.profile);
     crate::profile::take();
     let mut times = Vec::with_capacity(o.runs);
@@ -433,6 +434,8 @@ fn train_step(
         crate::profile::time("train.adamw", || {
             opt.step(&named_grads(&grads, &named), 1e-5)
         })?;
+        // A GPU only queued the step: the time counts until it is done.
+        x.device().synchronize()?;
         Ok(())
     }))
 }

@@ -4,7 +4,8 @@
 //! candle's CPU ops run synchronously (each op finishes before it returns, its threads joined), so
 //! timing a stage on the calling thread measures that stage's own work. Stages are flat, leaf
 //! scopes (`attn.qkv`, `mlp.fc1`, ...): nothing is counted twice, and what no scope covers shows
-//! up as the remainder of the total.
+//! up as the remainder of the total. On a GPU, where ops only queue work, [`set_device`] makes
+//! every stage boundary wait for the device (slower, but each stage then shows its own time).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -14,6 +15,8 @@ use std::time::{Duration, Instant};
 /// 0 = not read from the environment yet, 1 = off, 2 = on.
 static STATE: AtomicU8 = AtomicU8::new(0);
 static TOTALS: Mutex<Option<HashMap<&'static str, (Duration, u64)>>> = Mutex::new(None);
+/// The asynchronous device (CUDA, Metal) to wait for at stage boundaries; `None` on CPU.
+static SYNC_DEVICE: Mutex<Option<candle_core::Device>> = Mutex::new(None);
 
 /// Whether stages are being timed.
 #[inline]
@@ -33,6 +36,21 @@ pub fn set_enabled(on: bool) {
     STATE.store(if on { 2 } else { 1 }, Ordering::Relaxed);
 }
 
+/// Time stages on `device`: on an asynchronous device each stage boundary waits for its queue.
+pub fn set_device(device: &candle_core::Device) {
+    if let Ok(mut g) = SYNC_DEVICE.lock() {
+        *g = (!device.is_cpu()).then(|| device.clone());
+    }
+}
+
+fn wait_for_device() {
+    if let Ok(g) = SYNC_DEVICE.lock() {
+        if let Some(d) = g.as_ref() {
+            let _ = d.synchronize();
+        }
+    }
+}
+
 /// A timed stage; the time is recorded when the guard is dropped.
 pub struct Scope {
     name: &'static str,
@@ -44,13 +62,17 @@ pub struct Scope {
 pub fn scope(name: &'static str) -> Scope {
     Scope {
         name,
-        start: enabled().then(Instant::now),
+        start: enabled().then(|| {
+            wait_for_device();
+            Instant::now()
+        }),
     }
 }
 
 impl Drop for Scope {
     fn drop(&mut self) {
         if let Some(t0) = self.start {
+            wait_for_device();
             let dt = t0.elapsed();
             if let Ok(mut g) = TOTALS.lock() {
                 let e = g

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use candle_core::{Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use crate::config::BeitConfig;
@@ -45,6 +45,34 @@ pub fn relative_position_index(window: (usize, usize)) -> Arc<Vec<u32>> {
         c.insert(window, v.clone());
     }
     v
+}
+
+/// [`relative_position_index`] as a tensor on `device`. Off the CPU it is kept per (window,
+/// device): at 640x640 it is 10 MB, which every layer would otherwise upload on every forward.
+fn device_index(window: (usize, usize), device: &Device) -> Result<Tensor> {
+    type DeviceIndexCache = Mutex<Vec<((usize, usize), Tensor)>>;
+    static CACHE: OnceLock<DeviceIndexCache> = OnceLock::new();
+    let index = || {
+        let index = relative_position_index(window);
+        Tensor::from_slice(index.as_slice(), index.len(), device)
+    };
+    if device.is_cpu() {
+        return index();
+    }
+    let cache = CACHE.get_or_init(|| Mutex::new(Vec::new()));
+    let found = cache.lock().ok().and_then(|c| {
+        c.iter()
+            .find(|(w, t)| *w == window && t.device().same_device(device))
+            .map(|(_, t)| t.clone())
+    });
+    if let Some(t) = found {
+        return Ok(t);
+    }
+    let t = index()?;
+    if let Ok(mut c) = cache.lock() {
+        c.push((window, t.clone()));
+    }
+    Ok(t)
 }
 
 /// A relative position bias table (`relative_position_bias_table`, `[(2Wh-1)(2Ww-1)+3, H]`).
@@ -99,18 +127,13 @@ impl BeitRelativePositionBias {
                 return Ok(t);
             }
         }
-        let table = self.resized_table(window)?;
-        let (rows, heads) = table.dims2()?;
-        let index = relative_position_index(window);
+        // One gather from the head-major table gives the bias in its final layout.
+        let table = self.head_major_table(window)?;
+        let heads = table.dim(0)?;
         let s = window.0 * window.1 + 1;
-        let idx = Tensor::from_slice(index.as_slice(), s * s, table.device())?;
         let bias = table
-            .index_select(&idx, 0)?
-            .reshape((s, s, heads))?
-            .permute((2, 0, 1))?
-            .contiguous()?
-            .unsqueeze(0)?;
-        debug_assert!(index.iter().all(|&i| (i as usize) < rows));
+            .index_select(&device_index(window, table.device())?, 1)?
+            .reshape((1, heads, s, s))?;
         if let Some(cache) = &self.cache {
             if s * s * heads <= MAX_CACHED_BIAS {
                 if let Ok(mut c) = cache.lock() {

@@ -115,6 +115,13 @@ impl CustomOp3 for LayerNormOp {
 /// `LayerNorm(x) * weight + bias` over the last dimension (statistics in f32 for f16/bf16).
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
+    if x.device().is_cuda() && !(x.track_op() || weight.track_op() || bias.track_op()) {
+        // candle's one-kernel CUDA layer norm keeps its statistics in f32 for every dtype: no
+        // casts around it for f16/bf16. No backward: inference only.
+        let w = weight.to_dtype(dtype)?;
+        let b = bias.to_dtype(dtype)?;
+        return candle_nn::ops::layer_norm(&x.contiguous()?, &w, &b, eps as f32);
+    }
     super::in_f32(x, |x| {
         let w = weight.to_dtype(x.dtype())?;
         let b = bias.to_dtype(x.dtype())?;
