@@ -90,11 +90,19 @@ def check(workload, d, beit, env):
         feed["bool_masked_pos"] = kw["bool_masked_pos"].cpu().to(torch.uint8)
     ip, op = os.path.join(d, "gpu_in.safetensors"), os.path.join(d, "gpu_out.safetensors")
     save_file(feed, ip)
-    subprocess.run([beit, "--device", DEVICE, "forward", "--model", d, "--inputs", ip, "--output", op],
-                   check=True, env=env)
-    got = load_file(op)["logits"].float()
+
+    def ours_logits(dtype):
+        subprocess.run([beit, "--device", DEVICE, "forward", "--model", d, "--inputs", ip, "--output", op,
+                        "--dtype", dtype], check=True, env=env)
+        return load_file(op)["logits"].float()
+    got = ours_logits("f32")
+    # bf16: our error against the f32 reference, next to transformers' own bf16 error.
+    got_bf16 = ours_logits("bf16")
+    with torch.inference_mode():
+        hf_bf16 = model.to(torch.bfloat16)(pixel_values=x.to(torch.bfloat16), **kw).logits.float().cpu()
     torch.backends.cudnn.allow_tf32 = True  # torch's default again, for the timings
-    return float((got - want).abs().max()), float(want.abs().max())
+    return dict(f32=float((got - want).abs().max()), max_logit=float(want.abs().max()),
+                ours_bf16=float((got_bf16 - want).abs().max()), hf_bf16=float((hf_bf16 - want).abs().max()))
 
 
 def time_torch(fn, warmup, runs):
@@ -240,7 +248,8 @@ def report(info, rows, checks, out):
         md.append(f"| {r['workload']} | {r['batch']} | {r['dtype']} | {f(o)} | {f(r.get('hf-eager'))} | "
                   f"{f(r.get('hf-sdpa'))} | {f(r.get('torch'))} | {f(ratio['hf-eager'] or ratio['torch'], 2)} | "
                   f"{f(ratio['hf-sdpa'], 2)} | {f(r['batch'] * 1e3 / o if o else None)} |")
-    md += ["", "Output check (f32, batch 2, max |ours - transformers| of the logits, max |logit|):"]
+    md += ["", "Output check (batch 2, max |logit difference| against transformers f32 on the GPU: ours f32, "
+           "ours bf16, transformers bf16; and max |logit|):"]
     md += [f"- {w}: {c}" for w, c in checks.items()]
     errs = [f"- {r['workload']} b{r['batch']} {r['dtype']} {k[:-6]}: {v}" for r in rows for k, v in r.items()
             if k.endswith("_error")]

@@ -60,11 +60,7 @@ impl BeitPatchEmbeddings {
             .reshape((b * gh * gw, c * p * p))?;
         let d = self.projection.weight.dim(0)?;
         let w = self.projection.weight.reshape((d, c * p * p))?;
-        let mut y = patches.matmul(&w.t()?)?;
-        if let Some(bias) = &self.projection.bias {
-            y = y.broadcast_add(bias)?;
-        }
-        y.reshape((b, gh * gw, d))
+        ops::fused::linear(&patches, &w, self.projection.bias.as_ref())?.reshape((b, gh * gw, d))
     }
 }
 

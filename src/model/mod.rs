@@ -226,16 +226,20 @@ impl BeitModel {
         let head_mask = self.layer_head_masks(opts.head_mask.as_ref())?;
         let mut hidden_states = opts.output_hidden_states.then(|| vec![x.clone()]);
         let mut attentions = opts.output_attentions.then(Vec::new);
-        // The fused inference kernels: frozen model, f32 on CPU, nothing that needs the
-        // attention probabilities or the autograd graph.
+        // The fused inference kernels: frozen model, f32 on CPU or any float on CUDA (CUDA
+        // build), nothing that needs the attention probabilities or the autograd graph.
         let fast = self.layers.iter().all(|l| l.is_frozen())
             && !opts.train
             && !opts.output_attentions
             && head_mask.is_none()
-            && x.dtype() == DType::F32
-            && ops::fast_cpu(x.device());
+            && ((x.dtype() == DType::F32 && ops::fast_cpu(x.device())) || ops::cuda::available(&x));
         if fast {
             let index = relative_position::relative_position_index(window);
+            let device_index = if x.device().is_cpu() {
+                None
+            } else {
+                Some(relative_position::device_index(window, x.device())?)
+            };
             let shared = match &self.shared_relative_position_bias {
                 Some(m) => Some(m.head_major_table(window)?),
                 None => None,
@@ -266,6 +270,7 @@ impl BeitModel {
                     let bias = table.as_ref().map(|t| ops::attention::RelBias {
                         table: t,
                         index: index.as_slice(),
+                        device_index: device_index.as_ref(),
                     });
                     x = layer.forward_inference(&x, bias)?;
                     if keep {
@@ -281,7 +286,7 @@ impl BeitModel {
             let threads = ops::gemm::num_threads();
             let images = x.dim(0)?;
             let parts = threads.min(images);
-            let (out, states) = if parts > 1 && !crate::profile::enabled() {
+            let (out, states) = if parts > 1 && !crate::profile::enabled() && x.device().is_cpu() {
                 use rayon::prelude::*;
                 let per = images.div_ceil(parts);
                 let chunks = (0..images)

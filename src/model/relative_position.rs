@@ -49,7 +49,7 @@ pub fn relative_position_index(window: (usize, usize)) -> Arc<Vec<u32>> {
 
 /// [`relative_position_index`] as a tensor on `device`. Off the CPU it is kept per (window,
 /// device): at 640x640 it is 10 MB, which every layer would otherwise upload on every forward.
-fn device_index(window: (usize, usize), device: &Device) -> Result<Tensor> {
+pub(crate) fn device_index(window: (usize, usize), device: &Device) -> Result<Tensor> {
     type DeviceIndexCache = Mutex<Vec<((usize, usize), Tensor)>>;
     static CACHE: OnceLock<DeviceIndexCache> = OnceLock::new();
     let index = || {

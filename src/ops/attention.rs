@@ -19,6 +19,8 @@ use super::{f32_data, vmath, SendPtr};
 pub struct RelBias<'a> {
     pub table: &'a Tensor,
     pub index: &'a [u32],
+    /// The same index as a `u32` tensor on the table's device (needed off the CPU).
+    pub device_index: Option<&'a Tensor>,
 }
 
 /// Scores per task (floats): 768 KB, within a 1 MB L2 (measured at 384x384: 256 KB blocks made
@@ -33,6 +35,18 @@ pub fn attention_inference(
     scale: f32,
     bias: Option<RelBias<'_>>,
 ) -> Result<Tensor> {
+    if super::cuda::available(qkv) {
+        let bias = match bias {
+            Some(RelBias {
+                table,
+                device_index: Some(index),
+                ..
+            }) => Some((table, index)),
+            Some(_) => candle_core::bail!("attention: the bias index is not on the device"),
+            None => None,
+        };
+        return super::cuda::attention(qkv, heads, scale, bias);
+    }
     let (b, s, d3) = qkv.dims3()?;
     let d = d3 / 3;
     if d3 != 3 * d || heads == 0 || d % heads != 0 {
@@ -168,6 +182,7 @@ mod tests {
                 Some(RelBias {
                     table: &table,
                     index: &index,
+                    device_index: None,
                 }),
             )
             .unwrap();

@@ -104,8 +104,9 @@ fn column_split() -> bool {
     *SPLIT.get_or_init(|| std::env::var("BEIT_GEMM_SPLIT").map_or(true, |v| v != "0"))
 }
 
-/// `epilogue(x · weightᵀ)` for `x [.., in]` (f32, CPU) and `weight [out, in]`; the output has
-/// `x`'s leading dims. Inference only (no autograd).
+/// `epilogue(x · weightᵀ)` for `x [.., in]` (f32 on CPU; f32/bf16/f16 on CUDA:
+/// [`super::cuda::linear`]) and `weight [out, in]`; the output has `x`'s leading dims. Inference
+/// only (no autograd).
 pub fn linear_inference(
     x: &Tensor,
     weight: &Tensor,
@@ -119,6 +120,9 @@ pub fn linear_inference(
             "linear: input {:?} does not fit weight [{n}, {wk}]",
             x.dims()
         );
+    }
+    if super::cuda::available(x) {
+        return super::cuda::linear(x, weight, bias, epilogue);
     }
     // A weight stored transposed (`nn::Linear::freeze`) is read as the row-major `[in, out]`
     // matrix it is in memory; any other layout is made contiguous `[out, in]`.

@@ -9,6 +9,7 @@ pub mod activation;
 pub mod attention;
 pub mod bf16;
 pub mod conv;
+pub mod cuda;
 pub mod fused;
 pub mod gemm;
 pub mod int8;

@@ -1,0 +1,118 @@
+// beit-rs inference kernels for CUDA: the element-wise work around the GEMMs of a frozen BEiT
+// layer, fused so that each activation is read and written once (candle would run one kernel per
+// step: bias add, GELU, layer scale, residual, scale, bias gather, softmax, head split).
+// Arithmetic in f32 for every storage type (f32, bf16, f16), as PyTorch does.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
+
+// Linear epilogue on y [rows, n] (row-major): op 0: y + bias; 1: GELU(y + bias) (exact erf);
+// 2: res + scale * (y + bias) with scale = params[n..2n] when has_scale, else 1.
+// params = bias [n] (then scale [n]).
+template <typename T>
+__device__ void epilogue(const T *y, const T *params, const T *res, T *out, int rows, int n,
+                         int op, int has_scale) {
+  for (int r = blockIdx.x; r < rows; r += gridDim.x) {
+    const size_t base = (size_t)r * n;
+    for (int c = threadIdx.x; c < n; c += blockDim.x) {
+      float v = to_f(y[base + c]) + to_f(params[c]);
+      if (op == 1) {
+        v = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+      } else if (op == 2) {
+        if (has_scale) v *= to_f(params[n + c]);
+        v += to_f(res[base + c]);
+      }
+      out[base + c] = from_f<T>(v);
+    }
+  }
+}
+
+// softmax(scores * scale + bias) over rows of length s; row r belongs to head (r / s) % heads
+// and query i = r % s. The bias is gathered from table [heads, table_rows] through
+// index [s * s] (relative position index); table == nullptr: no bias. One block per row; the
+// row's logits are kept in shared memory (s floats).
+template <typename T>
+__device__ void attn_softmax(const T *scores, const T *table, const uint32_t *index, T *out,
+                             size_t rows, int s, int heads, int table_rows, float scale) {
+  extern __shared__ float logits[];
+  __shared__ float red[32];
+  const size_t r = blockIdx.x;
+  if (r >= rows) return;
+  const int i = (int)(r % s);
+  const int h = (int)((r / s) % heads);
+  const T *row = scores + r * (size_t)s;
+  const uint32_t *idx = index ? index + (size_t)i * s : nullptr;
+  const T *tab = table ? table + (size_t)h * table_rows : nullptr;
+  float mx = __int_as_float(0xff800000);  // -inf
+  for (int j = threadIdx.x; j < s; j += blockDim.x) {
+    float v = to_f(row[j]) * scale;
+    if (tab) v += to_f(tab[idx[j]]);
+    logits[j] = v;
+    mx = fmaxf(mx, v);
+  }
+  // Block-wide max, then sum.
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
+  if (lane == 0) red[warp] = mx;
+  __syncthreads();
+  mx = lane < warps ? red[lane] : __int_as_float(0xff800000);
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
+  __syncthreads();
+  float sum = 0.f;
+  for (int j = threadIdx.x; j < s; j += blockDim.x) {
+    const float e = expf(logits[j] - mx);
+    logits[j] = e;
+    sum += e;
+  }
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
+  if (lane == 0) red[warp] = sum;
+  __syncthreads();
+  sum = lane < warps ? red[lane] : 0.f;
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
+  const float inv = 1.0f / sum;
+  T *dst = out + r * (size_t)s;
+  for (int j = threadIdx.x; j < s; j += blockDim.x) dst[j] = from_f<T>(logits[j] * inv);
+}
+
+// qkv [b, s, 3, heads, hd] -> out [3, b, heads, s, hd]; one block per token (b * s of them).
+template <typename T>
+__device__ void qkv_split(const T *qkv, T *out, int b, int s, int heads, int hd) {
+  const int d = heads * hd;
+  for (int t = blockIdx.x; t < b * s; t += gridDim.x) {
+    const int bi = t / s, si = t % s;
+    const T *src = qkv + (size_t)t * 3 * d;
+    for (int c = threadIdx.x; c < 3 * d; c += blockDim.x) {
+      const int part = c / d, h = (c % d) / hd, k = c % hd;
+      out[((((size_t)part * b + bi) * heads + h) * s + si) * hd + k] = src[c];
+    }
+  }
+}
+
+#define INSTANTIATE(T, SUFFIX)                                                                  \
+  extern "C" __global__ void beit_epilogue_##SUFFIX(const T *y, const T *params, const T *res,  \
+                                                    T *out, int rows, int n, int op,            \
+                                                    int has_scale) {                            \
+    epilogue<T>(y, params, res, out, rows, n, op, has_scale);                                   \
+  }                                                                                             \
+  extern "C" __global__ void beit_attn_softmax_##SUFFIX(                                        \
+      const T *scores, const T *table, const uint32_t *index, T *out, size_t rows, int s,       \
+      int heads, int table_rows, float scale) {                                                 \
+    attn_softmax<T>(scores, table, index, out, rows, s, heads, table_rows, scale);              \
+  }                                                                                             \
+  extern "C" __global__ void beit_qkv_split_##SUFFIX(const T *qkv, T *out, int b, int s,        \
+                                                     int heads, int hd) {                       \
+    qkv_split<T>(qkv, out, b, s, heads, hd);                                                    \
+  }
+
+INSTANTIATE(float, f32)
+INSTANTIATE(__nv_bfloat16, bf16)
+INSTANTIATE(__half, f16)
