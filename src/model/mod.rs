@@ -232,14 +232,10 @@ impl BeitModel {
             && !opts.train
             && !opts.output_attentions
             && head_mask.is_none()
-            && ((x.dtype() == DType::F32 && ops::fast_cpu(x.device())) || ops::cuda::available(&x));
+            && ((x.dtype() == DType::F32 && ops::fast_cpu(x.device()))
+                || (ops::cuda::available(&x) && x.dim(1)? <= ops::cuda::MAX_TOKENS));
         if fast {
             let index = relative_position::relative_position_index(window);
-            let device_index = if x.device().is_cpu() {
-                None
-            } else {
-                Some(relative_position::device_index(window, x.device())?)
-            };
             let shared = match &self.shared_relative_position_bias {
                 Some(m) => Some(m.head_major_table(window)?),
                 None => None,
@@ -261,6 +257,11 @@ impl BeitModel {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
+            let device_index = if x.device().is_cpu() || tables.iter().all(Option::is_none) {
+                None
+            } else {
+                Some(relative_position::device_index(window, x.device())?)
+            };
             drop(p);
             let keep = hidden_states.is_some();
             // All layers on `x`; the hidden state after each when asked for.

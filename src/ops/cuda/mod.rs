@@ -73,8 +73,9 @@ pub fn linear(
     out.reshape(out_dims)
 }
 
-/// Largest sequence whose softmax row fits the kernel's shared memory (48 KB of f32).
-const MAX_TOKENS: usize = 12 * 1024;
+/// Longest sequence whose softmax row (f32) fits the kernel's 48 KB of shared memory beside its
+/// reduction scratch; longer inputs take candle's ops.
+pub const MAX_TOKENS: usize = 12_000;
 
 /// `softmax(Q Kᵀ · scale + bias) V` for `qkv [B, S, 3D]` -> `[B, S, D]`, the bias gathered from
 /// `table [H, R]` through `index [S * S]` (on the device) when given.
