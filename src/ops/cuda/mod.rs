@@ -162,6 +162,34 @@ mod imp {
         };
     }
 
+    /// The `cpu_fwd` of an op that exists on CUDA only (`name()` says which).
+    macro_rules! cuda_only {
+        (1) => {
+            fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+                candle_core::bail!(
+                    "{} runs on CUDA only",
+                    <Self as candle_core::CustomOp1>::name(self)
+                )
+            }
+        };
+        (3) => {
+            fn cpu_fwd(
+                &self,
+                _: &CpuStorage,
+                _: &Layout,
+                _: &CpuStorage,
+                _: &Layout,
+                _: &CpuStorage,
+                _: &Layout,
+            ) -> Result<(CpuStorage, Shape)> {
+                candle_core::bail!(
+                    "{} runs on CUDA only",
+                    <Self as candle_core::CustomOp3>::name(self)
+                )
+            }
+        };
+    }
+
     fn alloc<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
         // SAFETY: every kernel here writes each element of its output.
         unsafe { dev.alloc::<T>(n) }
@@ -180,17 +208,7 @@ mod imp {
             "beit-cuda-epilogue"
         }
 
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!("beit-cuda-epilogue runs on CUDA only")
-        }
+        cuda_only!(3);
 
         fn cuda_fwd(
             &self,
@@ -270,9 +288,7 @@ mod imp {
             "beit-cuda-qkv-split"
         }
 
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!("beit-cuda-qkv-split runs on CUDA only")
-        }
+        cuda_only!(1);
 
         fn cuda_fwd(&self, x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
             let dev = x.device().clone();
@@ -394,9 +410,7 @@ mod imp {
             "beit-cuda-attn-softmax"
         }
 
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!("beit-cuda-attn-softmax runs on CUDA only")
-        }
+        cuda_only!(1);
 
         fn cuda_fwd(&self, x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
             self.launch(x, l, None)
@@ -408,17 +422,7 @@ mod imp {
             "beit-cuda-attn-softmax"
         }
 
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!("beit-cuda-attn-softmax runs on CUDA only")
-        }
+        cuda_only!(3);
 
         fn cuda_fwd(
             &self,
