@@ -115,12 +115,20 @@ impl CustomOp3 for LayerNormOp {
 /// `LayerNorm(x) * weight + bias` over the last dimension (statistics in f32 for f16/bf16).
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
-    if x.device().is_cuda() && !(x.track_op() || weight.track_op() || bias.track_op()) {
-        // candle's one-kernel CUDA layer norm keeps its statistics in f32 for every dtype: no
-        // casts around it for f16/bf16. No backward: inference only.
-        let w = weight.to_dtype(dtype)?;
-        let b = bias.to_dtype(dtype)?;
-        return candle_nn::ops::layer_norm(&x.contiguous()?, &w, &b, eps as f32);
+    let tracked = x.track_op() || weight.track_op() || bias.track_op();
+    if !super::fast_cpu(x.device()) && !tracked {
+        // candle's one-kernel layer norm, which has no backward: inference only. Its CUDA kernel
+        // keeps f32 statistics for every dtype (no casts around it); elsewhere f16/bf16 go
+        // through f32.
+        let kernel = |x: &Tensor| {
+            let (w, b) = (weight.to_dtype(x.dtype())?, bias.to_dtype(x.dtype())?);
+            candle_nn::ops::layer_norm(&x.contiguous()?, &w, &b, eps as f32)
+        };
+        return if x.device().is_cuda() {
+            kernel(x)
+        } else {
+            super::in_f32(x, kernel)
+        };
     }
     super::in_f32(x, |x| {
         let w = weight.to_dtype(x.dtype())?;
@@ -128,9 +136,6 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
         if super::fast_cpu(x.device()) && matches!(x.dtype(), DType::F32 | DType::F64) {
             x.contiguous()?
                 .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNormOp { eps })
-        } else if !(x.track_op() || w.track_op() || b.track_op()) {
-            // candle's one-kernel layer norm (CUDA, Metal) has no backward: inference only.
-            candle_nn::ops::layer_norm(&x.contiguous()?, &w, &b, eps as f32)
         } else {
             let mean = x.mean_keepdim(D::Minus1)?;
             let xc = x.broadcast_sub(&mean)?;

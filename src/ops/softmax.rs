@@ -169,17 +169,19 @@ impl candle_core::CustomOp2 for SoftmaxGrad {
 /// Softmax over the last dimension, computed in f32 for f16/bf16 inputs (as transformers' eager
 /// attention does). Fast fused kernel on CPU; a differentiable composition elsewhere.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cuda() && !x.track_op() {
-        // candle's one-kernel CUDA softmax accumulates in f32 for every dtype: no casts around
-        // it for f16/bf16 (three passes over the scores instead of one). No backward: inference.
-        return candle_nn::ops::softmax_last_dim(&x.contiguous()?);
+    if !super::fast_cpu(x.device()) && !x.track_op() {
+        // candle's one-kernel softmax, which has no backward: inference only. Its CUDA kernel
+        // sums in f32 for every dtype (no casts around it); elsewhere f16/bf16 go through f32.
+        let kernel = |x: &Tensor| candle_nn::ops::softmax_last_dim(&x.contiguous()?);
+        return if x.device().is_cuda() {
+            kernel(x)
+        } else {
+            super::in_f32(x, kernel)
+        };
     }
     super::in_f32(x, |x| {
         if super::fast_cpu(x.device()) && matches!(x.dtype(), DType::F32 | DType::F64) {
             x.contiguous()?.apply_op1(SoftmaxLastDim)
-        } else if !x.track_op() {
-            // candle's one-kernel softmax (CUDA, Metal) has no backward: inference only.
-            candle_nn::ops::softmax_last_dim(&x.contiguous()?)
         } else {
             candle_nn::ops::softmax(x, D::Minus1)
         }
