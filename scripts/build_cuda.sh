@@ -12,16 +12,22 @@ toolkit=${BEIT_CUDA_TOOLKIT:-/tmp/beit-cuda-toolkit-$ver}
 target=${CUDA_TARGET_DIR:-/tmp/target-cuda}
 cd "$root"
 [ -x "$toolkit/bin/nvcc" ] || CUDA_WHEEL_VERSION=$ver scripts/cuda_toolkit_from_pypi.sh "$toolkit"
-CUDA_ROOT="$toolkit" CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} PATH="$toolkit/bin:$PATH" \
-  cargo build --release --features cuda --target-dir "$target" --bin beit
+export CUDA_ROOT="$toolkit" CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} PATH="$toolkit/bin:$PATH"
+cargo build --release --features cuda --target-dir "$target" --bin beit
+# The CUDA training test (tests/cuda_training.rs), to run on the GPU machine too.
+tests=$(cargo test --release --features cuda --target-dir "$target" --test cuda_training --no-run 2>&1 |
+  sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
 mkdir -p .gpu
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 strip -o .gpu/beit "$target/release/beit"
 gzip -f .gpu/beit
-ls -la .gpu/beit.gz
+strip -o .gpu/cuda_training "$tests"
+gzip -f .gpu/cuda_training
+ls -la .gpu/
 cat <<'MSG'
 On the GPU machine (carry .gpu; its python3 has torch and NVIDIA's CUDA 13 wheels):
   gunzip -c .gpu/beit.gz > /tmp/beit && chmod +x /tmp/beit
   export LD_LIBRARY_PATH=$(python3 -c "import os,nvidia;print(':'.join(os.path.join(p,'cu13','lib') for p in nvidia.__path__))"):$LD_LIBRARY_PATH
   python3 scripts/bench_gpu.py --beit /tmp/beit --out $OUT/gpu_h200
+or all of it: scripts/gpu_session.sh [--tests | --profile W:B:DTYPE ...]
 MSG

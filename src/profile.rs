@@ -34,6 +34,7 @@ pub fn enabled() -> bool {
 /// Switch the profiler on or off (overrides `BEIT_PROFILE`).
 pub fn set_enabled(on: bool) {
     STATE.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+    candle_core::backprop::profile::set_enabled(on);
 }
 
 /// Time stages on `device`: on an asynchronous device each stage boundary waits for its queue.
@@ -93,15 +94,22 @@ pub fn time<R>(name: &'static str, f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// The accumulated `(stage, total time, calls)`, largest first, and reset.
-pub fn take() -> Vec<(&'static str, Duration, u64)> {
+/// The accumulated `(stage, total time, calls)`, largest first, and reset. The backward pass's
+/// nodes (timed inside candle's `Tensor::backward`, per kind of op) come as `backward: OP`;
+/// they overlap the scopes that enclose a backward call (`train.backward`).
+pub fn take() -> Vec<(String, Duration, u64)> {
     let mut v: Vec<_> = TOTALS
         .lock()
         .ok()
         .and_then(|mut g| g.take())
         .unwrap_or_default()
         .into_iter()
-        .map(|(k, (d, n))| (k, d, n))
+        .map(|(k, (d, n))| (k.to_string(), d, n))
+        .chain(
+            candle_core::backprop::profile::take()
+                .into_iter()
+                .map(|(k, d, n)| (format!("backward: {k}"), d, n)),
+        )
         .collect();
     v.sort_by_key(|e| std::cmp::Reverse(e.1));
     v

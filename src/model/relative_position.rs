@@ -8,6 +8,7 @@ use candle_nn::{Init, VarBuilder};
 
 use crate::config::BeitConfig;
 use crate::ops;
+use crate::ops::cuda::InverseIndex;
 
 /// Relative position index of a `(Wh, Ww)` window with a CLS token (transformers'
 /// `generate_relative_position_index`, MiDaS-style for any window): `[S * S]`, S = Wh*Ww + 1.
@@ -47,11 +48,34 @@ pub fn relative_position_index(window: (usize, usize)) -> Arc<Vec<u32>> {
     v
 }
 
+/// Values kept per (window, device) off the CPU.
+type DeviceCache<V> = Mutex<Vec<((usize, usize), Device, V)>>;
+
+fn device_cached<V: Clone>(
+    cache: &DeviceCache<V>,
+    window: (usize, usize),
+    device: &Device,
+    make: impl FnOnce() -> Result<V>,
+) -> Result<V> {
+    let found = cache.lock().ok().and_then(|c| {
+        c.iter()
+            .find(|(w, d, _)| *w == window && d.same_device(device))
+            .map(|(_, _, v)| v.clone())
+    });
+    if let Some(v) = found {
+        return Ok(v);
+    }
+    let v = make()?;
+    if let Ok(mut c) = cache.lock() {
+        c.push((window, device.clone(), v.clone()));
+    }
+    Ok(v)
+}
+
 /// [`relative_position_index`] as a tensor on `device`. Off the CPU it is kept per (window,
 /// device): at 640x640 it is 10 MB, which every layer would otherwise upload on every forward.
 pub(crate) fn device_index(window: (usize, usize), device: &Device) -> Result<Tensor> {
-    type DeviceIndexCache = Mutex<Vec<((usize, usize), Tensor)>>;
-    static CACHE: OnceLock<DeviceIndexCache> = OnceLock::new();
+    static CACHE: OnceLock<DeviceCache<Tensor>> = OnceLock::new();
     let index = || {
         let index = relative_position_index(window);
         Tensor::from_slice(index.as_slice(), index.len(), device)
@@ -59,20 +83,17 @@ pub(crate) fn device_index(window: (usize, usize), device: &Device) -> Result<Te
     if device.is_cpu() {
         return index();
     }
-    let cache = CACHE.get_or_init(|| Mutex::new(Vec::new()));
-    let found = cache.lock().ok().and_then(|c| {
-        c.iter()
-            .find(|(w, t)| *w == window && t.device().same_device(device))
-            .map(|(_, t)| t.clone())
-    });
-    if let Some(t) = found {
-        return Ok(t);
-    }
-    let t = index()?;
-    if let Ok(mut c) = cache.lock() {
-        c.push((window, t.clone()));
-    }
-    Ok(t)
+    device_cached(CACHE.get_or_init(Default::default), window, device, index)
+}
+
+/// The inverse of [`relative_position_index`] on `device` (for the gradient of the gather),
+/// kept per (window, device).
+fn device_inverse_index(window: (usize, usize), device: &Device) -> Result<InverseIndex> {
+    static CACHE: OnceLock<DeviceCache<InverseIndex>> = OnceLock::new();
+    device_cached(CACHE.get_or_init(Default::default), window, device, || {
+        let cols = (2 * window.0 - 1) * (2 * window.1 - 1) + 3;
+        InverseIndex::new(&relative_position_index(window), cols, device)
+    })
 }
 
 /// A relative position bias table (`relative_position_bias_table`, `[(2Wh-1)(2Ww-1)+3, H]`).
@@ -131,9 +152,16 @@ impl BeitRelativePositionBias {
         let table = self.head_major_table(window)?;
         let heads = table.dim(0)?;
         let s = window.0 * window.1 + 1;
-        let bias = table
-            .index_select(&device_index(window, table.device())?, 1)?
-            .reshape((1, heads, s, s))?;
+        let index = device_index(window, table.device())?;
+        // Training on CUDA: a gather whose backward is not candle's one-thread-per-head
+        // `index_add` (see `ops::cuda::gather_columns`).
+        let bias = if table.track_op() && ops::cuda::available(&table) {
+            let inverse = device_inverse_index(window, table.device())?;
+            ops::cuda::gather_columns(&table, &index, &inverse)?
+        } else {
+            table.index_select(&index, 1)?
+        };
+        let bias = bias.reshape((1, heads, s, s))?;
         if let Some(cache) = &self.cache {
             if s * s * heads <= MAX_CACHED_BIAS {
                 if let Ok(mut c) = cache.lock() {

@@ -125,10 +125,21 @@ impl CustomOp1 for SoftmaxLastDim {
         Ok((out, layout.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::softmax(s, l)
+    }
+
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let _p = crate::profile::scope("bwd.softmax");
         // dx = y * (g - sum(g * y))
-        if res.dtype() == DType::F32 && super::fast_cpu(res.device()) {
+        if (res.dtype() == DType::F32 && super::fast_cpu(res.device()))
+            || super::cuda::available(res)
+        {
             return Ok(Some(
                 res.apply_op2_no_bwd(&grad_res.contiguous()?, &SoftmaxGrad)?,
             ));
@@ -164,11 +175,31 @@ impl candle_core::CustomOp2 for SoftmaxGrad {
             .for_each(|(d, (y, g))| super::vmath::softmax_backward_rows(y, g, d, dim));
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::softmax_backward(s1, l1, s2, l2)
+    }
 }
 
 /// Softmax over the last dimension, computed in f32 for f16/bf16 inputs (as transformers' eager
-/// attention does). Fast fused kernel on CPU; a differentiable composition elsewhere.
+/// attention does). Fast fused kernel on CPU and, with a gradient, on CUDA (CUDA build; f32
+/// arithmetic inside for every dtype); a differentiable composition elsewhere.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.track_op()
+        && super::cuda::available(x)
+        && x.dims()
+            .last()
+            .is_some_and(|&s| s <= super::cuda::MAX_TOKENS)
+    {
+        return x.contiguous()?.apply_op1(SoftmaxLastDim);
+    }
     if !super::fast_cpu(x.device()) && !x.track_op() {
         // candle's one-kernel softmax, which has no backward: inference only. Its CUDA kernel
         // sums in f32 for every dtype (no casts around it); elsewhere f16/bf16 go through f32.

@@ -82,7 +82,7 @@ impl AdamW {
             let bias_c1 = 1.0 - b1.powi(step as i32);
             let bias_c2 = 1.0 - b2.powi(step as i32);
             if fused_ok(p.var.as_tensor(), &g, &st) {
-                // f32 on CPU: three in-place passes, no temporaries (the composition below
+                // f32 on CPU or CUDA: three in-place passes, no temporaries (the composition below
                 // makes ~12 full-size tensors per parameter).
                 st.exp_avg.inplace_op2(
                     &g,
@@ -184,11 +184,14 @@ impl AdamW {
     }
 }
 
-/// Whether the in-place f32 CPU kernels can update this parameter and its moments.
+/// Whether the in-place f32 kernels (CPU, or CUDA in a CUDA build) can update this parameter
+/// and its moments.
 fn fused_ok(theta: &Tensor, g: &Tensor, st: &Moments) -> bool {
-    [theta, g, &st.exp_avg, &st.exp_avg_sq]
-        .iter()
-        .all(|t| crate::ops::fast_cpu(t.device()) && t.dtype() == DType::F32 && t.is_contiguous())
+    let all = [theta, g, &st.exp_avg, &st.exp_avg_sq];
+    all.iter()
+        .all(|t| t.dtype() == DType::F32 && t.is_contiguous())
+        && (all.iter().all(|t| crate::ops::fast_cpu(t.device()))
+            || all.iter().all(|t| crate::ops::cuda::available(t)))
         && g.dims() == theta.dims()
 }
 
@@ -230,6 +233,7 @@ impl InplaceOp2 for MomentUpdate {
         let (m, g) = (f32_slice_mut(s1, l1)?, f32_slice(s2, l2)?);
         let (b, c) = (self.beta as f32, (1.0 - self.beta) as f32);
         let square = self.square;
+        // (the CUDA kernel, `beit_adamw_moment_f32`, does the same arithmetic)
         m.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK))
             .for_each(|(m, g)| {
@@ -242,6 +246,16 @@ impl InplaceOp2 for MomentUpdate {
                 }
             });
         Ok(())
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        crate::ops::cuda::adamw_moment(s1, l1, s2, l2, self.beta, self.square)
     }
 }
 
@@ -281,6 +295,19 @@ impl InplaceOp3 for ParamUpdate {
                 }
             });
         Ok(())
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let p = [self.decay, self.step_size, self.sqrt_bias_c2, self.eps];
+        crate::ops::cuda::adamw_param(s1, l1, s2, l2, s3, l3, p)
     }
 }
 

@@ -23,8 +23,16 @@ struct Case {
     rtol: f64,
 }
 
+/// The repository: `CARGO_MANIFEST_DIR` as cargo sets it when it runs the tests, else where
+/// the tests were built (a test binary taken to another machine is told by that variable).
+pub fn repo_root() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 pub fn fixtures_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models")
+    repo_root().join("tests/fixtures/models")
 }
 
 /// All values of `t` as f64, flattened.

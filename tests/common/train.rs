@@ -2,7 +2,7 @@
 //! the losses, gradients and weights torch recorded.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use beit::train::{
     clip_grad_norm, named_grads, param_groups, AdamW, AdamWConfig, CosineSchedule, TrainableModel,
@@ -30,9 +30,7 @@ struct Recipe {
 }
 
 fn case_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/train")
-        .join(name)
+    super::repo_root().join("tests/fixtures/train").join(name)
 }
 
 fn batch(batches: &HashMap<String, Tensor>, k: usize) -> (Tensor, ForwardOptions) {
@@ -65,11 +63,17 @@ fn rel_err(a: &Tensor, b: &Tensor, floor: f64) -> f64 {
 }
 
 /// Run one recorded training case and compare losses, gradients and weights with torch's.
+#[allow(dead_code)] // each test binary uses one of the two
 pub fn run(name: &str) {
+    run_on(name, &Device::Cpu)
+}
+
+/// [`run`] on `dev` (same fixtures, same tolerances).
+pub fn run_on(name: &str, dev: &Device) {
     let dir = case_dir(name);
     let recipe: Recipe =
         serde_json::from_str(&std::fs::read_to_string(dir.join("recipe.json")).unwrap()).unwrap();
-    let dev = Device::Cpu;
+    let dev = dev.clone();
     let batches = load_safetensors(&dir.join("batches.safetensors"), &dev).unwrap();
 
     // 1. Loss and gradients on batch 0.

@@ -1,6 +1,8 @@
-// beit-rs inference kernels for CUDA: the element-wise work around the GEMMs of a frozen BEiT
+// beit-rs kernels for CUDA. Inference: the element-wise work around the GEMMs of a frozen BEiT
 // layer, fused so that each activation is read and written once (candle would run one kernel per
 // step: bias add, GELU, layer scale, residual, scale, bias gather, softmax, head split).
+// Training: the relative position bias gather and its gradient, softmax and GELU with their
+// gradients, and AdamW in place.
 // Arithmetic in f32 for every storage type (f32, bf16, f16), as PyTorch does.
 
 #include <cuda_bf16.h>
@@ -97,6 +99,99 @@ __device__ void qkv_split(const T *qkv, T *out, int b, int s, int heads, int hd)
   }
 }
 
+// out [heads, n] = table[heads, table_cols] gathered through index [n].
+template <typename T>
+__device__ void gather_columns(const T *table, const uint32_t *index, T *out, int heads,
+                               int table_cols, size_t n) {
+  const size_t total = (size_t)heads * n;
+  for (size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x; t < total;
+       t += (size_t)gridDim.x * blockDim.x) {
+    const size_t h = t / n, j = t % n;
+    out[t] = table[h * table_cols + index[j]];
+  }
+}
+
+// The gradient of gather_columns: dtable[h, c] = sum of grad[h, j] over the positions j with
+// index[j] == c, listed (ascending) in order[offsets[c] .. offsets[c + 1]]. One thread per
+// table entry, a fixed summation order: deterministic, unlike atomics.
+template <typename T>
+__device__ void gather_columns_backward(const T *grad, const uint32_t *offsets,
+                                        const uint32_t *order, T *out, int heads, int table_cols,
+                                        size_t n) {
+  const int total = heads * table_cols;
+  for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < total; t += gridDim.x * blockDim.x) {
+    const int h = t / table_cols, c = t % table_cols;
+    const T *g = grad + (size_t)h * n;
+    float acc = 0.f;
+    for (uint32_t k = offsets[c]; k < offsets[c + 1]; ++k) acc += to_f(g[order[k]]);
+    out[t] = from_f<T>(acc);
+  }
+}
+
+// Exact GELU and its gradient, element-wise over n values.
+template <typename T>
+__device__ void gelu_erf(const T *x, T *out, size_t n) {
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (size_t)gridDim.x * blockDim.x) {
+    const float v = to_f(x[i]);
+    out[i] = from_f<T>(0.5f * v * (1.0f + erff(v * 0.70710678118654752f)));
+  }
+}
+
+// out = g * GELU'(x) = g * (Phi(x) + x * phi(x)).
+template <typename T>
+__device__ void gelu_erf_backward(const T *x, const T *g, T *out, size_t n) {
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (size_t)gridDim.x * blockDim.x) {
+    const float v = to_f(x[i]);
+    const float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
+    const float pdf = 0.39894228040143268f * expf(-0.5f * v * v);
+    out[i] = from_f<T>(to_f(g[i]) * (cdf + v * pdf));
+  }
+}
+
+// Softmax gradient over rows of length s: out = y * (g - sum(g * y)); one block per row.
+template <typename T>
+__device__ void softmax_backward(const T *y, const T *g, T *out, size_t rows, int s) {
+  __shared__ float red[32];
+  const size_t r = blockIdx.x;
+  if (r >= rows) return;
+  const T *yr = y + r * (size_t)s, *gr = g + r * (size_t)s;
+  float dot = 0.f;
+  for (int j = threadIdx.x; j < s; j += blockDim.x) dot += to_f(yr[j]) * to_f(gr[j]);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffff, dot, o);
+  if (lane == 0) red[warp] = dot;
+  __syncthreads();
+  dot = lane < warps ? red[lane] : 0.f;
+  for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffff, dot, o);
+  T *dst = out + r * (size_t)s;
+  for (int j = threadIdx.x; j < s; j += blockDim.x) {
+    dst[j] = from_f<T>(to_f(yr[j]) * (to_f(gr[j]) - dot));
+  }
+}
+
+// AdamW, in place on f32 tensors of n elements (torch's update, as train::optim's CPU kernels):
+// m = beta * m + (1 - beta) * g (g * g when square).
+extern "C" __global__ void beit_adamw_moment_f32(float *m, const float *g, size_t n, float beta,
+                                                 float one_minus_beta, int square) {
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (size_t)gridDim.x * blockDim.x) {
+    const float gi = square ? g[i] * g[i] : g[i];
+    m[i] = m[i] * beta + gi * one_minus_beta;
+  }
+}
+
+// theta = theta * decay - step * m / (sqrt(v) / sqrt_bc2 + eps).
+extern "C" __global__ void beit_adamw_param_f32(float *theta, const float *m, const float *v,
+                                                size_t n, float decay, float step, float sqrt_bc2,
+                                                float eps) {
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (size_t)gridDim.x * blockDim.x) {
+    theta[i] = theta[i] * decay - step * (m[i] / (sqrtf(v[i]) / sqrt_bc2 + eps));
+  }
+}
+
 #define INSTANTIATE(T, SUFFIX)                                                                  \
   extern "C" __global__ void beit_epilogue_##SUFFIX(const T *y, const T *params, const T *res,  \
                                                     T *out, int rows, int n, int op,            \
@@ -111,6 +206,27 @@ __device__ void qkv_split(const T *qkv, T *out, int b, int s, int heads, int hd)
   extern "C" __global__ void beit_qkv_split_##SUFFIX(const T *qkv, T *out, int b, int s,        \
                                                      int heads, int hd) {                       \
     qkv_split<T>(qkv, out, b, s, heads, hd);                                                    \
+  }                                                                                             \
+  extern "C" __global__ void beit_gather_columns_##SUFFIX(const T *table, const uint32_t *index, \
+                                                          T *out, int heads, int table_cols,    \
+                                                          size_t n) {                           \
+    gather_columns<T>(table, index, out, heads, table_cols, n);                                 \
+  }                                                                                             \
+  extern "C" __global__ void beit_gather_columns_backward_##SUFFIX(                             \
+      const T *grad, const uint32_t *offsets, const uint32_t *order, T *out, int heads,         \
+      int table_cols, size_t n) {                                                               \
+    gather_columns_backward<T>(grad, offsets, order, out, heads, table_cols, n);                \
+  }                                                                                             \
+  extern "C" __global__ void beit_gelu_erf_##SUFFIX(const T *x, T *out, size_t n) {             \
+    gelu_erf<T>(x, out, n);                                                                     \
+  }                                                                                             \
+  extern "C" __global__ void beit_gelu_erf_backward_##SUFFIX(const T *x, const T *g, T *out,    \
+                                                             size_t n) {                        \
+    gelu_erf_backward<T>(x, g, out, n);                                                         \
+  }                                                                                             \
+  extern "C" __global__ void beit_softmax_backward_##SUFFIX(const T *y, const T *g, T *out,     \
+                                                            size_t rows, int s) {               \
+    softmax_backward<T>(y, g, out, rows, s);                                                    \
   }
 
 INSTANTIATE(float, f32)

@@ -16,6 +16,125 @@ fn broadcast_back(arg: &Tensor, node: &Tensor, reduced_dims: &[usize]) -> Result
     }
 }
 
+/// Time spent on each kind of op in [`Tensor::backward`] (beit-rs patch, see PATCH.md): off
+/// unless [`profile::set_enabled`]; when on, each node waits for its device before and after,
+/// so that asynchronous devices (CUDA) show each op's own time.
+pub mod profile {
+    use super::{BinaryOp, Op, ReduceOp};
+    use crate::Tensor;
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    static ON: AtomicBool = AtomicBool::new(false);
+    static TOTALS: Mutex<Option<HashMap<String, (Duration, u64)>>> = Mutex::new(None);
+
+    /// Switch the per-op timing of the backward pass on or off.
+    pub fn set_enabled(on: bool) {
+        ON.store(on, Ordering::Relaxed);
+    }
+
+    /// The totals since the last call: (op kind, time, count).
+    pub fn take() -> Vec<(String, Duration, u64)> {
+        let mut g = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = g
+            .take()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, (d, n))| (k, d, n))
+            .collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v
+    }
+
+    pub(super) struct Timer(Option<(Instant, crate::Device)>);
+
+    impl Timer {
+        pub(super) fn start(t: &Tensor) -> Self {
+            if !ON.load(Ordering::Relaxed) {
+                return Timer(None);
+            }
+            let _ = t.device().synchronize();
+            Timer(Some((Instant::now(), t.device().clone())))
+        }
+
+        pub(super) fn stop(&self, name: &str) {
+            if let Some((t0, dev)) = &self.0 {
+                let _ = dev.synchronize();
+                let dt = t0.elapsed();
+                let mut g = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
+                let e = g.get_or_insert_with(HashMap::new).entry(name.to_string()).or_default();
+                e.0 += dt;
+                e.1 += 1;
+            }
+        }
+    }
+
+    pub(super) struct StopOnDrop(pub Timer, pub Option<String>);
+
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            if self.0 .0.is_some() {
+                self.0.stop(self.1.as_deref().unwrap_or("(leaf)"));
+            }
+        }
+    }
+
+    pub(super) fn op_name(op: &Op) -> String {
+        match op {
+            Op::Binary(_, _, b) => format!("binary {}", binary(*b)),
+            Op::Unary(_, u) => format!("unary {u:?}"),
+            Op::Cmp(..) => "cmp".into(),
+            Op::Reduce(_, r, _) => format!("reduce {}", reduce(*r)),
+            Op::Matmul(..) => "matmul".into(),
+            Op::Gather(..) => "gather".into(),
+            Op::Scatter(..) => "scatter".into(),
+            Op::ScatterAdd(..) => "scatter_add".into(),
+            Op::IndexSelect(..) => "index_select".into(),
+            Op::IndexAdd(..) => "index_add".into(),
+            Op::WhereCond(..) => "where_cond".into(),
+            Op::Conv1D { .. } | Op::ConvTranspose1D { .. } => "conv1d".into(),
+            Op::Conv2D { .. } => "conv2d".into(),
+            Op::ConvTranspose2D { .. } => "conv_transpose2d".into(),
+            Op::AvgPool2D { .. } | Op::MaxPool2D { .. } => "pool2d".into(),
+            Op::UpsampleNearest1D { .. } | Op::UpsampleNearest2D { .. } => "upsample".into(),
+            Op::UpsampleBilinear2D { .. } => "upsample_bilinear".into(),
+            Op::Cat(..) => "cat".into(),
+            Op::Affine { .. } => "affine".into(),
+            Op::ToDType(..) => "to_dtype".into(),
+            Op::Copy(..) => "copy".into(),
+            Op::Broadcast(..) => "broadcast".into(),
+            Op::Narrow(..) => "narrow".into(),
+            Op::SliceScatter0(..) => "slice_scatter".into(),
+            Op::Reshape(..) => "reshape".into(),
+            Op::ToDevice(..) => "to_device".into(),
+            Op::Transpose(..) => "transpose".into(),
+            Op::Permute(..) => "permute".into(),
+            Op::Elu(..) => "elu".into(),
+            Op::Powf(..) => "powf".into(),
+            Op::CustomOp1(_, c) => c.name().into(),
+            Op::CustomOp2(_, _, c) => c.name().into(),
+            Op::CustomOp3(_, _, _, c) => c.name().into(),
+        }
+    }
+
+    fn binary(b: BinaryOp) -> &'static str {
+        match b {
+            BinaryOp::Add => "add",
+            BinaryOp::Mul => "mul",
+            BinaryOp::Sub => "sub",
+            BinaryOp::Div => "div",
+            BinaryOp::Maximum => "maximum",
+            BinaryOp::Minimum => "minimum",
+        }
+    }
+
+    fn reduce(r: ReduceOp) -> &'static str {
+        r.name()
+    }
+}
+
 thread_local! {
     static CANDLE_GRAD_DO_NOT_DETACH: bool = {
         match std::env::var("CANDLE_GRAD_DO_NOT_DETACH") {
@@ -163,13 +282,17 @@ impl Tensor {
     }
 
     pub fn backward(&self) -> Result<GradStore> {
+        let timer = profile::Timer::start(self);
         let sorted_nodes = self.sorted_nodes();
+        timer.stop("(sort nodes)");
         let mut grads = GradStore::new();
         grads.insert(self, self.ones_like()?.contiguous()?);
         for node in sorted_nodes.iter() {
             if node.is_variable() {
                 continue;
             }
+            let timer = profile::Timer::start(node);
+            let _stop = profile::StopOnDrop(timer, node.op().as_ref().map(profile::op_name));
             let grad = grads
                 .remove(node)
                 .expect("candle internal error - grad not populated");
