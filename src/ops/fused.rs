@@ -368,7 +368,11 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let rows = x.elem_count() / inp.max(1);
     let mut y = x.reshape((rows, inp))?.matmul(&w.t()?)?;
     if let Some(b) = b {
-        y = y.broadcast_add(b)?;
+        y = if super::cuda::available(&y) && b.dtype() == y.dtype() {
+            super::cuda::bias_add(&y, b)?
+        } else {
+            y.broadcast_add(b)?
+        };
     }
     let mut out = dims;
     if let Some(l) = out.last_mut() {

@@ -1,8 +1,8 @@
 // beit-rs kernels for CUDA. Inference: the element-wise work around the GEMMs of a frozen BEiT
 // layer, fused so that each activation is read and written once (candle would run one kernel per
 // step: bias add, GELU, layer scale, residual, scale, bias gather, softmax, head split).
-// Training: the relative position bias gather and its gradient, softmax and GELU with their
-// gradients, and AdamW in place.
+// Training: the relative position bias gather, bias add, softmax, GELU and LayerNorm with
+// their gradients, and AdamW in place.
 // Arithmetic in f32 for every storage type (f32, bf16, f16), as PyTorch does.
 
 #include <cuda_bf16.h>
@@ -171,6 +171,93 @@ __device__ void softmax_backward(const T *y, const T *g, T *out, size_t rows, in
   }
 }
 
+// Sum of v over the block, returned to every thread (red: 32 floats of shared memory).
+__device__ __forceinline__ float block_sum(float v, float *red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  __syncthreads();  // red may still be read by an earlier call
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  v = lane < warps ? red[lane] : 0.f;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  return v;
+}
+
+// LayerNorm over rows of length d: one block per row, mean then variance (two passes).
+template <typename T>
+__device__ void layer_norm(const T *x, const T *w, const T *b, T *out, size_t rows, int d,
+                           float eps) {
+  __shared__ float red[32];
+  const size_t r = blockIdx.x;
+  if (r >= rows) return;
+  const T *xr = x + r * d;
+  float s = 0.f;
+  for (int j = threadIdx.x; j < d; j += blockDim.x) s += to_f(xr[j]);
+  const float mean = block_sum(s, red) / d;
+  float v = 0.f;
+  for (int j = threadIdx.x; j < d; j += blockDim.x) {
+    const float c = to_f(xr[j]) - mean;
+    v += c * c;
+  }
+  const float rstd = 1.0f / sqrtf(block_sum(v, red) / d + eps);
+  T *o = out + r * d;
+  for (int j = threadIdx.x; j < d; j += blockDim.x) {
+    o[j] = from_f<T>((to_f(xr[j]) - mean) * rstd * to_f(w[j]) + to_f(b[j]));
+  }
+}
+
+// LayerNorm gradient: out [2, rows, d] = (dx, g * xhat); the weight's gradient is the column
+// sum of the second half, the bias's that of g. One block per row, statistics recomputed.
+template <typename T>
+__device__ void layer_norm_backward(const T *x, const T *w, const T *g, T *out, size_t rows,
+                                    int d, float eps) {
+  __shared__ float red[32];
+  const size_t r = blockIdx.x;
+  if (r >= rows) return;
+  const T *xr = x + r * d, *gr = g + r * d;
+  float s = 0.f;
+  for (int j = threadIdx.x; j < d; j += blockDim.x) s += to_f(xr[j]);
+  const float mean = block_sum(s, red) / d;
+  float v = 0.f;
+  for (int j = threadIdx.x; j < d; j += blockDim.x) {
+    const float c = to_f(xr[j]) - mean;
+    v += c * c;
+  }
+  const float rstd = 1.0f / sqrtf(block_sum(v, red) / d + eps);
+  float a = 0.f, bx = 0.f;
+  for (int j = threadIdx.x; j < d; j += blockDim.x) {
+    const float xhat = (to_f(xr[j]) - mean) * rstd, dxh = to_f(gr[j]) * to_f(w[j]);
+    a += dxh;
+    bx += dxh * xhat;
+  }
+  const float m1 = block_sum(a, red) / d, m2 = block_sum(bx, red) / d;
+  T *dx = out + r * d, *gx = out + (rows + r) * d;
+  for (int j = threadIdx.x; j < d; j += blockDim.x) {
+    const float xhat = (to_f(xr[j]) - mean) * rstd, gj = to_f(gr[j]);
+    dx[j] = from_f<T>((gj * to_f(w[j]) - m1 - xhat * m2) * rstd);
+    gx[j] = from_f<T>(gj * xhat);
+  }
+}
+
+// Column sums of x [rows, n] -> out [n] (f32 accumulation, fixed order: deterministic). Block
+// (32, 32): 32 columns, each summed by 32 threads over interleaved rows, then combined.
+template <typename T>
+__device__ void column_sum(const T *x, T *out, size_t rows, int n) {
+  __shared__ float part[32][33];
+  const int c = blockIdx.x * 32 + threadIdx.x;
+  float acc = 0.f;
+  if (c < n) {
+    for (size_t r = threadIdx.y; r < rows; r += 32) acc += to_f(x[r * n + c]);
+  }
+  part[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < n) {
+    float s = 0.f;
+    for (int k = 0; k < 32; ++k) s += part[k][threadIdx.x];
+    out[c] = from_f<T>(s);
+  }
+}
+
 // AdamW, in place on f32 tensors of n elements (torch's update, as train::optim's CPU kernels):
 // m = beta * m + (1 - beta) * g (g * g when square).
 extern "C" __global__ void beit_adamw_moment_f32(float *m, const float *g, size_t n, float beta,
@@ -227,6 +314,17 @@ extern "C" __global__ void beit_adamw_param_f32(float *theta, const float *m, co
   extern "C" __global__ void beit_softmax_backward_##SUFFIX(const T *y, const T *g, T *out,     \
                                                             size_t rows, int s) {               \
     softmax_backward<T>(y, g, out, rows, s);                                                    \
+  }                                                                                             \
+  extern "C" __global__ void beit_layer_norm_##SUFFIX(const T *x, const T *w, const T *b, T *out, \
+                                                      size_t rows, int d, float eps) {          \
+    layer_norm<T>(x, w, b, out, rows, d, eps);                                                  \
+  }                                                                                             \
+  extern "C" __global__ void beit_layer_norm_backward_##SUFFIX(                                 \
+      const T *x, const T *w, const T *g, T *out, size_t rows, int d, float eps) {              \
+    layer_norm_backward<T>(x, w, g, out, rows, d, eps);                                         \
+  }                                                                                             \
+  extern "C" __global__ void beit_column_sum_##SUFFIX(const T *x, T *out, size_t rows, int n) { \
+    column_sum<T>(x, out, rows, n);                                                             \
   }
 
 INSTANTIATE(float, f32)

@@ -8,7 +8,8 @@
 //! an H200, BEiT-base batch 64 bf16: the element-wise passes took most of a forward).
 //!
 //! For training: the relative position bias gather with a fast gradient ([`gather_columns`]),
-//! and AdamW's in-place updates (`train::optim`).
+//! bias add ([`bias_add`]), the `cuda_fwd` of the CPU's differentiable softmax, GELU and
+//! LayerNorm ops and of their gradients, and AdamW's in-place updates (`train::optim`).
 //!
 //! The inference kernels are checked against transformers on a GPU by `scripts/bench_gpu.py`,
 //! the training ones against candle's ops by `tests/cuda_ops.rs` (run where a GPU is: CI has
@@ -178,8 +179,22 @@ pub fn gather_columns(table: &Tensor, index: &Tensor, inverse: &InverseIndex) ->
     imp::gather_columns(&table.contiguous()?, &index.contiguous()?, inverse)
 }
 
+/// `y + bias` (bias over the last dimension) with a gradient: the bias's is a column-sum kernel
+/// (candle's reduction over the rows reads them strided).
+pub fn bias_add(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    imp::bias_add(&y.contiguous()?, &bias.contiguous()?)
+}
+
+/// The sums over all leading dimensions of `x [.., n]` -> `[n]` (no gradient).
+pub fn column_sum(x: &Tensor) -> Result<Tensor> {
+    imp::column_sum(&x.contiguous()?)
+}
+
 #[cfg(feature = "cuda")]
-pub use imp::{adamw_moment, adamw_param, gelu_erf, gelu_erf_backward, softmax, softmax_backward};
+pub use imp::{
+    adamw_moment, adamw_param, gelu_erf, gelu_erf_backward, layer_norm, layer_norm_backward,
+    softmax, softmax_backward,
+};
 
 #[cfg(feature = "cuda")]
 mod imp {
@@ -792,6 +807,215 @@ mod imp {
         Ok((CudaStorage { slice, device: dev }, yl.shape().clone()))
     }
 
+    /// One block per row of `x [rows, d]` for the LayerNorm kernels.
+    fn per_row(rows: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (grid(rows), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// `LayerNorm(x) * w + b` over the last dimension (contiguous inputs, one dtype).
+    pub fn layer_norm(
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+        eps: f64,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = x.device().clone();
+        let d = xl.dims().last().copied().unwrap_or(1).max(1);
+        let n = xl.shape().elem_count();
+        if wl.shape().elem_count() != d || bl.shape().elem_count() != d {
+            candle_core::bail!(
+                "layer_norm: weight/bias of {} for rows of {d}",
+                wl.dims()[0]
+            );
+        }
+        let (xo, wo, bo) = (offset(xl, "x")?, offset(wl, "weight")?, offset(bl, "bias")?);
+        let func = dev.get_or_load_custom_func(
+            &format!("beit_layer_norm_{}", suffix(&x.slice)?),
+            MODULE,
+            PTX,
+        )?;
+        let (rows_u, d_i, eps_f) = ((n / d) as u64, d as i32, eps as f32);
+        let slice = typed!(T, [x, w, b], {
+            let out = alloc::<T>(&dev, n)?;
+            let (xv, wv, bv) = (x.slice(xo..), w.slice(wo..), b.slice(bo..));
+            let mut a = func.builder();
+            a.arg(&xv);
+            a.arg(&wv);
+            a.arg(&bv);
+            a.arg(&out);
+            a.arg(&rows_u);
+            a.arg(&d_i);
+            a.arg(&eps_f);
+            // SAFETY: argument types and order match `beit_layer_norm_*`.
+            unsafe { a.launch(per_row(n / d)) }.w()?;
+            out
+        });
+        Ok((CudaStorage { slice, device: dev }, xl.shape().clone()))
+    }
+
+    /// `[2, rows, d]`: LayerNorm's input gradient and `g * xhat` (whose column sums are the
+    /// weight's gradient), for input `x`, weight `w` and output gradient `g`.
+    pub fn layer_norm_backward(
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        g: &CudaStorage,
+        gl: &Layout,
+        eps: f64,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = x.device().clone();
+        let d = xl.dims().last().copied().unwrap_or(1).max(1);
+        let n = xl.shape().elem_count();
+        if wl.shape().elem_count() != d || gl.shape().elem_count() != n {
+            candle_core::bail!(
+                "layer_norm backward: shapes {:?} {:?} {:?}",
+                xl.dims(),
+                wl.dims(),
+                gl.dims()
+            );
+        }
+        let (xo, wo, go) = (
+            offset(xl, "x")?,
+            offset(wl, "weight")?,
+            offset(gl, "gradient")?,
+        );
+        let func = dev.get_or_load_custom_func(
+            &format!("beit_layer_norm_backward_{}", suffix(&x.slice)?),
+            MODULE,
+            PTX,
+        )?;
+        let rows = n / d;
+        let (rows_u, d_i, eps_f) = (rows as u64, d as i32, eps as f32);
+        let slice = typed!(T, [x, w, g], {
+            let out = alloc::<T>(&dev, 2 * n)?;
+            let (xv, wv, gv) = (x.slice(xo..), w.slice(wo..), g.slice(go..));
+            let mut a = func.builder();
+            a.arg(&xv);
+            a.arg(&wv);
+            a.arg(&gv);
+            a.arg(&out);
+            a.arg(&rows_u);
+            a.arg(&d_i);
+            a.arg(&eps_f);
+            // SAFETY: argument types and order match `beit_layer_norm_backward_*`.
+            unsafe { a.launch(per_row(rows)) }.w()?;
+            out
+        });
+        Ok((
+            CudaStorage { slice, device: dev },
+            Shape::from((2, rows, d)),
+        ))
+    }
+
+    // ---- bias add and column sums ---------------------------------------------------------
+
+    struct BiasAdd;
+
+    impl candle_core::CustomOp2 for BiasAdd {
+        fn name(&self) -> &'static str {
+            "beit-cuda-bias-add"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("{} runs on CUDA only", self.name())
+        }
+
+        fn cuda_fwd(
+            &self,
+            y: &CudaStorage,
+            yl: &Layout,
+            b: &CudaStorage,
+            bl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let n = yl.dims().last().copied().unwrap_or(1).max(1);
+            if bl.shape().elem_count() != n {
+                candle_core::bail!("bias_add: bias {:?} for rows of {n}", bl.dims());
+            }
+            let rows = yl.shape().elem_count() / n;
+            let flat = Layout::contiguous_with_offset((rows, n), offset(yl, "y")?);
+            let op = EpilogueOp {
+                op: 0,
+                has_scale: false,
+                has_res: false,
+            };
+            let (out, _) = candle_core::CustomOp3::cuda_fwd(&op, y, &flat, b, bl, y, &flat)?;
+            Ok((out, yl.shape().clone()))
+        }
+
+        fn bwd(
+            &self,
+            _y: &Tensor,
+            _b: &Tensor,
+            _res: &Tensor,
+            g: &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+            Ok((Some(g.clone()), Some(column_sum(&g.contiguous()?)?)))
+        }
+    }
+
+    pub fn bias_add(y: &Tensor, b: &Tensor) -> Result<Tensor> {
+        y.apply_op2(b, BiasAdd)
+    }
+
+    struct ColumnSum;
+
+    impl candle_core::CustomOp1 for ColumnSum {
+        fn name(&self) -> &'static str {
+            "beit-cuda-column-sum"
+        }
+
+        cuda_only!(1);
+
+        fn cuda_fwd(&self, x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+            let dev = x.device().clone();
+            let n = l.dims().last().copied().unwrap_or(1).max(1);
+            let rows = l.shape().elem_count() / n;
+            let xo = offset(l, "x")?;
+            let func = dev.get_or_load_custom_func(
+                &format!("beit_column_sum_{}", suffix(&x.slice)?),
+                MODULE,
+                PTX,
+            )?;
+            let cfg = LaunchConfig {
+                grid_dim: (grid(n.div_ceil(32)), 1, 1),
+                block_dim: (32, 32, 1),
+                shared_mem_bytes: 0,
+            };
+            let (rows_u, n_i) = (rows as u64, n as i32);
+            let slice = typed!(T, [x], {
+                let out = alloc::<T>(&dev, n)?;
+                let xv = x.slice(xo..);
+                let mut a = func.builder();
+                a.arg(&xv);
+                a.arg(&out);
+                a.arg(&rows_u);
+                a.arg(&n_i);
+                // SAFETY: argument types and order match `beit_column_sum_*`.
+                unsafe { a.launch(cfg) }.w()?;
+                out
+            });
+            Ok((CudaStorage { slice, device: dev }, Shape::from(n)))
+        }
+    }
+
+    pub fn column_sum(x: &Tensor) -> Result<Tensor> {
+        x.apply_op1_no_bwd(&ColumnSum)
+    }
+
     // ---- AdamW in place (f32) -----------------------------------------------------------
 
     fn f32_view_mut<'a>(
@@ -908,6 +1132,12 @@ mod imp {
         unavailable()
     }
     pub fn gather_columns(_: &Tensor, _: &Tensor, _: &super::InverseIndex) -> Result<Tensor> {
+        unavailable()
+    }
+    pub fn bias_add(_: &Tensor, _: &Tensor) -> Result<Tensor> {
+        unavailable()
+    }
+    pub fn column_sum(_: &Tensor) -> Result<Tensor> {
         unavailable()
     }
 }
