@@ -518,9 +518,11 @@ pub fn profile_table(r: &BenchResult) -> String {
         "profile: {} batch {} (median {:.1} ms)\n| stage | ms / forward | share |\n|---|---|---|\n",
         r.workload, r.batch, r.median_ms
     );
-    // A training step's `train.*` stages contain the forward's own stages.
+    // A training step's `train.*` stages contain the forward's own stages, and a stage named
+    // `NAME: PART` is a part of stage NAME (or of the backward pass).
     let top = |k: &str| {
-        !r.profile.iter().any(|(s, _)| s.starts_with("train.")) || k.starts_with("train.")
+        !k.contains(": ")
+            && (!r.profile.iter().any(|(s, _)| s.starts_with("train.")) || k.starts_with("train."))
     };
     let covered: f64 = r
         .profile

@@ -85,19 +85,89 @@ __device__ void attn_softmax(const T *scores, const T *table, const uint32_t *in
   for (int j = threadIdx.x; j < s; j += blockDim.x) dst[j] = from_f<T>(logits[j] * inv);
 }
 
-// qkv [b, s, 3, heads, hd] -> out [3, b, heads, s, hd]; one block per token (b * s of them).
-template <typename T>
-__device__ void qkv_split(const T *qkv, T *out, int b, int s, int heads, int hd) {
-  const int d = heads * hd;
-  for (int t = blockIdx.x; t < b * s; t += gridDim.x) {
-    const int bi = t / s, si = t % s;
-    const T *src = qkv + (size_t)t * 3 * d;
-    for (int c = threadIdx.x; c < 3 * d; c += blockDim.x) {
-      const int part = c / d, h = (c % d) / hd, k = c % hd;
-      out[((((size_t)part * b + bi) * heads + h) * s + si) * hd + k] = src[c];
+// softmax(scores * scale + bias) as above, one warp per row for rows of at most 32 * K: the
+// row stays in registers (K values per lane) and the reductions are warp shuffles, no block
+// synchronisation (the block kernel above leaves most of its threads idle on 197-long rows).
+template <typename T, int K>
+__device__ void attn_softmax_warp(const T *scores, const T *table, const uint32_t *index, T *out,
+                                  size_t rows, int s, int heads, int table_rows, float scale) {
+  const size_t r = (size_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (r >= rows) return;
+  const int lane = threadIdx.x & 31;
+  const int i = (int)(r % s);
+  const int h = (int)((r / s) % heads);
+  const T *row = scores + r * (size_t)s;
+  const uint32_t *idx = index ? index + (size_t)i * s : nullptr;
+  const T *tab = table ? table + (size_t)h * table_rows : nullptr;
+  float v[K];
+  float mx = __int_as_float(0xff800000);  // -inf
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int j = lane + 32 * k;
+    float x = __int_as_float(0xff800000);
+    if (j < s) {
+      x = to_f(row[j]) * scale;
+      if (tab) x += to_f(tab[idx[j]]);
+    }
+    v[k] = x;
+    mx = fmaxf(mx, x);
+  }
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
+  float sum = 0.f;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    if (lane + 32 * k < s) {
+      v[k] = expf(v[k] - mx);
+      sum += v[k];
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
+  const float inv = 1.0f / sum;
+  T *dst = out + r * (size_t)s;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int j = lane + 32 * k;
+    if (j < s) dst[j] = from_f<T>(v[k] * inv);
+  }
+}
+
+// Attention heads in and out of the token layout, rows of hd elements moved as `vec` units of
+// U (16-byte vectors where the row allows, else single elements). Token-major [B, S, P, H, hd]
+// (the QKV projection: P = 3; an attention output: P = 1) <-> heads-major [P, B, H, S, hd].
+// to_heads = 1: token-major src -> heads-major dst; 0: the reverse. Indexed by the heads-major
+// position, so that one side of every warp's access is contiguous.
+template <typename U>
+__device__ void heads_permute(const U *src, U *dst, int b, int s, int p, int h, int vec,
+                              int to_heads) {
+  const size_t total = (size_t)p * b * h * s * vec;
+  for (size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x; t < total;
+       t += (size_t)gridDim.x * blockDim.x) {
+    size_t q = t;
+    const int v = (int)(q % vec);
+    q /= vec;
+    const int si = (int)(q % s);
+    q /= s;
+    const int hi = (int)(q % h);
+    q /= h;
+    const int bi = (int)(q % b);
+    const int pi = (int)(q / b);
+    const size_t tok = ((((size_t)bi * s + si) * p + pi) * h + hi) * vec + v;
+    if (to_heads) {
+      dst[t] = src[tok];
+    } else {
+      dst[tok] = src[t];
     }
   }
 }
+
+#define HEADS_PERMUTE(U, SUFFIX)                                                                \
+  extern "C" __global__ void beit_heads_permute_##SUFFIX(const U *src, U *dst, int b, int s,    \
+                                                         int p, int h, int vec, int to_heads) { \
+    heads_permute<U>(src, dst, b, s, p, h, vec, to_heads);                                      \
+  }
+HEADS_PERMUTE(uint4, u128)
+HEADS_PERMUTE(uint32_t, u32)
+HEADS_PERMUTE(uint16_t, u16)
 
 // out [heads, n] = table[heads, table_cols] gathered through index [n].
 template <typename T>
@@ -279,6 +349,13 @@ extern "C" __global__ void beit_adamw_param_f32(float *theta, const float *m, co
   }
 }
 
+#define SOFTMAX_WARP(T, SUFFIX, K)                                                              \
+  extern "C" __global__ void beit_attn_softmax_w##K##_##SUFFIX(                                 \
+      const T *scores, const T *table, const uint32_t *index, T *out, size_t rows, int s,       \
+      int heads, int table_rows, float scale) {                                                 \
+    attn_softmax_warp<T, K>(scores, table, index, out, rows, s, heads, table_rows, scale);      \
+  }
+
 #define INSTANTIATE(T, SUFFIX)                                                                  \
   extern "C" __global__ void beit_epilogue_##SUFFIX(const T *y, const T *params, const T *res,  \
                                                     T *out, int rows, int n, int op,            \
@@ -290,10 +367,10 @@ extern "C" __global__ void beit_adamw_param_f32(float *theta, const float *m, co
       int heads, int table_rows, float scale) {                                                 \
     attn_softmax<T>(scores, table, index, out, rows, s, heads, table_rows, scale);              \
   }                                                                                             \
-  extern "C" __global__ void beit_qkv_split_##SUFFIX(const T *qkv, T *out, int b, int s,        \
-                                                     int heads, int hd) {                       \
-    qkv_split<T>(qkv, out, b, s, heads, hd);                                                    \
-  }                                                                                             \
+  SOFTMAX_WARP(T, SUFFIX, 4)                                                                    \
+  SOFTMAX_WARP(T, SUFFIX, 8)                                                                    \
+  SOFTMAX_WARP(T, SUFFIX, 16)                                                                   \
+  SOFTMAX_WARP(T, SUFFIX, 32)                                                                   \
   extern "C" __global__ void beit_gather_columns_##SUFFIX(const T *table, const uint32_t *index, \
                                                           T *out, int heads, int table_cols,    \
                                                           size_t n) {                           \

@@ -1,8 +1,9 @@
 //! The frozen-model inference path on CUDA: cuBLAS GEMMs (through candle) and our own kernels
 //! (`kernels.cu`, compiled to PTX by `build.rs` in a `--features cuda` build) for the
 //! element-wise work around them, one pass each: linear epilogues (bias, bias + GELU, bias +
-//! layer scale + residual), the QKV head split, and `softmax(scores * scale + bias)` with the
-//! relative position bias gathered from its table (never materialised, as on the CPU).
+//! layer scale + residual), the QKV head split and the merge of the heads, and
+//! `softmax(scores * scale + bias)` with the relative position bias gathered from its table
+//! (never materialised, as on the CPU).
 //!
 //! candle's own kernels run one op per launch at a fraction of the memory bandwidth (measured on
 //! an H200, BEiT-base batch 64 bf16: the element-wise passes took most of a forward).
@@ -91,7 +92,7 @@ pub fn attention(
     scale: f32,
     bias: Option<(&Tensor, &Tensor)>,
 ) -> Result<Tensor> {
-    let (b, s, d3) = qkv.dims3()?;
+    let (_, s, d3) = qkv.dims3()?;
     let d = d3 / 3;
     if d3 != 3 * d || heads == 0 || d % heads != 0 || s > MAX_TOKENS {
         candle_core::bail!(
@@ -99,9 +100,13 @@ pub fn attention(
             qkv.dims()
         );
     }
-    let parts = imp::qkv_split(&qkv.contiguous()?, heads)?; // [3, B, H, S, hd]
+    use crate::profile;
+    let parts = profile::time("attn.core: split", || {
+        imp::qkv_split(&qkv.contiguous()?, heads)
+    })?; // [3, B, H, S, hd]
     let (q, k, v) = (parts.get(0)?, parts.get(1)?, parts.get(2)?);
-    let scores = q.matmul(&k.t()?)?; // [B, H, S, S]
+    let scores = profile::time("attn.core: q.kT", || q.matmul(&k.t()?))?; // [B, H, S, S]
+    let _p = profile::scope("attn.core: softmax");
     let probs = match bias {
         Some((table, index)) => {
             let (th, _) = table.dims2()?;
@@ -121,7 +126,11 @@ pub fn attention(
         }
         None => imp::attn_softmax(&scores, None, heads, scale)?,
     };
-    probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, d))
+    drop(_p);
+    let ctx = profile::time("attn.core: p.v", || probs.matmul(&v))?;
+    profile::time("attn.core: merge heads", || {
+        imp::merge_heads(&ctx.contiguous()?)
+    })
 }
 
 /// The inverse of a gather index: for each table column `c`, the positions `j` with
@@ -355,53 +364,108 @@ mod imp {
         )
     }
 
-    // ---- QKV split: [B, S, 3, H, hd] -> [3, B, H, S, hd] ------------------------------------
+    // ---- heads in and out of the token layout ---------------------------------------------
 
-    struct QkvSplit {
+    /// Token-major `[B, S, P, H, hd]` <-> heads-major `[P, B, H, S, hd]` (`to_heads`), for the
+    /// QKV split (P = 3) and the merge of an attention output (P = 1).
+    struct HeadsPermute {
+        batch: usize,
+        tokens: usize,
+        parts: usize,
         heads: usize,
+        to_heads: bool,
     }
 
-    impl candle_core::CustomOp1 for QkvSplit {
+    impl candle_core::CustomOp1 for HeadsPermute {
         fn name(&self) -> &'static str {
-            "beit-cuda-qkv-split"
+            "beit-cuda-heads-permute"
         }
 
         cuda_only!(1);
 
         fn cuda_fwd(&self, x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+            use candle_core::cuda_backend::cudarc::driver::DevicePtr;
             let dev = x.device().clone();
-            let (b, s, d3) = l.shape().dims3()?;
-            let hd = d3 / 3 / self.heads;
-            let xo = offset(l, "qkv")?;
-            let name = format!("beit_qkv_split_{}", suffix(&x.slice)?);
-            let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-            let cfg = LaunchConfig {
-                grid_dim: (grid((b * s).min(65_536)), 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
+            let (b, s, p, h) = (self.batch, self.tokens, self.parts, self.heads);
+            let n = l.shape().elem_count();
+            let hd = n / (b * s * p * h).max(1);
+            if hd * b * s * p * h != n {
+                candle_core::bail!("heads permute: {:?} is not {b}x{s}x{p}x{h}xhd", l.dims());
+            }
+            let xo = offset(l, "x")?;
+            let shape = if self.to_heads {
+                Shape::from((p, b, h, s, hd))
+            } else {
+                Shape::from((b, s, p * h * hd))
             };
-            let (bi, si, hi, hdi) = (b as i32, s as i32, self.heads as i32, hd as i32);
-            let slice = typed!(T, [x], {
-                let out = alloc::<T>(&dev, b * s * d3)?;
-                let xv = x.slice(xo..);
+            let elem = x.dtype().size_in_bytes();
+            // Whole rows as 16-byte vectors where the row length and the start allow.
+            let launch = |src: u64, dst: u64| -> Result<()> {
+                let vec16 = (hd * elem).is_multiple_of(16) && src.is_multiple_of(16);
+                let (unit, name) = match (vec16, elem) {
+                    (true, _) => (16, "beit_heads_permute_u128"),
+                    (false, 4) => (4, "beit_heads_permute_u32"),
+                    (false, 2) => (2, "beit_heads_permute_u16"),
+                    _ => candle_core::bail!("heads permute: {elem}-byte elements"),
+                };
+                let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+                let vec = (hd * elem / unit) as i32;
+                let dims = [
+                    b as i32,
+                    s as i32,
+                    p as i32,
+                    h as i32,
+                    vec,
+                    self.to_heads as i32,
+                ];
                 let mut a = func.builder();
-                a.arg(&xv);
-                a.arg(&out);
-                a.arg(&bi);
-                a.arg(&si);
-                a.arg(&hi);
-                a.arg(&hdi);
-                // SAFETY: argument types and order match `beit_qkv_split_*` in kernels.cu.
-                unsafe { a.launch(cfg) }.w()?;
+                a.arg(&src);
+                a.arg(&dst);
+                for d in &dims {
+                    a.arg(d);
+                }
+                // SAFETY: `src`/`dst` address n elements of `elem` bytes (dst fresh, 256-byte
+                // aligned); argument types and order match `beit_heads_permute_*`.
+                unsafe { a.launch(blocks(n * elem / unit)) }.w()?;
+                Ok(())
+            };
+            let slice = typed!(T, [x], {
+                let out = alloc::<T>(&dev, n)?;
+                {
+                    let xv = x.slice(xo..);
+                    let stream = dev.cuda_stream();
+                    let (src, _g1) = xv.device_ptr(&stream);
+                    let (dst, _g2) = out.device_ptr(&stream);
+                    launch(src, dst)?;
+                }
                 out
             });
-            let shape = Shape::from((3, b, self.heads, s, hd));
             Ok((CudaStorage { slice, device: dev }, shape))
         }
     }
 
+    /// `qkv [B, S, 3D]` -> `[3, B, H, S, hd]`.
     pub fn qkv_split(qkv: &Tensor, heads: usize) -> Result<Tensor> {
-        qkv.apply_op1_no_bwd(&QkvSplit { heads })
+        let (b, s, _) = qkv.dims3()?;
+        qkv.apply_op1_no_bwd(&HeadsPermute {
+            batch: b,
+            tokens: s,
+            parts: 3,
+            heads,
+            to_heads: true,
+        })
+    }
+
+    /// `ctx [B, H, S, hd]` -> `[B, S, H * hd]`.
+    pub fn merge_heads(ctx: &Tensor) -> Result<Tensor> {
+        let (b, h, s, _) = ctx.dims4()?;
+        ctx.apply_op1_no_bwd(&HeadsPermute {
+            batch: b,
+            tokens: s,
+            parts: 1,
+            heads: h,
+            to_heads: false,
+        })
     }
 
     // ---- softmax(scores * scale + gathered bias) ----------------------------------------
@@ -423,13 +487,27 @@ mod imp {
             let s = *dims.last().unwrap_or(&1);
             let rows = l.shape().elem_count() / s.max(1);
             let xo = offset(l, "scores")?;
-            let name = format!("beit_attn_softmax_{}", suffix(&x.slice)?);
-            let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-            let cfg = LaunchConfig {
-                grid_dim: (grid(rows), 1, 1),
-                block_dim: (if s <= 256 { 128 } else { 256 }, 1, 1),
-                shared_mem_bytes: (s * 4) as u32,
+            // Rows up to 1024: a warp per row, 8 rows per block, the row in registers (32 * K
+            // values per warp); longer rows: a block per row, the row in shared memory.
+            let (name, cfg) = match [4, 8, 16, 32].into_iter().find(|k| 32 * k >= s) {
+                Some(k) => (
+                    format!("beit_attn_softmax_w{k}_{}", suffix(&x.slice)?),
+                    LaunchConfig {
+                        grid_dim: (grid(rows.div_ceil(8)), 1, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    },
+                ),
+                None => (
+                    format!("beit_attn_softmax_{}", suffix(&x.slice)?),
+                    LaunchConfig {
+                        grid_dim: (grid(rows), 1, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: (s * 4) as u32,
+                    },
+                ),
             };
+            let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
             let (rows_u, s_i, h_i) = (rows as u64, s as i32, self.heads as i32);
             let slice = match bias {
                 Some((t, tl, i, il)) => {
@@ -1121,6 +1199,9 @@ mod imp {
         unavailable()
     }
     pub fn qkv_split(_: &Tensor, _: usize) -> Result<Tensor> {
+        unavailable()
+    }
+    pub fn merge_heads(_: &Tensor) -> Result<Tensor> {
         unavailable()
     }
     pub fn attn_softmax(
