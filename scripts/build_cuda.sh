@@ -14,15 +14,15 @@ cd "$root"
 [ -x "$toolkit/bin/nvcc" ] || CUDA_WHEEL_VERSION=$ver scripts/cuda_toolkit_from_pypi.sh "$toolkit"
 export CUDA_ROOT="$toolkit" CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} PATH="$toolkit/bin:$PATH"
 cargo build --release --features cuda --target-dir "$target" --bin beit
-# The CUDA training test (tests/cuda_training.rs), to run on the GPU machine too.
-tests=$(cargo test --release --features cuda --target-dir "$target" --test cuda_training --no-run 2>&1 |
+# The CUDA parity tests (tests/cuda.rs), to run on the GPU machine too.
+tests=$(cargo test --release --features cuda --target-dir "$target" --test cuda --no-run 2>&1 |
   sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
 mkdir -p .gpu
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 strip -o .gpu/beit "$target/release/beit"
 gzip -f .gpu/beit
-strip -o .gpu/cuda_training "$tests"
-gzip -f .gpu/cuda_training
+strip -o .gpu/cuda_tests "$tests"
+gzip -f .gpu/cuda_tests
 ls -la .gpu/
 cat <<'MSG'
 On the GPU machine (carry .gpu; its python3 has torch and NVIDIA's CUDA 13 wheels):

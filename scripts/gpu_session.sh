@@ -3,7 +3,7 @@
 # which packs the binary into .gpu/beit.gz). Writes everything under ${OUT:-gpu_out}:
 #     scripts/gpu_session.sh [bench_gpu.py options...]     # ours vs transformers on the GPU
 #     scripts/gpu_session.sh --profile WORKLOAD:BATCH:DTYPE...  # our per-stage times
-#     scripts/gpu_session.sh --tests                         # tests/cuda_training.rs on the GPU
+#     scripts/gpu_session.sh --tests                         # tests/cuda.rs on the GPU
 set -uo pipefail
 out=${OUT:-gpu_out}
 mkdir -p "$out"
@@ -23,9 +23,9 @@ if grep -q "not found" "$out/ldd.txt"; then
   export LD_LIBRARY_PATH
 fi
 if [ "${1:-}" = "--tests" ]; then
-  gunzip -c .gpu/cuda_training.gz > /tmp/cuda_training && chmod +x /tmp/cuda_training || exit 1
+  gunzip -c .gpu/cuda_tests.gz > /tmp/cuda_tests && chmod +x /tmp/cuda_tests || exit 1
   # The fixtures are in this checkout, not where the binary was built.
-  CARGO_MANIFEST_DIR=$PWD /tmp/cuda_training --test-threads 1 --nocapture 2>&1 | tee "$out/tests.txt"
+  CARGO_MANIFEST_DIR=$PWD /tmp/cuda_tests --test-threads 1 --nocapture 2>&1 | tee "$out/tests.txt"
   exit "${PIPESTATUS[0]}"
 fi
 if [ "${1:-}" = "--profile" ]; then

@@ -171,8 +171,7 @@ impl Module for Conv2d {
             let (n, c, h, w) = x.dims4()?;
             let o = self.weight.dim(0)?;
             let wm = self.weight.reshape((o, c))?;
-            wm.broadcast_matmul(&x.reshape((n, c, h * w))?)?
-                .reshape((n, o, h, w))?
+            ops::broadcast_matmul(&wm, &x.reshape((n, c, h * w))?)?.reshape((n, o, h, w))?
         } else if self.stride == 1 {
             // Implicit-GEMM convolution (AVX-512 GEMM), differentiable.
             ops::conv2d(x, &self.weight, self.padding, self.dilation)?
@@ -234,8 +233,7 @@ impl Module for ConvTranspose2d {
                 candle_core::bail!("conv_transpose2d: {c} input channels for a weight of {ci}");
             }
             let wm = self.weight.reshape((ci, co * kh * kw))?.t()?;
-            let y = wm
-                .broadcast_matmul(&x.reshape((n, c, h * w))?)?
+            let y = ops::broadcast_matmul(&wm, &x.reshape((n, c, h * w))?)?
                 .reshape((n, co, kh, kw, h, w))?
                 .permute((0, 1, 4, 2, 5, 3))?
                 .reshape((n, co, h * kh, w * kw))?;

@@ -138,7 +138,7 @@ impl BeitSelfAttention {
         };
         drop(_p);
         let _p = profile::scope("attn.scores");
-        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        let mut scores = (ops::matmul(&q, &k.t()?)? * scale)?;
         if let Some(bias) = bias {
             scores = scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?;
         }
@@ -151,7 +151,7 @@ impl BeitSelfAttention {
             probs = probs.broadcast_mul(&m.to_dtype(probs.dtype())?.reshape((1, h, 1, 1))?)?;
         }
         let ctx = profile::time("attn.pv", || {
-            probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, d))
+            ops::matmul(&probs, &v)?.transpose(1, 2)?.reshape((b, s, d))
         })?;
         Ok((ctx, output_attentions.then_some(probs)))
     }

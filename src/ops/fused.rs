@@ -366,7 +366,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let inp = *dims.last().unwrap_or(&1);
     let rows = x.elem_count() / inp.max(1);
-    let mut y = x.reshape((rows, inp))?.matmul(&w.t()?)?;
+    let mut y = super::matmul(&x.reshape((rows, inp))?, &w.t()?)?;
     if let Some(b) = b {
         y = if super::cuda::available(&y) && b.dtype() == y.dtype() {
             super::cuda::bias_add(&y, b)?

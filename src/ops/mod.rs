@@ -32,6 +32,76 @@ pub fn set_generic_only(on: bool) {
     GENERIC_ONLY.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// `a.matmul(b)`: the matrix products of the model's generic paths go through here. In
+/// generic-only mode (the CPU stand-in for a GPU, `tests/parity_generic.rs`) an operand layout
+/// that candle's CUDA backend refuses is an error here too, although candle's CPU matmul takes
+/// any strides: cuBLAS takes each matrix row-major or transposed, and the batch at one stride.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if generic_only() && !(cublas_layout_ok(a) && cublas_layout_ok(b)) {
+        candle_core::bail!(
+            "matmul of {:?} (strides {:?}) and {:?} (strides {:?}): a layout candle's CUDA \
+             backend refuses (make the operand contiguous)",
+            a.dims(),
+            a.stride(),
+            b.dims(),
+            b.stride()
+        );
+    }
+    a.matmul(b)
+}
+
+/// `a.broadcast_matmul(b)`, checked as [`matmul`]. candle makes a broadcast operand contiguous
+/// before multiplying, except a rank-2 `b` beside a contiguous `a` (one 2-D product): what it
+/// passes on as it is gets checked.
+pub fn broadcast_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (ad, bd) = (a.dims(), b.dims());
+    if !generic_only() || ad.len() < 2 || bd.len() < 2 {
+        return a.broadcast_matmul(b);
+    }
+    let (ab, bb) = (&ad[..ad.len() - 2], &bd[..bd.len() - 2]);
+    let n = ab.len().max(bb.len());
+    let pad = |v: &[usize]| [vec![1; n - v.len()], v.to_vec()].concat();
+    let (pa, pb) = (pad(ab), pad(bb));
+    let batch: Vec<usize> = pa
+        .iter()
+        .zip(&pb)
+        .map(|(&x, &y)| if x == 1 { y } else { x })
+        .collect();
+    let full = |d: &[usize]| [batch.as_slice(), &d[d.len() - 2..]].concat();
+    let (a_as_is, b_broadcast) = (full(ad) == ad, full(bd) != bd);
+    let a_checked = a_as_is && !cublas_layout_ok(a);
+    let b_as_is = !b_broadcast || (bd.len() == 2 && a_as_is && a.is_contiguous());
+    if a_checked || (b_as_is && !cublas_layout_ok(b)) {
+        candle_core::bail!(
+            "matmul of {:?} (strides {:?}) and {:?} (strides {:?}): a layout candle's CUDA \
+             backend refuses (make the operand contiguous)",
+            ad,
+            a.stride(),
+            bd,
+            b.stride()
+        );
+    }
+    a.broadcast_matmul(b)
+}
+
+/// Whether candle's CUDA matmul takes this operand's layout (its `gemm_config` rules).
+fn cublas_layout_ok(t: &Tensor) -> bool {
+    let (dims, stride) = (t.dims(), t.stride());
+    let r = dims.len();
+    if r < 2 {
+        return false;
+    }
+    let (rows, cols, m2, m1) = (dims[r - 2], dims[r - 1], stride[r - 2], stride[r - 1]);
+    let row_major = (m1 == 1 || cols == 1) && (m2 == cols || rows == 1);
+    let transposed = (m1 == rows || cols == 1) && (m2 == 1 || rows == 1);
+    let batch = match stride[..r - 2] {
+        [s1, s] => s1 == s * dims[1] || dims[0] == 1 || dims[1] == 1,
+        [_] | [] => true,
+        _ => false,
+    };
+    (row_major || transposed) && batch
+}
+
 fn generic_only() -> bool {
     static FROM_ENV: std::sync::Once = std::sync::Once::new();
     FROM_ENV.call_once(|| {

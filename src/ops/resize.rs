@@ -166,15 +166,18 @@ pub fn resample(x: &Tensor, kind: Kind, out_h: usize, out_w: usize) -> Result<Te
         return resample_direct(x, kind, out_h, out_w);
     }
     let dev = x.device();
-    let mut y = x.clone();
+    // Contiguous first: callers pass permuted views (an NHWC table seen as NCHW), whose inner
+    // dims cuBLAS cannot take (candle's CUDA matmul refuses them; its CPU one does not mind).
+    let mut y = x.contiguous()?;
     if w != out_w {
         let aw_t = matrix(kind, w, out_w, x.dtype(), dev)?.t()?;
-        y = y.broadcast_matmul(&aw_t)?; // [..., H, out_w]
+        y = super::broadcast_matmul(&y, &aw_t)?; // [..., H, out_w]
     }
     if h != out_h {
         let ah_t = matrix(kind, h, out_h, x.dtype(), dev)?.t()?;
         let yt = y.transpose(rank - 2, rank - 1)?; // [..., out_w, H]
-        y = yt.broadcast_matmul(&ah_t)?.transpose(rank - 2, rank - 1)?; // [..., out_h, out_w]
+        y = super::broadcast_matmul(&yt, &ah_t)?.transpose(rank - 2, rank - 1)?;
+        // [..., out_h, out_w]
     }
     y.contiguous()
 }

@@ -292,8 +292,7 @@ impl Module for Conv {
             Tensor::stack(&shifted, 2)?.reshape((b, c * self.k * self.k, h * w))?
         };
         let out_c = self.weight.dim(0)?;
-        self.weight
-            .broadcast_matmul(&cols)?
+        crate::ops::broadcast_matmul(&self.weight, &cols)?
             .broadcast_add(&self.bias)?
             .reshape((b, out_c, h, w))
     }

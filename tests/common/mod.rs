@@ -102,6 +102,11 @@ fn compare(name: &str, got: &Tensor, want: &Tensor, atol: f64, rtol: f64) -> Res
 
 /// Runs one case; returns (tensors compared, worst max-abs-diff over float outputs).
 pub fn run_case(dir: &Path) -> Result<(usize, f64), String> {
+    run_case_on(dir, &Device::Cpu)
+}
+
+/// [`run_case`] with the model on `device`.
+pub fn run_case_on(dir: &Path, device: &Device) -> Result<(usize, f64), String> {
     let case: Case =
         serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
     let model_dir = dir.join(&case.model);
@@ -121,7 +126,7 @@ pub fn run_case(dir: &Path) -> Result<(usize, f64), String> {
         &dir.join("inputs.safetensors"),
         &out_path,
         &args,
-        &Device::Cpu,
+        device,
     )
     .map_err(|e| format!("forward failed: {e}"))?;
     let got: HashMap<String, Tensor> = load_safetensors(&out_path, &Device::Cpu).unwrap();
@@ -152,6 +157,11 @@ pub fn run_case(dir: &Path) -> Result<(usize, f64), String> {
 
 /// Run every case folder under `root`; returns the names of failing cases.
 pub fn run_all(root: &Path) -> (usize, Vec<String>) {
+    run_all_on(root, &Device::Cpu)
+}
+
+/// [`run_all`] with the models on `device`.
+pub fn run_all_on(root: &Path, device: &Device) -> (usize, Vec<String>) {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
         .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
         .unwrap_or_default();
@@ -161,7 +171,7 @@ pub fn run_all(root: &Path) -> (usize, Vec<String>) {
     for d in &dirs {
         let name = d.file_name().unwrap().to_string_lossy().to_string();
         let t = std::time::Instant::now();
-        match run_case(d) {
+        match run_case_on(d, device) {
             Ok((n, diff)) => eprintln!(
                 "ok   {name} ({n} tensors, max abs diff {diff:.2e}, {:.1?})",
                 t.elapsed()

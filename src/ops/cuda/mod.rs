@@ -12,9 +12,9 @@
 //! bias add ([`bias_add`]), the `cuda_fwd` of the CPU's differentiable softmax, GELU and
 //! LayerNorm ops and of their gradients, and AdamW's in-place updates (`train::optim`).
 //!
-//! The inference kernels are checked against transformers on a GPU by `scripts/bench_gpu.py`,
-//! the training ones against candle's ops by `tests/cuda_ops.rs` (run where a GPU is: CI has
-//! none, so `available` is false there and in CPU builds).
+//! All of it is checked on a GPU by `tests/cuda.rs` (every inference fixture against
+//! transformers, every training fixture against torch) and `scripts/bench_gpu.py`; CI has no
+//! GPU, so `available` is false there and in CPU builds.
 
 use candle_core::{Result, Tensor};
 
