@@ -104,18 +104,8 @@ impl CustomOp3 for LayerNormOp {
         if let Some((dx, dw, db)) = super::fused::layer_norm_grads(x, w, g, self.eps)? {
             return Ok((Some(dx), Some(dw), Some(db)));
         }
-        let d = w.dim(0)?;
-        let rows = g.elem_count() / d.max(1);
         if super::cuda::available(x) {
-            // One kernel for dx and g * xhat, then two column sums.
-            let both = x.contiguous()?.apply_op3_no_bwd(
-                &w.contiguous()?,
-                &g.contiguous()?,
-                &LayerNormBackward { eps: self.eps },
-            )?;
-            let dx = both.get(0)?.reshape(x.shape())?;
-            let dw = super::cuda::column_sum(&both.get(1)?)?;
-            let db = super::cuda::column_sum(g)?;
+            let (dx, dw, db) = super::cuda::layer_norm_grads(x, w, g, self.eps)?;
             return Ok((Some(dx), Some(dw), Some(db)));
         }
         // The same maths as a composition (other devices).
@@ -131,49 +121,11 @@ impl CustomOp3 for LayerNormOp {
             .broadcast_sub(&m1)?
             .sub(&xhat.broadcast_mul(&m2)?)?
             .broadcast_mul(&rstd)?;
+        let d = w.dim(0)?;
+        let rows = g.elem_count() / d.max(1);
         let dw = (g * &xhat)?.reshape((rows, d))?.sum(0)?;
         let db = g.reshape((rows, d))?.sum(0)?;
         Ok((Some(dx), Some(dw), Some(db)))
-    }
-}
-
-/// `[2, rows, d]` = (dx, g * xhat) of LayerNorm on CUDA (`ops::cuda::layer_norm_backward`).
-struct LayerNormBackward {
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // read by the CUDA kernel only
-    eps: f64,
-}
-
-impl CustomOp3 for LayerNormBackward {
-    fn name(&self) -> &'static str {
-        "beit-layer-norm-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!(
-            "{} runs on CUDA only (the CPU has layer_norm_grads)",
-            self.name()
-        )
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::layer_norm_backward(s1, l1, s2, l2, s3, l3, self.eps)
     }
 }
 

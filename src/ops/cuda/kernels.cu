@@ -253,7 +253,21 @@ __device__ __forceinline__ float block_sum(float v, float *red) {
   return v;
 }
 
-// LayerNorm over rows of length d: one block per row, mean then variance (two passes).
+// Mean and 1 / sqrt(variance + eps) of a row of d values, block-wide (two passes).
+template <typename T>
+__device__ void row_stats(const T *xr, int d, float eps, float *red, float &mean, float &rstd) {
+  float s = 0.f;
+  for (int j = threadIdx.x; j < d; j += blockDim.x) s += to_f(xr[j]);
+  mean = block_sum(s, red) / d;
+  float v = 0.f;
+  for (int j = threadIdx.x; j < d; j += blockDim.x) {
+    const float c = to_f(xr[j]) - mean;
+    v += c * c;
+  }
+  rstd = 1.0f / sqrtf(block_sum(v, red) / d + eps);
+}
+
+// LayerNorm over rows of length d: one block per row.
 template <typename T>
 __device__ void layer_norm(const T *x, const T *w, const T *b, T *out, size_t rows, int d,
                            float eps) {
@@ -261,15 +275,8 @@ __device__ void layer_norm(const T *x, const T *w, const T *b, T *out, size_t ro
   const size_t r = blockIdx.x;
   if (r >= rows) return;
   const T *xr = x + r * d;
-  float s = 0.f;
-  for (int j = threadIdx.x; j < d; j += blockDim.x) s += to_f(xr[j]);
-  const float mean = block_sum(s, red) / d;
-  float v = 0.f;
-  for (int j = threadIdx.x; j < d; j += blockDim.x) {
-    const float c = to_f(xr[j]) - mean;
-    v += c * c;
-  }
-  const float rstd = 1.0f / sqrtf(block_sum(v, red) / d + eps);
+  float mean, rstd;
+  row_stats(xr, d, eps, red, mean, rstd);
   T *o = out + r * d;
   for (int j = threadIdx.x; j < d; j += blockDim.x) {
     o[j] = from_f<T>((to_f(xr[j]) - mean) * rstd * to_f(w[j]) + to_f(b[j]));
@@ -285,15 +292,8 @@ __device__ void layer_norm_backward(const T *x, const T *w, const T *g, T *out, 
   const size_t r = blockIdx.x;
   if (r >= rows) return;
   const T *xr = x + r * d, *gr = g + r * d;
-  float s = 0.f;
-  for (int j = threadIdx.x; j < d; j += blockDim.x) s += to_f(xr[j]);
-  const float mean = block_sum(s, red) / d;
-  float v = 0.f;
-  for (int j = threadIdx.x; j < d; j += blockDim.x) {
-    const float c = to_f(xr[j]) - mean;
-    v += c * c;
-  }
-  const float rstd = 1.0f / sqrtf(block_sum(v, red) / d + eps);
+  float mean, rstd;
+  row_stats(xr, d, eps, red, mean, rstd);
   float a = 0.f, bx = 0.f;
   for (int j = threadIdx.x; j < d; j += blockDim.x) {
     const float xhat = (to_f(xr[j]) - mean) * rstd, dxh = to_f(gr[j]) * to_f(w[j]);

@@ -194,6 +194,19 @@ pub fn bias_add(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
     imp::bias_add(&y.contiguous()?, &bias.contiguous()?)
 }
 
+/// LayerNorm's gradients `(dx, dw, db)` for input `x`, weight `w` and output gradient `g`: one
+/// kernel for dx and `g * xhat`, then two column sums.
+pub fn layer_norm_grads(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let both = imp::layer_norm_backward(&x.contiguous()?, &w.contiguous()?, &g.contiguous()?, eps)?;
+    let dx = both.get(0)?.reshape(x.shape())?;
+    Ok((dx, column_sum(&both.get(1)?)?, column_sum(g)?))
+}
+
 /// The sums over all leading dimensions of `x [.., n]` -> `[n]` (no gradient).
 pub fn column_sum(x: &Tensor) -> Result<Tensor> {
     imp::column_sum(&x.contiguous()?)
@@ -201,8 +214,7 @@ pub fn column_sum(x: &Tensor) -> Result<Tensor> {
 
 #[cfg(feature = "cuda")]
 pub use imp::{
-    adamw_moment, adamw_param, gelu_erf, gelu_erf_backward, layer_norm, layer_norm_backward,
-    softmax, softmax_backward,
+    adamw_moment, adamw_param, gelu_erf, gelu_erf_backward, layer_norm, softmax, softmax_backward,
 };
 
 #[cfg(feature = "cuda")]
@@ -256,6 +268,20 @@ mod imp {
                 candle_core::bail!(
                     "{} runs on CUDA only",
                     <Self as candle_core::CustomOp1>::name(self)
+                )
+            }
+        };
+        (2) => {
+            fn cpu_fwd(
+                &self,
+                _: &CpuStorage,
+                _: &Layout,
+                _: &CpuStorage,
+                _: &Layout,
+            ) -> Result<(CpuStorage, Shape)> {
+                candle_core::bail!(
+                    "{} runs on CUDA only",
+                    <Self as candle_core::CustomOp2>::name(self)
                 )
             }
         };
@@ -638,15 +664,7 @@ mod imp {
             "beit-cuda-gather-columns"
         }
 
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!("{} runs on CUDA only", self.name())
-        }
+        cuda_only!(2);
 
         fn cuda_fwd(
             &self,
@@ -904,93 +922,91 @@ mod imp {
         bl: &Layout,
         eps: f64,
     ) -> Result<(CudaStorage, Shape)> {
-        let dev = x.device().clone();
-        let d = xl.dims().last().copied().unwrap_or(1).max(1);
-        let n = xl.shape().elem_count();
-        if wl.shape().elem_count() != d || bl.shape().elem_count() != d {
-            candle_core::bail!(
-                "layer_norm: weight/bias of {} for rows of {d}",
-                wl.dims()[0]
-            );
-        }
-        let (xo, wo, bo) = (offset(xl, "x")?, offset(wl, "weight")?, offset(bl, "bias")?);
-        let func = dev.get_or_load_custom_func(
-            &format!("beit_layer_norm_{}", suffix(&x.slice)?),
-            MODULE,
-            PTX,
-        )?;
-        let (rows_u, d_i, eps_f) = ((n / d) as u64, d as i32, eps as f32);
-        let slice = typed!(T, [x, w, b], {
-            let out = alloc::<T>(&dev, n)?;
-            let (xv, wv, bv) = (x.slice(xo..), w.slice(wo..), b.slice(bo..));
-            let mut a = func.builder();
-            a.arg(&xv);
-            a.arg(&wv);
-            a.arg(&bv);
-            a.arg(&out);
-            a.arg(&rows_u);
-            a.arg(&d_i);
-            a.arg(&eps_f);
-            // SAFETY: argument types and order match `beit_layer_norm_*`.
-            unsafe { a.launch(per_row(n / d)) }.w()?;
-            out
-        });
-        Ok((CudaStorage { slice, device: dev }, xl.shape().clone()))
+        let out = launch_layer_norm("layer_norm", (x, xl), (w, wl), (b, bl), eps)?;
+        Ok((out, xl.shape().clone()))
     }
 
     /// `[2, rows, d]`: LayerNorm's input gradient and `g * xhat` (whose column sums are the
-    /// weight's gradient), for input `x`, weight `w` and output gradient `g`.
-    pub fn layer_norm_backward(
-        x: &CudaStorage,
-        xl: &Layout,
-        w: &CudaStorage,
-        wl: &Layout,
-        g: &CudaStorage,
-        gl: &Layout,
+    /// weight's gradient), for input `x`, weight `w` and output gradient `g` (contiguous).
+    pub fn layer_norm_backward(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<Tensor> {
+        x.apply_op3_no_bwd(w, g, &LayerNormBackward { eps })
+    }
+
+    struct LayerNormBackward {
         eps: f64,
-    ) -> Result<(CudaStorage, Shape)> {
+    }
+
+    impl candle_core::CustomOp3 for LayerNormBackward {
+        fn name(&self) -> &'static str {
+            "beit-cuda-layer-norm-backward"
+        }
+
+        cuda_only!(3);
+
+        fn cuda_fwd(
+            &self,
+            x: &CudaStorage,
+            xl: &Layout,
+            w: &CudaStorage,
+            wl: &Layout,
+            g: &CudaStorage,
+            gl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let out =
+                launch_layer_norm("layer_norm_backward", (x, xl), (w, wl), (g, gl), self.eps)?;
+            let d = xl.dims().last().copied().unwrap_or(1).max(1);
+            Ok((out, Shape::from((2, xl.shape().elem_count() / d, d))))
+        }
+    }
+
+    /// `beit_{kernel}_{dtype}` over the rows of `x [rows, d]` with weight `w [d]` and `third`:
+    /// the bias `[d]` (`layer_norm`: output like `x`) or the output gradient, shaped as `x`
+    /// (`layer_norm_backward`: output `[2, rows, d]`). One block per row.
+    fn launch_layer_norm(
+        kernel: &str,
+        (x, xl): (&CudaStorage, &Layout),
+        (w, wl): (&CudaStorage, &Layout),
+        (t, tl): (&CudaStorage, &Layout),
+        eps: f64,
+    ) -> Result<CudaStorage> {
         let dev = x.device().clone();
         let d = xl.dims().last().copied().unwrap_or(1).max(1);
         let n = xl.shape().elem_count();
-        if wl.shape().elem_count() != d || gl.shape().elem_count() != n {
+        let backward = kernel == "layer_norm_backward";
+        let third = if backward { n } else { d };
+        if wl.shape().elem_count() != d || tl.shape().elem_count() != third {
             candle_core::bail!(
-                "layer_norm backward: shapes {:?} {:?} {:?}",
+                "{kernel}: x {:?}, weight {:?}, {:?}",
                 xl.dims(),
                 wl.dims(),
-                gl.dims()
+                tl.dims()
             );
         }
-        let (xo, wo, go) = (
-            offset(xl, "x")?,
-            offset(wl, "weight")?,
-            offset(gl, "gradient")?,
-        );
+        let (xo, wo, to) = (offset(xl, "x")?, offset(wl, "weight")?, offset(tl, kernel)?);
         let func = dev.get_or_load_custom_func(
-            &format!("beit_layer_norm_backward_{}", suffix(&x.slice)?),
+            &format!("beit_{kernel}_{}", suffix(&x.slice)?),
             MODULE,
             PTX,
         )?;
         let rows = n / d;
         let (rows_u, d_i, eps_f) = (rows as u64, d as i32, eps as f32);
-        let slice = typed!(T, [x, w, g], {
-            let out = alloc::<T>(&dev, 2 * n)?;
-            let (xv, wv, gv) = (x.slice(xo..), w.slice(wo..), g.slice(go..));
+        let slice = typed!(T, [x, w, t], {
+            let out = alloc::<T>(&dev, if backward { 2 * n } else { n })?;
+            let (xv, wv, tv) = (x.slice(xo..), w.slice(wo..), t.slice(to..));
             let mut a = func.builder();
             a.arg(&xv);
             a.arg(&wv);
-            a.arg(&gv);
+            a.arg(&tv);
             a.arg(&out);
             a.arg(&rows_u);
             a.arg(&d_i);
             a.arg(&eps_f);
-            // SAFETY: argument types and order match `beit_layer_norm_backward_*`.
+            // SAFETY: argument types and order match `beit_layer_norm_*` and
+            // `beit_layer_norm_backward_*` (x, w, bias or gradient, out, rows, d, eps).
             unsafe { a.launch(per_row(rows)) }.w()?;
             out
         });
-        Ok((
-            CudaStorage { slice, device: dev },
-            Shape::from((2, rows, d)),
-        ))
+        Ok(CudaStorage { slice, device: dev })
     }
 
     // ---- bias add and column sums ---------------------------------------------------------
@@ -1002,15 +1018,7 @@ mod imp {
             "beit-cuda-bias-add"
         }
 
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!("{} runs on CUDA only", self.name())
-        }
+        cuda_only!(2);
 
         fn cuda_fwd(
             &self,
@@ -1219,6 +1227,9 @@ mod imp {
         unavailable()
     }
     pub fn column_sum(_: &Tensor) -> Result<Tensor> {
+        unavailable()
+    }
+    pub fn layer_norm_backward(_: &Tensor, _: &Tensor, _: &Tensor, _: f64) -> Result<Tensor> {
         unavailable()
     }
 }
