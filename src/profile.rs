@@ -2,9 +2,10 @@
 //! --profile`).
 //!
 //! candle's CPU ops run synchronously (each op finishes before it returns, its threads joined), so
-//! timing a stage on the calling thread measures that stage's own work. Stages are flat, leaf
-//! scopes (`attn.qkv`, `mlp.fc1`, ...): nothing is counted twice, and what no scope covers shows
-//! up as the remainder of the total. On a GPU, where ops only queue work, [`set_device`] makes
+//! timing a stage on the calling thread measures that stage's own work. Stages are leaf scopes
+//! (`attn.qkv`, `mlp.fc1`, ...), counted once, and what no scope covers shows up as the
+//! remainder of the total; a stage named `NAME: PART` is a part of NAME (and the backward pass's
+//! ops come as `backward: OP`, inside `train.backward`), left out of that remainder. On a GPU, where ops only queue work, [`set_device`] makes
 //! every stage boundary wait for the device (slower, but each stage then shows its own time).
 
 use std::collections::HashMap;

@@ -38,14 +38,7 @@ pub fn set_generic_only(on: bool) {
 /// any strides: cuBLAS takes each matrix row-major or transposed, and the batch at one stride.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if generic_only() && !(cublas_layout_ok(a) && cublas_layout_ok(b)) {
-        candle_core::bail!(
-            "matmul of {:?} (strides {:?}) and {:?} (strides {:?}): a layout candle's CUDA \
-             backend refuses (make the operand contiguous)",
-            a.dims(),
-            a.stride(),
-            b.dims(),
-            b.stride()
-        );
+        return Err(cublas_refuses(a, b));
     }
     a.matmul(b)
 }
@@ -72,16 +65,20 @@ pub fn broadcast_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let a_checked = a_as_is && !cublas_layout_ok(a);
     let b_as_is = !b_broadcast || (bd.len() == 2 && a_as_is && a.is_contiguous());
     if a_checked || (b_as_is && !cublas_layout_ok(b)) {
-        candle_core::bail!(
-            "matmul of {:?} (strides {:?}) and {:?} (strides {:?}): a layout candle's CUDA \
-             backend refuses (make the operand contiguous)",
-            ad,
-            a.stride(),
-            bd,
-            b.stride()
-        );
+        return Err(cublas_refuses(a, b));
     }
     a.broadcast_matmul(b)
+}
+
+fn cublas_refuses(a: &Tensor, b: &Tensor) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "matmul of {:?} (strides {:?}) and {:?} (strides {:?}): a layout candle's CUDA backend \
+         refuses (make the operand contiguous)",
+        a.dims(),
+        a.stride(),
+        b.dims(),
+        b.stride()
+    ))
 }
 
 /// Whether candle's CUDA matmul takes this operand's layout (its `gemm_config` rules).

@@ -17,6 +17,18 @@ template <> __device__ __forceinline__ float from_f<float>(float x) { return x; 
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
 
+// Sum of v over the block, returned to every thread (red: 32 floats of shared memory).
+__device__ __forceinline__ float block_sum(float v, float *red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  __syncthreads();  // red may still be read by an earlier call
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  v = lane < warps ? red[lane] : 0.f;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  return v;
+}
+
 // Linear epilogue on y [rows, n] (row-major): op 0: y + bias; 1: GELU(y + bias) (exact erf);
 // 2: res + scale * (y + bias) with scale = params[n..2n] when has_scale, else 1.
 // params = bias [n] (then scale [n]).
@@ -75,12 +87,7 @@ __device__ void attn_softmax(const T *scores, const T *table, const uint32_t *in
     logits[j] = e;
     sum += e;
   }
-  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
-  if (lane == 0) red[warp] = sum;
-  __syncthreads();
-  sum = lane < warps ? red[lane] : 0.f;
-  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
-  const float inv = 1.0f / sum;
+  const float inv = 1.0f / block_sum(sum, red);
   T *dst = out + r * (size_t)s;
   for (int j = threadIdx.x; j < s; j += blockDim.x) dst[j] = from_f<T>(logits[j] * inv);
 }
@@ -229,29 +236,13 @@ __device__ void softmax_backward(const T *y, const T *g, T *out, size_t rows, in
   const T *yr = y + r * (size_t)s, *gr = g + r * (size_t)s;
   float dot = 0.f;
   for (int j = threadIdx.x; j < s; j += blockDim.x) dot += to_f(yr[j]) * to_f(gr[j]);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-  for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffff, dot, o);
-  if (lane == 0) red[warp] = dot;
-  __syncthreads();
-  dot = lane < warps ? red[lane] : 0.f;
-  for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffff, dot, o);
+  dot = block_sum(dot, red);
   T *dst = out + r * (size_t)s;
   for (int j = threadIdx.x; j < s; j += blockDim.x) {
     dst[j] = from_f<T>(to_f(yr[j]) * (to_f(gr[j]) - dot));
   }
 }
 
-// Sum of v over the block, returned to every thread (red: 32 floats of shared memory).
-__device__ __forceinline__ float block_sum(float v, float *red) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-  __syncthreads();  // red may still be read by an earlier call
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  v = lane < warps ? red[lane] : 0.f;
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-  return v;
-}
 
 // Mean and 1 / sqrt(variance + eps) of a row of d values, block-wide (two passes).
 template <typename T>
