@@ -1,8 +1,8 @@
 //! Image decoding that reproduces `PIL.Image.open(path).convert("RGB")` (Pillow 13).
 //!
 //! * Formats are identified from the file contents (magic bytes), not from the extension.
-//! * JPEG is decoded with libjpeg-turbo (the `turbojpeg` crate, which vendors libjpeg-turbo 3.x,
-//!   the library Pillow wheels link), with the same settings Pillow uses (accurate integer IDCT,
+//! * JPEG is decoded with libjpeg-turbo's decoder ([`super::libjpeg`]: the C code Pillow's
+//!   wheels link, built without NASM), with the same settings Pillow uses (accurate integer IDCT,
 //!   fancy upsampling), so the RGB bytes are identical. CMYK/YCCK JPEGs are converted to RGB with
 //!   Pillow's `cmyk2rgb` formula (Adobe-inverted data included).
 //! * PNG is decoded with the `png` crate. Pillow keeps 16-bit RGB(A) and grey+alpha PNGs as
@@ -20,6 +20,7 @@
 //!
 //! Every error names the file and the cause; no input makes these functions panic.
 
+use super::libjpeg;
 use image::{DynamicImage, GrayImage, ImageDecoder, ImageFormat, RgbImage, RgbaImage};
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -232,55 +233,39 @@ fn decode_jpeg(
     opts: &DecodeOptions,
 ) -> Result<DynamicImage, DecodeError> {
     let f = Format::Jpeg;
-    let mut dec = turbojpeg::Decompressor::new().map_err(|e| decode_err(path, f, e))?;
-    let header = dec.read_header(bytes).map_err(|e| decode_err(path, f, e))?;
+    let mut dec = libjpeg::Decompressor::new().map_err(|e| decode_err(path, f, e))?;
+    let header = dec.read_header(bytes).map_err(|e| jpeg_err(path, e))?;
     check_size(header.width as u64, header.height as u64, path, opts)?;
-    if header.is_lossless {
-        return Err(DecodeError::Unsupported {
-            path: path.to_path_buf(),
-            message: "lossless JPEG is not supported".into(),
-        });
-    }
     let (w, h) = (header.width, header.height);
-    let (format, channels) = match header.colorspace {
-        turbojpeg::Colorspace::Gray => (turbojpeg::PixelFormat::GRAY, 1),
-        turbojpeg::Colorspace::CMYK | turbojpeg::Colorspace::YCCK => {
-            (turbojpeg::PixelFormat::CMYK, 4)
-        }
-        _ => (turbojpeg::PixelFormat::RGB, 3),
+    let format = match header.colorspace {
+        libjpeg::Colorspace::Gray => libjpeg::PixelFormat::Gray,
+        libjpeg::Colorspace::Cmyk | libjpeg::Colorspace::Ycck => libjpeg::PixelFormat::Cmyk,
+        _ => libjpeg::PixelFormat::Rgb,
     };
+    let channels = format.channels();
     let len = w
         .checked_mul(h)
         .and_then(|p| p.checked_mul(channels))
         .ok_or_else(|| decode_err(path, f, "image too large"))?;
     let mut pixels = vec![0u8; len];
-    let image = turbojpeg::Image {
-        pixels: pixels.as_mut_slice(),
-        width: w,
-        pitch: w * channels,
-        height: h,
-        format,
-    };
     // TurboJPEG returns -1 for libjpeg *warnings* too (after decoding the whole image).
     // Pillow ignores libjpeg warnings (its `output_message` hook is a no-op) except that it
     // refuses truncated data ("image file is truncated" unless LOAD_TRUNCATED_IMAGES), which
     // libjpeg reports as the warning "Premature end of JPEG file".
-    if let Err(e) = dec.decompress(bytes, image) {
-        match &e {
-            turbojpeg::Error::TurboJpegError(msg) if is_libjpeg_warning(msg) => {
-                tracing::warn!(
-                    "{}: libjpeg warning ignored (as Pillow does): {msg}",
-                    path.display()
-                );
-            }
-            turbojpeg::Error::TurboJpegError(msg) if msg.starts_with(JPEG_EOF) => {
-                return Err(decode_err(
-                    path,
-                    f,
-                    format!("image file is truncated ({msg})"),
-                ));
-            }
-            _ => return Err(decode_err(path, f, e)),
+    if let Err(e) = dec.decompress(bytes, &mut pixels, &header, format) {
+        if e.warning && e.message.starts_with(JPEG_EOF) {
+            return Err(decode_err(
+                path,
+                f,
+                format!("image file is truncated ({e})"),
+            ));
+        } else if e.warning {
+            tracing::warn!(
+                "{}: libjpeg warning ignored (as Pillow does): {e}",
+                path.display()
+            );
+        } else {
+            return Err(jpeg_err(path, e));
         }
     }
     let (w32, h32) = (w as u32, h as u32);
@@ -312,18 +297,16 @@ fn decode_jpeg(
 /// libjpeg's `JWRN_JPEG_EOF` message (truncated data).
 const JPEG_EOF: &str = "Premature end of JPEG file";
 
-/// Whether a TurboJPEG error string is one of libjpeg's non-fatal `JWRN_*` messages
-/// (`jerror.h`), other than truncation.
-fn is_libjpeg_warning(msg: &str) -> bool {
-    const WARNINGS: [&str; 6] = [
-        "Unknown Adobe color transform code",
-        "Corrupt JPEG data:",
-        "Inconsistent progression sequence",
-        "Warning: unknown JFIF revision number",
-        "Invalid SOS parameters for sequential JPEG",
-        "Application transferred too many scanlines",
-    ];
-    WARNINGS.iter().any(|w| msg.starts_with(w))
+/// A fatal decoder error; libjpeg-turbo 2.x refuses lossless JPEG (SOF3) as an unsupported
+/// process.
+fn jpeg_err(path: &Path, e: libjpeg::TjError) -> DecodeError {
+    if e.message.starts_with("Unsupported JPEG process") {
+        return DecodeError::Unsupported {
+            path: path.to_path_buf(),
+            message: e.message,
+        };
+    }
+    decode_err(path, Format::Jpeg, e)
 }
 
 /// Whether the JPEG has an Adobe APP14 segment (scanned up to the first SOS marker).

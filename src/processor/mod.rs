@@ -31,6 +31,7 @@
 
 mod config;
 pub mod decode;
+mod libjpeg;
 pub mod resample;
 
 pub use decode::{DecodeError, DecodeOptions, MAX_IMAGE_PIXELS};
