@@ -53,35 +53,21 @@ impl PackedInt8 {
     pub fn pack(w: &[f32], k: usize, n: usize, rs: usize, cs: usize) -> Self {
         let g = k.div_ceil(4);
         let panels = n.div_ceil(NR);
+        let qc = quantize_columns(w, k, n, rs, cs);
         let mut data = vec![0i8; panels * g * NR * 4];
-        let mut col_scale = vec![0f32; panels * NR];
-        let mut col_offset = vec![0f32; panels * NR];
         data.par_chunks_mut(g * NR * 4)
-            .zip(col_scale.par_chunks_mut(NR))
-            .zip(col_offset.par_chunks_mut(NR))
             .enumerate()
-            .for_each(|(p, ((panel, scale), offset))| {
-                for jj in 0..NR {
-                    let j = p * NR + jj;
-                    if j >= n {
-                        break;
+            .for_each(|(p, panel)| {
+                for kk in 0..k {
+                    for jj in 0..NR.min(n - p * NR) {
+                        panel[((kk / 4) * NR + jj) * 4 + kk % 4] = qc.q[kk * n + p * NR + jj];
                     }
-                    let amax = (0..k)
-                        .map(|kk| w[kk * rs + j * cs].abs())
-                        .fold(0f32, f32::max);
-                    let s = if amax > 0.0 { amax / 127.0 } else { 1.0 };
-                    let mut sum = 0i64;
-                    for kk in 0..k {
-                        let q = (w[kk * rs + j * cs] / s)
-                            .round_ties_even()
-                            .clamp(-127.0, 127.0);
-                        panel[((kk / 4) * NR + jj) * 4 + kk % 4] = q as i8;
-                        sum += q as i64;
-                    }
-                    scale[jj] = s;
-                    offset[jj] = (128 * sum) as f32;
                 }
             });
+        let mut col_scale = qc.scale;
+        col_scale.resize(panels * NR, 0.0);
+        let mut col_offset: Vec<f32> = qc.sums.iter().map(|&s| (128 * s) as f32).collect();
+        col_offset.resize(panels * NR, 0.0);
         PackedInt8 {
             k,
             n,
@@ -103,6 +89,50 @@ impl PackedInt8 {
             }
         }
         w
+    }
+}
+
+/// A `[K, N]` weight quantised per output column: `q = round(w / s_n)` in [-127, 127] with
+/// `s_n = max_k |w[k, n]| / 127` (1 for an all-zero column).
+pub struct QuantizedColumns {
+    /// `q`, `[K, N]` row-major.
+    pub q: Vec<i8>,
+    /// `s_n`.
+    pub scale: Vec<f32>,
+    /// `Σ_k q_kn` (the unsigned activations' `+ 128` is taken back with these).
+    pub sums: Vec<i32>,
+}
+
+/// Quantise `w` (element `(kk, j)` at `w[kk * rs + j * cs]`) per column.
+pub fn quantize_columns(w: &[f32], k: usize, n: usize, rs: usize, cs: usize) -> QuantizedColumns {
+    let cols: Vec<(Vec<i8>, f32, i32)> = (0..n)
+        .into_par_iter()
+        .map(|j| {
+            let amax = (0..k)
+                .map(|kk| w[kk * rs + j * cs].abs())
+                .fold(0f32, f32::max);
+            let s = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+            let q: Vec<i8> = (0..k)
+                .map(|kk| {
+                    (w[kk * rs + j * cs] / s)
+                        .round_ties_even()
+                        .clamp(-127.0, 127.0) as i8
+                })
+                .collect();
+            let sum = q.iter().map(|&v| v as i32).sum();
+            (q, s, sum)
+        })
+        .collect();
+    let mut q = vec![0i8; k * n];
+    for (j, (col, _, _)) in cols.iter().enumerate() {
+        for (kk, &v) in col.iter().enumerate() {
+            q[kk * n + j] = v;
+        }
+    }
+    QuantizedColumns {
+        q,
+        scale: cols.iter().map(|c| c.1).collect(),
+        sums: cols.iter().map(|c| c.2).collect(),
     }
 }
 

@@ -6,6 +6,7 @@
 //! matches PyTorch's forward numerics.
 
 pub mod activation;
+pub mod amx;
 pub mod attention;
 pub mod bf16;
 pub mod conv;

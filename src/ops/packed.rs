@@ -62,8 +62,12 @@ impl MatmulPrecision {
     pub fn available(self) -> bool {
         match self {
             Self::Highest => true,
-            Self::Bf16 => super::bf16::available(),
-            Self::Int8 => super::int8::available(),
+            Self::Bf16 => {
+                super::amx::available(super::amx::AmxKind::Bf16) || super::bf16::available()
+            }
+            Self::Int8 => {
+                super::amx::available(super::amx::AmxKind::Int8) || super::int8::available()
+            }
         }
     }
 }
@@ -254,6 +258,8 @@ unsafe fn gemm_panels<W: PanelWeight>(
 pub enum PackedWeight {
     Bf16(super::bf16::PackedBf16),
     Int8(super::int8::PackedInt8),
+    /// AMX tiles (bf16 or int8), where the CPU and OS have them.
+    Amx(super::amx::PackedAmx),
 }
 
 impl std::fmt::Debug for PackedWeight {
@@ -261,6 +267,10 @@ impl std::fmt::Debug for PackedWeight {
         let kind = match self {
             Self::Bf16(_) => "bf16",
             Self::Int8(_) => "int8",
+            Self::Amx(w) => match w.kind() {
+                super::amx::AmxKind::Bf16 => "amx-bf16",
+                super::amx::AmxKind::Int8 => "amx-int8",
+            },
         };
         write!(f, "PackedWeight({kind}, [{}, {}])", self.k(), self.n())
     }
@@ -280,6 +290,15 @@ impl PackedWeight {
         if !precision.available() {
             return None;
         }
+        use super::amx::{self, AmxKind, PackedAmx};
+        let amx_kind = match precision {
+            MatmulPrecision::Highest => None,
+            MatmulPrecision::Bf16 => Some(AmxKind::Bf16),
+            MatmulPrecision::Int8 => Some(AmxKind::Int8),
+        };
+        if let Some(kind) = amx_kind.filter(|&k| amx::available(k)) {
+            return Some(Self::Amx(PackedAmx::pack(kind, w, k, n, rs, cs)));
+        }
         match precision {
             MatmulPrecision::Highest => None,
             MatmulPrecision::Bf16 => {
@@ -295,6 +314,7 @@ impl PackedWeight {
         match self {
             Self::Bf16(w) => w.k(),
             Self::Int8(w) => w.k(),
+            Self::Amx(w) => w.k(),
         }
     }
 
@@ -302,6 +322,7 @@ impl PackedWeight {
         match self {
             Self::Bf16(w) => w.n(),
             Self::Int8(w) => w.n(),
+            Self::Amx(w) => w.n(),
         }
     }
 
@@ -311,6 +332,7 @@ impl PackedWeight {
         match self {
             Self::Bf16(w) => gemm_packed(a, m, w, c, epi, threads),
             Self::Int8(w) => gemm_packed(a, m, w, c, epi, threads),
+            Self::Amx(w) => w.gemm(a, m, c, epi, threads),
         }
     }
 }

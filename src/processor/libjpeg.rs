@@ -128,7 +128,9 @@ impl Decompressor {
             "unknown JPEG error".to_string()
         } else {
             // SAFETY: non-null, NUL-terminated (TurboJPEG's own buffer).
-            unsafe { CStr::from_ptr(msg) }.to_string_lossy().into_owned()
+            unsafe { CStr::from_ptr(msg) }
+                .to_string_lossy()
+                .into_owned()
         };
         TjError {
             message,

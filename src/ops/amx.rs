@@ -1,0 +1,642 @@
+//! AMX (Intel Advanced Matrix Extensions, Xeon 4th gen and later) GEMMs for the opt-in
+//! reduced-precision linear layers (`ops::packed`): `tdpbf16ps` (bf16 inputs, f32 sums) and
+//! `tdpbusd` (u8 activations x s8 weights, i32 sums, the int8 scheme of `ops::int8`).
+//!
+//! One tile instruction multiplies a 16 x 64-byte A tile by a 64-byte-deep B tile into a 16 x 16
+//! f32/i32 C tile: 16 x 16 x 32 bf16 (or x 64 int8) multiply-adds, 1024 bf16 FLOP per cycle per
+//! core against 64 for AVX-512 f32 FMAs. The micro-kernel keeps a 32 x 32 block of C in four
+//! tiles (tmm0-3), loads two A tiles (tmm4-5) and two B tiles (tmm6-7) per 64 bytes of depth.
+//!
+//! Layouts: the weight is packed once at load as `[N/32][K/kb][2][16 groups][16 cols][G]`
+//! (`kb` = 32 bf16 or 64 int8 of depth per tile, `G` = 2 or 4 values of depth per 32-bit lane),
+//! so each B tile is 1 KB contiguous; the activations are converted per call into row-major
+//! `[M][K]` bf16 / u8 rows padded to whole tiles, which `tileloadd` reads with the row stride.
+//!
+//! Linux hands the tile state out per process on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`);
+//! [`available`] asks once and reports AMX only where CPUID has it and the kernel granted it.
+//! `BEIT_NO_AMX=1` turns these kernels off (for comparisons).
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use super::packed::Epi;
+use super::vmath;
+use super::SendPtr;
+
+/// The two AMX multiply instructions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AmxKind {
+    /// `tdpbf16ps`: bf16 pairs, f32 sums.
+    Bf16,
+    /// `tdpbusd`: u8 x s8 quads, i32 sums.
+    Int8,
+}
+
+impl AmxKind {
+    /// Bytes per value.
+    fn elem(self) -> usize {
+        match self {
+            AmxKind::Bf16 => 2,
+            AmxKind::Int8 => 1,
+        }
+    }
+    /// Values of depth per tile (64 bytes).
+    fn kblock(self) -> usize {
+        64 / self.elem()
+    }
+}
+
+/// Whether this CPU and OS run the AMX kernel of `kind`.
+pub fn available(kind: AmxKind) -> bool {
+    let (bf16, int8) = *DETECTED.get_or_init(detect);
+    match kind {
+        AmxKind::Bf16 => bf16,
+        AmxKind::Int8 => int8,
+    }
+}
+
+static DETECTED: OnceLock<(bool, bool)> = OnceLock::new();
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn detect() -> (bool, bool) {
+    use std::arch::x86_64::__cpuid_count;
+    if std::env::var("BEIT_NO_AMX").is_ok_and(|v| v == "1") {
+        return (false, false);
+    }
+    let leaf7 = __cpuid_count(7, 0);
+    let tile = leaf7.edx & (1 << 24) != 0;
+    let bf16 = leaf7.edx & (1 << 22) != 0;
+    let int8 = leaf7.edx & (1 << 25) != 0;
+    // The conversions around the tiles use AVX-512 (BF16 for the activation rounding).
+    let avx = std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512bf16");
+    if !tile || !avx {
+        return (false, false);
+    }
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: a plain syscall with integer arguments; it only changes this process's
+    // permission to use the tile state.
+    let granted = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        )
+    } == 0;
+    if !granted {
+        tracing::warn!("the CPU has AMX but the kernel refused the tile state; AMX not used");
+        return (false, false);
+    }
+    (bf16, int8)
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn detect() -> (bool, bool) {
+    (false, false)
+}
+
+/// A `[K, N]` weight (`y = x · W`) packed in AMX B tiles.
+#[derive(Debug)]
+pub struct PackedAmx {
+    kind: AmxKind,
+    k: usize,
+    n: usize,
+    /// `k` rounded up to whole tiles of depth.
+    kp: usize,
+    data: Vec<u8>,
+    /// int8: `s_n` and `128 Σ_k q_kn` per column (zero padded to whole panels).
+    col_scale: Vec<f32>,
+    col_offset: Vec<i32>,
+}
+
+/// Columns of a weight panel (two B tiles).
+const NP: usize = 32;
+
+impl PackedAmx {
+    /// Pack `w`, where element `(kk, j)` of the `[K, N]` matrix is `w[kk * rs + j * cs]`:
+    /// rounded to bf16, or quantised per column to int8 as `ops::int8` does.
+    pub fn pack(kind: AmxKind, w: &[f32], k: usize, n: usize, rs: usize, cs: usize) -> Self {
+        let kb = kind.kblock();
+        let kp = k.div_ceil(kb) * kb;
+        let panels = n.div_ceil(NP);
+        let (eb, g) = (kind.elem(), 4 / kind.elem());
+        let mut data = vec![0u8; panels * kp * NP * eb];
+        let (mut col_scale, mut col_offset) = (Vec::new(), Vec::new());
+        let quant = match kind {
+            AmxKind::Int8 => {
+                let q = super::int8::quantize_columns(w, k, n, rs, cs);
+                col_scale = q.scale.clone();
+                col_scale.resize(panels * NP, 0.0);
+                col_offset = q.sums.iter().map(|s| 128 * s).collect();
+                col_offset.resize(panels * NP, 0);
+                Some(q)
+            }
+            AmxKind::Bf16 => None,
+        };
+        data.par_chunks_mut(kp * NP * eb)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                for kk in 0..k {
+                    let (kt, q, t) = (kk / kb, (kk % kb) / g, kk % g);
+                    for jp in 0..NP {
+                        let j = p * NP + jp;
+                        if j >= n {
+                            break;
+                        }
+                        let (h, jj) = (jp / 16, jp % 16);
+                        let at = (kt * 2 + h) * 1024 + (q * 16 + jj) * 4 + t * eb;
+                        match &quant {
+                            Some(qz) => panel[at] = qz.q[kk * n + j] as u8,
+                            None => {
+                                let b = half::bf16::from_f32(w[kk * rs + j * cs]).to_bits();
+                                panel[at..at + 2].copy_from_slice(&b.to_le_bytes());
+                            }
+                        }
+                    }
+                }
+            });
+        PackedAmx {
+            kind,
+            k,
+            n,
+            kp,
+            data,
+            col_scale,
+            col_offset,
+        }
+    }
+
+    pub fn kind(&self) -> AmxKind {
+        self.kind
+    }
+    pub fn k(&self) -> usize {
+        self.k
+    }
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// `C [m x n] = epilogue(A [m x k] · W)`, `A` and `C` row-major. Panics unless
+    /// [`available`] (it was when the weight was packed).
+    pub fn gemm(&self, a: &[f32], m: usize, c: &mut [f32], epi: Epi<'_>, threads: usize) {
+        assert!(available(self.kind), "this CPU/OS does not run AMX");
+        let (k, n) = (self.k, self.n);
+        assert!(a.len() >= m * k && c.len() >= m * n && epi.bias.len() >= n);
+        if m == 0 || n == 0 {
+            return;
+        }
+        let lda = self.kp * self.kind.elem();
+        let mp = m.div_ceil(16) * 16;
+        // SAFETY: every row of `apack` is written below (rows past `m` with zeros).
+        let mut apack = unsafe { super::uninit_buffer::<u8>(mp * lda) };
+        let mut scales = vec![0f32; mp];
+        let kind = self.kind;
+        let pack = |(r, (row, s)): (usize, (&mut [u8], &mut f32))| {
+            if r >= m {
+                row.fill(0);
+            } else {
+                *s = pack_row(kind, &a[r * k..(r + 1) * k], row);
+            }
+        };
+        if threads > 1 {
+            apack
+                .par_chunks_mut(lda)
+                .zip(scales.par_iter_mut())
+                .enumerate()
+                .for_each(pack);
+        } else {
+            apack
+                .chunks_mut(lda)
+                .zip(scales.iter_mut())
+                .enumerate()
+                .for_each(pack);
+        }
+        let panels = n.div_ceil(NP);
+        let parts = threads.clamp(1, panels);
+        let cptr = SendPtr(c.as_mut_ptr());
+        let (apack, scales) = (&apack, &scales);
+        let run = |t: usize| {
+            let p0 = panels * t / parts;
+            let p1 = panels * (t + 1) / parts;
+            if p0 < p1 {
+                // SAFETY: AMX was checked above; each part writes its own panels' columns of
+                // the `m x n` output.
+                unsafe { self.panels(apack, scales, m, cptr.get(), p0, p1, epi) };
+            }
+        };
+        if parts == 1 {
+            run(0);
+        } else {
+            (0..parts).into_par_iter().for_each(run);
+        }
+    }
+
+    /// Column panels `[p0, p1)` of `C`, in blocks of rows whose activations stay in L2.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn panels(
+        &self,
+        apack: &[u8],
+        scales: &[f32],
+        m: usize,
+        c: *mut f32,
+        p0: usize,
+        p1: usize,
+        epi: Epi<'_>,
+    ) {
+        let n = self.n;
+        let lda = self.kp * self.kind.elem();
+        let ktiles = self.kp / self.kind.kblock();
+        let mc = ((512 << 10) / lda / 32 * 32).clamp(32, 512);
+        let _tiles = TileConfig::load();
+        // A 32 x 32 tile of sums for the edges and for int8 (i32, rescaled on the way out).
+        let mut tmp = [0f32; 32 * 32];
+        let mut ic = 0;
+        while ic < m {
+            let mcur = mc.min(m - ic);
+            for p in p0..p1 {
+                let j0 = p * NP;
+                let cols = NP.min(n - j0);
+                let b = self.data.as_ptr().add(p * ktiles * 2048);
+                let mut ir = ic;
+                while ir < ic + mcur {
+                    let rows = 32.min(ic + mcur - ir);
+                    let a = apack.as_ptr().add(ir * lda);
+                    let direct = self.kind == AmxKind::Bf16 && rows == 32 && cols == NP;
+                    let (dst, ldd) = if direct {
+                        (c.add(ir * n + j0), n)
+                    } else {
+                        (tmp.as_mut_ptr(), 32)
+                    };
+                    match (self.kind, rows > 16) {
+                        (AmxKind::Bf16, true) => bf16_32x32(a, lda, b, ktiles, dst, ldd * 4),
+                        (AmxKind::Bf16, false) => bf16_16x32(a, lda, b, ktiles, dst, ldd * 4),
+                        (AmxKind::Int8, true) => int8_32x32(a, lda, b, ktiles, dst, ldd * 4),
+                        (AmxKind::Int8, false) => int8_16x32(a, lda, b, ktiles, dst, ldd * 4),
+                    }
+                    if !direct {
+                        for i in 0..rows {
+                            let out = c.add((ir + i) * n + j0);
+                            let sums = &tmp[i * 32..i * 32 + cols];
+                            match self.kind {
+                                AmxKind::Bf16 => {
+                                    std::ptr::copy_nonoverlapping(sums.as_ptr(), out, cols)
+                                }
+                                AmxKind::Int8 => {
+                                    let sm = scales[ir + i];
+                                    for (jj, &s) in sums.iter().enumerate() {
+                                        let acc = s.to_bits() as i32 - self.col_offset[j0 + jj];
+                                        *out.add(jj) = sm * self.col_scale[j0 + jj] * acc as f32;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    ir += rows;
+                }
+                let tile =
+                    std::slice::from_raw_parts_mut(c.add(ic * n + j0), (mcur - 1) * n + cols);
+                let res = if epi.res.is_empty() {
+                    epi.res
+                } else {
+                    &epi.res[ic * n + j0..]
+                };
+                let scale = if epi.scale.is_empty() {
+                    epi.scale
+                } else {
+                    &epi.scale[j0..]
+                };
+                vmath::tile_epilogue(tile, n, mcur, cols, epi.op, &epi.bias[j0..], scale, res, n);
+            }
+            ic += mcur;
+        }
+    }
+}
+
+/// One activation row into its tile row: bf16 (round to nearest even) or `ops::int8`'s
+/// per-row quantisation; zero padded to `lda` bytes. Returns the row's scale (int8).
+fn pack_row(kind: AmxKind, x: &[f32], row: &mut [u8]) -> f32 {
+    match kind {
+        AmxKind::Bf16 => {
+            // SAFETY: `available` checked AVX512-BF16 before any weight was packed.
+            unsafe { bf16_row(x, row) };
+            0.0
+        }
+        AmxKind::Int8 => {
+            let k = x.len();
+            let s = super::int8::quantize_row(x, &mut row[..k]);
+            // The padding meets zero weights; any value works, zero keeps it tidy.
+            row[k..].fill(0);
+            s
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn bf16_row(x: &[f32], row: &mut [u8]) {
+    use std::arch::x86_64::*;
+    let k = x.len();
+    let out = row.as_mut_ptr() as *mut u16;
+    let mut i = 0;
+    while i + 32 <= k {
+        let lo = _mm512_loadu_ps(x.as_ptr().add(i));
+        let hi = _mm512_loadu_ps(x.as_ptr().add(i + 16));
+        let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+        _mm512_storeu_si512(out.add(i) as *mut _, v);
+        i += 32;
+    }
+    for j in i..k {
+        *out.add(j) = half::bf16::from_f32(x[j]).to_bits();
+    }
+    std::ptr::write_bytes(out.add(k), 0, row.len() / 2 - k);
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn bf16_row(_: &[f32], _: &mut [u8]) {
+    unreachable!("AMX is x86_64 only")
+}
+
+/// `ldtilecfg` with all eight tiles at 16 rows x 64 bytes; released on drop (`tilerelease`),
+/// so the tile state is handed back to the OS between GEMMs.
+struct TileConfig;
+
+#[repr(C, align(64))]
+struct TileCfgBytes {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+}
+
+impl TileConfig {
+    unsafe fn load() -> Self {
+        let mut cfg = TileCfgBytes {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            colsb: [0; 16],
+            rows: [0; 16],
+        };
+        for t in 0..8 {
+            cfg.colsb[t] = 64;
+            cfg.rows[t] = 16;
+        }
+        #[cfg(target_arch = "x86_64")]
+        std::arch::asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly));
+        TileConfig
+    }
+}
+
+impl Drop for TileConfig {
+    fn drop(&mut self) {
+        // SAFETY: only built by `load` on an AMX CPU.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            std::arch::asm!("tilerelease", options(nostack, nomem))
+        };
+    }
+}
+
+/// The micro-kernels: `C[32 or 16 rows x 32] = A[rows x kp] · Bpanel` over `ktiles` tiles of
+/// depth; `lda` and `ldc` in bytes; C written as f32 (bf16) or i32 (int8) bits.
+macro_rules! amx_kernels {
+    ($name32:ident, $name16:ident, $op:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        unsafe fn $name32(
+            a: *const u8,
+            lda: usize,
+            b: *const u8,
+            ktiles: usize,
+            c: *mut f32,
+            ldc: usize,
+        ) {
+            std::arch::asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                "2:",
+                "tileloadd tmm4, [{a} + {lda}*1]",
+                "tileloadd tmm6, [{b} + {s64}*1]",
+                concat!($op, " tmm0, tmm4, tmm6"),
+                "tileloadd tmm7, [{b} + {s64}*1 + 1024]",
+                concat!($op, " tmm1, tmm4, tmm7"),
+                "tileloadd tmm5, [{a2} + {lda}*1]",
+                concat!($op, " tmm2, tmm5, tmm6"),
+                concat!($op, " tmm3, tmm5, tmm7"),
+                "add {a}, 64",
+                "add {a2}, 64",
+                "add {b}, 2048",
+                "dec {kt}",
+                "jnz 2b",
+                "tilestored [{c} + {ldc}*1], tmm0",
+                "tilestored [{c} + {ldc}*1 + 64], tmm1",
+                "tilestored [{c2} + {ldc}*1], tmm2",
+                "tilestored [{c2} + {ldc}*1 + 64], tmm3",
+                a = inout(reg) a => _,
+                a2 = inout(reg) a.add(16 * lda) => _,
+                b = inout(reg) b => _,
+                kt = inout(reg) ktiles => _,
+                lda = in(reg) lda,
+                s64 = in(reg) 64usize,
+                c = in(reg) c,
+                c2 = in(reg) (c as *mut u8).add(16 * ldc),
+                ldc = in(reg) ldc,
+                options(nostack),
+            );
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        unsafe fn $name16(
+            a: *const u8,
+            lda: usize,
+            b: *const u8,
+            ktiles: usize,
+            c: *mut f32,
+            ldc: usize,
+        ) {
+            std::arch::asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "2:",
+                "tileloadd tmm4, [{a} + {lda}*1]",
+                "tileloadd tmm6, [{b} + {s64}*1]",
+                concat!($op, " tmm0, tmm4, tmm6"),
+                "tileloadd tmm7, [{b} + {s64}*1 + 1024]",
+                concat!($op, " tmm1, tmm4, tmm7"),
+                "add {a}, 64",
+                "add {b}, 2048",
+                "dec {kt}",
+                "jnz 2b",
+                "tilestored [{c} + {ldc}*1], tmm0",
+                "tilestored [{c} + {ldc}*1 + 64], tmm1",
+                a = inout(reg) a => _,
+                b = inout(reg) b => _,
+                kt = inout(reg) ktiles => _,
+                lda = in(reg) lda,
+                s64 = in(reg) 64usize,
+                c = in(reg) c,
+                ldc = in(reg) ldc,
+                options(nostack),
+            );
+        }
+
+        #[cfg(not(target_arch = "x86_64"))]
+        unsafe fn $name32(_: *const u8, _: usize, _: *const u8, _: usize, _: *mut f32, _: usize) {
+            unreachable!("AMX is x86_64 only")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unsafe fn $name16(_: *const u8, _: usize, _: *const u8, _: usize, _: *mut f32, _: usize) {
+            unreachable!("AMX is x86_64 only")
+        }
+    };
+}
+
+amx_kernels!(bf16_32x32, bf16_16x32, "tdpbf16ps");
+amx_kernels!(int8_32x32, int8_16x32, "tdpbusd");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::vmath::TileOp;
+
+    fn skip(kind: AmxKind) -> bool {
+        if !available(kind) {
+            eprintln!("SKIPPED: this CPU/OS has no AMX ({kind:?}); the AMX kernel was not tested");
+            return true;
+        }
+        false
+    }
+
+    /// Shapes with edge tiles in every dimension (M, N, K not multiples of 16/32/64).
+    const SHAPES: [(usize, usize, usize); 6] = [
+        (1, 1, 1),
+        (13, 31, 7),
+        (17, 33, 65),
+        (197, 96, 300),
+        (230, 70, 513),
+        (64, 64, 64),
+    ];
+
+    fn inputs(m: usize, n: usize, k: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let a = (0..m * k)
+            .map(|i| ((i * 7 % 23) as f32 - 11.0) * 0.1)
+            .collect();
+        let w = (0..k * n)
+            .map(|i| ((i * 5 % 17) as f32 - 8.0) * 0.03)
+            .collect();
+        let bias = (0..n).map(|j| j as f32 * 0.01).collect();
+        (a, w, bias)
+    }
+
+    #[test]
+    fn amx_bf16_matches_f64_product_of_rounded_inputs() {
+        if skip(AmxKind::Bf16) {
+            return;
+        }
+        for &(m, n, k) in &SHAPES {
+            let (a, w, bias) = inputs(m, n, k);
+            let packed = PackedAmx::pack(AmxKind::Bf16, &w, k, n, n, 1);
+            let epi = Epi {
+                op: TileOp::Bias,
+                bias: &bias,
+                scale: &[],
+                res: &[],
+            };
+            for threads in [1, 2] {
+                let mut c = vec![f32::NAN; m * n];
+                packed.gemm(&a, m, &mut c, epi, threads);
+                let r = |v: f32| half::bf16::from_f32(v).to_f32() as f64;
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = (0..k)
+                            .map(|p| r(a[i * k + p]) * r(w[p * n + j]))
+                            .sum::<f64>()
+                            + bias[j] as f64;
+                        let got = c[i * n + j] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                            "{m}x{n}x{k} t{threads} ({i},{j}): {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn amx_int8_equals_the_vnni_kernel() {
+        if skip(AmxKind::Int8) || !crate::ops::int8::available() {
+            return;
+        }
+        for &(m, n, k) in &SHAPES {
+            let (a, w, bias) = inputs(m, n, k);
+            let amx = PackedAmx::pack(AmxKind::Int8, &w, k, n, n, 1);
+            let vnni = crate::ops::int8::PackedInt8::pack(&w, k, n, n, 1);
+            let epi = Epi {
+                op: TileOp::Bias,
+                bias: &bias,
+                scale: &[],
+                res: &[],
+            };
+            let mut want = vec![0f32; m * n];
+            crate::ops::packed::gemm_packed(&a, m, &vnni, &mut want, epi, 1);
+            for threads in [1, 2] {
+                let mut c = vec![f32::NAN; m * n];
+                amx.gemm(&a, m, &mut c, epi, threads);
+                for (i, (&g, &e)) in c.iter().zip(&want).enumerate() {
+                    // Same integer sums; only the order of the final f32 products differs.
+                    assert!(
+                        (g - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                        "{m}x{n}x{k} t{threads} [{i}]: {g} vs {e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod probe {
+    use super::*;
+    use crate::ops::vmath::TileOp;
+
+    /// `cargo test --release --lib amx_rates -- --ignored --nocapture`: single-thread rates of
+    /// the AMX kernels on BEiT-base shapes (2 ops per multiply-add, per CPU-second).
+    #[test]
+    #[ignore]
+    fn amx_rates() {
+        for &(m, n, k) in &[
+            (197usize, 2304usize, 768usize),
+            (197, 3072, 768),
+            (197, 768, 3072),
+            (1576, 3072, 768),
+            (1576, 768, 3072),
+        ] {
+            let a = vec![0.5f32; m * k];
+            let w = vec![0.25f32; n * k];
+            let bias = vec![0f32; n];
+            let mut c = vec![0f32; m * n];
+            let ops = 2.0 * (m * n * k) as f64;
+            let epi = Epi {
+                op: TileOp::Bias,
+                bias: &bias,
+                scale: &[],
+                res: &[],
+            };
+            let mut line = format!("{m}x{n}x{k}:");
+            for kind in [AmxKind::Bf16, AmxKind::Int8] {
+                if available(kind) {
+                    let packed = PackedAmx::pack(kind, &w, k, n, n, 1);
+                    let r = crate::bench::cpu_rate(ops, 1.5, || packed.gemm(&a, m, &mut c, epi, 1));
+                    line += &format!(" {kind:?} {r:.0}");
+                }
+            }
+            eprintln!("{line} G ops per CPU-second");
+        }
+    }
+}
