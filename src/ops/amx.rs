@@ -189,28 +189,38 @@ impl PackedAmx {
             return;
         }
         let lda = self.kp * self.kind.elem();
-        let mp = m.div_ceil(16) * 16;
-        // SAFETY: every row of `apack` is written below (rows past `m` with zeros).
-        let mut apack = unsafe { super::uninit_buffer::<u8>(mp * lda) };
-        let mut scales = vec![0f32; mp];
+        let ktiles = self.kp / self.kind.kblock();
+        let blocks = m.div_ceil(16);
+        // SAFETY: every byte of `apack` is written below (rows past `m` with zeros).
+        let mut apack = unsafe { super::uninit_buffer::<u8>(blocks * ktiles * 1024) };
+        let mut scales = vec![0f32; blocks * 16];
         let kind = self.kind;
-        let pack = |(r, (row, s)): (usize, (&mut [u8], &mut f32))| {
-            if r >= m {
-                row.fill(0);
-            } else {
-                *s = pack_row(kind, &a[r * k..(r + 1) * k], row);
+        // A in tile order, `[M/16][K/kb][16 rows][64 bytes]`: each A tile is 1 KB contiguous,
+        // which the prefetchers follow (rows `lda` bytes apart were 10-20 % slower).
+        let pack = |(rb, (block, sc)): (usize, (&mut [u8], &mut [f32]))| {
+            let mut row = vec![0u8; lda];
+            for (i, s) in sc.iter_mut().enumerate() {
+                let r = rb * 16 + i;
+                if r < m {
+                    *s = pack_row(kind, &a[r * k..(r + 1) * k], &mut row);
+                } else {
+                    row.fill(0);
+                }
+                for (kt, chunk) in row.chunks_exact(64).enumerate() {
+                    block[kt * 1024 + i * 64..kt * 1024 + i * 64 + 64].copy_from_slice(chunk);
+                }
             }
         };
         if threads > 1 {
             apack
-                .par_chunks_mut(lda)
-                .zip(scales.par_iter_mut())
+                .par_chunks_mut(ktiles * 1024)
+                .zip(scales.par_chunks_mut(16))
                 .enumerate()
                 .for_each(pack);
         } else {
             apack
-                .chunks_mut(lda)
-                .zip(scales.iter_mut())
+                .chunks_mut(ktiles * 1024)
+                .zip(scales.chunks_mut(16))
                 .enumerate()
                 .for_each(pack);
         }
@@ -247,54 +257,61 @@ impl PackedAmx {
         epi: Epi<'_>,
     ) {
         let n = self.n;
-        let lda = self.kp * self.kind.elem();
         let ktiles = self.kp / self.kind.kblock();
-        let mc = ((512 << 10) / lda / 32 * 32).clamp(32, 512);
+        // Rows whose activations (all of K) stay in L2 while the panels go by.
+        let mc = ((512 << 10) / (ktiles * 64) / 32 * 32).clamp(32, 512);
         let _tiles = TileConfig::load();
-        // A 32 x 32 tile of sums for the edges and for int8 (i32, rescaled on the way out).
-        let mut tmp = [0f32; 32 * 32];
+        // The sums of `mc` rows of one panel (f32, or i32 bits for int8), 128 bytes a row.
+        let mut sums = vec![0f32; mc * NP];
         let mut ic = 0;
         while ic < m {
             let mcur = mc.min(m - ic);
             for p in p0..p1 {
                 let j0 = p * NP;
                 let cols = NP.min(n - j0);
-                let b = self.data.as_ptr().add(p * ktiles * 2048);
-                let mut ir = ic;
-                while ir < ic + mcur {
-                    let rows = 32.min(ic + mcur - ir);
-                    let a = apack.as_ptr().add(ir * lda);
-                    let direct = self.kind == AmxKind::Bf16 && rows == 32 && cols == NP;
-                    let (dst, ldd) = if direct {
-                        (c.add(ir * n + j0), n)
-                    } else {
-                        (tmp.as_mut_ptr(), 32)
-                    };
-                    match (self.kind, rows > 16) {
-                        (AmxKind::Bf16, true) => bf16_32x32(a, lda, b, ktiles, dst, ldd * 4),
-                        (AmxKind::Bf16, false) => bf16_16x32(a, lda, b, ktiles, dst, ldd * 4),
-                        (AmxKind::Int8, true) => int8_32x32(a, lda, b, ktiles, dst, ldd * 4),
-                        (AmxKind::Int8, false) => int8_16x32(a, lda, b, ktiles, dst, ldd * 4),
+                // Depth in chunks of KC tiles: the chunk of the weight panel (16 KB) stays in
+                // L1 while the row blocks go by; with all of K per call, A and B both came
+                // from L2 and the kernel ran at half its L1 rate (measured: amx_kernel_peak).
+                let mut kt0 = 0;
+                while kt0 < ktiles {
+                    let kc = KC.min(ktiles - kt0);
+                    let b = self.data.as_ptr().add((p * ktiles + kt0) * 2048);
+                    let mut ir = ic;
+                    while ir < ic + mcur {
+                        let rows = 32.min(ic + mcur - ir);
+                        let a = apack.as_ptr().add((ir / 16 * ktiles + kt0) * 1024);
+                        let dst = sums.as_mut_ptr().add((ir - ic) * NP);
+                        let tiles = if rows > 16 { 2 } else { 1 };
+                        let step = Step {
+                            a,
+                            a_next: ktiles * 1024,
+                            b,
+                            ktiles: kc,
+                            c: dst,
+                            ldc: NP * 4,
+                            accumulate: kt0 > 0,
+                        };
+                        match self.kind {
+                            AmxKind::Bf16 => step.bf16(tiles),
+                            AmxKind::Int8 => step.int8(tiles),
+                        }
+                        ir += rows;
                     }
-                    if !direct {
-                        for i in 0..rows {
-                            let out = c.add((ir + i) * n + j0);
-                            let sums = &tmp[i * 32..i * 32 + cols];
-                            match self.kind {
-                                AmxKind::Bf16 => {
-                                    std::ptr::copy_nonoverlapping(sums.as_ptr(), out, cols)
-                                }
-                                AmxKind::Int8 => {
-                                    let sm = scales[ir + i];
-                                    for (jj, &s) in sums.iter().enumerate() {
-                                        let acc = s.to_bits() as i32 - self.col_offset[j0 + jj];
-                                        *out.add(jj) = sm * self.col_scale[j0 + jj] * acc as f32;
-                                    }
-                                }
+                    kt0 += kc;
+                }
+                for i in 0..mcur {
+                    let out = c.add((ic + i) * n + j0);
+                    let row = &sums[i * NP..i * NP + cols];
+                    match self.kind {
+                        AmxKind::Bf16 => std::ptr::copy_nonoverlapping(row.as_ptr(), out, cols),
+                        AmxKind::Int8 => {
+                            let sm = scales[ic + i];
+                            for (jj, &s) in row.iter().enumerate() {
+                                let acc = s.to_bits() as i32 - self.col_offset[j0 + jj];
+                                *out.add(jj) = sm * self.col_scale[j0 + jj] * acc as f32;
                             }
                         }
                     }
-                    ir += rows;
                 }
                 let tile =
                     std::slice::from_raw_parts_mut(c.add(ic * n + j0), (mcur - 1) * n + cols);
@@ -401,103 +418,117 @@ impl Drop for TileConfig {
     }
 }
 
-/// The micro-kernels: `C[32 or 16 rows x 32] = A[rows x kp] · Bpanel` over `ktiles` tiles of
-/// depth; `lda` and `ldc` in bytes; C written as f32 (bf16) or i32 (int8) bits.
-macro_rules! amx_kernels {
-    ($name32:ident, $name16:ident, $op:literal) => {
-        #[cfg(target_arch = "x86_64")]
-        unsafe fn $name32(
-            a: *const u8,
-            lda: usize,
-            b: *const u8,
-            ktiles: usize,
-            c: *mut f32,
-            ldc: usize,
-        ) {
-            std::arch::asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                "2:",
-                "tileloadd tmm4, [{a} + {lda}*1]",
-                "tileloadd tmm6, [{b} + {s64}*1]",
-                concat!($op, " tmm0, tmm4, tmm6"),
-                "tileloadd tmm7, [{b} + {s64}*1 + 1024]",
-                concat!($op, " tmm1, tmm4, tmm7"),
-                "tileloadd tmm5, [{a2} + {lda}*1]",
-                concat!($op, " tmm2, tmm5, tmm6"),
-                concat!($op, " tmm3, tmm5, tmm7"),
-                "add {a}, 64",
-                "add {a2}, 64",
-                "add {b}, 2048",
-                "dec {kt}",
-                "jnz 2b",
-                "tilestored [{c} + {ldc}*1], tmm0",
-                "tilestored [{c} + {ldc}*1 + 64], tmm1",
-                "tilestored [{c2} + {ldc}*1], tmm2",
-                "tilestored [{c2} + {ldc}*1 + 64], tmm3",
-                a = inout(reg) a => _,
-                a2 = inout(reg) a.add(16 * lda) => _,
-                b = inout(reg) b => _,
-                kt = inout(reg) ktiles => _,
-                lda = in(reg) lda,
-                s64 = in(reg) 64usize,
-                c = in(reg) c,
-                c2 = in(reg) (c as *mut u8).add(16 * ldc),
-                ldc = in(reg) ldc,
-                options(nostack),
-            );
-        }
+/// Tiles of depth per micro-kernel call (16 KB of a weight panel, kept in L1).
+const KC: usize = 8;
 
-        #[cfg(target_arch = "x86_64")]
-        unsafe fn $name16(
-            a: *const u8,
-            lda: usize,
-            b: *const u8,
-            ktiles: usize,
-            c: *mut f32,
-            ldc: usize,
-        ) {
-            std::arch::asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "2:",
-                "tileloadd tmm4, [{a} + {lda}*1]",
-                "tileloadd tmm6, [{b} + {s64}*1]",
-                concat!($op, " tmm0, tmm4, tmm6"),
-                "tileloadd tmm7, [{b} + {s64}*1 + 1024]",
-                concat!($op, " tmm1, tmm4, tmm7"),
-                "add {a}, 64",
-                "add {b}, 2048",
-                "dec {kt}",
-                "jnz 2b",
-                "tilestored [{c} + {ldc}*1], tmm0",
-                "tilestored [{c} + {ldc}*1 + 64], tmm1",
-                a = inout(reg) a => _,
-                b = inout(reg) b => _,
-                kt = inout(reg) ktiles => _,
-                lda = in(reg) lda,
-                s64 = in(reg) 64usize,
-                c = in(reg) c,
-                ldc = in(reg) ldc,
-                options(nostack),
-            );
-        }
+/// One micro-kernel call: `C[16 or 32 rows x 32] (+)= A · Bpanel` over `ktiles` tiles of
+/// depth. A is in tile order (its second 16 rows `a_next` bytes on), B in panel order; C is
+/// f32 (bf16) or i32 bits (int8) with row stride `ldc` bytes, loaded first when `accumulate`.
+struct Step {
+    a: *const u8,
+    a_next: usize,
+    b: *const u8,
+    ktiles: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+}
 
-        #[cfg(not(target_arch = "x86_64"))]
-        unsafe fn $name32(_: *const u8, _: usize, _: *const u8, _: usize, _: *mut f32, _: usize) {
-            unreachable!("AMX is x86_64 only")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        unsafe fn $name16(_: *const u8, _: usize, _: *const u8, _: usize, _: *mut f32, _: usize) {
-            unreachable!("AMX is x86_64 only")
+/// The tile registers live outside the compiler's allocation, so the C tiles may stay in
+/// tmm0-3 across the `asm!` blocks of one step.
+macro_rules! amx_step {
+    ($fn:ident, $op:literal) => {
+        impl Step {
+            #[cfg(target_arch = "x86_64")]
+            unsafe fn $fn(&self, tiles: usize) {
+                use std::arch::asm;
+                let (c, c2, ldc) = (self.c, (self.c as *mut u8).add(16 * self.ldc), self.ldc);
+                match (self.accumulate, tiles) {
+                    (false, 2) => asm!(
+                        "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
+                        options(nostack, nomem)
+                    ),
+                    (false, _) => asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem)),
+                    (true, 2) => asm!(
+                        "tileloadd tmm0, [{c} + {ldc}*1]",
+                        "tileloadd tmm1, [{c} + {ldc}*1 + 64]",
+                        "tileloadd tmm2, [{c2} + {ldc}*1]",
+                        "tileloadd tmm3, [{c2} + {ldc}*1 + 64]",
+                        c = in(reg) c, c2 = in(reg) c2, ldc = in(reg) ldc,
+                        options(nostack, readonly)
+                    ),
+                    (true, _) => asm!(
+                        "tileloadd tmm0, [{c} + {ldc}*1]",
+                        "tileloadd tmm1, [{c} + {ldc}*1 + 64]",
+                        c = in(reg) c, ldc = in(reg) ldc,
+                        options(nostack, readonly)
+                    ),
+                }
+                if tiles == 2 {
+                    asm!(
+                        "2:",
+                        "tileloadd tmm4, [{a} + {s64}*1]",
+                        "tileloadd tmm6, [{b} + {s64}*1]",
+                        concat!($op, " tmm0, tmm4, tmm6"),
+                        "tileloadd tmm7, [{b} + {s64}*1 + 1024]",
+                        concat!($op, " tmm1, tmm4, tmm7"),
+                        "tileloadd tmm5, [{a2} + {s64}*1]",
+                        concat!($op, " tmm2, tmm5, tmm6"),
+                        concat!($op, " tmm3, tmm5, tmm7"),
+                        "add {a}, 1024",
+                        "add {a2}, 1024",
+                        "add {b}, 2048",
+                        "dec {kt}",
+                        "jnz 2b",
+                        "tilestored [{c} + {ldc}*1], tmm0",
+                        "tilestored [{c} + {ldc}*1 + 64], tmm1",
+                        "tilestored [{c2} + {ldc}*1], tmm2",
+                        "tilestored [{c2} + {ldc}*1 + 64], tmm3",
+                        a = inout(reg) self.a => _,
+                        a2 = inout(reg) self.a.add(self.a_next) => _,
+                        b = inout(reg) self.b => _,
+                        kt = inout(reg) self.ktiles => _,
+                        s64 = in(reg) 64usize,
+                        c = in(reg) c,
+                        c2 = in(reg) c2,
+                        ldc = in(reg) ldc,
+                        options(nostack),
+                    );
+                } else {
+                    asm!(
+                        "2:",
+                        "tileloadd tmm4, [{a} + {s64}*1]",
+                        "tileloadd tmm6, [{b} + {s64}*1]",
+                        concat!($op, " tmm0, tmm4, tmm6"),
+                        "tileloadd tmm7, [{b} + {s64}*1 + 1024]",
+                        concat!($op, " tmm1, tmm4, tmm7"),
+                        "add {a}, 1024",
+                        "add {b}, 2048",
+                        "dec {kt}",
+                        "jnz 2b",
+                        "tilestored [{c} + {ldc}*1], tmm0",
+                        "tilestored [{c} + {ldc}*1 + 64], tmm1",
+                        a = inout(reg) self.a => _,
+                        b = inout(reg) self.b => _,
+                        kt = inout(reg) self.ktiles => _,
+                        s64 = in(reg) 64usize,
+                        c = in(reg) c,
+                        ldc = in(reg) ldc,
+                        options(nostack),
+                    );
+                }
+            }
+
+            #[cfg(not(target_arch = "x86_64"))]
+            unsafe fn $fn(&self, _: usize) {
+                unreachable!("AMX is x86_64 only")
+            }
         }
     };
 }
 
-amx_kernels!(bf16_32x32, bf16_16x32, "tdpbf16ps");
-amx_kernels!(int8_32x32, int8_16x32, "tdpbusd");
+amx_step!(bf16, "tdpbf16ps");
+amx_step!(int8, "tdpbusd");
 
 #[cfg(test)]
 mod tests {
@@ -637,6 +668,102 @@ mod probe {
                 }
             }
             eprintln!("{line} G ops per CPU-second");
+        }
+    }
+}
+
+#[cfg(test)]
+mod kernel_probe {
+    use super::*;
+
+    /// Kernel-only rate with A and B resident in L1/L2: `ktiles` tiles of depth.
+    #[test]
+    #[ignore]
+    fn amx_kernel_peak() {
+        if !available(AmxKind::Bf16) {
+            return;
+        }
+        for ktiles in [2usize, 8, 24, 96] {
+            let a = vec![0u8; 2 * ktiles * 1024];
+            let b = vec![0u8; ktiles * 2048];
+            let mut c = vec![0f32; 32 * 32];
+            let iters = 20000 / ktiles.max(1) * 8;
+            let flop = 2.0 * 32.0 * 32.0 * 32.0 * (ktiles * iters) as f64;
+            let r = crate::bench::cpu_rate(flop, 1.0, || unsafe {
+                let _t = TileConfig::load();
+                for _ in 0..iters {
+                    Step {
+                        a: a.as_ptr(),
+                        a_next: ktiles * 1024,
+                        b: b.as_ptr(),
+                        ktiles,
+                        c: c.as_mut_ptr(),
+                        ldc: 128,
+                        accumulate: false,
+                    }
+                    .bf16(2);
+                }
+            });
+            eprintln!("ktiles {ktiles}: {r:.0} GFLOP per CPU-second");
+        }
+    }
+}
+
+#[cfg(test)]
+mod split_probe {
+    use super::*;
+    use crate::ops::vmath::TileOp;
+
+    /// Best-of-N wall times (robust to a busy machine) of the parts of one bf16 GEMM.
+    #[test]
+    #[ignore]
+    fn amx_split() {
+        if !available(AmxKind::Bf16) {
+            return;
+        }
+        let best = |f: &mut dyn FnMut()| {
+            (0..30)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    f();
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::MAX, f64::min)
+        };
+        for &(m, n, k) in &[
+            (1576usize, 3072usize, 768usize),
+            (1576, 768, 3072),
+            (197, 2304, 768),
+        ] {
+            let a = vec![0.5f32; m * k];
+            let w = vec![0.25f32; n * k];
+            let bias = vec![0f32; n];
+            let mut c = vec![0f32; m * n];
+            let epi = Epi {
+                op: TileOp::Bias,
+                bias: &bias,
+                scale: &[],
+                res: &[],
+            };
+            let packed = PackedAmx::pack(AmxKind::Bf16, &w, k, n, n, 1);
+            let full = best(&mut || packed.gemm(&a, m, &mut c, epi, 1));
+            let mut row = vec![0u8; packed.kp * 2];
+            let pack = best(&mut || {
+                for r in 0..m {
+                    pack_row(AmxKind::Bf16, &a[r * k..(r + 1) * k], &mut row);
+                }
+            });
+            let epi_t = best(&mut || {
+                vmath::tile_epilogue(&mut c, n, m, n, TileOp::Bias, &bias, &[], &[], n)
+            });
+            let gf = 2.0 * (m * n * k) as f64 / 1e9;
+            eprintln!(
+                "{m}x{n}x{k}: full {:.2} ms ({:.0} GFLOP/s), row packing {:.2} ms, epilogue {:.2} ms",
+                full * 1e3,
+                gf / full,
+                pack * 1e3,
+                epi_t * 1e3
+            );
         }
     }
 }
