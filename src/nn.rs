@@ -75,6 +75,11 @@ impl Linear {
         })
     }
 
+    /// Whether this layer runs a reduced-precision GEMM (bf16 / int8 packed weight).
+    pub fn is_packed(&self) -> bool {
+        self.packed.is_some()
+    }
+
     /// The inference path of a frozen layer (f32 CPU input): the reduced-precision GEMM when
     /// the weight is packed, else the f32 one, with `epilogue` fused.
     pub fn forward_inference(

@@ -97,7 +97,7 @@ impl BeitLayer {
             qkv_proj.forward_inference(&ln1, Epilogue::Bias)
         })?;
         let ctx = profile::time("attn.core", || {
-            attention_inference(&qkv, att.num_heads, scale, bias)
+            attention_inference(&qkv, att.num_heads, scale, bias, qkv_proj.is_packed())
         })?;
         let h = profile::time("attn.proj", || {
             self.attention.output.forward_inference(

@@ -347,7 +347,7 @@ impl PackedAmx {
 /// over the block, and 16-byte stores (a plain copy) took a third of a GEMM.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn pack_row(
+pub(super) unsafe fn pack_row(
     kind: AmxKind,
     x: &[f32],
     block: &mut [u8],
@@ -392,7 +392,7 @@ unsafe fn pack_row(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn pack_row(_: AmxKind, _: &[f32], _: &mut [u8], _: usize, _: &mut [u8]) -> f32 {
+pub(super) unsafe fn pack_row(_: AmxKind, _: &[f32], _: &mut [u8], _: usize, _: &mut [u8]) -> f32 {
     unreachable!("AMX is x86_64 only")
 }
 
@@ -418,7 +418,7 @@ unsafe fn copy_block(_: &[f32], _: *mut f32, _: usize, _: usize, _: usize) {
 
 /// `ldtilecfg` with all eight tiles at 16 rows x 64 bytes; released on drop (`tilerelease`),
 /// so the tile state is handed back to the OS between GEMMs.
-struct TileConfig;
+pub(super) struct TileConfig;
 
 #[repr(C, align(64))]
 struct TileCfgBytes {
@@ -430,7 +430,7 @@ struct TileCfgBytes {
 }
 
 impl TileConfig {
-    unsafe fn load() -> Self {
+    pub(super) unsafe fn load() -> Self {
         let mut cfg = TileCfgBytes {
             palette: 1,
             start_row: 0,
@@ -467,14 +467,14 @@ const MC: usize = 128;
 /// depth. A is in tile order (its second 16 rows `a_next` bytes on), streamed with
 /// `tileloaddt1`; B in panel order; C is f32 (bf16) or i32 bits (int8), row stride `ldc`
 /// bytes, loaded first when `accumulate`.
-struct Step {
-    a: *const u8,
-    a_next: usize,
-    b: *const u8,
-    ktiles: usize,
-    c: *mut f32,
-    ldc: usize,
-    accumulate: bool,
+pub(super) struct Step {
+    pub a: *const u8,
+    pub a_next: usize,
+    pub b: *const u8,
+    pub ktiles: usize,
+    pub c: *mut f32,
+    pub ldc: usize,
+    pub accumulate: bool,
 }
 
 /// The tile registers live outside the compiler's allocation, so the C tiles stay in tmm0-3
@@ -483,7 +483,7 @@ macro_rules! amx_step {
     ($fn:ident, $op:literal) => {
         impl Step {
             #[cfg(target_arch = "x86_64")]
-            unsafe fn $fn(&self, tiles: usize) {
+            pub(super) unsafe fn $fn(&self, tiles: usize) {
                 use std::arch::asm;
                 let (c, c2, ldc) = (self.c, (self.c as *mut u8).add(16 * self.ldc), self.ldc);
                 match (self.accumulate, tiles) {
@@ -563,7 +563,7 @@ macro_rules! amx_step {
             }
 
             #[cfg(not(target_arch = "x86_64"))]
-            unsafe fn $fn(&self, _: usize) {
+            pub(super) unsafe fn $fn(&self, _: usize) {
                 unreachable!("AMX is x86_64 only")
             }
         }

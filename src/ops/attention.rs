@@ -28,12 +28,15 @@ pub struct RelBias<'a> {
 const BLOCK: usize = 196_608;
 
 /// `softmax(Q Kᵀ · scale + bias) V` for `qkv [B, S, 3D]` (query, key, value projections side by
-/// side, heads `h` of `D / h` each) -> `[B, S, D]` with the heads merged.
+/// side, heads `h` of `D / h` each) -> `[B, S, D]` with the heads merged. With `reduced`
+/// (a model whose linear layers run in bf16 or int8), the two products run in bf16 on AMX
+/// where the CPU has it (`ops::amx_attention`); otherwise f32.
 pub fn attention_inference(
     qkv: &Tensor,
     heads: usize,
     scale: f32,
     bias: Option<RelBias<'_>>,
+    reduced: bool,
 ) -> Result<Tensor> {
     if super::cuda::available(qkv) {
         let bias = match bias {
@@ -92,14 +95,55 @@ pub fn attention_inference(
     // columns with a non-accumulating GEMM.
     let mut out = unsafe { super::uninit_buffer::<f32>(b * s * d) };
     let out_ptr = SendPtr(out.as_mut_ptr());
+    let amx = reduced && super::amx_attention::available();
     (0..b * heads * blocks).into_par_iter().for_each_init(
-        || (vec![0f32; rows * s1], vec![0f32; rows]),
-        |(scores, inv), task| {
+        || {
+            if amx {
+                (
+                    Vec::new(),
+                    Vec::new(),
+                    super::amx_attention::Scratch::default(),
+                )
+            } else {
+                (vec![0f32; rows * s1], vec![0f32; rows], Default::default())
+            }
+        },
+        |(scores, inv, scratch), task| {
             let (bh, blk) = (task / blocks, task % blocks);
             let (bi, h) = (bh / heads, bh % heads);
             let i0 = blk * rows;
             let r = rows.min(s - i0);
             let base = bi * s * d3;
+            if amx {
+                let head = super::amx_attention::Head {
+                    qkv: &q[base..base + s * d3],
+                    ld: d3,
+                    col: h * hd,
+                    d,
+                    hd,
+                    s,
+                    i0,
+                    r,
+                    scale,
+                    table: if table.is_empty() {
+                        table
+                    } else {
+                        &table[h * rows_per_head..(h + 1) * rows_per_head]
+                    },
+                    index: if index.is_empty() {
+                        index
+                    } else {
+                        &index[i0 * s..(i0 + r) * s]
+                    },
+                };
+                // SAFETY: AMX checked above; rows [i0, i0 + r) and columns [h*hd, (h+1)*hd)
+                // of image bi belong to this task only.
+                unsafe {
+                    let dst = out_ptr.get().add((bi * s + i0) * d + h * hd);
+                    super::amx_attention::attention_block(&head, dst, d, scratch);
+                }
+                return;
+            }
             let qv = View {
                 ptr: q[base + i0 * d3 + h * hd..].as_ptr(),
                 rs: d3 as isize,
@@ -168,24 +212,34 @@ mod tests {
             (2usize, 13usize, 3usize, 8usize),
             (1, 50, 2, 16),
             (3, 197, 2, 4),
+            (1, 197, 2, 64),
+            (2, 40, 3, 48),
         ] {
+            if !crate::ops::amx_attention::available() {
+                eprintln!("SKIPPED (bf16 half): no AMX here; the bf16 products ran in f32");
+            }
             let d = heads * hd;
             let qkv = Tensor::randn(0f32, 1f32, (b, s, 3 * d), &dev).unwrap();
             let r = 7 + s;
             let table = Tensor::randn(0f32, 1f32, (heads, r), &dev).unwrap();
             let index: Vec<u32> = (0..s * s).map(|i| ((i * 31 + i / s) % r) as u32).collect();
             let scale = (hd as f32).powf(-0.5);
-            let got = attention_inference(
-                &qkv,
-                heads,
-                scale,
-                Some(RelBias {
-                    table: &table,
-                    index: &index,
-                    device_index: None,
-                }),
-            )
-            .unwrap();
+            let bias = |reduced| {
+                attention_inference(
+                    &qkv,
+                    heads,
+                    scale,
+                    Some(RelBias {
+                        table: &table,
+                        index: &index,
+                        device_index: None,
+                    }),
+                    reduced,
+                )
+                .unwrap()
+            };
+            let got = bias(false);
+            let got_bf16 = bias(true);
             let split = |i: usize| {
                 qkv.narrow(2, i * d, d)
                     .unwrap()
@@ -217,8 +271,14 @@ mod tests {
                 .unwrap();
             let diff = crate::ops::max_abs_diff(&got, &want) as f32;
             assert!(diff < 1e-5, "{diff}");
-            let nobias = attention_inference(&qkv, heads, scale, None).unwrap();
-            assert_eq!(nobias.dims(), &[b, s, d]);
+            // bf16 products (AMX where present, else the same f32 path): within bf16 rounding
+            // of the inputs (8 bits of mantissa: ~0.4 % of |q||k| and of |v|).
+            let diff = crate::ops::max_abs_diff(&got_bf16, &want) as f32;
+            assert!(diff < 3e-2, "bf16 attention {b}x{s} h{heads} d{hd}: {diff}");
+            for reduced in [false, true] {
+                let nobias = attention_inference(&qkv, heads, scale, None, reduced).unwrap();
+                assert_eq!(nobias.dims(), &[b, s, d]);
+            }
         }
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod activation;
 pub mod amx;
+pub mod amx_attention;
 pub mod attention;
 pub mod bf16;
 pub mod conv;

@@ -1,0 +1,225 @@
+//! The attention products `Q·Kᵀ` and `P·V` of one (image, head, block of query rows) on AMX in
+//! bf16 (f32 sums), for models whose linear layers run in reduced precision (`ops::packed`):
+//! what PyTorch's bf16 SDPA and OpenVINO's bf16 do. The softmax between them stays f32.
+//!
+//! Q and P go into A tiles (`amx::pack_row`), Kᵀ and V into B panels packed here straight from
+//! the fused QKV projection: Kᵀ's depth pairs are adjacent dimensions of one token's key, V's
+//! are one dimension of two adjacent tokens' values (interleaved with AVX-512).
+
+use super::amx::{self, AmxKind, Step, TileConfig};
+use super::vmath;
+
+/// Buffers reused by the blocks of one thread.
+#[derive(Default)]
+pub struct Scratch {
+    kt: Vec<u8>,
+    v: Vec<u8>,
+    q: Vec<u8>,
+    p: Vec<u8>,
+    row: Vec<u8>,
+    scores: Vec<f32>,
+    sums: Vec<f32>,
+    inv: Vec<f32>,
+}
+
+/// Whether [`attention_block`] runs on this CPU.
+pub fn available() -> bool {
+    amx::available(AmxKind::Bf16)
+}
+
+/// One block of attention: query rows `[i0, i0 + r)` of one head.
+pub struct Head<'a> {
+    /// The image's fused QKV projection, `[s, 3d]` row-major (row stride `ld`).
+    pub qkv: &'a [f32],
+    pub ld: usize,
+    /// Column of this head's query (its key at `+ d`, its value at `+ 2d`).
+    pub col: usize,
+    pub d: usize,
+    pub hd: usize,
+    pub s: usize,
+    pub i0: usize,
+    pub r: usize,
+    pub scale: f32,
+    /// This head's bias table row and the index rows of the block's queries (empty: none).
+    pub table: &'a [f32],
+    pub index: &'a [u32],
+}
+
+/// `softmax(Q Kᵀ · scale + bias) V` for the block, written to `out` (row `i` at
+/// `out[i * ldo..][..hd]`).
+///
+/// # Safety
+/// [`available`] must hold; `out` must address `r` rows of `hd` floats, `ldo` apart.
+pub unsafe fn attention_block(h: &Head<'_>, out: *mut f32, ldo: usize, sc: &mut Scratch) {
+    let (s, hd, r) = (h.s, h.hd, h.r);
+    let sp = s.div_ceil(32) * 32; // tokens, padded to panels and to tiles of depth
+    let hdt = hd.div_ceil(32); // tiles of depth of Q·Kᵀ
+    let hdp = hdt * 32;
+    let rp = r.div_ceil(16) * 16;
+    let spt = sp / 32; // tiles of depth of P·V
+    let _tiles = TileConfig::load();
+
+    // Kᵀ: B panels of 32 tokens, depth = the head's dimensions.
+    resize_zero(&mut sc.kt, spt * hdt * 2048);
+    pack_keys(h, &mut sc.kt, hdt);
+    // V: B panels of 32 dimensions, depth = the tokens.
+    resize_zero(&mut sc.v, hdp / 32 * spt * 2048);
+    pack_values(h, &mut sc.v, spt);
+
+    // Q rows into A tiles.
+    sc.q.resize(rp / 16 * hdt * 1024, 0);
+    sc.row.resize(sp * 2, 0);
+    for i in 0..rp {
+        let x = if i < r {
+            let at = (h.i0 + i) * h.ld + h.col;
+            &h.qkv[at..at + hd]
+        } else {
+            &[][..]
+        };
+        let block = &mut sc.q[i / 16 * hdt * 1024..(i / 16 + 1) * hdt * 1024];
+        amx::pack_row(AmxKind::Bf16, x, block, i % 16, &mut sc.row);
+    }
+
+    // S = Q·Kᵀ, rp x sp.
+    sc.scores.resize(rp * sp, 0.0);
+    for_blocks(rp, |i, tiles| {
+        for p in 0..spt {
+            let step = Step {
+                a: sc.q.as_ptr().add(i / 16 * hdt * 1024),
+                a_next: hdt * 1024,
+                b: sc.kt.as_ptr().add(p * hdt * 2048),
+                ktiles: hdt,
+                c: sc.scores.as_mut_ptr().add(i * sp + p * 32),
+                ldc: sp * 4,
+                accumulate: false,
+            };
+            step.bf16(tiles);
+        }
+    });
+
+    // Unnormalised probabilities (f32), then into A tiles; 1/sum applied to the output.
+    sc.inv.resize(r, 0.0);
+    sc.p.resize(rp / 16 * spt * 1024, 0);
+    for i in 0..rp {
+        let block = &mut sc.p[i / 16 * spt * 1024..(i / 16 + 1) * spt * 1024];
+        if i < r {
+            let row = &mut sc.scores[i * sp..i * sp + s];
+            let idx = if h.index.is_empty() {
+                h.index
+            } else {
+                &h.index[i * s..(i + 1) * s]
+            };
+            sc.inv[i] = 1.0 / vmath::scaled_biased_exp_row(row, h.scale, h.table, idx);
+            amx::pack_row(AmxKind::Bf16, row, block, i % 16, &mut sc.row);
+        } else {
+            amx::pack_row(AmxKind::Bf16, &[], block, i % 16, &mut sc.row);
+        }
+    }
+
+    // O = P·V, rp x hdp, then each row scaled by its 1/sum.
+    sc.sums.resize(rp * hdp, 0.0);
+    for_blocks(rp, |i, tiles| {
+        for p in 0..hdp / 32 {
+            let step = Step {
+                a: sc.p.as_ptr().add(i / 16 * spt * 1024),
+                a_next: spt * 1024,
+                b: sc.v.as_ptr().add(p * spt * 2048),
+                ktiles: spt,
+                c: sc.sums.as_mut_ptr().add(i * hdp + p * 32),
+                ldc: hdp * 4,
+                accumulate: false,
+            };
+            step.bf16(tiles);
+        }
+    });
+    for (i, &f) in sc.inv.iter().enumerate() {
+        let row = &sc.sums[i * hdp..i * hdp + hd];
+        let dst = std::slice::from_raw_parts_mut(out.add(i * ldo), hd);
+        for (o, &v) in dst.iter_mut().zip(row) {
+            *o = v * f;
+        }
+    }
+}
+
+/// Calls `f(first_row, tiles)` for each block of 32 rows (16 for a last block of <= 16).
+fn for_blocks(rp: usize, mut f: impl FnMut(usize, usize)) {
+    let mut i = 0;
+    while i < rp {
+        let tiles = if rp - i > 16 { 2 } else { 1 };
+        f(i, tiles);
+        i += 16 * tiles;
+    }
+}
+
+fn resize_zero(v: &mut Vec<u8>, len: usize) {
+    v.clear();
+    v.resize(len, 0);
+}
+
+/// Kᵀ as B panels: panel `p` holds tokens `[32p, 32p + 32)`; depth pair `q` of tile `kt` is
+/// dimensions `kt * 32 + 2q, +1` of one token, at `((p * hdt + kt) * 2 + half) * 1024 +
+/// (q * 16 + token % 16) * 4`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_keys(h: &Head<'_>, kt_buf: &mut [u8], hdt: usize) {
+    use std::arch::x86_64::*;
+    let base = kt_buf.as_mut_ptr();
+    let mut pairs = [0u32; 16];
+    for j in 0..h.s {
+        let key = h.qkv.as_ptr().add(j * h.ld + h.col + h.d);
+        let (p, half, jj) = (j / 32, (j % 32) / 16, j % 16);
+        for kt in 0..hdt {
+            let k0 = kt * 32;
+            let mask = |from: usize| -> __mmask16 {
+                ((1u32 << h.hd.saturating_sub(from).min(16)) - 1) as __mmask16
+            };
+            let lo = _mm512_maskz_loadu_ps(mask(k0), key.wrapping_add(k0));
+            let hi = _mm512_maskz_loadu_ps(mask(k0 + 16), key.wrapping_add(k0 + 16));
+            let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_storeu_si512(pairs.as_mut_ptr() as *mut _, v);
+            let tile = base.add(((p * hdt + kt) * 2 + half) * 1024 + jj * 4);
+            for (q, &pair) in pairs.iter().enumerate() {
+                (tile.add(q * 64) as *mut u32).write_unaligned(pair);
+            }
+        }
+    }
+}
+
+/// V as B panels: panel `p` holds dimensions `[32p, 32p + 32)`; depth pair `q` of tile `kt`
+/// is tokens `kt * 32 + 2q, +1` of one dimension, 16 dimensions to 64 contiguous bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_values(h: &Head<'_>, v_buf: &mut [u8], spt: usize) {
+    use std::arch::x86_64::*;
+    let base = v_buf.as_mut_ptr();
+    let chunks = h.hd.div_ceil(16);
+    for t0 in (0..h.s).step_by(2) {
+        let row = |t: usize| h.qkv.as_ptr().add(t * h.ld + h.col + 2 * h.d);
+        let (kt, q) = (t0 / 32, (t0 % 32) / 2);
+        for c in 0..chunks {
+            let mask = ((1u32 << (h.hd - c * 16).min(16)) - 1) as __mmask16;
+            let even = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, row(t0).add(c * 16)));
+            let odd = if t0 + 1 < h.s {
+                _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, row(t0 + 1).add(c * 16)))
+            } else {
+                std::mem::transmute::<__m256i, __m256bh>(_mm256_setzero_si256())
+            };
+            let lo = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(even));
+            let hi = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(odd));
+            let pairs = _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi));
+            let (p, half) = (c / 2, c % 2);
+            let dst = base.add(((p * spt + kt) * 2 + half) * 1024 + q * 64);
+            _mm512_storeu_si512(dst as *mut _, pairs);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn pack_keys(_: &Head<'_>, _: &mut [u8], _: usize) {
+    unreachable!("AMX is x86_64 only")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn pack_values(_: &Head<'_>, _: &mut [u8], _: usize) {
+    unreachable!("AMX is x86_64 only")
+}
