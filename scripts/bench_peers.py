@@ -174,6 +174,45 @@ def child_ort(a):
     return timed(lambda: sess.run(None, feeds), a)
 
 
+def child_ov(a, precision):
+    """OpenVINO on the same ONNX export, reshaped to the batch, compiled for CPU."""
+    import numpy as np
+    import openvino as ov
+    core = ov.Core()
+    model = core.read_model(a.onnx)
+    kind = a.workload.split("-")[0]
+    res = int(a.workload.split("-")[1])
+    shapes = {"pixel_values": [a.batch, 3, res, res]}
+    if kind == "mim":
+        shapes["bool_masked_pos"] = [a.batch, (res // 16) ** 2]
+    model.reshape(shapes)
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": a.threads,
+                                                 "INFERENCE_PRECISION_HINT": precision,
+                                                 "PERFORMANCE_HINT": "LATENCY"})
+    req = compiled.create_infer_request()
+    rng = np.random.default_rng(0)
+    feeds = {"pixel_values": (rng.random((a.batch, 3, res, res), dtype=np.float32) * 2 - 1)}
+    if kind == "mim":
+        feeds["bool_masked_pos"] = mim_mask(a.batch, (res // 16) ** 2).numpy()
+    return timed(lambda: req.infer(feeds), a)
+
+
+def cpu_description():
+    """The CPU model and the flags that decide which kernels run (for every table)."""
+    model, flags = "unknown CPU", []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model == "unknown CPU":
+                    model = line.split(":", 1)[1].strip()
+                if line.startswith("flags") and not flags:
+                    flags = line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    keep = [f for f in flags if f.startswith(("avx512", "amx", "avx_vnni", "avx2", "fma"))]
+    return f"{model}, {os.cpu_count()} CPUs; flags: {' '.join(sorted(keep))}"
+
+
 def timed(fn, a):
     import contextlib
     try:
@@ -303,7 +342,7 @@ def main():
                     help="workload:batch list (workloads: cls-224, cls-384, cls-512, seg-640, mim-224)")
     ap.add_argument("--peers", default="ours,hf-eager,hf-sdpa,ort",
                     help="ours, ours-bf16 (bf16 GEMMs), ours-int8 (int8 GEMMs), hf-eager, hf-sdpa, hf-sdpa-bf16, "
-                         "hf-eager-bf16, ort")
+                         "hf-eager-bf16, ort, ov (OpenVINO f32), ov-bf16 (OpenVINO bf16)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
@@ -329,6 +368,8 @@ def main():
     if a.child:
         if a.child == "ort":
             r = child_ort(a)
+        elif a.child in ("ov", "ov-bf16"):
+            r = child_ov(a, "bf16" if a.child == "ov-bf16" else "f32")
         elif a.workload.startswith("train-"):
             r = child_train(a)
         else:
@@ -359,11 +400,12 @@ def main():
         checked = {}
         for workload, batch in configs:
             train = workload.startswith("train-")
-            model_dir, onnx_path = (tmp, "") if train else prepare(workload, tmp, "ort" in peers)
+            model_dir, onnx_path = (tmp, "") if train else prepare(workload, tmp, "ort" in peers or any(p.startswith("ov") for p in peers))
             if workload not in checked and "ours" in peers and not train:
                 checked[workload] = check_outputs(workload, model_dir, a.beit)
                 print(f"{workload}: max |ours - transformers| = {checked[workload]:.2e}", file=sys.stderr)
-            active = [p for p in peers if p != "ort" or os.path.exists(onnx_path)]
+            active = [p for p in peers
+                      if not (p == "ort" or p.startswith("ov")) or os.path.exists(onnx_path)]
             per = {p: [] for p in active}
             for rnd in range(a.rounds):
                 order = active[rnd % len(active):] + active[:rnd % len(active)]
@@ -410,9 +452,9 @@ def main():
 def table(results, peers, a):
     # ours (f32) against every other peer; our reduced precisions against transformers' bf16.
     pairs = [("ours", p) for p in peers if p != "ours"]
-    pairs += [(o, p) for o in ("ours-bf16", "ours-int8") if o in peers for p in peers if p.endswith("-bf16")
-              and p.startswith("hf-")]
-    lines = [f"threads {a.threads}; medians over {a.rounds} rounds x {a.runs} runs (after {a.warmup} warm-up); "
+    pairs += [(o, p) for o in ("ours-bf16", "ours-int8") if o in peers for p in peers if p.endswith("-bf16")]
+    lines = [f"CPU: {cpu_description()}", "",
+             f"threads {a.threads}; medians over {a.rounds} rounds x {a.runs} runs (after {a.warmup} warm-up); "
              "ratio = ours / peer time (< 1: ours faster)", "",
              "| workload | batch | " + " | ".join(f"{p} ms" for p in peers) + " | " +
              " | ".join(f"{o}/{p}" for o, p in pairs) + " | peak RSS MiB (" + ", ".join(peers) +

@@ -162,6 +162,12 @@ impl Decompressor {
         if rc != 0 {
             return Err(self.error());
         }
+        if w <= 0 || h <= 0 {
+            return Err(TjError {
+                message: "no JPEG frame header (empty or truncated data)".into(),
+                warning: false,
+            });
+        }
         let colorspace = match cs {
             0 => Colorspace::Rgb,
             1 => Colorspace::YCbCr,
