@@ -450,9 +450,10 @@ def main():
 
 
 def table(results, peers, a):
-    # ours (f32) against every other peer; our reduced precisions against transformers' bf16.
-    pairs = [("ours", p) for p in peers if p != "ours"]
-    pairs += [(o, p) for o in ("ours-bf16", "ours-int8") if o in peers for p in peers if p.endswith("-bf16")]
+    # ours (f32) against every f32 peer; our reduced precisions against the peers' bf16.
+    ours = ("ours", "ours-bf16", "ours-int8")
+    pairs = [("ours", p) for p in peers if p not in ours and not p.endswith("-bf16")]
+    pairs += [(o, p) for o in ours[1:] if o in peers for p in peers if p.endswith("-bf16") and p not in ours]
     lines = [f"CPU: {cpu_description()}", "",
              f"threads {a.threads}; medians over {a.rounds} rounds x {a.runs} runs (after {a.warmup} warm-up); "
              "ratio = ours / peer time (< 1: ours faster)", "",
