@@ -26,15 +26,7 @@ pub enum Epilogue<'a> {
     },
 }
 
-/// The epilogue as slices: `op` with per-column `bias` / `scale` (`scale` empty: 1) and a
-/// `res` matrix with the output's row stride (empty unless `op` needs it).
-#[derive(Clone, Copy)]
-pub struct EpilogueData<'a> {
-    pub op: TileOp,
-    pub bias: &'a [f32],
-    pub scale: &'a [f32],
-    pub res: &'a [f32],
-}
+pub use super::vmath::EpilogueData;
 
 /// Resolve the epilogue's tensors to slices and run `gemm(x, rows, k, out, epilogue)`, which
 /// fills `out [rows, n]`; returns `out` with `x`'s leading dims.

@@ -6,23 +6,21 @@
 //! matches PyTorch's forward numerics.
 
 pub mod activation;
-pub mod amx;
-pub mod amx_attention;
 pub mod attention;
-pub mod bf16;
 pub mod conv;
 pub mod cuda;
 pub mod fused;
-pub mod gemm;
-pub mod int8;
+pub mod kernels;
 pub mod layer_norm;
 pub mod linear;
-pub mod packed;
 pub mod pool;
 pub mod resize;
 pub mod softmax;
-pub mod vmath;
 pub mod winograd;
+
+// The raw CPU kernels keep their old paths (`ops::packed`, `ops::vmath`, ...) for callers.
+pub use kernels::{amx, amx_attention, bf16, gemm, int8, packed, vmath};
+pub(crate) use kernels::{uninit_buffer, SendPtr};
 
 pub use activation::{gelu_erf, Activation};
 
@@ -252,33 +250,6 @@ pub(crate) fn f32_data(t: &Tensor) -> Result<F32Data<'_>> {
         len: end - start,
     })
 }
-
-/// A buffer of `n` values for a kernel that writes every element before anything reads it
-/// (GEMM outputs with `accumulate = false`, packed panels): skips `vec![0; n]`'s memset, which
-/// at batch 8 is ~0.5 GB of zeroing per BEiT-base forward.
-///
-/// # Safety
-/// The caller must write all `n` elements before reading any of them.
-#[allow(clippy::uninit_vec)] // deliberate: see the safety contract above
-pub(crate) unsafe fn uninit_buffer<T: Copy>(n: usize) -> Vec<T> {
-    let mut v = Vec::with_capacity(n);
-    // SAFETY: capacity is `n`; `T: Copy` has no drop glue; the caller initialises every
-    // element before use (the same pattern as candle's CPU kernels).
-    unsafe { v.set_len(n) };
-    v
-}
-
-/// A raw pointer that rayon tasks may share; each task writes a disjoint part.
-#[derive(Clone, Copy)]
-pub(crate) struct SendPtr<T>(pub *mut T);
-impl<T> SendPtr<T> {
-    /// The pointer (a method, so that closures capture the `Send` wrapper, not the field).
-    pub(crate) fn get(self) -> *mut T {
-        self.0
-    }
-}
-unsafe impl<T> Send for SendPtr<T> {}
-unsafe impl<T> Sync for SendPtr<T> {}
 
 /// Blocked transpose of the row-major `r x c` matrix `src` into `dst` (`c x r`), in parallel.
 /// Each task fills 32 output rows; within it, groups of 8 output rows are written as 8

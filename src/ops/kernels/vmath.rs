@@ -442,6 +442,16 @@ fn softmax_backward_rows_body<const F: bool>(y: &[f32], g: &[f32], dx: &mut [f32
     }
 }
 
+/// The epilogue as slices: `op` with per-column `bias` / `scale` (`scale` empty: 1) and a
+/// `res` matrix with the output's row stride (empty unless `op` needs it).
+#[derive(Clone, Copy)]
+pub struct EpilogueData<'a> {
+    pub op: TileOp,
+    pub bias: &'a [f32],
+    pub scale: &'a [f32],
+    pub res: &'a [f32],
+}
+
 /// What [`tile_epilogue`] applies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TileOp {

@@ -155,7 +155,7 @@ pub(super) trait PanelWeight: Sync {
 }
 
 /// The epilogue applied to each finished tile (see `ops::linear`).
-pub use super::linear::EpilogueData as Epi;
+pub use super::vmath::EpilogueData as Epi;
 
 /// `C [m x n] = epilogue(A [m x k] · W)`, `A` row-major (row stride `k`), `C` row-major.
 ///
