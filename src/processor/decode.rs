@@ -827,3 +827,32 @@ mod tests {
         assert!(decode_image_bytes(&[0xFF, 0xD8, 0xFF, 0xE0], name, &opts).is_err());
     }
 }
+
+#[cfg(test)]
+mod speed_probe {
+    /// `BEIT_JPEG_PROBE=photo.jpg cargo test --release --lib jpeg_decode_speed -- --ignored
+    /// --nocapture`: median decode time of one JPEG (compare with Pillow's
+    /// `Image.open(p).convert("RGB")`, whose libjpeg-turbo has the SIMD code ours is built
+    /// without).
+    #[test]
+    #[ignore]
+    fn jpeg_decode_speed() {
+        let Ok(path) = std::env::var("BEIT_JPEG_PROBE") else {
+            eprintln!("SKIPPED: set BEIT_JPEG_PROBE to a JPEG file");
+            return;
+        };
+        let bytes = std::fs::read(&path).unwrap();
+        let opts = super::DecodeOptions::default();
+        let mut times: Vec<f64> = (0..21)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                let img =
+                    super::decode_image_bytes(&bytes, std::path::Path::new(&path), &opts).unwrap();
+                std::hint::black_box(img);
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        eprintln!("{path}: median {:.2} ms over 21 decodes", times[10]);
+    }
+}
