@@ -102,7 +102,7 @@ impl ClassifyCmd {
         }
         let summary = summary?;
         std::io::stdout().flush().ok();
-        super::report_summary(summary.processed, summary.skipped);
+        super::report_summary(&summary);
         Ok(())
     }
 }

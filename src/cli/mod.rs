@@ -170,24 +170,34 @@ pub fn model_dir(spec: &str) -> Result<PathBuf> {
     Ok(files.dir)
 }
 
-/// `--resume` alone: the newest checkpoint in the output folder, or a fresh start when there is
-/// none yet (so a command can be re-run until it completes); `--resume DIR`: that checkpoint.
-pub fn resume_dir(flag: Option<&str>, output: &std::path::Path) -> Option<PathBuf> {
-    match flag {
-        None => None,
+/// The training output folder by the crate's policy ([`beit::output::prepare_run_dir`]), and
+/// the checkpoint to resume from. `--resume` alone: the newest checkpoint in the output folder,
+/// or a fresh start when there is none yet (so a command can be re-run until it completes; what
+/// a run that never saved a checkpoint left is cleared); `--resume DIR`: that checkpoint.
+pub fn prepare_output(
+    output: &std::path::Path,
+    resume: Option<&str>,
+    overwrite: bool,
+) -> Result<Option<PathBuf>> {
+    use beit::output::{prepare_run_dir, RunDir, RUN_FILES};
+    let (mode, from) = match resume {
+        None if overwrite => (RunDir::Overwrite, None),
+        None => (RunDir::Fresh, None),
         Some("") => {
             if beit::train::checkpoint::latest_checkpoint(output).is_some() {
-                Some(output.to_path_buf())
+                (RunDir::Resume, Some(output.to_path_buf()))
             } else {
                 eprintln!(
                     "--resume: no checkpoint in {} yet, starting from the beginning",
                     output.display()
                 );
-                None
+                (RunDir::Overwrite, None)
             }
         }
-        Some(dir) => Some(PathBuf::from(dir)),
-    }
+        Some(dir) => (RunDir::Resume, Some(PathBuf::from(dir))),
+    };
+    prepare_run_dir(output, mode, RUN_FILES)?;
+    Ok(from)
 }
 
 pub fn run() -> Result<()> {
@@ -281,11 +291,18 @@ pub fn report_skipped(bar: Option<&indicatif::ProgressBar>, e: &beit::tasks::inp
 }
 
 /// A closing line on stderr when files were skipped.
-pub fn report_summary(processed: usize, skipped: usize) {
-    if skipped > 0 {
+pub fn report_summary(s: &beit::tasks::inputs::RunSummary) {
+    let failed = s.skipped - s.kept.min(s.skipped);
+    if failed > 0 {
         eprintln!(
-            "warning: {skipped} of {} file(s) skipped (--keep-going)",
-            processed + skipped
+            "warning: {failed} of {} file(s) could not be used and were skipped (--keep-going)",
+            s.processed + s.skipped
+        );
+    }
+    if s.kept > 0 {
+        eprintln!(
+            "{} image(s) already had their outputs (kept; --overwrite replaces them)",
+            s.kept
         );
     }
 }

@@ -46,9 +46,14 @@ pub struct PretrainCmd {
     /// Held-out images for MIM accuracy.
     #[arg(long, default_value_t = 2000)]
     pub eval_limit: usize,
-    /// Continue from the newest checkpoint in --output (or the given checkpoint folder).
-    #[arg(long, num_args = 0..=1, default_missing_value = "")]
+    /// Continue from the newest checkpoint in --output (or the given checkpoint folder) with
+    /// the same options (default: a fresh run, into an empty or new --output).
+    #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "CHECKPOINT")]
     pub resume: Option<String>,
+    /// Start over in a non-empty --output: remove its checkpoints, metrics and model first
+    /// (default: refuse a non-empty --output).
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
 }
 
 impl PretrainCmd {
@@ -69,7 +74,7 @@ impl PretrainCmd {
             anyhow::bail!("--mask-ratio must be in (0, 1)");
         }
         let tok = TokenizerSource::from_path(&self.tokenizer)?;
-        let resume = super::resume_dir(self.resume.as_deref(), &self.output);
+        let resume = super::prepare_output(&self.output, self.resume.as_deref(), self.overwrite)?;
         let summary = match &self.optim.gpus {
             None => pretrain(
                 &self.config,
@@ -134,6 +139,10 @@ pub struct TokenizerTrainArgs {
     pub seed: u64,
     #[arg(long)]
     pub train_limit: Option<usize>,
+    /// Start over in a non-empty --output: remove the tokenizer files there first (default:
+    /// refuse a non-empty --output).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 impl TokenizerCmd {
@@ -163,6 +172,7 @@ impl TokenizerCmd {
             seed: a.seed,
             train_limit: a.train_limit,
         };
+        super::prepare_output(&a.output, None, a.overwrite)?;
         let s = train_tokenizer(&a.data, &a.output, &cfg, device)?;
         println!("{}", serde_json::to_string_pretty(&s)?);
         Ok(())

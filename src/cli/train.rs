@@ -67,9 +67,14 @@ pub struct TrainArgs {
     pub eval_limit: Option<usize>,
     #[arg(long, default_value_t = 0.1)]
     pub val_split: f64,
-    /// Continue from the newest checkpoint in --output (or the given checkpoint folder).
-    #[arg(long, num_args = 0..=1, default_missing_value = "")]
+    /// Continue from the newest checkpoint in --output (or the given checkpoint folder) with
+    /// the same options (default: a fresh run, into an empty or new --output).
+    #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "CHECKPOINT")]
     pub resume: Option<String>,
+    /// Start over in a non-empty --output: remove its checkpoints, metrics and model first
+    /// (default: refuse a non-empty --output).
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
 }
 
 impl TrainCmd {
@@ -110,7 +115,7 @@ impl TrainCmd {
             val_split: a.val_split,
             ..TrainConfig::default()
         };
-        let resume = super::resume_dir(a.resume.as_deref(), &a.output);
+        let resume = super::prepare_output(&a.output, a.resume.as_deref(), a.overwrite)?;
         let summary = match &a.optim.gpus {
             None => train(&source, &a.data, &a.output, &cfg, resume.as_deref(), device)?,
             Some(gpus) => super::data_parallel(gpus, |dev, sync| {

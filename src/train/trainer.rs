@@ -210,6 +210,9 @@ pub fn train_loop(run: Run, objective: &dyn Objective, device: &Device) -> Resul
         opt.load_state_tensors(o)?;
     }
     let metrics_path = output.join("metrics.jsonl");
+    if leader && run.resume.is_some() {
+        trim_metrics(&metrics_path, state.step)?;
+    }
     let mut metrics: Box<dyn Write> = if leader {
         Box::new(
             std::fs::OpenOptions::new()
@@ -396,6 +399,31 @@ pub fn train_loop(run: Run, objective: &dyn Objective, device: &Device) -> Resul
         output: output.to_path_buf(),
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// Drop the lines of `metrics.jsonl` logged after `step` (by a run killed after its last
+/// checkpoint), so that a resumed run does not log those steps twice.
+fn trim_metrics(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(()); // none yet
+    };
+    let keep: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_none_or(|s| s as usize <= step)
+        })
+        .collect();
+    if keep.len() == text.lines().count() {
+        return Ok(());
+    }
+    let mut out = keep.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    crate::util::write_atomic(path, out.as_bytes())
 }
 
 /// The part of an epoch's sample order that replica `rank` trains on: micro-batch `c` (of size
