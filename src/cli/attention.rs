@@ -33,6 +33,8 @@ pub struct AttentionCmd {
     /// One JSON object per image on stdout instead of a line of text (default: off).
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub matmul: super::MatmulArgs,
 }
 
 impl AttentionCmd {

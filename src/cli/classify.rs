@@ -32,6 +32,8 @@ pub struct ClassifyCmd {
     /// Report files that cannot be read and go on with the rest.
     #[arg(long)]
     pub keep_going: bool,
+    #[command(flatten)]
+    pub matmul: super::MatmulArgs,
 }
 
 impl ClassifyCmd {

@@ -34,6 +34,8 @@ pub struct EmbedCmd {
     /// Report files that cannot be used and go on with the rest (default: stop at the first).
     #[arg(long)]
     pub keep_going: bool,
+    #[command(flatten)]
+    pub matmul: super::MatmulArgs,
 }
 
 impl EmbedCmd {

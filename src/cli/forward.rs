@@ -42,6 +42,8 @@ pub struct ForwardCmd {
     /// Compute dtype: f32, f16 or bf16 (weights cast on load).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    #[command(flatten)]
+    pub matmul: super::MatmulArgs,
 }
 
 impl ForwardCmd {

@@ -44,6 +44,8 @@ pub struct MimCmd {
     /// One JSON object per image on stdout instead of a table (default: off).
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub matmul: super::MatmulArgs,
 }
 
 impl MimCmd {

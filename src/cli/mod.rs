@@ -10,6 +10,7 @@ mod bench;
 mod classify;
 mod embed;
 mod forward;
+mod help;
 mod mim;
 mod preprocess;
 mod pretrain;
@@ -23,12 +24,9 @@ pub struct Cli {
     /// Run on this device: cpu, or cuda[:N] when built with the `cuda` feature.
     #[arg(long, global = true, default_value = "cpu")]
     pub device: String,
-    /// Precision of the linear layers of inference models on CPU: highest (f32, default), bf16
-    /// (bf16 inputs, f32 accumulation; AVX512-BF16) or int8 (int8 weights, activations
-    /// quantised per token; AVX512-VNNI). Reduced precisions trade accuracy for speed (see
-    /// `beit bench --precision-check`); without the instructions, f32 runs.
-    #[arg(long, global = true, default_value = "highest")]
-    pub matmul_precision: String,
+    /// The inference commands' --matmul-precision, given before the command (default: highest).
+    #[arg(long, value_name = "PRECISION")]
+    pub matmul_precision: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -59,6 +57,61 @@ pub enum Command {
     Attention(attention::AttentionCmd),
     /// Measure latency, throughput, peak memory and load time on random-weight models.
     Bench(bench::BenchCmd),
+}
+
+/// `--matmul-precision`, on the commands that run inference models (training has --precision).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct MatmulArgs {
+    /// Precision of the linear layers on CPU: highest (f32), bf16 (bf16 inputs, f32
+    /// accumulation; AVX512-BF16) or int8 (int8 weights, activations quantised per token;
+    /// AVX512-VNNI). Reduced precisions trade accuracy for speed (see `beit bench
+    /// --precision-check`); without the instructions, f32 runs. [default: highest]
+    #[arg(long, value_name = "PRECISION")]
+    pub matmul_precision: Option<String>,
+}
+
+impl Command {
+    /// The command's `--matmul-precision` options, `None` where it does not apply.
+    fn matmul(&self) -> Option<&MatmulArgs> {
+        match self {
+            Command::Forward(c) => Some(&c.matmul),
+            Command::Classify(c) => Some(&c.matmul),
+            Command::Segment(c) => Some(&c.matmul),
+            Command::Embed(c) => Some(&c.matmul),
+            Command::Mim(c) => Some(&c.matmul),
+            Command::Attention(c) => Some(&c.matmul),
+            Command::Bench(c) => Some(&c.matmul),
+            Command::Train(_) | Command::Pretrain(_) | Command::Tokenizer(_) => None,
+            Command::Preprocess(_) => None,
+        }
+    }
+}
+
+/// Set the linear layers' precision from `--matmul-precision` (before or after the command).
+fn apply_matmul_precision(cli: &Cli) -> Result<()> {
+    use beit::ops::packed::{set_f32_matmul_precision, MatmulPrecision};
+    let given = match cli.command.matmul() {
+        Some(m) => m
+            .matmul_precision
+            .as_deref()
+            .or(cli.matmul_precision.as_deref()),
+        None if cli.matmul_precision.is_some() => anyhow::bail!(
+            "--matmul-precision applies to the inference commands (forward, classify, segment, \
+             embed, mim, attention, bench), not to this one"
+        ),
+        None => None,
+    };
+    let Some(name) = given else {
+        return Ok(());
+    };
+    let precision = MatmulPrecision::parse(name).ok_or_else(|| {
+        anyhow::anyhow!("--matmul-precision: {name:?} is not one of highest, bf16, int8")
+    })?;
+    if !precision.available() {
+        tracing::warn!("--matmul-precision {name}: this CPU lacks the instructions; using f32");
+    }
+    set_f32_matmul_precision(precision);
+    Ok(())
 }
 
 /// Parse the `--device` option.
@@ -201,22 +254,9 @@ pub fn prepare_output(
 }
 
 pub fn run() -> Result<()> {
-    let cli = Cli::parse();
+    let cli = help::parse();
     let dev = device(&cli.device)?;
-    use beit::ops::packed::{set_f32_matmul_precision, MatmulPrecision};
-    let precision = MatmulPrecision::parse(&cli.matmul_precision).ok_or_else(|| {
-        anyhow::anyhow!(
-            "--matmul-precision: {:?} is not one of highest, bf16, int8",
-            cli.matmul_precision
-        )
-    })?;
-    if !precision.available() {
-        tracing::warn!(
-            "--matmul-precision {}: this CPU lacks the instructions; using f32",
-            cli.matmul_precision
-        );
-    }
-    set_f32_matmul_precision(precision);
+    apply_matmul_precision(&cli)?;
     match cli.command {
         Command::Forward(cmd) => cmd.run(&dev),
         Command::Train(cmd) => cmd.run(&dev),
@@ -251,9 +291,15 @@ pub fn progress_bar(count: impl FnOnce() -> usize) -> Option<indicatif::Progress
         indicatif::ProgressDrawTarget::stderr(),
     );
     if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{wide_bar} {pos}/{len} images, {per_sec}, eta {eta}",
+        "{wide_bar} {pos}/{len} images, {rate} img/s, eta {eta}",
     ) {
-        bar.set_style(style);
+        // Whole images per second: the decimals of indicatif's {per_sec} are noise.
+        bar.set_style(style.with_key(
+            "rate",
+            |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.0}", s.per_sec());
+            },
+        ));
     }
     Some(bar)
 }

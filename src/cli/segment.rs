@@ -36,6 +36,8 @@ pub struct SegmentCmd {
     /// Opacity of the class colours in the overlay.
     #[arg(long, default_value_t = 0.5)]
     pub alpha: f32,
+    #[command(flatten)]
+    pub matmul: super::MatmulArgs,
 }
 
 impl SegmentCmd {
