@@ -439,6 +439,21 @@ fn a_failure_in_a_folder_says_how_to_go_on_and_a_rerun_goes_on() {
     assert!(!r.ok && r.stderr.contains("--keep-going"), "{}", r.stderr);
 }
 
+#[test]
+fn a_bad_default_model_names_the_variable() {
+    let out = Command::new(env!("CARGO_BIN_EXE_beit"))
+        .args(["classify", s(&fixture("processor/images/chelsea.png"))])
+        .env("BEIT_DEFAULT_MODEL", "/nonexistent-model")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("BEIT_DEFAULT_MODEL") && !err.contains("--model"),
+        "{err}"
+    );
+}
+
 /// Class folders of small coloured images.
 fn make_data(root: &Path, per_class: usize) {
     for (k, c) in [[220u8, 30, 30], [30, 200, 40]].iter().enumerate() {

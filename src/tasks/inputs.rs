@@ -239,7 +239,7 @@ pub fn load_processor(model: &Path, cfg: Option<&BeitConfig>) -> Result<BeitImag
             let (h, w) = cfg.image_size.hw();
             tracing::warn!(
                 "{} has no {PREPROCESSOR_CONFIG_NAME}; using the default BEiT image processor \
-                 (bicubic, rescale 1/255, mean = std = 0.5) at the model's image_size {h}x{w}",
+                 (bicubic, rescale 1/255, mean = std = 0.5) at the model's image_size {w}x{h}",
                 model.display()
             );
             Ok(BeitImageProcessor {
@@ -441,9 +441,9 @@ pub fn check_patch_multiple(cfg: &BeitConfig, path: &Path, img: &ProcessedImage)
         return Err(BeitError::file(
             path,
             format!(
-                "preprocessed to {}x{} (HxW), which is not a multiple of the model's patch size \
+                "preprocessed to {}x{}, which is not a multiple of the model's patch size \
                  {p}; check preprocessor_config.json",
-                img.height, img.width
+                img.width, img.height
             ),
         ));
     }
