@@ -23,6 +23,7 @@ pub mod losses;
 pub mod model;
 pub mod nn;
 pub mod ops;
+pub mod output;
 pub mod pretrain;
 pub mod processor;
 pub mod profile;

@@ -1,17 +1,16 @@
-//! Small shared helpers: atomic file writes and safetensors I/O for user-facing files.
+//! Small shared helpers: file writes (see [`crate::output`]) and safetensors I/O for user-facing files.
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{BeitError, Result};
 
-/// Write `bytes` to `path` atomically: a temporary file in the same folder, then a rename, so a
-/// reader (or a crash) never sees a partial file.
+/// Write `bytes` to `path` atomically, by the output policy of [`crate::output`] (a temporary
+/// file renamed into place; a device or FIFO written through, never replaced).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomic_with(path, |f| f.write_all(bytes).map_err(BeitError::from))
+    crate::output::write_bytes(path, bytes)
 }
 
 /// Like [`write_atomic`], with the content produced by a writer callback.
@@ -19,33 +18,7 @@ pub fn write_atomic_with(
     path: &Path,
     write: impl FnOnce(&mut std::fs::File) -> Result<()>,
 ) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    if !dir.is_dir() {
-        return Err(BeitError::file(path, "the output folder does not exist"));
-    }
-    let name = path
-        .file_name()
-        .ok_or_else(|| BeitError::file(path, "not a file path"))?
-        .to_string_lossy()
-        .to_string();
-    // Unique per writer: threads of one process (in-process replicas, a server) share the pid.
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = dir.join(format!(".{name}.tmp-{}-{n}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)
-            .map_err(|e| BeitError::file(&tmp, format!("cannot create: {e}")))?;
-        write(&mut f)?;
-        f.sync_all().ok();
-        std::fs::rename(&tmp, path).map_err(|e| BeitError::file(path, format!("cannot write: {e}")))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    crate::output::write_with(path, write)
 }
 
 /// Save named tensors as a safetensors file, atomically. Tensors are written in their dtype.
@@ -111,36 +84,5 @@ pub fn tune_allocator() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Threads of one process writing the same file must not trip over each other's temporary
-    /// file (they share a pid; in-process data-parallel replicas did).
-    #[test]
-    fn concurrent_atomic_writes_to_one_path_all_succeed() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out.txt");
-        let threads: Vec<_> = (0..4u8)
-            .map(|i| {
-                let path = path.clone();
-                std::thread::spawn(move || {
-                    for _ in 0..200 {
-                        write_atomic(&path, &[i; 4096]).unwrap();
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
-        let bytes = std::fs::read(&path).unwrap();
-        assert_eq!(bytes.len(), 4096);
-        assert!(bytes.iter().all(|&b| b == bytes[0]), "a torn file");
-        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
-        assert_eq!(left.len(), 1, "temporary files left behind");
     }
 }

@@ -95,22 +95,58 @@ pub struct Series {
     pub color: [u8; 3],
 }
 
-fn fmt_tick(v: f64) -> String {
+/// A tick label: the value with as many decimals as the tick step needs (`step` = 0.25 gives
+/// `0.75`, 2 gives `4`), so that round ticks print round.
+fn fmt_tick(v: f64, step: f64) -> String {
+    if v == 0.0 || v.abs() < step * 1e-6 {
+        return "0".into();
+    }
     let a = v.abs();
-    if a == 0.0 {
-        "0".into()
-    } else if !(1e-2..1e4).contains(&a) {
-        format!("{v:.1e}")
-    } else if a >= 100.0 {
-        format!("{v:.0}")
-    } else if a >= 1.0 {
-        format!("{v:.2}")
+    if !(1e-3..1e6).contains(&a) {
+        return format!("{v:.1e}");
+    }
+    let decimals = if step >= 1.0 {
+        0
     } else {
-        format!("{v:.3}")
+        // Enough digits for 0.25 and 0.05 steps; never more than the step has.
+        let mut d = (-step.log10()).ceil() as usize;
+        while d < 6
+            && ((step * 10f64.powi(d as i32)).round() - step * 10f64.powi(d as i32)).abs() > 1e-6
+        {
+            d += 1;
+        }
+        d
+    };
+    format!("{v:.decimals$}")
+}
+
+/// A round tick step (1, 2, 2.5 or 5 times a power of ten) giving about `target` intervals over
+/// `span`; at least 1 on an integer axis.
+pub fn nice_step(span: f64, target: usize, integer: bool) -> f64 {
+    let raw = (span / target.max(1) as f64).max(f64::MIN_POSITIVE);
+    let mag = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 2.5, 5.0, 10.0]
+        .iter()
+        .map(|m| m * mag)
+        .find(|&s| s >= raw)
+        .unwrap_or(10.0 * mag);
+    if integer {
+        step.max(1.0).round()
+    } else {
+        step
     }
 }
 
-/// A line plot with axes, ticks, a title and a legend.
+/// How [`line_plot_with`] draws its axes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PlotOptions {
+    /// The x values are counts (steps, epochs): integer ticks only.
+    pub x_integer: bool,
+    /// The y values are fractions in `[0, 1]` (accuracies): the axis stays within `[0, 1]`.
+    pub y_fraction: bool,
+}
+
+/// A line plot with axes, ticks, a title and a legend (see [`line_plot_with`]).
 pub fn line_plot(
     title: &str,
     x_label: &str,
@@ -118,15 +154,61 @@ pub fn line_plot(
     width: u32,
     height: u32,
 ) -> RgbImage {
+    line_plot_with(
+        title,
+        x_label,
+        series,
+        width,
+        height,
+        PlotOptions::default(),
+    )
+}
+
+/// A line plot: round tick values, an axis that does not go below zero for non-negative data,
+/// and the legend above the plot area, where it cannot hide a line.
+pub fn line_plot_with(
+    title: &str,
+    x_label: &str,
+    series: &[Series],
+    width: u32,
+    height: u32,
+    opts: PlotOptions,
+) -> RgbImage {
     let mut img = RgbImage::from_pixel(width, height, Rgb([255, 255, 255]));
-    let (left, right, top, bottom) = (80i64, 20i64, 40i64, 50i64);
+    // The legend takes rows above the plot: as many as its entries need.
+    let entry_w = |s: &Series| 22 + text_width(&s.label, 1) as i64 + 16;
+    let title_w = 8 + text_width(title, 2) as i64 + 24;
+    let (left, right, bottom) = (80i64, 20i64, 50i64);
+    let mut rows: Vec<Vec<&Series>> = vec![Vec::new()];
+    let mut used = title_w;
+    for s in series {
+        if used + entry_w(s) > width as i64 - right && !rows.last().is_some_and(|r| r.is_empty()) {
+            rows.push(Vec::new());
+            used = left;
+        }
+        used += entry_w(s);
+        if let Some(r) = rows.last_mut() {
+            r.push(s);
+        }
+    }
+    let top = 24 + 14 * rows.len() as i64;
     let (pw, ph) = (width as i64 - left - right, height as i64 - top - bottom);
     let pts: Vec<(f64, f64)> = series
         .iter()
         .flat_map(|s| s.points.iter().copied())
         .filter(|p| p.0.is_finite() && p.1.is_finite())
         .collect();
-    draw_text(&mut img, left, 12, title, [0, 0, 0], 2);
+    draw_text(&mut img, 8, 8, title, [0, 0, 0], 2);
+    for (r, row) in rows.iter().enumerate() {
+        let total: i64 = row.iter().map(|s| entry_w(s)).sum();
+        let mut lx = width as i64 - right - total;
+        let ly = 10 + 14 * r as i64;
+        for s in row {
+            fill_rect(&mut img, lx, ly + 2, 16, 4, s.color);
+            draw_text(&mut img, lx + 22, ly, &s.label, [0, 0, 0], 1);
+            lx += entry_w(s);
+        }
+    }
     if pts.is_empty() || pw <= 0 || ph <= 0 {
         return img;
     }
@@ -138,14 +220,28 @@ pub fn line_plot(
         .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
     if x1 <= x0 {
         x1 = x0 + 1.0;
-        x0 -= 0.0;
     }
     if y1 <= y0 {
-        y1 = y0 + 1.0;
+        y1 = y0 + if opts.y_fraction { 0.1 } else { 1.0 };
     }
+    let non_negative = y0 >= 0.0;
     let pad = (y1 - y0) * 0.05;
     y0 -= pad;
     y1 += pad;
+    if non_negative {
+        y0 = y0.max(0.0);
+    }
+    if opts.y_fraction {
+        y0 = y0.max(0.0);
+        y1 = y1.min(1.0);
+    }
+    // Widen the ranges to whole ticks.
+    let ys = nice_step(y1 - y0, 5, false);
+    y0 = (y0 / ys).floor() * ys;
+    y1 = (y1 / ys).ceil() * ys;
+    let xs = nice_step(x1 - x0, 6, opts.x_integer);
+    x0 = (x0 / xs).floor() * xs;
+    x1 = (x1 / xs).ceil() * xs;
     let to_px = |x: f64, y: f64| -> (i64, i64) {
         (
             left + ((x - x0) / (x1 - x0) * pw as f64).round() as i64,
@@ -153,71 +249,47 @@ pub fn line_plot(
         )
     };
     let grid = [225, 225, 225];
-    for i in 0..=5 {
-        let fy = y0 + (y1 - y0) * i as f64 / 5.0;
+    let ticks = |lo: f64, hi: f64, step: f64| -> Vec<f64> {
+        let n = ((hi - lo) / step).round() as i64;
+        (0..=n.clamp(0, 50)).map(|i| lo + i as f64 * step).collect()
+    };
+    for fy in ticks(y0, y1, ys) {
         let (_, py) = to_px(x0, fy);
         draw_line(&mut img, (left, py), (left + pw, py), grid, 1);
-        let t = fmt_tick(fy);
-        draw_text(
-            &mut img,
-            left - 8 - text_width(&t, 1) as i64,
-            py - 4,
-            &t,
-            [60, 60, 60],
-            1,
-        );
-        let fx = x0 + (x1 - x0) * i as f64 / 5.0;
+        let t = fmt_tick(fy, ys);
+        let tx = left - 8 - text_width(&t, 1) as i64;
+        draw_text(&mut img, tx, py - 4, &t, [60, 60, 60], 1);
+    }
+    for fx in ticks(x0, x1, xs) {
         let (px, _) = to_px(fx, y0);
         draw_line(&mut img, (px, top), (px, top + ph), grid, 1);
-        let t = fmt_tick(fx);
-        draw_text(
-            &mut img,
-            px - text_width(&t, 1) as i64 / 2,
-            top + ph + 8,
-            &t,
-            [60, 60, 60],
-            1,
-        );
+        let t = fmt_tick(fx, xs);
+        let tx = px - text_width(&t, 1) as i64 / 2;
+        draw_text(&mut img, tx, top + ph + 8, &t, [60, 60, 60], 1);
     }
     draw_line(&mut img, (left, top), (left, top + ph), [0, 0, 0], 1);
-    draw_line(
-        &mut img,
-        (left, top + ph),
-        (left + pw, top + ph),
-        [0, 0, 0],
-        1,
-    );
-    draw_text(
-        &mut img,
-        left + pw / 2 - text_width(x_label, 1) as i64 / 2,
-        top + ph + 28,
-        x_label,
-        [0, 0, 0],
-        1,
-    );
+    let axis = (left + pw, top + ph);
+    draw_line(&mut img, (left, top + ph), axis, [0, 0, 0], 1);
+    let lx = left + pw / 2 - text_width(x_label, 1) as i64 / 2;
+    draw_text(&mut img, lx, top + ph + 28, x_label, [0, 0, 0], 1);
     for s in series {
         let mut prev: Option<(i64, i64)> = None;
-        for &(x, y) in &s.points {
-            if !(x.is_finite() && y.is_finite()) {
-                continue;
-            }
+        let finite: Vec<_> = s
+            .points
+            .iter()
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .collect();
+        for &&(x, y) in &finite {
             let p = to_px(x, y);
             if let Some(q) = prev {
                 draw_line(&mut img, q, p, s.color, 2);
-            } else if s.points.len() == 1 {
+            }
+            // Markers where points are few (an epoch axis), so single points show too.
+            if finite.len() <= 30 {
                 fill_rect(&mut img, p.0 - 2, p.1 - 2, 5, 5, s.color);
             }
             prev = Some(p);
         }
-    }
-    // Legend, top-right.
-    let mut ly = top + 6;
-    for s in series {
-        let w = text_width(&s.label, 1) as i64;
-        let lx = left + pw - w - 30;
-        fill_rect(&mut img, lx, ly + 2, 16, 4, s.color);
-        draw_text(&mut img, lx + 22, ly, &s.label, [0, 0, 0], 1);
-        ly += 14;
     }
     img
 }

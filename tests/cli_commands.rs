@@ -516,7 +516,11 @@ fn classify_keep_going_reports_and_skips() {
         .unwrap()
         .contains("No such file"));
     assert!(by_path[s(&dir.join("good.png"))]["predictions"].is_array());
-    assert!(r.stderr.contains("7 of 8 file(s) skipped"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("7 of 8 file(s) could not be used"),
+        "{}",
+        r.stderr
+    );
 
     // Nothing usable at all is an error even with --keep-going.
     let cls = model(CLS);
@@ -659,7 +663,7 @@ fn segment_writes_label_maps_overlays_and_shares() {
         "--overwrite",
     ]);
     assert!(r.ok, "{}", r.stderr);
-    assert!(r.stdout.contains("(64x96)"), "{}", r.stdout);
+    assert!(r.stdout.contains("(96x64)"), "{}", r.stdout);
     let labels = image::open(out.join("chelsea_labels.png")).unwrap();
     assert_eq!((labels.width(), labels.height()), (96, 64));
     assert_eq!(
@@ -919,7 +923,7 @@ fn mim_predicts_masked_tokens_and_draws_the_mask() {
         serde_json::from_str::<Value>(r.stdout.trim()).unwrap()
     };
     let j = run(&["--seed", "3"], &pic);
-    assert_eq!(j["grid"], serde_json::json!([8, 8]));
+    assert_eq!(j["grid"], serde_json::json!({"width": 8, "height": 8}));
     assert_eq!(j["num_patches"], 64);
     assert_eq!(j["num_masked"], 26); // round(0.4 * 64)
     let masked: Vec<u64> = j["masked"]
@@ -1099,15 +1103,18 @@ fn attention_draws_one_heat_map_per_head() {
     let j = run("-1", &pic);
     assert_eq!(j["layer"], 2);
     assert_eq!(j["heads"], 4);
-    assert_eq!(j["grid"], serde_json::json!([8, 8]));
+    assert_eq!(j["grid"], serde_json::json!({"width": 8, "height": 8}));
     // The photo plus 4 heads: 2 rows of 3 tiles, each 224x149 (the photo's aspect ratio).
-    assert_eq!(j["tiles"], serde_json::json!([2, 3]));
-    assert_eq!(j["tile_size"], serde_json::json!([149, 224]));
+    assert_eq!(j["tiles"], serde_json::json!({"width": 3, "height": 2}));
+    assert_eq!(
+        j["tile_size"],
+        serde_json::json!({"width": 224, "height": 149})
+    );
     use beit::tasks::attention::{GAP, LABEL_BAND};
     let (w, h) = (3 * (224 + GAP) + GAP, 2 * (149 + LABEL_BAND + GAP) + GAP);
     let img = read_rgb(&pic);
     assert_eq!(img.dimensions(), (w, h));
-    assert_eq!(j["size"], serde_json::json!([h, w]));
+    assert_eq!(j["size"], serde_json::json!({"width": w, "height": h}));
 
     let tile = |k: u32| {
         let (r, c) = (k / 3, k % 3);

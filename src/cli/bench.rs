@@ -68,6 +68,8 @@ pub struct BenchCmd {
     /// (internal) load this folder, run one batch-1 forward, print the times as JSON.
     #[arg(long, hide = true)]
     pub load_only: Option<PathBuf>,
+    #[command(flatten)]
+    pub matmul: super::MatmulArgs,
 }
 
 impl BenchCmd {

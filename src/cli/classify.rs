@@ -32,23 +32,35 @@ pub struct ClassifyCmd {
     /// Report files that cannot be read and go on with the rest.
     #[arg(long)]
     pub keep_going: bool,
+    #[command(flatten)]
+    pub matmul: super::MatmulArgs,
 }
 
 impl ClassifyCmd {
     pub fn run(self, device: &candle_core::Device) -> Result<()> {
-        let spec = match &self.model {
-            Some(m) => m.clone(),
-            None => default_model()
-                .map(|p| p.display().to_string())
-                .with_context(|| {
+        // Errors name where the model came from: --model, the variable or the shipped folder.
+        let (dir, source) = match &self.model {
+            Some(m) => (super::model_dir(m)?, format!("--model {m:?}")),
+            None => {
+                let from_env = std::env::var_os(DEFAULT_MODEL_ENV).is_some_and(|v| !v.is_empty());
+                let p = default_model().with_context(|| {
                     format!(
                         "--model is required (no default model: set {DEFAULT_MODEL_ENV} or add \
                          {SHIPPED_MODEL})"
                     )
-                })?,
+                })?;
+                let source = if from_env {
+                    format!("{DEFAULT_MODEL_ENV}={:?}", p.display().to_string())
+                } else {
+                    format!("the default model {}", p.display())
+                };
+                let files = beit::hub::resolve_model(&p.display().to_string())
+                    .map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
+                (files.dir, source)
+            }
         };
-        let dir = super::model_dir(&spec)?;
-        let classifier = Classifier::from_dir(&dir, device)?;
+        let classifier =
+            Classifier::from_dir(&dir, device).with_context(|| format!("the model of {source}"))?;
         let opts = ClassifyOptions {
             top_k: self.top_k,
             batch_size: self.batch_size,
@@ -102,7 +114,7 @@ impl ClassifyCmd {
         }
         let summary = summary?;
         std::io::stdout().flush().ok();
-        super::report_summary(summary.processed, summary.skipped);
+        super::report_summary(&summary);
         Ok(())
     }
 }

@@ -10,27 +10,32 @@ use beit::tasks::inputs::{ImageWalker, Outcome};
 
 #[derive(Args, Debug)]
 pub struct EmbedCmd {
-    /// Model folder or hub id (any BEiT architecture).
+    /// Model folder or hub id (any BEiT architecture). Required.
     #[arg(long)]
     pub model: String,
-    /// Image files and folders (walked recursively for image files).
+    /// Image files and folders (walked recursively for image files). Required.
     #[arg(required = true, value_name = "IMAGE|DIR")]
     pub inputs: Vec<PathBuf>,
-    /// Output file.
-    #[arg(long)]
+    /// Output file (safetensors or JSON lines, see --format). Required.
+    #[arg(long, alias = "out")]
     pub output: PathBuf,
+    /// Replace an existing output file (default: refuse).
+    #[arg(long)]
+    pub overwrite: bool,
     /// safetensors or jsonl (default: jsonl for .jsonl/.ndjson/.json, else safetensors).
     #[arg(long)]
     pub format: Option<String>,
-    /// Also write the patch tokens (last_hidden_state[:, 1:]).
+    /// Also write the patch tokens, last_hidden_state[:, 1:] (default: off).
     #[arg(long)]
     pub patch_tokens: bool,
     /// Images per forward pass.
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
-    /// Report files that cannot be read and go on with the rest.
+    /// Report files that cannot be used and go on with the rest (default: stop at the first).
     #[arg(long)]
     pub keep_going: bool,
+    #[command(flatten)]
+    pub matmul: super::MatmulArgs,
 }
 
 impl EmbedCmd {
@@ -40,6 +45,9 @@ impl EmbedCmd {
             None => EmbedFormat::from_path(&self.output),
         };
         let dir = super::model_dir(&self.model)?;
+        let mut protected: Vec<&std::path::Path> = vec![&dir];
+        protected.extend(self.inputs.iter().map(PathBuf::as_path));
+        beit::output::check_output(&self.output, self.overwrite, &protected)?;
         let embedder = Embedder::from_dir(&dir, device)?;
         let opts = EmbedOptions {
             format,
@@ -72,7 +80,7 @@ impl EmbedCmd {
             },
             self.output.display()
         );
-        super::report_summary(s.run.processed, s.run.skipped);
+        super::report_summary(&s.run);
         Ok(())
     }
 }

@@ -10,6 +10,7 @@ mod bench;
 mod classify;
 mod embed;
 mod forward;
+mod help;
 mod mim;
 mod preprocess;
 mod pretrain;
@@ -23,12 +24,9 @@ pub struct Cli {
     /// Run on this device: cpu, or cuda[:N] when built with the `cuda` feature.
     #[arg(long, global = true, default_value = "cpu")]
     pub device: String,
-    /// Precision of the linear layers of inference models on CPU: highest (f32, default), bf16
-    /// (bf16 inputs, f32 accumulation; AVX512-BF16) or int8 (int8 weights, activations
-    /// quantised per token; AVX512-VNNI). Reduced precisions trade accuracy for speed (see
-    /// `beit bench --precision-check`); without the instructions, f32 runs.
-    #[arg(long, global = true, default_value = "highest")]
-    pub matmul_precision: String,
+    /// The inference commands' --matmul-precision, given before the command (default: highest).
+    #[arg(long, value_name = "PRECISION")]
+    pub matmul_precision: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -59,6 +57,61 @@ pub enum Command {
     Attention(attention::AttentionCmd),
     /// Measure latency, throughput, peak memory and load time on random-weight models.
     Bench(bench::BenchCmd),
+}
+
+/// `--matmul-precision`, on the commands that run inference models (training has --precision).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct MatmulArgs {
+    /// Precision of the linear layers on CPU: highest (f32), bf16 (bf16 inputs, f32
+    /// accumulation; AVX512-BF16) or int8 (int8 weights, activations quantised per token;
+    /// AVX512-VNNI). Reduced precisions trade accuracy for speed (see `beit bench
+    /// --precision-check`); without the instructions, f32 runs. [default: highest]
+    #[arg(long, value_name = "PRECISION")]
+    pub matmul_precision: Option<String>,
+}
+
+impl Command {
+    /// The command's `--matmul-precision` options, `None` where it does not apply.
+    fn matmul(&self) -> Option<&MatmulArgs> {
+        match self {
+            Command::Forward(c) => Some(&c.matmul),
+            Command::Classify(c) => Some(&c.matmul),
+            Command::Segment(c) => Some(&c.matmul),
+            Command::Embed(c) => Some(&c.matmul),
+            Command::Mim(c) => Some(&c.matmul),
+            Command::Attention(c) => Some(&c.matmul),
+            Command::Bench(c) => Some(&c.matmul),
+            Command::Train(_) | Command::Pretrain(_) | Command::Tokenizer(_) => None,
+            Command::Preprocess(_) => None,
+        }
+    }
+}
+
+/// Set the linear layers' precision from `--matmul-precision` (before or after the command).
+fn apply_matmul_precision(cli: &Cli) -> Result<()> {
+    use beit::ops::packed::{set_f32_matmul_precision, MatmulPrecision};
+    let given = match cli.command.matmul() {
+        Some(m) => m
+            .matmul_precision
+            .as_deref()
+            .or(cli.matmul_precision.as_deref()),
+        None if cli.matmul_precision.is_some() => anyhow::bail!(
+            "--matmul-precision applies to the inference commands (forward, classify, segment, \
+             embed, mim, attention, bench), not to this one"
+        ),
+        None => None,
+    };
+    let Some(name) = given else {
+        return Ok(());
+    };
+    let precision = MatmulPrecision::parse(name).ok_or_else(|| {
+        anyhow::anyhow!("--matmul-precision: {name:?} is not one of highest, bf16, int8")
+    })?;
+    if !precision.available() {
+        tracing::warn!("--matmul-precision {name}: this CPU lacks the instructions; using f32");
+    }
+    set_f32_matmul_precision(precision);
+    Ok(())
 }
 
 /// Parse the `--device` option.
@@ -170,43 +223,40 @@ pub fn model_dir(spec: &str) -> Result<PathBuf> {
     Ok(files.dir)
 }
 
-/// `--resume` alone: the newest checkpoint in the output folder, or a fresh start when there is
-/// none yet (so a command can be re-run until it completes); `--resume DIR`: that checkpoint.
-pub fn resume_dir(flag: Option<&str>, output: &std::path::Path) -> Option<PathBuf> {
-    match flag {
-        None => None,
+/// The training output folder by the crate's policy ([`beit::output::prepare_run_dir`]), and
+/// the checkpoint to resume from. `--resume` alone: the newest checkpoint in the output folder,
+/// or a fresh start when there is none yet (so a command can be re-run until it completes; what
+/// a run that never saved a checkpoint left is cleared); `--resume DIR`: that checkpoint.
+pub fn prepare_output(
+    output: &std::path::Path,
+    resume: Option<&str>,
+    overwrite: bool,
+) -> Result<Option<PathBuf>> {
+    use beit::output::{prepare_run_dir, RunDir, RUN_FILES};
+    let (mode, from) = match resume {
+        None if overwrite => (RunDir::Overwrite, None),
+        None => (RunDir::Fresh, None),
         Some("") => {
             if beit::train::checkpoint::latest_checkpoint(output).is_some() {
-                Some(output.to_path_buf())
+                (RunDir::Resume, Some(output.to_path_buf()))
             } else {
                 eprintln!(
                     "--resume: no checkpoint in {} yet, starting from the beginning",
                     output.display()
                 );
-                None
+                (RunDir::Overwrite, None)
             }
         }
-        Some(dir) => Some(PathBuf::from(dir)),
-    }
+        Some(dir) => (RunDir::Resume, Some(PathBuf::from(dir))),
+    };
+    prepare_run_dir(output, mode, RUN_FILES)?;
+    Ok(from)
 }
 
 pub fn run() -> Result<()> {
-    let cli = Cli::parse();
+    let cli = help::parse();
     let dev = device(&cli.device)?;
-    use beit::ops::packed::{set_f32_matmul_precision, MatmulPrecision};
-    let precision = MatmulPrecision::parse(&cli.matmul_precision).ok_or_else(|| {
-        anyhow::anyhow!(
-            "--matmul-precision: {:?} is not one of highest, bf16, int8",
-            cli.matmul_precision
-        )
-    })?;
-    if !precision.available() {
-        tracing::warn!(
-            "--matmul-precision {}: this CPU lacks the instructions; using f32",
-            cli.matmul_precision
-        );
-    }
-    set_f32_matmul_precision(precision);
+    apply_matmul_precision(&cli)?;
     match cli.command {
         Command::Forward(cmd) => cmd.run(&dev),
         Command::Train(cmd) => cmd.run(&dev),
@@ -241,9 +291,15 @@ pub fn progress_bar(count: impl FnOnce() -> usize) -> Option<indicatif::Progress
         indicatif::ProgressDrawTarget::stderr(),
     );
     if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{wide_bar} {pos}/{len} images, {per_sec}, eta {eta}",
+        "{wide_bar} {pos}/{len} images, {rate} img/s, eta {eta}",
     ) {
-        bar.set_style(style);
+        // Whole images per second: the decimals of indicatif's {per_sec} are noise.
+        bar.set_style(style.with_key(
+            "rate",
+            |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.0}", s.per_sec());
+            },
+        ));
     }
     Some(bar)
 }
@@ -281,11 +337,18 @@ pub fn report_skipped(bar: Option<&indicatif::ProgressBar>, e: &beit::tasks::inp
 }
 
 /// A closing line on stderr when files were skipped.
-pub fn report_summary(processed: usize, skipped: usize) {
-    if skipped > 0 {
+pub fn report_summary(s: &beit::tasks::inputs::RunSummary) {
+    let failed = s.skipped - s.kept.min(s.skipped);
+    if failed > 0 {
         eprintln!(
-            "warning: {skipped} of {} file(s) skipped (--keep-going)",
-            processed + skipped
+            "warning: {failed} of {} file(s) could not be used and were skipped (--keep-going)",
+            s.processed + s.skipped
+        );
+    }
+    if s.kept > 0 {
+        eprintln!(
+            "{} image(s) already had their outputs (kept; --overwrite replaces them)",
+            s.kept
         );
     }
 }

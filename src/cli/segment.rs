@@ -13,27 +13,31 @@ pub struct SegmentCmd {
     /// Segmentation model folder or hub id.
     #[arg(long)]
     pub model: String,
-    /// Image files (folders are walked recursively).
-    #[arg(required = true, value_name = "IMAGE")]
+    /// Image files and folders (walked recursively for image files). Required.
+    #[arg(required = true, value_name = "IMAGE|DIR")]
     pub inputs: Vec<PathBuf>,
-    /// Output folder for NAME_labels.png and NAME_overlay.png (created if missing).
+    /// Output folder for NAME_labels.png and NAME_overlay.png (created if missing). Required.
+    #[arg(long, alias = "out")]
+    pub output: PathBuf,
+    /// Replace existing output files (default: refuse).
     #[arg(long)]
-    pub out: PathBuf,
-    /// Size of the label maps, HxW (default: each image's own size).
+    pub overwrite: bool,
+    /// Report files that cannot be used and go on with the rest; images whose outputs exist
+    /// are skipped (default: stop at the first).
+    #[arg(long)]
+    pub keep_going: bool,
+    /// Size of the label maps, HEIGHTxWIDTH as transformers' target_sizes (default: each
+    /// image's own size).
     #[arg(long)]
     pub size: Option<String>,
-    /// One JSON object per image (outputs and per-class pixel shares) on stdout.
+    /// One JSON object per image (outputs and per-class pixel shares) on stdout (default: off).
     #[arg(long)]
     pub json: bool,
     /// Opacity of the class colours in the overlay.
     #[arg(long, default_value_t = 0.5)]
     pub alpha: f32,
-    /// Replace existing output files.
-    #[arg(long)]
-    pub overwrite: bool,
-    /// Report files that cannot be read and go on with the rest.
-    #[arg(long)]
-    pub keep_going: bool,
+    #[command(flatten)]
+    pub matmul: super::MatmulArgs,
 }
 
 impl SegmentCmd {
@@ -42,7 +46,7 @@ impl SegmentCmd {
         let dir = super::model_dir(&self.model)?;
         let segmenter = Segmenter::from_dir(&dir, device)?;
         let opts = SegmentOptions {
-            out_dir: self.out.clone(),
+            out_dir: self.output.clone(),
             size,
             alpha: self.alpha,
             overwrite: self.overwrite,
@@ -68,8 +72,8 @@ impl SegmentCmd {
                         text = format!(
                             "{} ({}x{}): {}{}\n  -> {}\n  -> {}\n",
                             s.path.display(),
-                            s.height,
                             s.width,
+                            s.height,
                             top.join(", "),
                             if more > 0 {
                                 format!(", +{more} more")
@@ -91,7 +95,7 @@ impl SegmentCmd {
             }
             super::print_out(&stdout, None, &text)
         })?;
-        super::report_summary(summary.processed, summary.skipped);
+        super::report_summary(&summary);
         Ok(())
     }
 }

@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 
 use beit::train::finetune::{train, train_data_parallel, ModelSource, Task, TrainConfig};
-use beit::train::trainer::{LoopConfig, Precision};
+use beit::train::trainer::{Console, LoopConfig, Precision};
 
 #[derive(Subcommand, Debug)]
 pub enum TrainCmd {
@@ -18,26 +18,30 @@ pub enum TrainCmd {
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
-    /// A pretrained model folder (its head is replaced when the label set differs).
+    /// A pretrained model folder or hub id; its head is replaced when the label set differs
+    /// (required unless --config).
     #[arg(long, conflicts_with = "config")]
     pub model: Option<String>,
-    /// A config.json to train from scratch.
+    /// A config.json to train from scratch (required unless --model).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Data folder: class sub-folders (with train/ and val/ or split by --val-split), IDX files,
-    /// or images/ + annotations/ for segmentation.
+    /// Data folder: class sub-folders (with train/ and val/, or split by --val-split), IDX
+    /// files, or images/ + annotations/ for segmentation. Required.
     #[arg(long)]
     pub data: PathBuf,
-    /// Output folder: checkpoints, metrics.jsonl, curves.png and the final model.
-    #[arg(long)]
+    /// Output folder: checkpoints, metrics.jsonl, curves.png and the final model (created if
+    /// missing; must be empty unless --resume or --overwrite). Required.
+    #[arg(long, alias = "out")]
     pub output: PathBuf,
     #[command(flatten)]
     pub optim: LoopArgs,
+    /// Stochastic depth rate (drop_path_rate) of the last layer.
     #[arg(long, default_value_t = 0.1)]
     pub drop_path: f64,
     /// Training resolution (default: the model's image_size).
     #[arg(long)]
     pub image_size: Option<usize>,
+    /// Label smoothing of the classification loss.
     #[arg(long, default_value_t = 0.1)]
     pub label_smoothing: f64,
     /// Mixup alpha (0 = off).
@@ -49,27 +53,36 @@ pub struct TrainArgs {
     /// RandomResizedCrop minimum scale (the maximum is 1).
     #[arg(long, default_value_t = 0.08)]
     pub rrc_min_scale: f64,
+    /// No RandomResizedCrop: resize the whole image (default: off, crops on).
     #[arg(long)]
     pub no_rrc: bool,
+    /// No random horizontal flips (default: off, flips on).
     #[arg(long)]
     pub no_hflip: bool,
     /// RandAugment-style colour ops: NUM_OPS,MAGNITUDE (e.g. 2,9); "off" disables.
     #[arg(long, default_value = "2,9")]
     pub rand_augment: String,
-    /// Segmentation: reduce labels (0 = background -> ignored, k -> k-1).
+    /// Segmentation: reduce labels (0 = background -> ignored, k -> k-1) (default: off).
     #[arg(long)]
     pub reduce_labels: bool,
-    /// Use at most N training samples.
+    /// Use at most N training samples (default: all).
     #[arg(long)]
     pub train_limit: Option<usize>,
-    /// Use at most N evaluation samples.
+    /// Use at most N evaluation samples (default: all).
     #[arg(long)]
     pub eval_limit: Option<usize>,
+    /// Fraction of the training images held out for validation (stratified by class) when the
+    /// data has no val/ split.
     #[arg(long, default_value_t = 0.1)]
     pub val_split: f64,
-    /// Continue from the newest checkpoint in --output (or the given checkpoint folder).
-    #[arg(long, num_args = 0..=1, default_missing_value = "")]
+    /// Continue from the newest checkpoint in --output (or the given checkpoint folder) with
+    /// the same options (default: a fresh run, into an empty or new --output).
+    #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "CHECKPOINT")]
     pub resume: Option<String>,
+    /// Start over in a non-empty --output: remove its checkpoints, metrics and model first
+    /// (default: refuse a non-empty --output).
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
 }
 
 impl TrainCmd {
@@ -110,7 +123,7 @@ impl TrainCmd {
             val_split: a.val_split,
             ..TrainConfig::default()
         };
-        let resume = super::resume_dir(a.resume.as_deref(), &a.output);
+        let resume = super::prepare_output(&a.output, a.resume.as_deref(), a.overwrite)?;
         let summary = match &a.optim.gpus {
             None => train(&source, &a.data, &a.output, &cfg, resume.as_deref(), device)?,
             Some(gpus) => super::data_parallel(gpus, |dev, sync| {
@@ -120,31 +133,60 @@ impl TrainCmd {
                 )?)
             })?,
         };
-        println!("{}", serde_json::to_string_pretty(&summary)?);
-        Ok(())
+        print_summary(&summary, a.optim.json)
     }
 }
 
-/// Optimisation options shared by `beit train` and `beit pretrain` (unset: the command's default).
+/// The end of a training run on stdout: a line for people, or the JSON summary.
+pub fn print_summary(s: &beit::train::trainer::TrainSummary, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(s)?);
+        return Ok(());
+    }
+    println!(
+        "trained {} epoch(s), {} steps in {} -> {}",
+        s.epochs_done,
+        s.steps,
+        beit::train::trainer::format_duration(s.seconds),
+        s.output.display()
+    );
+    if s.final_metrics.is_object() {
+        let line = beit::train::trainer::epoch_line(&s.final_metrics, s.epochs_done);
+        println!(
+            "final: {}",
+            line.split_once("  ").map_or("", |(_, rest)| rest)
+        );
+    }
+    Ok(())
+}
+
+/// Optimisation options shared by `beit train` and `beit pretrain` (unset: the command's
+/// default, which `--help` shows; see `help.rs`).
 #[derive(Args, Debug)]
 pub struct LoopArgs {
+    /// Passes over the training data.
     #[arg(long)]
     pub epochs: Option<usize>,
+    /// Images per micro-batch (per GPU with --gpus).
     #[arg(long)]
     pub batch_size: Option<usize>,
     /// Micro-batches per optimiser step (gradient accumulation).
     #[arg(long)]
     pub accum_steps: Option<usize>,
-    /// Peak learning rate.
+    /// Peak learning rate, reached after the warm-up.
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Learning rate at the end of the cosine schedule.
     #[arg(long)]
     pub min_lr: Option<f64>,
+    /// Epochs of linear warm-up from 0 to --lr (fractions allowed).
     #[arg(long)]
     pub warmup_epochs: Option<f64>,
+    /// AdamW weight decay (not applied to biases, norms and embeddings).
     #[arg(long)]
     pub weight_decay: Option<f64>,
-    /// Layer-wise learning-rate decay (1.0 = off).
+    /// Layer-wise learning-rate decay: each layer learns at this times the rate of the layer above
+    /// it, the head at --lr (1.0 = off).
     #[arg(long)]
     pub layer_decay: Option<f64>,
     /// AdamW betas: B1,B2.
@@ -153,12 +195,14 @@ pub struct LoopArgs {
     /// Clip the gradient norm to this value.
     #[arg(long)]
     pub clip_grad: Option<f64>,
+    /// Seed of the initialisation, the data order, augmentation and masks (same seed, same
+    /// run).
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Compute precision: f32 or bf16 (mixed, f32 master weights).
+    /// Compute precision: f32, or bf16 (mixed, f32 master weights).
     #[arg(long)]
     pub precision: Option<String>,
-    /// Skip unreadable samples (reported with a count) instead of failing.
+    /// Skip unreadable samples (reported with a count) instead of failing (default: off).
     #[arg(long)]
     pub skip_bad: bool,
     /// Save a checkpoint every N optimiser steps (one is always saved at each epoch end).
@@ -167,14 +211,21 @@ pub struct LoopArgs {
     /// Stop after N optimiser steps (continue later with --resume).
     #[arg(long)]
     pub max_steps: Option<usize>,
-    /// Evaluate every N epochs (and after the last); default 1.
+    /// Evaluate every N epochs (and after the last).
     #[arg(long)]
     pub eval_every: Option<usize>,
+    /// Log the mean training loss every N optimiser steps (to metrics.jsonl and curves.png).
+    #[arg(long)]
+    pub log_every: Option<usize>,
     /// Data-parallel training on these CUDA devices (e.g. 0,1,2,3): one replica per GPU, each
     /// taking its share of every step's micro-batches, gradients all-reduced with NCCL (a build
-    /// with `--features nccl`). Overrides --device.
+    /// with `--features nccl`). Overrides --device (default: off, one device).
     #[arg(long)]
     pub gpus: Option<String>,
+    /// Print each epoch's metrics and the summary as JSON lines on stdout instead of text
+    /// (default: off; metrics.jsonl is always written).
+    #[arg(long)]
+    pub json: bool,
 }
 
 impl LoopArgs {
@@ -212,11 +263,16 @@ impl LoopArgs {
             skip_bad: self.skip_bad || d.skip_bad,
             checkpoint_every: self.checkpoint_every.or(d.checkpoint_every),
             max_steps: self.max_steps.or(d.max_steps),
-            log_every: d.log_every,
+            log_every: self.log_every.unwrap_or(d.log_every),
+            console: if self.json {
+                Console::Json
+            } else {
+                Console::Text
+            },
             eval_every: self.eval_every.unwrap_or(d.eval_every),
         };
-        if c.epochs == 0 || c.batch_size == 0 || c.accum_steps == 0 {
-            anyhow::bail!("--epochs, --batch-size and --accum-steps must be positive");
+        if c.epochs == 0 || c.batch_size == 0 || c.accum_steps == 0 || c.log_every == 0 {
+            anyhow::bail!("--epochs, --batch-size, --accum-steps and --log-every must be positive");
         }
         if c.lr.is_nan() || c.lr <= 0.0 || c.min_lr < 0.0 {
             anyhow::bail!("--lr must be positive and --min-lr non-negative");

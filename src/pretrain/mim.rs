@@ -383,10 +383,10 @@ pub fn pretrain_data_parallel(
         ..Default::default()
     };
     let masking = cfg.masking(grid)?;
-    eprintln!(
+    tracing::info!(
         "masking: {masking}; tokenizer view {}x{} -> {} tokens of {}",
-        tok_size.0,
         tok_size.1,
+        tok_size.0,
         grid.0 * grid.1,
         tok.vocab_size()
     );

@@ -36,8 +36,14 @@ pub struct TokenizerTrainConfig {
 pub struct TokenizerSummary {
     pub steps: usize,
     pub final_recon_mse: f64,
+    /// Codebook size.
+    pub vocab_size: usize,
+    /// Held-out images the codebook figures were measured on (0: no held-out split).
+    pub held_out_images: usize,
     /// Distinct tokens over the held-out images.
     pub tokens_used: usize,
+    /// exp(entropy) of the mean token distribution over the held-out images: the number of
+    /// tokens in effective use (at most `vocab_size`).
     pub perplexity: f64,
     pub output: PathBuf,
     pub seconds: f64,
@@ -125,7 +131,7 @@ pub fn train_tokenizer(
     let mut log = Vec::new();
     let report = train_dvae(&dvae, &cfg.train, stream, cfg.steps, &mut rng, |s| {
         pb.set_message(format!(
-            "recon {:.4} tokens {} ppl {:.0}",
+            "recon MSE {:.4}  tokens used {}  perplexity {:.0}",
             s.recon_loss, s.codebook_usage, s.perplexity
         ));
         pb.inc(1);
@@ -137,7 +143,7 @@ pub fn train_tokenizer(
     dvae.save(output)
         .map_err(|e| BeitError::file(output, e.to_string()))?;
     // Held-out images: codebook use and a picture of reconstructions.
-    let (tokens_used, perplexity) = match &splits.val {
+    let (held_out_images, tokens_used, perplexity) = match &splits.val {
         Some(val) => {
             let n = val.len().min(256);
             let order: Vec<usize> = (0..n).collect();
@@ -170,9 +176,9 @@ pub fn train_tokenizer(
                 &recon,
                 &output.join("reconstructions.png"),
             )?;
-            (used, ppl as f64)
+            (count, used, ppl as f64)
         }
-        None => (0, 0.0),
+        None => (0, 0, 0.0),
     };
     Ok(TokenizerSummary {
         steps: report.steps(),
@@ -180,6 +186,8 @@ pub fn train_tokenizer(
             .last()
             .map(|s| s.recon_loss as f64)
             .unwrap_or(f64::NAN),
+        vocab_size: cfg.model.vocab_size,
+        held_out_images,
         tokens_used,
         perplexity,
         output: output.to_path_buf(),

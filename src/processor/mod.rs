@@ -833,7 +833,10 @@ pub fn preprocess_to_safetensors(
         ),
     ]);
 
-    let tmp = temp_path_for(output);
+    let tmp = crate::output::temp_beside(output, "").map_err(|e| ProcessorError::Io {
+        path: output.to_path_buf(),
+        source: std::io::Error::other(inputs_cause(output, &e.to_string())),
+    })?;
     let write = || -> Result<()> {
         safetensors::tensor::serialize_to_file(tensors, Some(metadata), &tmp).map_err(st_err)?;
         let f = std::fs::File::open(&tmp).map_err(|source| ProcessorError::Io {
@@ -844,9 +847,10 @@ pub fn preprocess_to_safetensors(
             path: tmp.clone(),
             source,
         })?;
-        std::fs::rename(&tmp, output).map_err(|source| ProcessorError::Io {
+        // The crate's output policy: permissions, devices and FIFOs written through.
+        crate::output::place(&tmp, output).map_err(|e| ProcessorError::Io {
             path: output.to_path_buf(),
-            source,
+            source: std::io::Error::other(inputs_cause(output, &e.to_string())),
         })
     };
     let res = write();
@@ -856,22 +860,9 @@ pub fn preprocess_to_safetensors(
     res
 }
 
-/// A unique temporary path next to `output` (same directory, so the rename is atomic).
-fn temp_path_for(output: &Path) -> PathBuf {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    let name = output
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "output".into());
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let tmp_name = format!(".{name}.tmp-{}-{nanos}", std::process::id());
-    match output.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.join(tmp_name),
-        _ => PathBuf::from(tmp_name),
-    }
+/// An error message about `path` without its leading `"{path}: "`.
+fn inputs_cause(path: &Path, message: &str) -> String {
+    crate::tasks::inputs::cause(path, message)
 }
 
 #[cfg(test)]

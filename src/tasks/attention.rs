@@ -7,6 +7,7 @@
 //! tiles: the image itself, then one tile per head, each labelled.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use image::{Rgb, RgbImage};
@@ -14,7 +15,8 @@ use serde::Serialize;
 
 use crate::error::{BeitError, Result};
 use crate::model::ForwardOptions;
-use crate::tasks::inputs;
+use crate::processor::ProcessedImage;
+use crate::tasks::inputs::{self, ItemError, Outcome, RunSummary, Size};
 use crate::viz;
 
 /// Longer side of each tile, in pixels.
@@ -26,7 +28,7 @@ pub const LABEL_BAND: u32 = 14;
 /// Opacity of the heat map over the image.
 pub const HEAT_ALPHA: f32 = 0.6;
 
-/// The result of [`attention_maps`].
+/// The result for one image.
 #[derive(Debug, Clone, Serialize)]
 pub struct AttentionResult {
     pub path: PathBuf,
@@ -35,14 +37,25 @@ pub struct AttentionResult {
     pub layer: usize,
     pub num_layers: usize,
     pub heads: usize,
-    /// Patch grid `[rows, cols]`.
-    pub grid: [usize; 2],
-    /// Tile grid `[rows, cols]` (the image plus one tile per head).
-    pub tiles: [usize; 2],
-    /// Tile size `[height, width]`.
-    pub tile_size: [u32; 2],
-    /// Picture size `[height, width]`.
-    pub size: [u32; 2],
+    /// Patch grid.
+    pub grid: Size,
+    /// Tile grid (the image plus one tile per head).
+    pub tiles: Size,
+    /// Size of one tile, in pixels.
+    pub tile_size: Size,
+    /// Size of the picture, in pixels.
+    pub size: Size,
+}
+
+/// Settings of [`AttentionMapper::run_paths`].
+#[derive(Debug, Clone)]
+pub struct AttentionOptions {
+    /// Layer to show (negative counts from the end).
+    pub layer: i64,
+    /// Replace existing pictures.
+    pub overwrite: bool,
+    /// Skip images that cannot be used (and, without `overwrite`, those already drawn).
+    pub keep_going: bool,
 }
 
 /// Resolve `--layer` (negative counts from the end) against `num_layers`.
@@ -134,59 +147,110 @@ pub fn tile_picture(tiles: &[(String, RgbImage)]) -> (RgbImage, (usize, usize)) 
     (img, (rows, cols))
 }
 
-/// Draw the CLS attention of `layer` (negative: from the end) for one image into `out`.
-pub fn attention_maps(
-    model_dir: &Path,
-    image: &Path,
-    layer: i64,
-    out: &Path,
-    device: &Device,
-) -> Result<AttentionResult> {
-    let (model, cfg) = inputs::load_model(model_dir, device)?;
-    let num_layers = cfg.num_hidden_layers;
-    let layer = resolve_layer(layer, num_layers)?;
-    let processor = inputs::load_processor(model_dir, Some(&cfg))?;
-    let (original, processed) =
-        inputs::prepare_with_original(&processor, image).map_err(|m| BeitError::file(image, m))?;
-    inputs::check_patch_multiple(&cfg, image, &processed)?;
-    let p = cfg.patch();
-    let (gh, gw) = (processed.height / p, processed.width / p);
-    let pv = Tensor::from_slice(
-        &processed.pixel_values,
-        (1, 3, processed.height, processed.width),
-        device,
-    )?;
-    let enc = model
-        .beit()
-        .forward(&pv, &ForwardOptions::default().output_attentions(true))?;
-    let attns = enc
-        .attentions
-        .ok_or_else(|| BeitError::input("attentions", "the model returned no attentions"))?;
-    let attn = attns.get(layer).ok_or_else(|| {
-        BeitError::input(
-            "layer",
-            format!("the model returned {} layers", attns.len()),
-        )
-    })?;
-    let maps = cls_attention(attn, gh, gw)?;
-    let base = inputs::display_image(&original, &processor, &processed, TILE_LONG_SIDE);
-    let mut tiles = vec![(format!("image, layer {layer}"), base.clone())];
-    for (k, m) in maps.iter().enumerate() {
-        tiles.push((format!("head {k}"), heat_tile(&base, &normalise(m), gh, gw)));
+/// A loaded model (any BEiT architecture) with its image processor.
+pub struct AttentionMapper {
+    model: crate::auto::AutoModel,
+    config: crate::config::BeitConfig,
+    processor: Arc<crate::processor::BeitImageProcessor>,
+    device: Device,
+}
+
+impl AttentionMapper {
+    /// Load a model folder.
+    pub fn from_dir(model_dir: &Path, device: &Device) -> Result<Self> {
+        let (model, config) = inputs::load_model(model_dir, device)?;
+        let processor = Arc::new(inputs::load_processor(model_dir, Some(&config))?);
+        Ok(Self {
+            model,
+            config,
+            processor,
+            device: device.clone(),
+        })
     }
-    let (picture, (rows, cols)) = tile_picture(&tiles);
-    viz::save_png(&picture, out)?;
-    Ok(AttentionResult {
-        path: image.to_path_buf(),
-        picture: out.to_path_buf(),
-        layer,
-        num_layers,
-        heads: maps.len(),
-        grid: [gh, gw],
-        tiles: [rows, cols],
-        tile_size: [base.height(), base.width()],
-        size: [picture.height(), picture.width()],
-    })
+
+    /// Every image of `inputs` (files, folders walked recursively): one picture each, to
+    /// `output` (a file for one image, else a folder of `STEM_attention.png`;
+    /// [`inputs::plan_picture_outputs`]). `on_item` sees every image in input order.
+    pub fn run_paths<P: AsRef<Path>>(
+        &self,
+        inputs: &[P],
+        output: &Path,
+        opts: &AttentionOptions,
+        on_item: impl FnMut(Outcome<AttentionResult>) -> Result<()>,
+    ) -> Result<RunSummary> {
+        let layer = resolve_layer(opts.layer, self.config.num_hidden_layers)?;
+        let items: Vec<_> = inputs::ImageWalker::new(inputs).collect();
+        let (plan, out_dir) = inputs::plan_picture_outputs(
+            inputs,
+            &items,
+            output,
+            "_attention.png",
+            opts.overwrite,
+            opts.keep_going,
+        )?;
+        let summary = inputs::run_planned(
+            items,
+            plan,
+            out_dir.as_deref(),
+            self.processor.clone(),
+            opts.keep_going,
+            |path, value, outs| self.draw(path, value, layer, &outs[0]),
+            on_item,
+        )?;
+        inputs::finish(summary, inputs)
+    }
+
+    /// Draw the CLS attention of `layer` (0-based) for one decoded image into `out`.
+    pub fn draw(
+        &self,
+        image: &Path,
+        (original, processed): &(RgbImage, ProcessedImage),
+        layer: usize,
+        out: &Path,
+    ) -> std::result::Result<AttentionResult, ItemError> {
+        let cfg = &self.config;
+        inputs::check_patch_multiple(cfg, image, processed)
+            .map_err(|e| ItemError::Input(inputs::cause(image, &e.to_string())))?;
+        let p = cfg.patch();
+        let (gh, gw) = (processed.height / p, processed.width / p);
+        let pv = Tensor::from_slice(
+            &processed.pixel_values,
+            (1, 3, processed.height, processed.width),
+            &self.device,
+        )?;
+        let enc = self
+            .model
+            .beit()
+            .forward(&pv, &ForwardOptions::default().output_attentions(true))?;
+        let attns = enc
+            .attentions
+            .ok_or_else(|| BeitError::input("attentions", "the model returned no attentions"))?;
+        let attn = attns.get(layer).ok_or_else(|| {
+            BeitError::input(
+                "layer",
+                format!("the model returned {} layers", attns.len()),
+            )
+        })?;
+        let maps = cls_attention(attn, gh, gw)?;
+        let base = inputs::display_image(original, &self.processor, processed, TILE_LONG_SIDE);
+        let mut tiles = vec![(format!("image, layer {layer}"), base.clone())];
+        for (k, m) in maps.iter().enumerate() {
+            tiles.push((format!("head {k}"), heat_tile(&base, &normalise(m), gh, gw)));
+        }
+        let (picture, (rows, cols)) = tile_picture(&tiles);
+        viz::save_png(&picture, out)?;
+        Ok(AttentionResult {
+            path: image.to_path_buf(),
+            picture: out.to_path_buf(),
+            layer,
+            num_layers: cfg.num_hidden_layers,
+            heads: maps.len(),
+            grid: Size::hw(gh, gw),
+            tiles: Size::hw(rows, cols),
+            tile_size: Size::hw(base.height() as usize, base.width() as usize),
+            size: Size::hw(picture.height() as usize, picture.width() as usize),
+        })
+    }
 }
 
 #[cfg(test)]

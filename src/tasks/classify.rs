@@ -204,7 +204,7 @@ impl Classifier {
                             message,
                         };
                         if !opts.keep_going {
-                            return Err(e.into());
+                            return Err(inputs::stop_error(e, false));
                         }
                         summary.skipped += 1;
                         on_item(Outcome::Skipped(e))?;

@@ -260,7 +260,7 @@ impl Embedder {
                             message,
                         };
                         if !opts.keep_going {
-                            return Err(e.into());
+                            return Err(inputs::stop_error(e, false));
                         }
                         writer.write_error(&e)?;
                         summary.skipped += 1;
@@ -340,19 +340,7 @@ struct TempFile {
 
 impl TempFile {
     fn create(output: &Path, tag: &str) -> Result<Self> {
-        let dir = match output.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        if !dir.is_dir() {
-            return Err(BeitError::file(output, "the output folder does not exist"));
-        }
-        let name = output
-            .file_name()
-            .ok_or_else(|| BeitError::file(output, "not a file path"))?
-            .to_string_lossy()
-            .to_string();
-        let path = dir.join(format!(".{name}{tag}.tmp-{}", std::process::id()));
+        let path = crate::output::temp_beside(output, tag)?;
         let file = File::create(&path)
             .map_err(|e| BeitError::file(&path, format!("cannot create: {e}")))?;
         Ok(Self {
@@ -385,14 +373,14 @@ impl TempFile {
         Ok(f)
     }
 
-    /// Flush, sync and rename over `output`.
+    /// Flush, sync and put in place at `output` ([`crate::output::place`]).
     fn commit(mut self, output: &Path) -> Result<()> {
         let f = self.close()?;
         f.sync_all().ok();
         drop(f);
-        std::fs::rename(&self.path, output)
-            .map_err(|e| BeitError::file(output, format!("cannot write: {e}")))?;
-        self.path = PathBuf::new();
+        // place() removes the temporary on success and on error.
+        let tmp = std::mem::take(&mut self.path);
+        crate::output::place(&tmp, output)?;
         Ok(())
     }
 }

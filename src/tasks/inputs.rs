@@ -38,6 +38,27 @@ pub fn has_image_extension(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// A size (of an image, a patch grid, a tile grid) printed one way everywhere, `WIDTHxHEIGHT`
+/// as image tools print it, and in JSON as named fields `{"width": W, "height": H}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Size {
+    pub width: usize,
+    pub height: usize,
+}
+
+impl Size {
+    /// From `(height, width)` (rows, columns), the order tensors use.
+    pub fn hw(height: usize, width: usize) -> Self {
+        Self { width, height }
+    }
+}
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}x{}", self.width, self.height)
+    }
+}
+
 /// An input that could not be used: the file and the cause.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InputError {
@@ -218,7 +239,7 @@ pub fn load_processor(model: &Path, cfg: Option<&BeitConfig>) -> Result<BeitImag
             let (h, w) = cfg.image_size.hw();
             tracing::warn!(
                 "{} has no {PREPROCESSOR_CONFIG_NAME}; using the default BEiT image processor \
-                 (bicubic, rescale 1/255, mean = std = 0.5) at the model's image_size {h}x{w}",
+                 (bicubic, rescale 1/255, mean = std = 0.5) at the model's image_size {w}x{h}",
                 model.display()
             );
             Ok(BeitImageProcessor {
@@ -245,8 +266,11 @@ pub enum Outcome<T> {
 pub struct RunSummary {
     /// Images processed.
     pub processed: usize,
-    /// Images skipped (`keep_going`).
+    /// Images skipped (`keep_going`), including those in `kept`.
     pub skipped: usize,
+    /// Of the skipped, images whose outputs already existed (`keep_going` without
+    /// `overwrite`): done by an earlier run, not a failure.
+    pub kept: usize,
 }
 
 /// The end of a run: an error when no image was found or none could be used.
@@ -261,7 +285,7 @@ pub fn finish<P: AsRef<Path>>(summary: RunSummary, inputs: &[P]) -> Result<RunSu
             format!("no image files found in {}", names.join(", ")),
         ));
     }
-    if summary.processed == 0 {
+    if summary.processed == 0 && summary.kept == 0 {
         return Err(BeitError::input(
             "images",
             format!(
@@ -417,9 +441,9 @@ pub fn check_patch_multiple(cfg: &BeitConfig, path: &Path, img: &ProcessedImage)
         return Err(BeitError::file(
             path,
             format!(
-                "preprocessed to {}x{} (HxW), which is not a multiple of the model's patch size \
+                "preprocessed to {}x{}, which is not a multiple of the model's patch size \
                  {p}; check preprocessor_config.json",
-                img.height, img.width
+                img.width, img.height
             ),
         ));
     }
@@ -504,4 +528,252 @@ pub fn parse_size(s: &str) -> Result<(usize, usize)> {
         ));
     }
     Ok((h, w))
+}
+
+/// The error that stops a run at an input that cannot be used (no `keep_going`): the file, the
+/// cause, and how to go on. `per_image_outputs`: the command writes files per image, which a
+/// rerun with `--keep-going` leaves as they are.
+pub fn stop_error(e: InputError, per_image_outputs: bool) -> BeitError {
+    let hint = if per_image_outputs {
+        "pass --keep-going to skip files that cannot be used (a rerun with it also skips the \
+         images whose outputs this run wrote)"
+    } else {
+        "pass --keep-going to skip files that cannot be used"
+    };
+    BeitError::file(e.path, format!("{}; {hint}", e.message))
+}
+
+/// What to do with one input of a command that writes files per image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Planned {
+    /// Write these files.
+    Write(Vec<PathBuf>),
+    /// Its first output exists (an earlier run's): skip the image (`keep_going`).
+    Kept(PathBuf),
+    /// The input is already an error (from the walk).
+    Unusable,
+}
+
+/// `STEM{suffix}` in `out_dir` for each suffix (e.g. `_overlay.png`); with `with_extension`
+/// (several inputs share a stem, like `a.png` and `a.jpg`) `STEM_EXT{suffix}`.
+pub fn output_names(
+    out_dir: &Path,
+    image: &Path,
+    with_extension: bool,
+    suffixes: &[&str],
+) -> Vec<PathBuf> {
+    let mut stem = image
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "image".into());
+    if with_extension {
+        if let Some(ext) = image.extension() {
+            stem = format!("{stem}_{}", ext.to_string_lossy());
+        }
+    }
+    suffixes
+        .iter()
+        .map(|s| out_dir.join(format!("{stem}{s}")))
+        .collect()
+}
+
+/// Per-image outputs of `items` in `out_dir` (see [`output_names`]), checked before any work
+/// by the crate's output policy ([`crate::output::check_output`]): a name two inputs would share
+/// and an output that is one of the inputs are refused; an existing output is replaced with
+/// `overwrite`, makes the image [`Planned::Kept`] with `keep_going`, and is refused otherwise.
+pub fn plan_folder_outputs(
+    items: &[std::result::Result<PathBuf, InputError>],
+    out_dir: &Path,
+    suffixes: &[&str],
+    overwrite: bool,
+    keep_going: bool,
+) -> Result<Vec<Planned>> {
+    if std::fs::metadata(out_dir).is_ok_and(|m| !m.is_dir()) {
+        return Err(BeitError::file(
+            out_dir,
+            "exists and is not a folder (with several images, --output is a folder)",
+        ));
+    }
+    let mut stems: std::collections::HashMap<String, usize> = Default::default();
+    for p in items.iter().flatten() {
+        let stem = p.file_stem().map(|s| s.to_string_lossy().to_string());
+        *stems.entry(stem.unwrap_or_default()).or_default() += 1;
+    }
+    let inputs: Vec<&PathBuf> = items.iter().flatten().collect();
+    let mut seen: std::collections::HashMap<PathBuf, PathBuf> = Default::default();
+    let mut plan = Vec::with_capacity(items.len());
+    for item in items {
+        let Ok(p) = item else {
+            plan.push(Planned::Unusable);
+            continue;
+        };
+        let stem = p
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let outs = output_names(out_dir, p, stems[&stem] > 1, suffixes);
+        let mut kept = None;
+        for out in &outs {
+            if let Some(prev) = seen.insert(out.clone(), p.clone()) {
+                return Err(BeitError::file(
+                    out,
+                    format!(
+                        "would be written for both {} and {} (same file name); give them \
+                         different --output folders",
+                        prev.display(),
+                        p.display()
+                    ),
+                ));
+            }
+            let t = crate::output::target(out)?;
+            crate::output::check_not_input(out, &inputs)?;
+            if t == crate::output::Target::File && !overwrite {
+                if !keep_going {
+                    return Err(BeitError::file(
+                        out,
+                        "already exists; pass --overwrite to replace it, or --keep-going to \
+                         skip the images whose outputs exist",
+                    ));
+                }
+                kept.get_or_insert(out.clone());
+            }
+        }
+        plan.push(match kept {
+            Some(out) => Planned::Kept(out),
+            None => Planned::Write(outs),
+        });
+    }
+    Ok(plan)
+}
+
+/// Outputs of a command that writes one picture per image to `output`: the file itself for one
+/// image file (unless `output` is an existing folder), else `STEM{suffix}` per image in the
+/// folder `output` ([`plan_folder_outputs`]). Returns the plan and the folder to create.
+pub fn plan_picture_outputs<P: AsRef<Path>>(
+    inputs: &[P],
+    items: &[std::result::Result<PathBuf, InputError>],
+    output: &Path,
+    suffix: &str,
+    overwrite: bool,
+    keep_going: bool,
+) -> Result<(Vec<Planned>, Option<PathBuf>)> {
+    let one_file = inputs.len() == 1 && !inputs[0].as_ref().is_dir();
+    if one_file && !output.is_dir() {
+        let walked: Vec<&PathBuf> = items.iter().flatten().collect();
+        crate::output::check_output(output, overwrite, &walked)?;
+        let plan = items
+            .iter()
+            .map(|i| match i {
+                Ok(_) => Planned::Write(vec![output.to_path_buf()]),
+                Err(_) => Planned::Unusable,
+            })
+            .collect();
+        return Ok((plan, None));
+    }
+    let plan = plan_folder_outputs(items, output, &[suffix], overwrite, keep_going)?;
+    Ok((plan, Some(output.to_path_buf())))
+}
+
+/// Why one image of a per-image command failed.
+pub enum ItemError {
+    /// This image cannot be used (skipped with `keep_going`); the cause, without the path.
+    Input(String),
+    /// Anything else stops the run.
+    Fatal(BeitError),
+}
+
+impl From<BeitError> for ItemError {
+    fn from(e: BeitError) -> Self {
+        ItemError::Fatal(e)
+    }
+}
+
+impl From<candle_core::Error> for ItemError {
+    fn from(e: candle_core::Error) -> Self {
+        ItemError::Fatal(e.into())
+    }
+}
+
+/// Run a per-image command over `items` as `plan` says: decode in the background (two images
+/// ahead), call `work` with each usable image and its output files, and report every image to
+/// `on_item` in input order. Kept images are reported as skipped and counted in
+/// [`RunSummary::kept`]; unusable ones stop the run unless `keep_going`.
+pub fn run_planned<T>(
+    items: Vec<std::result::Result<PathBuf, InputError>>,
+    plan: Vec<Planned>,
+    out_dir: Option<&Path>,
+    processor: std::sync::Arc<BeitImageProcessor>,
+    keep_going: bool,
+    mut work: impl FnMut(
+        &Path,
+        &(RgbImage, ProcessedImage),
+        &[PathBuf],
+    ) -> std::result::Result<T, ItemError>,
+    mut on_item: impl FnMut(Outcome<T>) -> Result<()>,
+) -> Result<RunSummary> {
+    if let Some(dir) = out_dir {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| BeitError::file(dir, format!("cannot create folder: {e}")))?;
+    }
+    // Kept images are not decoded at all.
+    let todo: Vec<_> = items
+        .into_iter()
+        .zip(&plan)
+        .filter(|(_, p)| !matches!(p, Planned::Kept(_)))
+        .map(|(i, _)| i)
+        .collect();
+    let mut batches = Prefetcher::spawn(todo.into_iter(), 2, move |p: &Path| {
+        prepare_with_original(&processor, p)
+    })?
+    .flat_map(|b| match b {
+        Ok(items) => items.into_iter().map(Ok).collect::<Vec<_>>(),
+        Err(e) => vec![Err(e)],
+    });
+    let mut summary = RunSummary::default();
+    for planned in plan {
+        let outputs = match planned {
+            Planned::Kept(out) => {
+                summary.skipped += 1;
+                summary.kept += 1;
+                on_item(Outcome::Skipped(InputError {
+                    path: out,
+                    message: "already exists, kept (--overwrite replaces it)".into(),
+                }))?;
+                continue;
+            }
+            Planned::Write(outs) => outs,
+            Planned::Unusable => Vec::new(),
+        };
+        let Some(item) = batches.next() else {
+            break;
+        };
+        let item = item?;
+        let result = match &item.value {
+            Ok(v) if !outputs.is_empty() => work(&item.path, v, &outputs),
+            Ok(_) => Err(ItemError::Fatal(BeitError::input(
+                "images",
+                "internal error: no output names",
+            ))),
+            Err(m) => Err(ItemError::Input(m.clone())),
+        };
+        match result {
+            Ok(v) => {
+                summary.processed += 1;
+                on_item(Outcome::Done(v))?;
+            }
+            Err(ItemError::Input(message)) => {
+                let e = InputError {
+                    path: item.path,
+                    message,
+                };
+                if !keep_going {
+                    return Err(stop_error(e, true));
+                }
+                summary.skipped += 1;
+                on_item(Outcome::Skipped(e))?;
+            }
+            Err(ItemError::Fatal(e)) => return Err(e),
+        }
+    }
+    Ok(summary)
 }

@@ -19,7 +19,8 @@ use serde::Serialize;
 use crate::auto::{Architecture, AutoModel};
 use crate::error::{BeitError, Result};
 use crate::model::ForwardOptions;
-use crate::tasks::inputs;
+use crate::processor::ProcessedImage;
+use crate::tasks::inputs::{self, ItemError, Outcome, RunSummary};
 use crate::viz;
 
 /// Where the mask comes from.
@@ -50,8 +51,8 @@ pub struct MaskedPrediction {
 #[derive(Debug, Clone, Serialize)]
 pub struct MimResult {
     pub path: PathBuf,
-    /// Patch grid `[rows, cols]`.
-    pub grid: [usize; 2],
+    /// Patch grid.
+    pub grid: crate::tasks::inputs::Size,
     pub num_patches: usize,
     pub num_masked: usize,
     pub vocab_size: usize,
@@ -193,101 +194,164 @@ fn json_mask(v: &serde_json::Value, n: usize) -> std::result::Result<Vec<bool>, 
     Ok(mask)
 }
 
-/// Run a masked-image-modeling model on one image with a mask; write the picture to `out`.
-pub fn masked_image_modeling(
-    model_dir: &Path,
-    image: &Path,
-    mask: &MaskSpec,
-    out: &Path,
-    device: &Device,
-) -> Result<MimResult> {
-    let (model, cfg) = inputs::load_model(model_dir, device)?;
-    let AutoModel::MaskedImageModeling(_) = &model else {
-        return Err(BeitError::file(
-            model_dir,
-            format!(
-                "is a {}; mim needs a {} model",
-                model.architecture().name(),
-                Architecture::BeitForMaskedImageModeling.name()
-            ),
-        ));
-    };
-    if !cfg.use_mask_token {
-        return Err(BeitError::file(
-            model_dir.join("config.json"),
-            "use_mask_token is false: the model has no mask token to replace patches with",
-        ));
-    }
-    let processor = inputs::load_processor(model_dir, Some(&cfg))?;
-    let (original, processed) =
-        inputs::prepare_with_original(&processor, image).map_err(|m| BeitError::file(image, m))?;
-    inputs::check_patch_multiple(&cfg, image, &processed)?;
-    let p = cfg.patch();
-    let (gh, gw) = (processed.height / p, processed.width / p);
-    let n = gh * gw;
-    let (flags, source) = match mask {
-        MaskSpec::Random { ratio, seed } => (
-            random_mask(n, *ratio, *seed)?,
-            format!("random (ratio {ratio}, seed {seed})"),
-        ),
-        MaskSpec::Blockwise { ratio, seed } => (
-            blockwise_mask((gh, gw), *ratio, *seed)?,
-            format!("blockwise (ratio {ratio}, seed {seed})"),
-        ),
-        MaskSpec::File(f) => (load_mask(f, n)?, f.display().to_string()),
-    };
-    let pv = Tensor::from_slice(
-        &processed.pixel_values,
-        (1, 3, processed.height, processed.width),
-        device,
-    )?;
-    let m = Tensor::from_vec(
-        flags.iter().map(|&b| u8::from(b)).collect::<Vec<u8>>(),
-        (1, n),
-        device,
-    )?;
-    let outputs = model.forward(&pv, &ForwardOptions::default().with_bool_masked_pos(m))?;
-    let logits = outputs.tensors["logits"]
-        .to_dtype(DType::F32)?
-        .to_device(&Device::Cpu)?
-        .squeeze(0)?
-        .to_vec2::<f32>()?;
-    let mut masked = Vec::new();
-    for (i, row) in logits.iter().enumerate() {
-        if !flags[i] {
-            continue;
+/// Settings of [`MaskedImageModeler::run_paths`].
+#[derive(Debug, Clone)]
+pub struct MimOptions {
+    pub mask: MaskSpec,
+    /// Replace existing pictures.
+    pub overwrite: bool,
+    /// Skip images that cannot be used (and, without `overwrite`, those already drawn).
+    pub keep_going: bool,
+}
+
+/// A loaded `BeitForMaskedImageModeling` model with its image processor.
+pub struct MaskedImageModeler {
+    model: AutoModel,
+    config: crate::config::BeitConfig,
+    processor: std::sync::Arc<crate::processor::BeitImageProcessor>,
+    device: Device,
+}
+
+impl MaskedImageModeler {
+    /// Load a model folder, which must hold a masked-image-modeling model with a mask token.
+    pub fn from_dir(model_dir: &Path, device: &Device) -> Result<Self> {
+        let (model, cfg) = inputs::load_model(model_dir, device)?;
+        let AutoModel::MaskedImageModeling(_) = &model else {
+            return Err(BeitError::file(
+                model_dir,
+                format!(
+                    "is a {}; mim needs a {} model",
+                    model.architecture().name(),
+                    Architecture::BeitForMaskedImageModeling.name()
+                ),
+            ));
+        };
+        if !cfg.use_mask_token {
+            return Err(BeitError::file(
+                model_dir.join("config.json"),
+                "use_mask_token is false: the model has no mask token to replace patches with",
+            ));
         }
-        let probs = crate::tasks::classify::softmax(row);
-        let (token, prob) =
-            probs
-                .iter()
-                .copied()
-                .enumerate()
-                .fold(
-                    (0, f32::NEG_INFINITY),
-                    |b, (j, v)| if v > b.1 { (j, v) } else { b },
-                );
-        masked.push(MaskedPrediction {
-            patch: i,
-            row: i / gw,
-            col: i % gw,
-            token,
-            prob,
-        });
+        let processor = std::sync::Arc::new(inputs::load_processor(model_dir, Some(&cfg))?);
+        Ok(Self {
+            model,
+            config: cfg,
+            processor,
+            device: device.clone(),
+        })
     }
-    let base = inputs::display_image(&original, &processor, &processed, 448);
-    let picture = mask_picture(&base, (gh, gw), &flags, &masked);
-    viz::save_png(&picture, out)?;
-    Ok(MimResult {
-        path: image.to_path_buf(),
-        grid: [gh, gw],
-        num_patches: n,
-        num_masked: masked.len(),
-        vocab_size: cfg.vocab_size,
-        mask_source: source,
-        masked,
-        picture: out.to_path_buf(),
-    })
+
+    /// Every image of `inputs` (files, folders walked recursively): one picture each, to
+    /// `output` (a file for one image, else a folder of `STEM_mim.png`;
+    /// [`inputs::plan_picture_outputs`]). `on_item` sees every image in input order.
+    pub fn run_paths<P: AsRef<Path>>(
+        &self,
+        inputs: &[P],
+        output: &Path,
+        opts: &MimOptions,
+        on_item: impl FnMut(Outcome<MimResult>) -> Result<()>,
+    ) -> Result<RunSummary> {
+        let items: Vec<_> = inputs::ImageWalker::new(inputs).collect();
+        let (plan, out_dir) = inputs::plan_picture_outputs(
+            inputs,
+            &items,
+            output,
+            "_mim.png",
+            opts.overwrite,
+            opts.keep_going,
+        )?;
+        let summary = inputs::run_planned(
+            items,
+            plan,
+            out_dir.as_deref(),
+            self.processor.clone(),
+            opts.keep_going,
+            |path, value, outs| self.predict(path, value, &opts.mask, &outs[0]),
+            on_item,
+        )?;
+        inputs::finish(summary, inputs)
+    }
+
+    /// Predict the masked patches of one decoded image and draw the picture into `out`.
+    pub fn predict(
+        &self,
+        image: &Path,
+        (original, processed): &(RgbImage, ProcessedImage),
+        mask: &MaskSpec,
+        out: &Path,
+    ) -> std::result::Result<MimResult, ItemError> {
+        let (cfg, device) = (&self.config, &self.device);
+        inputs::check_patch_multiple(cfg, image, processed)
+            .map_err(|e| ItemError::Input(inputs::cause(image, &e.to_string())))?;
+        let p = cfg.patch();
+        let (gh, gw) = (processed.height / p, processed.width / p);
+        let n = gh * gw;
+        let (flags, source) = match mask {
+            MaskSpec::Random { ratio, seed } => (
+                random_mask(n, *ratio, *seed)?,
+                format!("random (ratio {ratio}, seed {seed})"),
+            ),
+            MaskSpec::Blockwise { ratio, seed } => (
+                blockwise_mask((gh, gw), *ratio, *seed)?,
+                format!("blockwise (ratio {ratio}, seed {seed})"),
+            ),
+            MaskSpec::File(f) => (load_mask(f, n)?, f.display().to_string()),
+        };
+        let pv = Tensor::from_slice(
+            &processed.pixel_values,
+            (1, 3, processed.height, processed.width),
+            device,
+        )?;
+        let m = Tensor::from_vec(
+            flags.iter().map(|&b| u8::from(b)).collect::<Vec<u8>>(),
+            (1, n),
+            device,
+        )?;
+        let outputs = self
+            .model
+            .forward(&pv, &ForwardOptions::default().with_bool_masked_pos(m))?;
+        let logits = outputs.tensors["logits"]
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?
+            .squeeze(0)?
+            .to_vec2::<f32>()?;
+        let mut masked = Vec::new();
+        for (i, row) in logits.iter().enumerate() {
+            if !flags[i] {
+                continue;
+            }
+            let probs = crate::tasks::classify::softmax(row);
+            let (token, prob) =
+                probs
+                    .iter()
+                    .copied()
+                    .enumerate()
+                    .fold(
+                        (0, f32::NEG_INFINITY),
+                        |b, (j, v)| if v > b.1 { (j, v) } else { b },
+                    );
+            masked.push(MaskedPrediction {
+                patch: i,
+                row: i / gw,
+                col: i % gw,
+                token,
+                prob,
+            });
+        }
+        let base = inputs::display_image(original, &self.processor, processed, 448);
+        let picture = mask_picture(&base, (gh, gw), &flags, &masked);
+        viz::save_png(&picture, out)?;
+        Ok(MimResult {
+            path: image.to_path_buf(),
+            grid: crate::tasks::inputs::Size::hw(gh, gw),
+            num_patches: n,
+            num_masked: masked.len(),
+            vocab_size: cfg.vocab_size,
+            mask_source: source,
+            masked,
+            picture: out.to_path_buf(),
+        })
+    }
 }
 
 /// Cell `i` of `n` cells over `len` pixels: `[start, end)`.

@@ -22,9 +22,7 @@ use crate::error::{BeitError, Result};
 use crate::heads::post_process_semantic_segmentation;
 use crate::model::ForwardOptions;
 use crate::processor::{resample, BeitImageProcessor, PILImageResampling, ProcessedImage};
-use crate::tasks::inputs::{
-    self, finish, ImageWalker, InputError, Item, Outcome, Prefetcher, RunSummary,
-};
+use crate::tasks::inputs::{self, finish, ImageWalker, ItemError, Outcome, RunSummary};
 use crate::viz;
 
 /// Settings of [`Segmenter::segment_paths`].
@@ -75,72 +73,9 @@ pub struct Segmentation {
     pub classes: Vec<ClassShare>,
 }
 
-/// The two output files of `image` in `out_dir`: `STEM_labels.png` and `STEM_overlay.png`, or
-/// with `with_extension` (used when several inputs share a stem, like `a.png` and `a.jpg`)
-/// `STEM_EXT_labels.png` and `STEM_EXT_overlay.png`.
-pub fn output_paths(out_dir: &Path, image: &Path, with_extension: bool) -> (PathBuf, PathBuf) {
-    let mut stem = image
-        .file_stem()
-        .map(|s| s.to_string_lossy().to_string())
-        .unwrap_or_else(|| "image".into());
-    if with_extension {
-        if let Some(ext) = image.extension() {
-            stem = format!("{stem}_{}", ext.to_string_lossy());
-        }
-    }
-    (
-        out_dir.join(format!("{stem}_labels.png")),
-        out_dir.join(format!("{stem}_overlay.png")),
-    )
-}
-
-/// The output files of each input (in order; `None` for inputs that are already errors),
-/// refusing names that two inputs would share and, unless `overwrite`, existing files.
-pub fn plan_outputs(
-    items: &[std::result::Result<PathBuf, InputError>],
-    out_dir: &Path,
-    overwrite: bool,
-) -> Result<Vec<Option<(PathBuf, PathBuf)>>> {
-    let mut stems: HashMap<String, usize> = HashMap::new();
-    for p in items.iter().flatten() {
-        let stem = p.file_stem().map(|s| s.to_string_lossy().to_string());
-        *stems.entry(stem.unwrap_or_default()).or_default() += 1;
-    }
-    let mut seen: HashMap<PathBuf, PathBuf> = HashMap::new();
-    let mut plan = Vec::with_capacity(items.len());
-    for item in items {
-        let Ok(p) = item else {
-            plan.push(None);
-            continue;
-        };
-        let stem = p
-            .file_stem()
-            .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or_default();
-        let (a, b) = output_paths(out_dir, p, stems[&stem] > 1);
-        for out in [&a, &b] {
-            if let Some(prev) = seen.insert(out.clone(), p.clone()) {
-                return Err(BeitError::file(
-                    out,
-                    format!(
-                        "would be written for both {} and {} (same file name); segment them \
-                         into different --out folders",
-                        prev.display(),
-                        p.display()
-                    ),
-                ));
-            }
-            if out.exists() && !overwrite {
-                return Err(BeitError::file(
-                    out,
-                    "already exists; pass --overwrite to replace it",
-                ));
-            }
-        }
-        plan.push(Some((a, b)));
-    }
-    Ok(plan)
-}
+/// The output files of an image: `STEM_labels.png` and `STEM_overlay.png`
+/// ([`inputs::output_names`]).
+pub const OUTPUT_SUFFIXES: [&str; 2] = ["_labels.png", "_overlay.png"];
 
 /// A loaded segmenter with its image processor.
 #[derive(Debug)]
@@ -238,63 +173,35 @@ impl Segmenter {
         }
         // All names first: refuse to replace files, or to write one file twice, before any work.
         let items: Vec<_> = ImageWalker::new(inputs).collect();
-        if opts.out_dir.exists() && !opts.out_dir.is_dir() {
-            return Err(BeitError::file(&opts.out_dir, "exists and is not a folder"));
-        }
-        let plan = plan_outputs(&items, &opts.out_dir, opts.overwrite)?;
-        std::fs::create_dir_all(&opts.out_dir)
-            .map_err(|e| BeitError::file(&opts.out_dir, format!("cannot create folder: {e}")))?;
-
-        let processor = self.processor.clone();
-        let batches = Prefetcher::spawn(items.into_iter(), 2, move |p: &Path| {
-            inputs::prepare_with_original(&processor, p)
-        })?;
-        let mut plan = plan.into_iter();
-        let mut summary = RunSummary::default();
-        for batch in batches {
-            for item in batch? {
-                let outputs = plan.next().flatten();
-                match self.segment_item(&item, outputs, opts) {
-                    Ok(seg) => {
-                        summary.processed += 1;
-                        on_item(Outcome::Done(seg))?;
-                    }
-                    Err(SegError::Input(message)) => {
-                        let e = InputError {
-                            path: item.path,
-                            message,
-                        };
-                        if !opts.keep_going {
-                            return Err(e.into());
-                        }
-                        summary.skipped += 1;
-                        on_item(Outcome::Skipped(e))?;
-                    }
-                    Err(SegError::Fatal(e)) => return Err(e),
-                }
-            }
-        }
+        let plan = inputs::plan_folder_outputs(
+            &items,
+            &opts.out_dir,
+            &OUTPUT_SUFFIXES,
+            opts.overwrite,
+            opts.keep_going,
+        )?;
+        let summary = inputs::run_planned(
+            items,
+            plan,
+            Some(&opts.out_dir),
+            self.processor.clone(),
+            opts.keep_going,
+            |path, value, outs| self.segment_item(path, value, outs, opts),
+            &mut on_item,
+        )?;
         finish(summary, inputs)
     }
 
     fn segment_item(
         &self,
-        item: &Item<(RgbImage, ProcessedImage)>,
-        outputs: Option<(PathBuf, PathBuf)>,
+        path: &Path,
+        (original, processed): &(RgbImage, ProcessedImage),
+        outputs: &[PathBuf],
         opts: &SegmentOptions,
-    ) -> std::result::Result<Segmentation, SegError> {
-        let (original, processed) = item
-            .value
-            .as_ref()
-            .map_err(|m| SegError::Input(m.clone()))?;
-        let (label_path, overlay_path) = outputs.ok_or_else(|| {
-            SegError::Fatal(BeitError::input(
-                "images",
-                "internal error: no output names",
-            ))
-        })?;
-        inputs::check_patch_multiple(&self.config, &item.path, processed)
-            .map_err(|e| SegError::Input(inputs::cause(&item.path, &e.to_string())))?;
+    ) -> std::result::Result<Segmentation, ItemError> {
+        let (label_path, overlay_path) = (outputs[0].clone(), outputs[1].clone());
+        inputs::check_patch_multiple(&self.config, path, processed)
+            .map_err(|e| ItemError::Input(inputs::cause(path, &e.to_string())))?;
         let (h, w) = opts
             .size
             .unwrap_or((original.height() as usize, original.width() as usize));
@@ -304,7 +211,7 @@ impl Segmenter {
             original.clone()
         } else {
             resample::resize_rgb(original, w as u32, h as u32, PILImageResampling::Bilinear)
-                .map_err(|e| SegError::Input(e.to_string()))?
+                .map_err(|e| ItemError::Input(e.to_string()))?
         };
         let overlay = render_overlay(&base, &labels, &self.palette, &classes, opts.alpha);
         let png = label_map_png(&labels, h, w, self.labels.len())
@@ -312,32 +219,13 @@ impl Segmenter {
         crate::util::write_atomic(&label_path, &png)?;
         viz::save_png(&overlay, &overlay_path)?;
         Ok(Segmentation {
-            path: item.path.clone(),
+            path: path.to_path_buf(),
             label_map: label_path,
             overlay: overlay_path,
             height: h,
             width: w,
             classes,
         })
-    }
-}
-
-enum SegError {
-    /// This image cannot be used (skipped with `keep_going`).
-    Input(String),
-    /// Anything else stops the run.
-    Fatal(BeitError),
-}
-
-impl From<BeitError> for SegError {
-    fn from(e: BeitError) -> Self {
-        SegError::Fatal(e)
-    }
-}
-
-impl From<candle_core::Error> for SegError {
-    fn from(e: candle_core::Error) -> Self {
-        SegError::Fatal(e.into())
     }
 }
 
@@ -400,7 +288,9 @@ pub fn render_overlay(
 /// rest summarised as "+k more"; nothing on images too small to hold a row.
 fn draw_legend(img: &mut RgbImage, palette: &[[u8; 3]], classes: &[ClassShare]) {
     let (w, h) = (img.width() as i64, img.height() as i64);
-    let s: i64 = if w.min(h) >= 800 { 2 } else { 1 };
+    // Text scales with the image, so that a photo fit to a screen keeps a readable legend
+    // (8 px glyphs per 400 px of the shorter side: 5x on a 3000x2000 photo).
+    let s: i64 = (w.min(h) / 400).max(1);
     let pad = 4 * s;
     let row_h = 12 * s;
     let sw = 8 * s;
@@ -517,10 +407,15 @@ mod tests {
             Ok(PathBuf::from("a/x.jpg")),
             Ok(PathBuf::from("b/y.png")),
         ];
-        let plan = plan_outputs(&items, Path::new("/nonexistent-out"), false).unwrap();
+        let out = Path::new("/nonexistent-out");
+        let plan =
+            inputs::plan_folder_outputs(&items, out, &OUTPUT_SUFFIXES, false, false).unwrap();
         let names: Vec<String> = plan
             .iter()
-            .map(|p| p.as_ref().unwrap().0.display().to_string())
+            .map(|p| match p {
+                inputs::Planned::Write(o) => o[0].display().to_string(),
+                other => panic!("{other:?}"),
+            })
             .collect();
         assert_eq!(
             names,
@@ -531,6 +426,6 @@ mod tests {
             ]
         );
         let clash = vec![Ok(PathBuf::from("a/x.png")), Ok(PathBuf::from("b/x.png"))];
-        assert!(plan_outputs(&clash, Path::new("/nonexistent-out"), false).is_err());
+        assert!(inputs::plan_folder_outputs(&clash, out, &OUTPUT_SUFFIXES, false, false).is_err());
     }
 }

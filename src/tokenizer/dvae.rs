@@ -529,11 +529,20 @@ impl Dvae {
     ) -> Result<()> {
         let json = serde_json::to_string_pretty(&self.config)
             .map_err(|e| candle_core::Error::Msg(format!("dVAE: serialising config: {e}")))?;
-        let config_path = config_path.as_ref();
-        std::fs::write(config_path, json).map_err(|e| {
-            candle_core::Error::Msg(format!("dVAE: writing {}: {e}", config_path.display()))
-        })?;
-        self.varmap.save(weights_path)
+        // The crate's writer, not VarMap::save: same permissions and output policy as every
+        // other file (safetensors' own writer makes 0600 files).
+        crate::util::write_atomic(config_path.as_ref(), json.as_bytes())
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let tensors: HashMap<String, Tensor> = self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("dVAE: parameter lock poisoned".into()))?
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        crate::util::save_safetensors(&tensors, weights_path.as_ref())
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
 
     /// The configuration.

@@ -87,6 +87,7 @@ impl Default for LoopConfig {
             max_steps: None,
             log_every: 10,
             eval_every: 1,
+            console: Default::default(),
         }
     }
 }
@@ -248,6 +249,8 @@ pub fn open_data(
     }
 }
 
+/// Hold out `val_split` of each class (rounded, seeded), so that the validation set has the
+/// class balance of the data.
 fn split_folder(
     mut all: ImageFolder,
     val_split: f64,
@@ -255,11 +258,23 @@ fn split_folder(
 ) -> (ImageFolder, Option<ImageFolder>) {
     let mut rng = StdRng::seed_from_u64(seed);
     rand::seq::SliceRandom::shuffle(&mut all.items[..], &mut rng);
-    let n_val = ((all.items.len() as f64) * val_split).round() as usize;
-    if n_val == 0 {
+    let mut per_class: Vec<Vec<(PathBuf, usize)>> = vec![Vec::new(); all.classes.len()];
+    for item in all.items.drain(..) {
+        if let Some(c) = per_class.get_mut(item.1) {
+            c.push(item);
+        }
+    }
+    let mut val_items = Vec::new();
+    for mut items in per_class {
+        let n_val = ((items.len() as f64) * val_split).round() as usize;
+        val_items.extend(items.split_off(items.len() - n_val.min(items.len())));
+        all.items.extend(items);
+    }
+    if val_items.is_empty() {
         return (all, None);
     }
-    let val_items = all.items.split_off(all.items.len() - n_val);
+    // Class by class above; the loaders shuffle the training set each epoch anyway.
+    rand::seq::SliceRandom::shuffle(&mut all.items[..], &mut rng);
     let val = ImageFolder {
         root: all.root.clone(),
         items: val_items,
@@ -544,7 +559,10 @@ impl Objective for FinetuneObjective {
 
     fn plot_metrics(&self) -> Vec<(&'static str, &'static str)> {
         match self.task {
-            Task::Classification => vec![("top1", "top-1"), ("top5", "top-5")],
+            Task::Classification if self.num_classes > 5 => {
+                vec![("top1", "top-1"), ("top5", "top-5")]
+            }
+            Task::Classification => vec![("top1", "top-1")],
             Task::Segmentation => vec![("mIoU", "mIoU"), ("pixel_accuracy", "pixel acc")],
         }
     }
@@ -639,7 +657,10 @@ fn evaluate(
     match o.task {
         Task::Classification => {
             m["top1"] = (top1 as f64 / n.max(1) as f64).into();
-            m["top5"] = (top5 as f64 / n.max(1) as f64).into();
+            // With 5 classes or fewer top-5 is always 100 %: not worth a column.
+            if o.num_classes > 5 {
+                m["top5"] = (top5 as f64 / n.max(1) as f64).into();
+            }
         }
         Task::Segmentation => {
             m["mIoU"] = cm.mean_iou().into();

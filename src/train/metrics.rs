@@ -74,12 +74,21 @@ impl ConfusionMatrix {
 
     /// The matrix as aligned text, with class names.
     pub fn to_text(&self, names: &[String]) -> String {
-        let w = names
-            .iter()
-            .map(|n| n.len())
+        // Rows: "k name" (true class); columns: the class number k (predicted), so that every
+        // column has a name without making the table as wide as the names.
+        let n = self.counts.len();
+        let label = |i: usize| -> String {
+            let name: String = names
+                .get(i)
+                .map(|n| n.chars().take(20).collect())
+                .unwrap_or_else(|| format!("LABEL_{i}"));
+            format!("{i} {name}")
+        };
+        let w = (0..n)
+            .map(|i| label(i).chars().count())
             .max()
             .unwrap_or(4)
-            .clamp(4, 14);
+            .max("true \\ predicted".len());
         let cell = self
             .counts
             .iter()
@@ -87,14 +96,15 @@ impl ConfusionMatrix {
             .max()
             .map(|m| m.to_string().len())
             .unwrap_or(1)
+            .max(n.saturating_sub(1).to_string().len())
             .max(3);
-        let mut s = format!("{:>w$} | predicted\n", "true");
+        let mut s = format!("{:<w$} |", "true \\ predicted");
+        for j in 0..n {
+            s.push_str(&format!(" {j:>cell$}"));
+        }
+        s.push('\n');
         for (i, row) in self.counts.iter().enumerate() {
-            let name: String = names
-                .get(i)
-                .map(|n| n.chars().take(w).collect())
-                .unwrap_or_else(|| i.to_string());
-            s.push_str(&format!("{name:>w$} |"));
+            s.push_str(&format!("{:<w$} |", label(i)));
             for v in row {
                 s.push_str(&format!(" {v:>cell$}"));
             }

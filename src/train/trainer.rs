@@ -60,6 +60,19 @@ pub struct LoopConfig {
     pub log_every: usize,
     /// Evaluate every N epochs (and always after the last one); 1 = every epoch.
     pub eval_every: usize,
+    /// How epochs are reported on the console (not part of a run's identity).
+    #[serde(skip, default)]
+    pub console: Console,
+}
+
+/// How a run reports its epochs on the console; `metrics.jsonl` is written either way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Console {
+    /// One line per epoch for people on stderr, progress bars on a terminal.
+    #[default]
+    Text,
+    /// One JSON object per epoch on stdout (the lines of metrics.jsonl), no progress bars.
+    Json,
 }
 
 impl LoopConfig {
@@ -210,6 +223,9 @@ pub fn train_loop(run: Run, objective: &dyn Objective, device: &Device) -> Resul
         opt.load_state_tensors(o)?;
     }
     let metrics_path = output.join("metrics.jsonl");
+    if leader && run.resume.is_some() {
+        trim_metrics(&metrics_path, state.step)?;
+    }
     let mut metrics: Box<dyn Write> = if leader {
         Box::new(
             std::fs::OpenOptions::new()
@@ -264,11 +280,12 @@ pub fn train_loop(run: Run, objective: &dyn Objective, device: &Device) -> Resul
         )
         .into_iter();
         let pb = progress_bar(steps_per_epoch.saturating_sub(skip), epoch, cfg.epochs);
-        if !leader {
+        if !leader || cfg.console == Console::Json {
             pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
         }
         let (t_epoch, mut images, mut loss_acc, mut loss_n) =
             (Instant::now(), 0usize, 0f64, 0usize);
+        let (mut epoch_loss, mut epoch_steps) = (0f64, 0usize);
         for batch_idx in skip..steps_per_epoch {
             // One optimiser step over `accum` micro-batches; every random draw is seeded by the step.
             let step = state.step;
@@ -316,6 +333,8 @@ pub fn train_loop(run: Run, objective: &dyn Objective, device: &Device) -> Resul
             state.batch_in_epoch = batch_idx + 1;
             loss_acc += step_loss / got as f64;
             loss_n += 1;
+            epoch_loss += step_loss / got as f64;
+            epoch_steps += 1;
             if state.step.is_multiple_of(cfg.log_every.max(1)) || batch_idx + 1 == steps_per_epoch {
                 let mean = loss_acc / loss_n as f64;
                 state.train_losses.push((state.step, mean));
@@ -328,8 +347,9 @@ pub fn train_loop(run: Run, objective: &dyn Objective, device: &Device) -> Resul
             }
             let rate = images as f64 / t_epoch.elapsed().as_secs_f64().max(1e-9);
             pb.set_message(format!(
-                "loss {:.4} lr {lr:.2e} {rate:.1} img/s",
-                step_loss / got as f64
+                "loss {:.3}  lr {}  {rate:.0} img/s",
+                step_loss / got as f64,
+                format_number(lr)
             ));
             pb.inc(1);
             let stop = cfg.max_steps.is_some_and(|m| state.step >= m);
@@ -356,7 +376,9 @@ pub fn train_loop(run: Run, objective: &dyn Objective, device: &Device) -> Resul
         let mut m = serde_json::json!({
             "epoch": epoch + 1,
             "step": state.step,
+            "train_loss": epoch_loss / epoch_steps.max(1) as f64,
             "images_per_sec": images as f64 / t_epoch.elapsed().as_secs_f64().max(1e-9),
+            "epoch_sec": t_epoch.elapsed().as_secs_f64(),
             "elapsed_sec": t0.elapsed().as_secs_f64(),
         });
         let eval_now = (epoch + 1).is_multiple_of(cfg.eval_every.max(1)) || epoch + 1 == cfg.epochs;
@@ -371,7 +393,10 @@ pub fn train_loop(run: Run, objective: &dyn Objective, device: &Device) -> Resul
             }
         }
         if leader {
-            eprintln!("epoch {}/{}: {m}", epoch + 1, cfg.epochs);
+            match cfg.console {
+                Console::Text => eprintln!("{}", epoch_line(&m, cfg.epochs)),
+                Console::Json => println!("{m}"),
+            }
         }
         let _ = writeln!(metrics, "{m}");
         state.history.push(m.clone());
@@ -398,6 +423,31 @@ pub fn train_loop(run: Run, objective: &dyn Objective, device: &Device) -> Resul
     })
 }
 
+/// Drop the lines of `metrics.jsonl` logged after `step` (by a run killed after its last
+/// checkpoint), so that a resumed run does not log those steps twice.
+fn trim_metrics(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(()); // none yet
+    };
+    let keep: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_none_or(|s| s as usize <= step)
+        })
+        .collect();
+    if keep.len() == text.lines().count() {
+        return Ok(());
+    }
+    let mut out = keep.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    crate::util::write_atomic(path, out.as_bytes())
+}
+
 /// The part of an epoch's sample order that replica `rank` trains on: micro-batch `c` (of size
 /// `micro`) goes to rank `(c / accum) % world`, so the replicas together see exactly the
 /// micro-batches one process would accumulate, `accum * world` per step.
@@ -411,6 +461,77 @@ fn shard(order: &[usize], micro: usize, accum: usize, rank: usize, world: usize)
         .filter(|(c, _)| (c / accum) % world == rank)
         .flat_map(|(_, chunk)| chunk.iter().copied())
         .collect()
+}
+
+/// A number for people: three significant digits, plain between 0.001 and 10 000, else in
+/// exponent form (`0.0015`, `1.25e-5`), without trailing zeros.
+pub fn format_number(x: f64) -> String {
+    if x == 0.0 || !x.is_finite() {
+        return format!("{x}");
+    }
+    let a = x.abs();
+    if (1e-3..1e4).contains(&a) {
+        let decimals = (2 - a.log10().floor() as i32).max(0) as usize;
+        let s = format!("{x:.decimals$}");
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        } else {
+            s
+        }
+    } else {
+        let s = format!("{x:.2e}");
+        let (mantissa, exp) = s.split_once('e').unwrap_or((&s, "0"));
+        let mantissa = mantissa.trim_end_matches('0').trim_end_matches('.');
+        format!("{mantissa}e{exp}")
+    }
+}
+
+/// A duration as `1h02m`, `1m12s` or `8.4s`.
+pub fn format_duration(secs: f64) -> String {
+    let s = secs.max(0.0);
+    if s < 60.0 {
+        format!("{s:.1}s")
+    } else if s < 3600.0 {
+        format!("{}m{:02}s", (s / 60.0) as u64, (s % 60.0) as u64)
+    } else {
+        format!(
+            "{}h{:02}m",
+            (s / 3600.0) as u64,
+            ((s % 3600.0) / 60.0) as u64
+        )
+    }
+}
+
+/// The console line of one epoch's metrics (the object written to metrics.jsonl):
+/// `epoch 3/10  train loss 0.412  val loss 0.388  top-1 86.2 %  312 img/s  1m12s`.
+pub fn epoch_line(m: &serde_json::Value, epochs: usize) -> String {
+    // (key, label, shown as a percentage)
+    const FIELDS: [(&str, &str, bool); 7] = [
+        ("train_loss", "train loss", false),
+        ("val_loss", "val loss", false),
+        ("top1", "top-1", true),
+        ("top5", "top-5", true),
+        ("mIoU", "mIoU", true),
+        ("pixel_accuracy", "pixel acc", true),
+        ("mim_accuracy", "MIM acc", true),
+    ];
+    let mut line = format!("epoch {}/{epochs}", m["epoch"].as_u64().unwrap_or(0));
+    for (key, label, percent) in FIELDS {
+        if let Some(v) = m[key].as_f64() {
+            line += &if percent {
+                format!("  {label} {:.1} %", v * 100.0)
+            } else {
+                format!("  {label} {v:.3}")
+            };
+        }
+    }
+    if let Some(r) = m["images_per_sec"].as_f64() {
+        line += &format!("  {r:.0} img/s");
+    }
+    if let Some(t) = m["epoch_sec"].as_f64() {
+        line += &format!("  {}", format_duration(t));
+    }
+    line
 }
 
 fn progress_bar(len: usize, epoch: usize, epochs: usize) -> indicatif::ProgressBar {
@@ -446,7 +567,11 @@ pub fn plot_curves(state: &TrainerState, keys: &[(&str, &str)], path: &Path) -> 
             .collect(),
         color: viz::SERIES_COLORS[1],
     };
-    let top = viz::line_plot("loss", "step", &[loss, val_loss], 800, 360);
+    let steps = viz::PlotOptions {
+        x_integer: true,
+        y_fraction: false,
+    };
+    let top = viz::line_plot_with("loss", "step", &[loss, val_loss], 800, 360, steps);
     let evals: Vec<viz::Series> = keys
         .iter()
         .enumerate()
@@ -460,7 +585,12 @@ pub fn plot_curves(state: &TrainerState, keys: &[(&str, &str)], path: &Path) -> 
             color: viz::SERIES_COLORS[(2 + i) % viz::SERIES_COLORS.len()],
         })
         .collect();
-    let bottom = viz::line_plot("evaluation", "epoch", &evals, 800, 360);
+    let epochs = viz::PlotOptions {
+        x_integer: true,
+        // Every evaluation metric plotted is a fraction (accuracies, mIoU).
+        y_fraction: true,
+    };
+    let bottom = viz::line_plot_with("evaluation", "epoch", &evals, 800, 360, epochs);
     let mut img = image::RgbImage::new(800, 720);
     image::imageops::replace(&mut img, &top, 0, 0);
     image::imageops::replace(&mut img, &bottom, 0, 360);
