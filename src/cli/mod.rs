@@ -63,9 +63,10 @@ pub enum Command {
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct MatmulArgs {
     /// Precision of the linear layers on CPU: highest (f32), bf16 (bf16 inputs, f32
-    /// accumulation; AVX512-BF16) or int8 (int8 weights, activations quantised per token;
-    /// AVX512-VNNI). Reduced precisions trade accuracy for speed (see `beit bench
-    /// --precision-check`); without the instructions, f32 runs. [default: highest]
+    /// accumulation; AMX or AVX512-BF16, the attention products too on AMX) or int8 (int8
+    /// weights, activations quantised per token; AMX or AVX512-VNNI). The fastest kernel is
+    /// picked by timing; where none beats f32, f32 runs. Reduced precisions trade accuracy for
+    /// speed (see `beit bench --precision-check`). [default: highest]
     #[arg(long, value_name = "PRECISION")]
     pub matmul_precision: Option<String>,
 }
