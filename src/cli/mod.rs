@@ -29,6 +29,10 @@ pub struct Cli {
     /// `beit bench --precision-check`); without the instructions, f32 runs.
     #[arg(long, global = true, default_value = "highest")]
     pub matmul_precision: String,
+    /// The most memory a job may use (bytes, or with K/M/G/T: `8G`). Jobs estimated to need
+    /// more are refused before they start; default: the memory available on the machine.
+    #[arg(long, global = true)]
+    pub max_memory: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -207,6 +211,9 @@ pub fn run() -> Result<()> {
         );
     }
     set_f32_matmul_precision(precision);
+    if let Some(m) = &cli.max_memory {
+        beit::memory::set_limit(Some(beit::memory::parse_size(m)?));
+    }
     match cli.command {
         Command::Forward(cmd) => cmd.run(&dev),
         Command::Train(cmd) => cmd.run(&dev),

@@ -503,6 +503,11 @@ impl BeitImageProcessor {
         let (mut buf, mut h, mut w) = (None::<Vec<u8>>, height as usize, width as usize);
         if self.do_resize {
             let (th, tw) = self.size.output_size(height, width)?;
+            crate::memory::image(h, th as usize, tw as usize, channels)
+                .check("size (preprocessor_config.json)")
+                .map_err(|e| ProcessorError::Config {
+                    message: e.to_string(),
+                })?;
             let out = resample::resize(
                 data,
                 w,
