@@ -173,8 +173,10 @@ fn loader_panics_fail_the_run_with_their_message() {
         let results: Vec<_> = rx.into_iter().collect();
         assert_eq!(results.len(), 2, "skip_bad={skip_bad}");
         assert!(results[0].is_ok());
-        let err = results[1].as_ref().err().expect("the panic was swallowed");
-        let msg = err.to_string();
+        let msg = match &results[1] {
+            Ok(_) => panic!("the panic was swallowed"),
+            Err(e) => e.to_string(),
+        };
         assert!(msg.contains("poisoned[2]"), "{msg}");
         assert!(msg.contains("sample 2 is poisoned"), "{msg}");
     }

@@ -427,9 +427,7 @@ mod tests {
     #[test]
     fn deep_nesting_is_refused() {
         let mut p = vec![0x80, 2, b']'];
-        for _ in 0..300_000 {
-            p.push(0x85); // TUPLE1
-        }
+        p.extend(std::iter::repeat_n(0x85, 300_000)); // TUPLE1
         p.push(b'.');
         let err = check_pickle(&p).unwrap_err();
         assert!(err.contains("nested"), "{err}");
