@@ -68,7 +68,7 @@ pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Resul
 /// accepts `BOOL` tensors (read as `u8`), and errors name the file.
 pub fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     let data =
-        std::fs::read(path).map_err(|e| BeitError::file(path, format!("cannot read: {e}")))?;
+        read_regular(path).map_err(|e| BeitError::file(path, format!("cannot read: {e}")))?;
     let st = safetensors::SafeTensors::deserialize(&data)
         .map_err(|e| BeitError::file(path, format!("not a valid safetensors file: {e}")))?;
     let mut out = HashMap::new();
@@ -99,6 +99,49 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
             format!("unknown dtype {other:?} (f32, f16, bf16)"),
         )),
     }
+}
+
+/// Opens `path` for reading only if it is a regular file. The open itself does not block (a
+/// named pipe called `x.png` would otherwise hang the run until something writes to it), and
+/// devices, pipes, sockets and folders are refused.
+pub fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let kind = file.metadata()?.file_type();
+    if kind.is_file() {
+        return Ok(file);
+    }
+    let what = if kind.is_dir() {
+        "a folder"
+    } else if kind.is_fifo() {
+        "a named pipe"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "a device"
+    };
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!("{what}, not a regular file"),
+    ))
+}
+
+/// The contents of a regular file (see [`open_regular`]).
+pub fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut file = open_regular(path)?;
+    let mut out = Vec::with_capacity(file.metadata()?.len() as usize);
+    file.read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// The contents of a regular UTF-8 text file (see [`open_regular`]).
+pub fn read_regular_to_string(path: &Path) -> std::io::Result<String> {
+    String::from_utf8(read_regular(path)?)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 /// The message of a caught panic (`panic!("...")` payloads are `&str` or `String`).

@@ -282,7 +282,8 @@ impl Checkpoint {
 
 /// The shard files named by a `model.safetensors.index.json`.
 fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(index).map_err(|e| BeitError::file(index, e.to_string()))?;
+    let text = crate::util::read_regular_to_string(index)
+        .map_err(|e| BeitError::file(index, e.to_string()))?;
     let json: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| BeitError::file(index, format!("invalid JSON: {e}")))?;
     let map = json

@@ -181,3 +181,63 @@ fn loader_panics_fail_the_run_with_their_message() {
         assert!(msg.contains("sample 2 is poisoned"), "{msg}");
     }
 }
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path; mkfifo touches nothing else.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
+
+/// Runs `f` on another thread and fails the test if it takes more than 5 s (opening a named
+/// pipe for reading blocks until a writer comes, which in these tests never does).
+fn within_5s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("hung on a named pipe")
+}
+
+/// A named pipe called `x.png` among the training images (or given as a config) is an error
+/// naming it, at once: it used to block the run forever, `--skip-bad` included.
+#[test]
+fn named_pipes_are_refused_not_waited_on() {
+    use beit::processor::decode::{open_image, DecodeOptions};
+    use beit::train::data::ImageFolder;
+    let dir = tempfile::tempdir().unwrap();
+    let class = dir.path().join("cat");
+    std::fs::create_dir(&class).unwrap();
+    let pipe = class.join("x.png");
+    mkfifo(&pipe);
+    std::fs::create_dir(dir.path().join("dog")).unwrap();
+    image::RgbImage::new(4, 4)
+        .save(dir.path().join("dog").join("y.png"))
+        .unwrap();
+
+    let p = pipe.clone();
+    let err = within_5s(move || open_image(&p, &DecodeOptions::default()).unwrap_err());
+    let msg = err.to_string();
+    assert!(msg.contains("x.png") && msg.contains("named pipe"), "{msg}");
+
+    let root = dir.path().to_path_buf();
+    let msg = within_5s(move || {
+        let folder = ImageFolder::scan(&root, None).unwrap();
+        let check = folder.check(0).unwrap_err().to_string();
+        let load = match folder.load(0) {
+            Ok(_) => panic!("a named pipe was loaded"),
+            Err(e) => e.to_string(),
+        };
+        format!("{check}\n{load}")
+    });
+    assert_eq!(msg.matches("named pipe").count(), 2, "{msg}");
+
+    let other = tempfile::tempdir().unwrap();
+    let config = other.path().join("config.json");
+    mkfifo(&config);
+    let msg = within_5s(move || match beit::BeitConfig::from_pretrained(&config) {
+        Ok(_) => panic!("a named pipe was read as a config"),
+        Err(e) => e.to_string(),
+    });
+    assert!(msg.contains("named pipe"), "{msg}");
+}

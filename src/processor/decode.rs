@@ -210,7 +210,7 @@ fn decode_err(path: &Path, format: Format, message: impl std::fmt::Display) -> D
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, DecodeError> {
-    std::fs::read(path).map_err(|source| DecodeError::Io {
+    crate::util::read_regular(path).map_err(|source| DecodeError::Io {
         path: path.to_path_buf(),
         source,
     })

@@ -419,10 +419,11 @@ impl BeitImageProcessor {
             );
             return Ok(Self::default());
         }
-        let text = std::fs::read_to_string(&file).map_err(|e| ProcessorError::ConfigFile {
-            path: file.clone(),
-            message: format!("cannot read: {e}"),
-        })?;
+        let text =
+            crate::util::read_regular_to_string(&file).map_err(|e| ProcessorError::ConfigFile {
+                path: file.clone(),
+                message: format!("cannot read: {e}"),
+            })?;
         Self::from_json_str(&text).map_err(|e| match e {
             ProcessorError::Config { message } => ProcessorError::ConfigFile {
                 path: file.clone(),

@@ -55,6 +55,17 @@ fn is_image(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// An image's size from its header, reading only regular files (a named pipe called `x.png`
+/// would block `image::image_dimensions` forever).
+fn image_dimensions(path: &Path) -> std::result::Result<(u32, u32), String> {
+    let file = crate::util::open_regular(path).map_err(|e| e.to_string())?;
+    image::ImageReader::new(std::io::BufReader::new(file))
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?
+        .into_dimensions()
+        .map_err(|e| e.to_string())
+}
+
 fn walk_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     let rd = std::fs::read_dir(dir)
         .map_err(|e| BeitError::file(dir, format!("cannot list folder: {e}")))?;
@@ -152,8 +163,7 @@ impl Dataset for ImageFolder {
     }
     fn check(&self, i: usize) -> Result<()> {
         let p = &self.items[i].0;
-        image::image_dimensions(p)
-            .map_err(|e| BeitError::file(p, format!("unreadable image: {e}")))?;
+        image_dimensions(p).map_err(|e| BeitError::file(p, format!("unreadable image: {e}")))?;
         Ok(())
     }
 }
@@ -195,7 +205,7 @@ const MAX_DEFLATE_RATIO: u64 = 1032;
 /// Returns the sizes and the payload.
 fn read_idx(path: &Path, magic: u32, dims: usize, what: &str) -> Result<(Vec<usize>, Vec<u8>)> {
     let err = |m: String| BeitError::file(path, m);
-    let file = std::fs::File::open(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    let file = crate::util::open_regular(path).map_err(|e| err(format!("cannot read: {e}")))?;
     let file_len = file
         .metadata()
         .map_err(|e| err(format!("cannot read: {e}")))?
@@ -451,9 +461,9 @@ impl Dataset for SegmentationFolder {
     }
     fn check(&self, i: usize) -> Result<()> {
         let (ip, mp) = &self.items[i];
-        let a = image::image_dimensions(ip)
+        let a = image_dimensions(ip)
             .map_err(|e| BeitError::file(ip, format!("unreadable image: {e}")))?;
-        let b = image::image_dimensions(mp)
+        let b = image_dimensions(mp)
             .map_err(|e| BeitError::file(mp, format!("unreadable label map: {e}")))?;
         if a != b {
             return Err(BeitError::file(
