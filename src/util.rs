@@ -144,6 +144,54 @@ pub fn read_regular_to_string(path: &Path) -> std::io::Result<String> {
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
+/// Takes the exclusive advisory lock (`flock`) of an open file without waiting; `false` if
+/// another open file holds it (another process, or another open in this one).
+pub fn try_lock(file: &std::fs::File) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor this function borrows; no memory is involved.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EWOULDBLOCK) => Ok(false),
+        _ => Err(e),
+    }
+}
+
+/// The lock file a writer holds in an output folder (see [`lock_output_folder`]).
+pub const OUTPUT_LOCK_FILE: &str = ".beit.lock";
+
+/// Claims `dir` for this process until the returned file is dropped: two runs writing one
+/// folder would mix their logs and checkpoints. The lock file names the holder's process id,
+/// for the message the second writer gets.
+pub fn lock_output_folder(dir: &Path) -> Result<std::fs::File> {
+    let path = dir.join(OUTPUT_LOCK_FILE);
+    let err =
+        |e: std::io::Error| BeitError::file(&path, format!("cannot lock the output folder: {e}"));
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false) // the holder's pid stays readable until we own the lock
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(err)?;
+    if !try_lock(&file).map_err(err)? {
+        let holder = std::fs::read_to_string(&path).unwrap_or_default();
+        return Err(BeitError::file(
+            dir,
+            format!(
+                "the output folder is in use by another run (process {}); wait for it or choose \
+                 another output folder",
+                holder.trim()
+            ),
+        ));
+    }
+    file.set_len(0).map_err(err)?;
+    write!(file, "{}", std::process::id()).map_err(err)?;
+    Ok(file)
+}
+
 /// The message of a caught panic (`panic!("...")` payloads are `&str` or `String`).
 pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload

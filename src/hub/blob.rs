@@ -46,20 +46,6 @@ fn free_bytes(dir: &Path) -> Option<u64> {
     Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
-/// Takes the exclusive lock of an open file without waiting; `false` if another process holds it.
-fn try_lock(file: &fs::File) -> io::Result<bool> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock on a descriptor this function borrows; no memory is involved.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        return Ok(true);
-    }
-    let e = io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::EWOULDBLOCK) => Ok(false),
-        _ => Err(e),
-    }
-}
-
 /// Whether the open `file` is still the one named `path` (not renamed away meanwhile).
 fn is_same_file(file: &fs::File, path: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
@@ -108,7 +94,7 @@ impl CacheRepo {
             .write(true)
             .open(&tmp)
             .map_err(io_at(&tmp))?;
-        if !try_lock(&out).map_err(io_at(&tmp))? {
+        if !crate::util::try_lock(&out).map_err(io_at(&tmp))? {
             return Err(WriteBlobError::Busy(tmp));
         }
         if !is_same_file(&out, &tmp) {
