@@ -117,6 +117,8 @@ impl AutoModel {
         let cfg = BeitConfig::from_pretrained(dir)?;
         let arch = Architecture::from_config(&cfg)
             .map_err(|e| BeitError::file(dir.join("config.json"), e.to_string()))?;
+        crate::memory::model(&cfg, dtype.size_in_bytes() as u64, false)
+            .check(&crate::memory::config_fields(&dir.join("config.json")))?;
         let ckpt = Arc::new(Checkpoint::from_dir(dir)?);
         let source = Arc::new(ParamSource::new(
             Some(ckpt.clone()),

@@ -226,7 +226,7 @@ impl BeitConfig {
         } else {
             path.to_path_buf()
         };
-        let text = std::fs::read_to_string(&file)
+        let text = crate::util::read_regular_to_string(&file)
             .map_err(|e| BeitError::file(&file, format!("cannot read config: {e}")))?;
         let cfg = parse_json(&text).map_err(|(field, msg)| {
             BeitError::file(

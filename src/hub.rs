@@ -30,11 +30,12 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use sha2::{Digest, Sha256};
+mod blob;
+pub use blob::{download_limit, MAX_JSON_BYTES, MAX_UNANNOUNCED_BYTES};
 
 /// The hub used when `HF_ENDPOINT` is not set.
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
@@ -945,80 +946,6 @@ impl CacheRepo {
         self.root.join("blobs").join(etag)
     }
 
-    /// Streams `body` into `blobs/{etag}` through a temporary `*.incomplete` file renamed into
-    /// place only once complete. Checks `expected_size`, and the sha256 when the etag is one (LFS
-    /// files). Reports bytes to `on_progress`. Returns the number of bytes written.
-    pub fn write_blob(
-        &self,
-        etag: &str,
-        body: &mut dyn Read,
-        expected_size: Option<u64>,
-        on_progress: &mut dyn FnMut(u64),
-    ) -> Result<u64, WriteBlobError> {
-        let blob = self.blob_path(etag);
-        let dir = blob.parent().unwrap_or(&self.root).to_path_buf();
-        fs::create_dir_all(&dir).map_err(|e| WriteBlobError::Io {
-            path: dir.clone(),
-            source: e,
-        })?;
-        let tmp = dir.join(format!("{etag}.{}.incomplete", unique_suffix()));
-        let result = (|| {
-            let mut out = fs::File::create(&tmp).map_err(|e| WriteBlobError::Io {
-                path: tmp.clone(),
-                source: e,
-            })?;
-            let check_sha = etag.len() == 64 && etag.bytes().all(|b| b.is_ascii_hexdigit());
-            let mut hasher = Sha256::new();
-            let mut buf = vec![0u8; 256 * 1024];
-            let mut total = 0u64;
-            loop {
-                let n = match body.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(WriteBlobError::Transfer(e.to_string())),
-                };
-                out.write_all(&buf[..n]).map_err(|e| WriteBlobError::Io {
-                    path: tmp.clone(),
-                    source: e,
-                })?;
-                if check_sha {
-                    hasher.update(&buf[..n]);
-                }
-                total += n as u64;
-                on_progress(total);
-            }
-            out.sync_all().map_err(|e| WriteBlobError::Io {
-                path: tmp.clone(),
-                source: e,
-            })?;
-            if let Some(size) = expected_size {
-                if size != total {
-                    return Err(WriteBlobError::Corrupt(format!(
-                        "expected {size} bytes, got {total}"
-                    )));
-                }
-            }
-            if check_sha {
-                let got = hex(&hasher.finalize());
-                if !got.eq_ignore_ascii_case(etag) {
-                    return Err(WriteBlobError::Corrupt(format!(
-                        "sha256 is {got}, expected {etag}"
-                    )));
-                }
-            }
-            fs::rename(&tmp, &blob).map_err(|e| WriteBlobError::Io {
-                path: blob.clone(),
-                source: e,
-            })?;
-            Ok(total)
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result
-    }
-
     /// Makes `snapshots/{commit}/{file}` a relative symlink to `../../blobs/{etag}` (one more
     /// `..` per sub-folder in `file`), as `huggingface_hub._create_symlink` does. Where symlinks
     /// are unavailable the blob is copied instead.
@@ -1080,6 +1007,15 @@ pub enum WriteBlobError {
     /// Size or checksum mismatch.
     #[error("{0}")]
     Corrupt(String),
+    /// The body went past the size allowed for the file.
+    #[error("the body exceeds {limit} bytes, the most allowed for this file")]
+    TooLarge {
+        /// The limit, in bytes.
+        limit: u64,
+    },
+    /// Another process holds the lock of this partial download.
+    #[error("{}: another process is downloading this file; try again when it is done", .0.display())]
+    Busy(PathBuf),
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -1146,14 +1082,23 @@ pub struct UreqFetcher {
 
 #[cfg(feature = "download")]
 impl UreqFetcher {
-    /// A client with a 10 s connect timeout and 60 s to the first response byte, honouring
+    /// A client with a 10 s connect timeout, 60 s to the first response byte and 60 s at most
+    /// for any one read (a stalled transfer fails instead of hanging), honouring
     /// `HTTPS_PROXY` / `HTTP_PROXY` / `NO_PROXY`.
     pub fn new() -> Self {
+        use std::time::Duration;
+        Self::with_timeouts(Duration::from_secs(10), Duration::from_secs(60))
+    }
+
+    /// A client with these connect and read timeouts (the read one also bounds the wait for
+    /// the response and each read of the body).
+    pub fn with_timeouts(connect: std::time::Duration, read: std::time::Duration) -> Self {
         let config = ureq::Agent::config_builder()
             .max_redirects(0)
             .http_status_as_error(false)
-            .timeout_connect(Some(std::time::Duration::from_secs(10)))
-            .timeout_recv_response(Some(std::time::Duration::from_secs(60)))
+            .timeout_connect(Some(connect))
+            .timeout_recv_response(Some(read))
+            .timeout_per_read(Some(read))
             .user_agent(concat!("beit-rs/", env!("CARGO_PKG_VERSION")))
             .build();
         UreqFetcher {
@@ -1435,10 +1380,11 @@ impl<'a> Downloader<'a> {
                 resp.header("content-length")
                     .and_then(|v| v.trim().parse().ok())
             });
+            let limit = download_limit(file, size).map_err(|reason| bad(&reason, &url))?;
             let bar = self.progress_bar(file, size);
             let result = self
                 .cache
-                .write_blob(&etag, &mut resp.body, size, &mut |n| {
+                .write_blob(&etag, &mut resp.body, size, limit, &mut |n| {
                     if let Some(b) = &bar {
                         b.set_position(n)
                     }
@@ -1451,6 +1397,13 @@ impl<'a> Downloader<'a> {
                 Err(WriteBlobError::Io { path, source }) => {
                     return Err(HubError::Io { path, source })
                 }
+                Err(e @ WriteBlobError::Busy(_)) => {
+                    return Err(HubError::Io {
+                        path: self.cache.blob_path(&etag),
+                        source: io::Error::new(io::ErrorKind::ResourceBusy, e.to_string()),
+                    })
+                }
+                Err(e @ WriteBlobError::TooLarge { .. }) => return Err(bad(&e.to_string(), &url)),
                 Err(WriteBlobError::Transfer(reason)) => {
                     return Err(HubError::Unreachable {
                         repo_id: self.repo_id.to_string(),

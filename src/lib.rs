@@ -20,6 +20,7 @@ pub mod error;
 pub mod heads;
 pub mod hub;
 pub mod losses;
+pub mod memory;
 pub mod model;
 pub mod nn;
 pub mod ops;

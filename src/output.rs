@@ -298,6 +298,8 @@ pub fn prepare_run_dir(dir: &Path, mode: RunDir, run_files: &[&str]) -> Result<(
         .map_err(|e| BeitError::file(dir, format!("cannot read folder: {e}")))?
         .flatten()
         .map(|e| e.file_name().to_string_lossy().to_string())
+        // The lock a finished run left (a live one is refused by the trainer's lock).
+        .filter(|n| n != crate::util::OUTPUT_LOCK_FILE)
         .collect();
     entries.sort();
     if entries.is_empty() {

@@ -41,7 +41,7 @@ pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Resul
 /// accepts `BOOL` tensors (read as `u8`), and errors name the file.
 pub fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     let data =
-        std::fs::read(path).map_err(|e| BeitError::file(path, format!("cannot read: {e}")))?;
+        read_regular(path).map_err(|e| BeitError::file(path, format!("cannot read: {e}")))?;
     let st = safetensors::SafeTensors::deserialize(&data)
         .map_err(|e| BeitError::file(path, format!("not a valid safetensors file: {e}")))?;
     let mut out = HashMap::new();
@@ -72,6 +72,107 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
             format!("unknown dtype {other:?} (f32, f16, bf16)"),
         )),
     }
+}
+
+/// Opens `path` for reading only if it is a regular file. The open itself does not block (a
+/// named pipe called `x.png` would otherwise hang the run until something writes to it), and
+/// devices, pipes, sockets and folders are refused.
+pub fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let kind = file.metadata()?.file_type();
+    if kind.is_file() {
+        return Ok(file);
+    }
+    let what = if kind.is_dir() {
+        "a folder"
+    } else if kind.is_fifo() {
+        "a named pipe"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "a device"
+    };
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!("{what}, not a regular file"),
+    ))
+}
+
+/// The contents of a regular file (see [`open_regular`]).
+pub fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut file = open_regular(path)?;
+    let mut out = Vec::with_capacity(file.metadata()?.len() as usize);
+    file.read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// The contents of a regular UTF-8 text file (see [`open_regular`]).
+pub fn read_regular_to_string(path: &Path) -> std::io::Result<String> {
+    String::from_utf8(read_regular(path)?)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// Takes the exclusive advisory lock (`flock`) of an open file without waiting; `false` if
+/// another open file holds it (another process, or another open in this one).
+pub fn try_lock(file: &std::fs::File) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor this function borrows; no memory is involved.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EWOULDBLOCK) => Ok(false),
+        _ => Err(e),
+    }
+}
+
+/// The lock file a writer holds in an output folder (see [`lock_output_folder`]).
+pub const OUTPUT_LOCK_FILE: &str = ".beit.lock";
+
+/// Claims `dir` for this process until the returned file is dropped: two runs writing one
+/// folder would mix their logs and checkpoints. The lock file names the holder's process id,
+/// for the message the second writer gets.
+pub fn lock_output_folder(dir: &Path) -> Result<std::fs::File> {
+    let path = dir.join(OUTPUT_LOCK_FILE);
+    let err =
+        |e: std::io::Error| BeitError::file(&path, format!("cannot lock the output folder: {e}"));
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false) // the holder's pid stays readable until we own the lock
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(err)?;
+    if !try_lock(&file).map_err(err)? {
+        let holder = std::fs::read_to_string(&path).unwrap_or_default();
+        return Err(BeitError::file(
+            dir,
+            format!(
+                "the output folder is in use by another run (process {}); wait for it or choose \
+                 another output folder",
+                holder.trim()
+            ),
+        ));
+    }
+    file.set_len(0).map_err(err)?;
+    use std::io::Write;
+    write!(file, "{}", std::process::id()).map_err(err)?;
+    Ok(file)
+}
+
+/// The message of a caught panic (`panic!("...")` payloads are `&str` or `String`).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_string())
 }
 
 /// Keep freed memory in the process for reuse (glibc). Tensors are allocated and freed by the

@@ -17,9 +17,12 @@ use regex::Regex;
 
 use crate::error::{to_candle, BeitError, Result};
 
+pub mod pickle_bounds;
+
 /// Where a tensor lives.
 enum Store {
     Safetensors(candle_core::safetensors::MmapedSafetensors),
+    /// Every tensor record was checked against the archive's entries on open.
     Pth(candle_core::pickle::PthTensors),
 }
 
@@ -144,8 +147,13 @@ impl Checkpoint {
 
     /// Open a PyTorch pickle (`torch.save` zip format), e.g. `pytorch_model.bin`.
     pub fn from_pth(file: &Path) -> Result<Self> {
+        // candle's unpickler has no bounds of its own: judge the archive first.
+        let entries = pickle_bounds::check_archive(file)?;
         let pth = candle_core::pickle::PthTensors::new(file, None)
             .map_err(|e| BeitError::file(file, format!("cannot read PyTorch checkpoint: {e}")))?;
+        for (name, info) in pth.tensor_infos() {
+            entries.check_tensor(file, name, info)?;
+        }
         let raw: Vec<String> = pth.tensor_infos().keys().cloned().collect();
         Ok(Self::new(Store::Pth(pth), raw, file.display().to_string()))
     }
@@ -274,7 +282,8 @@ impl Checkpoint {
 
 /// The shard files named by a `model.safetensors.index.json`.
 fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(index).map_err(|e| BeitError::file(index, e.to_string()))?;
+    let text = crate::util::read_regular_to_string(index)
+        .map_err(|e| BeitError::file(index, e.to_string()))?;
     let json: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| BeitError::file(index, format!("invalid JSON: {e}")))?;
     let map = json

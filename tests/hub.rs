@@ -1137,9 +1137,13 @@ fn blob_writer_is_atomic() {
     let data = b"hello world".to_vec();
     let sha = sha256_hex(&data);
     let mut seen = 0;
-    repo.write_blob(&sha, &mut Cursor::new(data.clone()), Some(11), &mut |n| {
-        seen = n
-    })
+    repo.write_blob(
+        &sha,
+        &mut Cursor::new(data.clone()),
+        Some(11),
+        11,
+        &mut |n| seen = n,
+    )
     .unwrap();
     assert_eq!(seen, 11);
     assert_eq!(fs::read(repo.blob_path(&sha)).unwrap(), data);
@@ -1156,7 +1160,7 @@ fn blob_writer_is_atomic() {
         }
     }
     let err = repo
-        .write_blob("0123", &mut Failing(3), None, &mut |_| {})
+        .write_blob("0123", &mut Failing(3), None, 100, &mut |_| {})
         .unwrap_err();
     assert!(err.to_string().contains("reset by peer"));
     let names: Vec<_> = fs::read_dir(tmp.path().join("models--org--m/blobs"))

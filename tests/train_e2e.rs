@@ -396,3 +396,37 @@ fn bf16_mixed_precision_trains_with_f32_master_weights() {
         "master weights saved in f32"
     );
 }
+
+/// A second writer into an output folder in use is refused, naming the holder (issue 14 item
+/// 8): two runs into one folder used to both succeed with mixed logs and checkpoints.
+#[test]
+fn a_second_run_into_a_folder_in_use_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, cfg_path) = setup(tmp.path());
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let held = beit::util::lock_output_folder(&out).unwrap();
+    let err = train(
+        &ModelSource::Config(cfg_path.clone()),
+        &data,
+        &out,
+        &with(|o| o.epochs = 1),
+        None,
+        &Device::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("in use by another run"), "{err}");
+    assert!(err.contains(&std::process::id().to_string()), "{err}");
+    assert!(!out.join("metrics.jsonl").exists(), "the refused run wrote");
+    drop(held);
+    train(
+        &ModelSource::Config(cfg_path),
+        &data,
+        &out,
+        &with(|o| o.epochs = 1),
+        None,
+        &Device::Cpu,
+    )
+    .unwrap();
+}

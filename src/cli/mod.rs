@@ -27,6 +27,10 @@ pub struct Cli {
     /// The inference commands' --matmul-precision, given before the command (default: highest).
     #[arg(long, value_name = "PRECISION")]
     pub matmul_precision: Option<String>,
+    /// The most memory a job may use (bytes, or with K/M/G/T: `8G`). Jobs estimated to need
+    /// more are refused before they start; default: the memory available on the machine.
+    #[arg(long, global = true)]
+    pub max_memory: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -258,6 +262,9 @@ pub fn run() -> Result<()> {
     let cli = help::parse();
     let dev = device(&cli.device)?;
     apply_matmul_precision(&cli)?;
+    if let Some(m) = &cli.max_memory {
+        beit::memory::set_limit(Some(beit::memory::parse_size(m)?));
+    }
     match cli.command {
         Command::Forward(cmd) => cmd.run(&dev),
         Command::Train(cmd) => cmd.run(&dev),

@@ -454,6 +454,11 @@ pub fn post_process_semantic_segmentation(
                 ts.len()
             );
         }
+        for &(h, w) in ts {
+            crate::memory::upsampled_logits(logits.dim(1)?, h, w)
+                .check("target_sizes")
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        }
     }
     let logits = logits.to_dtype(DType::F32)?;
     (0..b)

@@ -211,7 +211,19 @@ impl BeitModel {
 
     /// Run the encoder on `pixel_values [B, C, H, W]` (H and W multiples of the patch size).
     pub fn forward(&self, pixel_values: &Tensor, opts: &ForwardOptions) -> Result<BeitModelOutput> {
-        let (_, _, height, width) = pixel_values.dims4()?;
+        let (batch, _, height, width) = pixel_values.dims4()?;
+        let shape = crate::memory::ForwardShape {
+            batch,
+            height,
+            width,
+            dtype_bytes: self.dtype().size_in_bytes(),
+            training: opts.train,
+            keep_hidden_states: opts.output_hidden_states,
+            keep_attentions: opts.output_attentions,
+        };
+        crate::memory::forward(&self.config, &shape)
+            .check("pixel_values")
+            .map_err(crate::error::to_candle)?;
         let p = self.config.patch();
         let window = (height / p, width / p);
         let pixel_values = pixel_values.to_dtype(self.dtype())?;

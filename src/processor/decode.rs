@@ -210,7 +210,7 @@ fn decode_err(path: &Path, format: Format, message: impl std::fmt::Display) -> D
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, DecodeError> {
-    std::fs::read(path).map_err(|source| DecodeError::Io {
+    crate::util::read_regular(path).map_err(|source| DecodeError::Io {
         path: path.to_path_buf(),
         source,
     })
@@ -414,12 +414,43 @@ fn decode_png(
 // ---------------------------------------------------------------------------------------------
 // Other formats (image crate)
 
-fn image_limits() -> image::Limits {
-    // The pixel count was checked against Pillow's limit already; the image crate's own
-    // default allocation limit (512 MiB) would refuse images Pillow accepts.
+/// What the `image` crate's decoders may allocate, at `bytes_per_pixel` of the decoded colour
+/// type: the output buffer of the `header_pixels` already checked, the decoder's own copy of it
+/// (TIFF decodes into a buffer of its own, then copies), and at most one more image at the pixel
+/// limit (a GIF frame larger than its logical screen, TIFF strips and IFD values). So the pixel
+/// limit also holds for what the header did not declare.
+fn image_limits(header_pixels: u64, bytes_per_pixel: u64, opts: &DecodeOptions) -> image::Limits {
     let mut limits = image::Limits::no_limits();
-    limits.max_alloc = Some(8 << 30);
+    limits.max_alloc = Some(match opts.max_image_pixels {
+        Some(max) => header_pixels
+            .saturating_mul(2)
+            .saturating_add(max.saturating_mul(2))
+            .saturating_mul(bytes_per_pixel),
+        // The check is off, as Pillow's with `MAX_IMAGE_PIXELS = None`; still, not unbounded.
+        None => 64 << 30,
+    });
     limits
+}
+
+/// The limits for reading a header: its dimensions are checked by [`check_size`] right after.
+fn header_limits(opts: &DecodeOptions) -> image::Limits {
+    image_limits(0, 16, opts)
+}
+
+/// An `image` error, with allocation refusals worded as the pixel limit they enforce.
+fn image_err(path: &Path, f: Format, e: image::ImageError, opts: &DecodeOptions) -> DecodeError {
+    match (&e, opts.max_image_pixels) {
+        (image::ImageError::Limits(_), Some(max)) => decode_err(
+            path,
+            f,
+            format!(
+                "a frame or buffer beyond the limit of {} pixels was refused, could be \
+                 decompression bomb DOS attack ({e})",
+                max.saturating_mul(2)
+            ),
+        ),
+        _ => decode_err(path, f, e),
+    }
 }
 
 fn decode_other(
@@ -430,14 +461,21 @@ fn decode_other(
 ) -> Result<DynamicImage, DecodeError> {
     let f = Format::Other(format);
     let mut reader = image::ImageReader::with_format(Cursor::new(bytes), format);
-    reader.limits(image_limits());
-    let (w, h) = reader
-        .into_dimensions()
-        .map_err(|e| decode_err(path, f, e))?;
+    reader.limits(header_limits(opts));
+    let decoder = reader
+        .into_decoder()
+        .map_err(|e| image_err(path, f, e, opts))?;
+    let (w, h) = decoder.dimensions();
+    let bytes_per_pixel = u64::from(decoder.color_type().bytes_per_pixel());
+    drop(decoder);
     check_size(u64::from(w), u64::from(h), path, opts)?;
     let mut reader = image::ImageReader::with_format(Cursor::new(bytes), format);
-    reader.limits(image_limits());
-    let img = reader.decode().map_err(|e| decode_err(path, f, e))?;
+    reader.limits(image_limits(
+        u64::from(w) * u64::from(h),
+        bytes_per_pixel,
+        opts,
+    ));
+    let img = reader.decode().map_err(|e| image_err(path, f, e, opts))?;
     Ok(match img {
         // Same 16-bit conventions as for PNG.
         DynamicImage::ImageRgb16(b) => {
@@ -461,7 +499,7 @@ fn orientation(bytes: &[u8], format: Format) -> Option<image::metadata::Orientat
         Format::Other(f) => f,
     };
     let mut reader = image::ImageReader::with_format(Cursor::new(bytes), fmt);
-    reader.limits(image_limits());
+    reader.limits(header_limits(&DecodeOptions::default()));
     let mut decoder = reader.into_decoder().ok()?;
     decoder.orientation().ok()
 }

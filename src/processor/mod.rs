@@ -419,10 +419,11 @@ impl BeitImageProcessor {
             );
             return Ok(Self::default());
         }
-        let text = std::fs::read_to_string(&file).map_err(|e| ProcessorError::ConfigFile {
-            path: file.clone(),
-            message: format!("cannot read: {e}"),
-        })?;
+        let text =
+            crate::util::read_regular_to_string(&file).map_err(|e| ProcessorError::ConfigFile {
+                path: file.clone(),
+                message: format!("cannot read: {e}"),
+            })?;
         Self::from_json_str(&text).map_err(|e| match e {
             ProcessorError::Config { message } => ProcessorError::ConfigFile {
                 path: file.clone(),
@@ -503,6 +504,11 @@ impl BeitImageProcessor {
         let (mut buf, mut h, mut w) = (None::<Vec<u8>>, height as usize, width as usize);
         if self.do_resize {
             let (th, tw) = self.size.output_size(height, width)?;
+            crate::memory::image(h, th as usize, tw as usize, channels)
+                .check("size (preprocessor_config.json)")
+                .map_err(|e| ProcessorError::Config {
+                    message: e.to_string(),
+                })?;
             let out = resample::resize(
                 data,
                 w,

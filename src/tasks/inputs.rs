@@ -371,9 +371,12 @@ impl<T> Iterator for Prefetcher<T> {
                 let handle = self.handle.take()?;
                 match handle.join() {
                     Ok(()) => None,
-                    Err(_) => Some(Err(BeitError::input(
+                    Err(payload) => Some(Err(BeitError::input(
                         "images",
-                        "internal error: the image decoding thread failed",
+                        format!(
+                            "internal error in the image decoding thread: {}",
+                            crate::util::panic_message(&*payload)
+                        ),
                     ))),
                 }
             }

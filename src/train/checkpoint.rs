@@ -97,7 +97,7 @@ pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
 /// Read a checkpoint's trainer and optimiser state.
 pub fn load_state(dir: &Path, device: &Device) -> Result<(TrainerState, HashMap<String, Tensor>)> {
     let p = dir.join(TRAINER_STATE);
-    let text = std::fs::read_to_string(&p)
+    let text = crate::util::read_regular_to_string(&p)
         .map_err(|e| BeitError::file(&p, format!("cannot read: {e}")))?;
     let state: TrainerState = serde_json::from_str(&text)
         .map_err(|e| BeitError::file(&p, format!("invalid trainer state: {e}")))?;

@@ -55,6 +55,17 @@ fn is_image(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// An image's size from its header, reading only regular files (a named pipe called `x.png`
+/// would block `image::image_dimensions` forever).
+fn image_dimensions(path: &Path) -> std::result::Result<(u32, u32), String> {
+    let file = crate::util::open_regular(path).map_err(|e| e.to_string())?;
+    image::ImageReader::new(std::io::BufReader::new(file))
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?
+        .into_dimensions()
+        .map_err(|e| e.to_string())
+}
+
 fn walk_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     let rd = std::fs::read_dir(dir)
         .map_err(|e| BeitError::file(dir, format!("cannot list folder: {e}")))?;
@@ -152,8 +163,7 @@ impl Dataset for ImageFolder {
     }
     fn check(&self, i: usize) -> Result<()> {
         let p = &self.items[i].0;
-        image::image_dimensions(p)
-            .map_err(|e| BeitError::file(p, format!("unreadable image: {e}")))?;
+        image_dimensions(p).map_err(|e| BeitError::file(p, format!("unreadable image: {e}")))?;
         Ok(())
     }
 }
@@ -185,18 +195,70 @@ pub struct IdxDataset {
     name: String,
 }
 
-fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
-    let raw =
-        std::fs::read(path).map_err(|e| BeitError::file(path, format!("cannot read: {e}")))?;
-    if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .map_err(|e| BeitError::file(path, format!("bad gzip data: {e}")))?;
-        Ok(out)
+/// Deflate expands at most ~1032:1, so a gzip file cannot hold more than this many bytes per
+/// compressed byte; a header declaring more is a lie (or a bomb) and is refused before reading.
+const MAX_DEFLATE_RATIO: u64 = 1032;
+
+/// Reads an IDX file (plain or gzip) whose header is `magic` followed by `dims` big-endian
+/// u32 sizes. The payload size is the checked product of the sizes, compared with what the
+/// file can hold *before* anything is allocated, and decompression stops at that size.
+/// Returns the sizes and the payload.
+fn read_idx(path: &Path, magic: u32, dims: usize, what: &str) -> Result<(Vec<usize>, Vec<u8>)> {
+    let err = |m: String| BeitError::file(path, m);
+    let file = crate::util::open_regular(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    let file_len = file
+        .metadata()
+        .map_err(|e| err(format!("cannot read: {e}")))?
+        .len();
+    let mut file = std::io::BufReader::new(file);
+    let gz = std::io::BufRead::fill_buf(&mut file)
+        .map_err(|e| err(format!("cannot read: {e}")))?
+        .starts_with(&[0x1f, 0x8b]);
+    let (mut reader, capacity): (Box<dyn Read>, u64) = if gz {
+        let capacity = file_len.saturating_mul(MAX_DEFLATE_RATIO);
+        (Box::new(flate2::read::GzDecoder::new(file)), capacity)
     } else {
-        Ok(raw)
+        (Box::new(file), file_len)
+    };
+    let header_len = 4 + 4 * dims;
+    let mut header = vec![0u8; header_len];
+    reader
+        .read_exact(&mut header)
+        .map_err(|e| err(format!("not an IDX{dims} {what} file (header: {e})")))?;
+    let be =
+        |o: usize| u32::from_be_bytes([header[o], header[o + 1], header[o + 2], header[o + 3]]);
+    if be(0) != magic {
+        return Err(err(format!("not an IDX{dims} {what} file (magic {magic})")));
     }
+    let sizes: Vec<usize> = (0..dims).map(|d| be(4 + 4 * d) as usize).collect();
+    let payload = sizes
+        .iter()
+        .try_fold(1u64, |acc, &s| acc.checked_mul(s as u64))
+        .filter(|&n| n <= capacity.saturating_sub(header_len as u64))
+        .ok_or_else(|| {
+            err(format!(
+                "header declares {} {what} bytes ({sizes:?}), more than the {file_len}-byte \
+                 file can hold",
+                sizes
+                    .iter()
+                    .map(|&s| s.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" x "),
+            ))
+        })?;
+    let mut data = Vec::with_capacity(payload.min(file_len.saturating_mul(4)) as usize);
+    reader
+        .by_ref()
+        .take(payload + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| err(format!("cannot read {what} data: {e}")))?;
+    if data.len() as u64 != payload {
+        return Err(err(format!(
+            "{} {what} bytes where the header declares {payload} (truncated or trailing data)",
+            data.len()
+        )));
+    }
+    Ok((sizes, data))
 }
 
 fn find_idx(dir: &Path, stem: &str) -> Option<PathBuf> {
@@ -221,34 +283,21 @@ impl IdxDataset {
                 "IDX label file not found",
             )
         })?;
-        let img = read_maybe_gz(&img_path)?;
-        let lab = read_maybe_gz(&lab_path)?;
-        let be = |b: &[u8], o: usize| -> usize {
-            u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]) as usize
-        };
-        if img.len() < 16 || be(&img, 0) != 2051 {
+        let (img_sizes, pixels) = read_idx(&img_path, 2051, 3, "image")?;
+        let (n, rows, cols) = (img_sizes[0], img_sizes[1], img_sizes[2]);
+        if n > 0 && (rows == 0 || cols == 0) {
             return Err(BeitError::file(
                 &img_path,
-                "not an IDX3 image file (magic 2051)",
+                format!("images of {rows}x{cols} pixels"),
             ));
         }
-        if lab.len() < 8 || be(&lab, 0) != 2049 {
-            return Err(BeitError::file(
-                &lab_path,
-                "not an IDX1 label file (magic 2049)",
-            ));
-        }
-        let (n, rows, cols) = (be(&img, 4), be(&img, 8), be(&img, 12));
-        if img.len() != 16 + n * rows * cols {
-            return Err(BeitError::file(&img_path, "truncated IDX image file"));
-        }
-        if be(&lab, 4) != n || lab.len() != 8 + n {
+        let (lab_sizes, labels) = read_idx(&lab_path, 2049, 1, "label")?;
+        if lab_sizes[0] != n {
             return Err(BeitError::file(
                 &lab_path,
                 format!("label count does not match the {n} images"),
             ));
         }
-        let labels = lab[8..].to_vec();
         let num_classes = labels.iter().copied().max().unwrap_or(0) as usize + 1;
         let classes = if num_classes == 10 && dir.to_string_lossy().contains("fashion") {
             FASHION_MNIST_CLASSES
@@ -259,7 +308,7 @@ impl IdxDataset {
             (0..num_classes).map(|i| i.to_string()).collect()
         };
         Ok(Self {
-            pixels: Arc::new(img[16..].to_vec()),
+            pixels: Arc::new(pixels),
             labels,
             rows,
             cols,
@@ -412,9 +461,9 @@ impl Dataset for SegmentationFolder {
     }
     fn check(&self, i: usize) -> Result<()> {
         let (ip, mp) = &self.items[i];
-        let a = image::image_dimensions(ip)
+        let a = image_dimensions(ip)
             .map_err(|e| BeitError::file(ip, format!("unreadable image: {e}")))?;
-        let b = image::image_dimensions(mp)
+        let b = image_dimensions(mp)
             .map_err(|e| BeitError::file(mp, format!("unreadable label map: {e}")))?;
         if a != b {
             return Err(BeitError::file(
@@ -516,16 +565,67 @@ pub fn spawn_loader(
 ) -> Receiver<Result<Batch>> {
     let (tx, rx) = sync_channel(2);
     std::thread::spawn(move || {
+        // A panic (a bug, or a file that slipped past a check) must fail the run with its
+        // message: left alone it would end the thread, close the channel and look like the end
+        // of the epoch.
+        let panic_tx = tx.clone();
+        let run = std::panic::AssertUnwindSafe(move || {
+            load_batches(
+                ds,
+                order,
+                batch_size,
+                skip_batches,
+                seed,
+                epoch,
+                transform,
+                skip_bad,
+                drop_last,
+                tx,
+            )
+        });
+        if let Err(payload) = std::panic::catch_unwind(run) {
+            let _ = panic_tx.send(Err(BeitError::input(
+                "data loader",
+                format!("internal error: {}", crate::util::panic_message(&*payload)),
+            )));
+        }
+    });
+    rx
+}
+
+#[allow(clippy::too_many_arguments)]
+fn load_batches(
+    ds: Arc<dyn Dataset>,
+    order: Vec<usize>,
+    batch_size: usize,
+    skip_batches: usize,
+    seed: u64,
+    epoch: usize,
+    transform: Arc<Transform>,
+    skip_bad: bool,
+    drop_last: bool,
+    tx: std::sync::mpsc::SyncSender<Result<Batch>>,
+) {
+    {
         let chunks: Vec<Vec<usize>> = order.chunks(batch_size).map(|c| c.to_vec()).collect();
         for chunk in chunks.into_iter().skip(skip_batches) {
             if drop_last && chunk.len() < batch_size {
                 break;
             }
-            let results: Vec<(usize, Result<Prepared>)> = chunk
+            let results: Vec<(usize, std::result::Result<Result<Prepared>, String>)> = chunk
                 .par_iter()
                 .map(|&i| {
                     let mut rng = StdRng::seed_from_u64(sample_seed(seed, epoch, i));
-                    (i, ds.load(i).and_then(|s| transform(s, &mut rng)))
+                    let prepare = || ds.load(i).and_then(|s| transform(s, &mut rng));
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(prepare))
+                        .map_err(|payload| {
+                            format!(
+                                "{}: internal error: {}",
+                                ds.describe(i),
+                                crate::util::panic_message(&*payload)
+                            )
+                        });
+                    (i, result)
                 })
                 .collect();
             let mut pixels = Vec::new();
@@ -536,6 +636,14 @@ pub fn spawn_loader(
             let mut hw = (0, 0);
             let mut failed = None;
             for (i, r) in results {
+                // A panic is never a bad sample to skip: it fails the batch.
+                let r = match r {
+                    Ok(r) => r,
+                    Err(panic) => {
+                        failed = Some(BeitError::input("data loader", panic));
+                        break;
+                    }
+                };
                 match r {
                     Ok(p) if n > 0 && (p.height, p.width) != hw => {
                         failed = Some(BeitError::input(
@@ -581,6 +689,5 @@ pub fn spawn_loader(
                 return;
             }
         }
-    });
-    rx
+    }
 }

@@ -49,6 +49,9 @@ impl TrainableModel {
         device: &Device,
     ) -> Result<Self> {
         cfg.validate()?;
+        crate::memory::model(cfg, 4, true).check(&crate::memory::config_fields(
+            std::path::Path::new("model config"),
+        ))?;
         let varmap = VarMap::new();
         if let Some(ckpt) = &checkpoint {
             seed_per_layer_tables_from_shared(cfg, ckpt, &varmap, device)?;

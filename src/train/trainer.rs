@@ -154,6 +154,10 @@ pub fn train_loop(run: Run, objective: &dyn Objective, device: &Device) -> Resul
     let (rank, world) = (run.sync.rank(), run.sync.world_size().max(1));
     // Only rank 0 writes files; every replica computes the same update.
     let leader = rank == 0;
+    let _output_lock = match leader {
+        true => Some(crate::util::lock_output_folder(output)?),
+        false => None,
+    };
     let steps_per_epoch = (run.indices.len() / (micro * accum * world)).max(1);
     let sched = CosineSchedule {
         base: cfg.lr,
