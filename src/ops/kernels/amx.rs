@@ -675,47 +675,6 @@ mod tests {
 }
 
 #[cfg(test)]
-mod probe {
-    use super::*;
-    use crate::ops::vmath::TileOp;
-
-    /// `cargo test --release --lib amx_rates -- --ignored --nocapture`: single-thread rates of
-    /// the AMX kernels on BEiT-base shapes (2 ops per multiply-add, per CPU-second).
-    #[test]
-    #[ignore]
-    fn amx_rates() {
-        for &(m, n, k) in &[
-            (197usize, 2304usize, 768usize),
-            (197, 3072, 768),
-            (197, 768, 3072),
-            (1576, 3072, 768),
-            (1576, 768, 3072),
-        ] {
-            let a = vec![0.5f32; m * k];
-            let w = vec![0.25f32; n * k];
-            let bias = vec![0f32; n];
-            let mut c = vec![0f32; m * n];
-            let ops = 2.0 * (m * n * k) as f64;
-            let epi = Epi {
-                op: TileOp::Bias,
-                bias: &bias,
-                scale: &[],
-                res: &[],
-            };
-            let mut line = format!("{m}x{n}x{k}:");
-            for kind in [AmxKind::Bf16, AmxKind::Int8] {
-                if available(kind) {
-                    let packed = PackedAmx::pack(kind, &w, k, n, n, 1);
-                    let r = crate::bench::cpu_rate(ops, 1.5, || packed.gemm(&a, m, &mut c, epi, 1));
-                    line += &format!(" {kind:?} {r:.0}");
-                }
-            }
-            eprintln!("{line} G ops per CPU-second");
-        }
-    }
-}
-
-#[cfg(test)]
 mod kernel_probe {
     use super::*;
 

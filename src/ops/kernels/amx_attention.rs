@@ -82,20 +82,7 @@ pub unsafe fn attention_block(h: &Head<'_>, out: *mut f32, ldo: usize, sc: &mut 
 
     // S = Q·Kᵀ, rp x sp.
     sc.scores.resize(rp * sp, 0.0);
-    for_blocks(rp, |i, tiles| {
-        for p in 0..spt {
-            let step = Step {
-                a: sc.q.as_ptr().add(i / 16 * hdt * 1024),
-                a_next: hdt * 1024,
-                b: sc.kt.as_ptr().add(p * hdt * 2048),
-                ktiles: hdt,
-                c: sc.scores.as_mut_ptr().add(i * sp + p * 32),
-                ldc: sp * 4,
-                accumulate: false,
-            };
-            step.bf16(tiles);
-        }
-    });
+    product(rp, &sc.q, &sc.kt, hdt, &mut sc.scores, sp);
 
     // Unnormalised probabilities (f32), then into A tiles; 1/sum applied to the output.
     sc.inv.resize(r, 0.0);
@@ -118,20 +105,7 @@ pub unsafe fn attention_block(h: &Head<'_>, out: *mut f32, ldo: usize, sc: &mut 
 
     // O = P·V, rp x hdp, then each row scaled by its 1/sum.
     sc.sums.resize(rp * hdp, 0.0);
-    for_blocks(rp, |i, tiles| {
-        for p in 0..hdp / 32 {
-            let step = Step {
-                a: sc.p.as_ptr().add(i / 16 * spt * 1024),
-                a_next: spt * 1024,
-                b: sc.v.as_ptr().add(p * spt * 2048),
-                ktiles: spt,
-                c: sc.sums.as_mut_ptr().add(i * hdp + p * 32),
-                ldc: hdp * 4,
-                accumulate: false,
-            };
-            step.bf16(tiles);
-        }
-    });
+    product(rp, &sc.p, &sc.v, spt, &mut sc.sums, hdp);
     for (i, &f) in sc.inv.iter().enumerate() {
         let row = &sc.sums[i * hdp..i * hdp + hd];
         let dst = std::slice::from_raw_parts_mut(out.add(i * ldo), hd);
@@ -141,12 +115,28 @@ pub unsafe fn attention_block(h: &Head<'_>, out: *mut f32, ldo: usize, sc: &mut 
     }
 }
 
-/// Calls `f(first_row, tiles)` for each block of 32 rows (16 for a last block of <= 16).
-fn for_blocks(rp: usize, mut f: impl FnMut(usize, usize)) {
+/// `C [rp x n] = A · B` for A in tile order (`ktiles` tiles of depth per 16 rows) and B in
+/// panels of 32 columns (`n / 32` of them), C row-major with row stride `n`; in blocks of 32
+/// rows (16 for a last block of <= 16).
+///
+/// # Safety
+/// The tile configuration must be loaded; the buffers must hold those sizes.
+unsafe fn product(rp: usize, a: &[u8], b: &[u8], ktiles: usize, c: &mut [f32], n: usize) {
     let mut i = 0;
     while i < rp {
         let tiles = if rp - i > 16 { 2 } else { 1 };
-        f(i, tiles);
+        for p in 0..n / 32 {
+            let step = Step {
+                a: a.as_ptr().add(i / 16 * ktiles * 1024),
+                a_next: ktiles * 1024,
+                b: b.as_ptr().add(p * ktiles * 2048),
+                ktiles,
+                c: c.as_mut_ptr().add(i * n + p * 32),
+                ldc: n * 4,
+                accumulate: false,
+            };
+            step.bf16(tiles);
+        }
         i += 16 * tiles;
     }
 }
