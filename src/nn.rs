@@ -94,6 +94,29 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// `next(GELU(self(x)))` with the hidden activations kept in bf16 AMX tiles
+    /// ([`ops::linear::mlp_inference_amx`]); `None` unless both layers run on AMX bf16.
+    pub fn mlp_inference_amx(
+        &self,
+        x: &Tensor,
+        next: &Linear,
+        epilogue: ops::linear::Epilogue<'_>,
+    ) -> Result<Option<Tensor>> {
+        match (&self.packed, &next.packed) {
+            (Some(a), Some(b)) if x.dtype() == DType::F32 && ops::fast_cpu(x.device()) => {
+                ops::linear::mlp_inference_amx(
+                    x,
+                    (a, self.bias.as_ref()),
+                    (b, next.bias.as_ref()),
+                    epilogue,
+                )
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // A packed weight belongs to a frozen (inference) layer: every path through it uses

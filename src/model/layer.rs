@@ -110,6 +110,17 @@ impl BeitLayer {
         })?;
         let ln2 = profile::time("layernorm", || self.layernorm_after.forward(&h))?;
         let fc1 = &self.intermediate;
+        let residual = Epilogue::BiasScaleResidual {
+            scale: self.lambda_2.as_ref(),
+            residual: &h,
+        };
+        if self.activation == Activation::Gelu {
+            if let Some(out) = profile::time("mlp (amx, bf16 hidden)", || {
+                fc1.mlp_inference_amx(&ln2, &self.output, residual)
+            })? {
+                return Ok(out);
+            }
+        }
         let y = if self.activation == Activation::Gelu {
             profile::time("mlp.fc1+gelu", || {
                 fc1.forward_inference(&ln2, Epilogue::BiasGelu)

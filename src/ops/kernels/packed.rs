@@ -420,6 +420,14 @@ impl PackedWeight {
         }
     }
 
+    /// The AMX bf16 weight, where this layer runs on one.
+    pub fn amx_bf16(&self) -> Option<&super::amx::PackedAmx> {
+        match self {
+            Self::Amx(w) if w.kind() == super::amx::AmxKind::Bf16 => Some(w),
+            _ => None,
+        }
+    }
+
     /// `C [m x n] = epilogue(A [m x k] · W)`; panics unless the CPU runs the kernel (it did
     /// when the weight was packed).
     pub fn gemm(&self, a: &[f32], m: usize, c: &mut [f32], epi: Epi<'_>, threads: usize) {
