@@ -67,7 +67,7 @@ CASES = [
             use_abs_pos_emb=True,
             use_rel_pos_bias=False,
             use_shared_rel_pos_bias=True,
-            init_values=None,
+            init_values=0.0,
             global_pool="token",
         ),
         overlay=dict(crop_pct=1.0, interpolation="bilinear"),
