@@ -218,7 +218,8 @@ impl BeitConfig {
         Ok(cfg)
     }
 
-    /// Read `config.json` from a file or from a model folder.
+    /// Read `config.json` from a file or from a model folder (transformers' config, or timm's,
+    /// read with the folder's weights: see [`crate::weights::timm`]).
     pub fn from_pretrained(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let file = if path.is_dir() {
@@ -228,6 +229,13 @@ impl BeitConfig {
         };
         let text = crate::util::read_regular_to_string(&file)
             .map_err(|e| BeitError::file(&file, format!("cannot read config: {e}")))?;
+        // timm's config.json (`architecture`, `pretrained_cfg`): the config is built from it and
+        // the tensors of the folder's weights.
+        if let Ok(json) = serde_json::from_str::<serde_json::Value>(&text) {
+            if crate::weights::timm::is_timm_config(&json) {
+                return crate::weights::timm::config_from_timm(&file, &json);
+            }
+        }
         let cfg = parse_json(&text).map_err(|(field, msg)| {
             BeitError::file(
                 &file,

@@ -18,6 +18,7 @@ use regex::Regex;
 use crate::error::{to_candle, BeitError, Result};
 
 pub mod pickle_bounds;
+pub mod timm;
 
 /// Where a tensor lives.
 enum Store {
@@ -26,11 +27,42 @@ enum Store {
     Pth(candle_core::pickle::PthTensors),
 }
 
+/// Where a canonical tensor is in the file: a whole stored tensor, or one of `count` equal
+/// row blocks of it (timm's fused `qkv.weight` holds query, key and value).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Entry {
+    pub raw: String,
+    /// `(index, count)`: rows `index * n .. (index + 1) * n` of a tensor of `count * n` rows.
+    pub part: Option<(usize, usize)>,
+}
+
+impl Entry {
+    pub(crate) fn whole(raw: &str) -> Self {
+        Entry {
+            raw: raw.to_string(),
+            part: None,
+        }
+    }
+}
+
+/// Which naming a checkpoint's tensors use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// transformers (any version), canonical names.
+    Transformers,
+    /// timm's `Beit` (`patch_embed.proj`, `blocks.N.attn.qkv`, `gamma_1`, ...).
+    Timm,
+}
+
 /// The tensors of a checkpoint, addressed by canonical name.
 pub struct Checkpoint {
     store: Store,
-    /// canonical name -> name in the file
-    names: HashMap<String, String>,
+    /// canonical name -> where it is in the file
+    names: HashMap<String, Entry>,
+    /// every tensor name of the file (ignored buffers included)
+    raw_names: Vec<String>,
+    /// the naming the file uses
+    pub layout: Layout,
     /// what the checkpoint was read from, for messages
     pub description: String,
     /// canonical names that were handed out (to report unused tensors)
@@ -158,20 +190,52 @@ impl Checkpoint {
         Ok(Self::new(Store::Pth(pth), raw, file.display().to_string()))
     }
 
-    fn new(store: Store, raw: Vec<String>, description: String) -> Self {
+    fn new(store: Store, mut raw: Vec<String>, description: String) -> Self {
+        raw.sort();
+        let layout = if timm::is_timm_layout(&raw) {
+            Layout::Timm
+        } else {
+            Layout::Transformers
+        };
         let prefixed = raw
             .iter()
             .any(|n| n.starts_with("beit.") || n.starts_with("data2vec_vision."));
-        let names = raw
-            .into_iter()
-            .filter(|n| !is_ignored(n))
-            .map(|n| (canonical_name(&n, prefixed), n))
-            .collect();
+        let mut names = HashMap::new();
+        for n in raw.iter().filter(|n| !is_ignored(n)) {
+            match layout {
+                Layout::Transformers => {
+                    names.insert(canonical_name(n, prefixed), Entry::whole(n));
+                }
+                // Names timm's BEiT does not have keep their own name: the config reader
+                // refuses them (see `timm::unsupported_tensors`).
+                Layout::Timm => match timm::canonical_entries(n) {
+                    Some(entries) => names.extend(entries),
+                    None => {
+                        names.insert(n.clone(), Entry::whole(n));
+                    }
+                },
+            }
+        }
         Checkpoint {
             store,
             names,
+            raw_names: raw,
+            layout,
             description,
             used: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Every tensor name as stored in the file, sorted.
+    pub fn raw_names(&self) -> &[String] {
+        &self.raw_names
+    }
+
+    /// Shape of a tensor by its name in the file.
+    pub fn raw_shape(&self, raw: &str) -> Option<Vec<usize>> {
+        match &self.store {
+            Store::Safetensors(st) => st.get(raw).ok().map(|v| v.shape().to_vec()),
+            Store::Pth(p) => p.tensor_infos().get(raw).map(|i| i.layout.dims().to_vec()),
         }
     }
 
@@ -186,24 +250,28 @@ impl Checkpoint {
         self.names.contains_key(canonical)
     }
 
-    /// Shape of a tensor without loading it.
+    /// Shape of a tensor without loading it (of its part, for a part of a stored tensor).
     pub fn shape(&self, canonical: &str) -> Option<Vec<usize>> {
-        let raw = self.names.get(canonical)?;
-        match &self.store {
-            Store::Safetensors(st) => st.get(raw).ok().map(|v| v.shape().to_vec()),
-            Store::Pth(p) => p.tensor_infos().get(raw).map(|i| i.layout.dims().to_vec()),
+        let entry = self.names.get(canonical)?;
+        let mut dims = self.raw_shape(&entry.raw)?;
+        if let Some((_, count)) = entry.part {
+            if let Some(d0) = dims.first_mut() {
+                *d0 /= count;
+            }
         }
+        Some(dims)
     }
 
     /// Load a tensor by canonical name (in its stored dtype).
     pub fn load(&self, canonical: &str, device: &Device) -> Result<Tensor> {
-        let raw = self
+        let entry = self
             .names
             .get(canonical)
             .ok_or_else(|| BeitError::MissingTensor {
                 name: canonical.to_string(),
                 source_desc: self.description.clone(),
             })?;
+        let raw = &entry.raw;
         let t = match &self.store {
             Store::Safetensors(st) => st.get(raw).and_then(|view| {
                 use candle_core::safetensors::Load;
@@ -239,6 +307,23 @@ impl Checkpoint {
                 .and_then(|t| t.to_device(device)),
         }
         .map_err(|e| BeitError::file(&self.description, format!("tensor `{raw}`: {e}")))?;
+        let t = match entry.part {
+            None => t,
+            Some((index, count)) => {
+                let rows = t.dims().first().copied().unwrap_or(0);
+                if t.rank() == 0 || !rows.is_multiple_of(count) {
+                    return Err(BeitError::file(
+                        &self.description,
+                        format!(
+                            "tensor `{raw}` of shape {:?}: its first dimension is not {count} equal blocks",
+                            t.dims()
+                        ),
+                    ));
+                }
+                let n = rows / count;
+                t.narrow(0, index * n, n)?.contiguous()?
+            }
+        };
         if let Ok(mut used) = self.used.lock() {
             used.insert(canonical.to_string());
         }

@@ -1,0 +1,180 @@
+//! timm-layout BEiT / BEiT v2 folders (issue 18): the fixtures under tests/fixtures/timm were
+//! written by scripts/make_timm_fixtures.py with timm itself (`save_for_hf`), with timm's
+//! logits for a fixed input; beit-rs loads the folders as they are and must match them.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use beit::auto::{Architecture, AutoModel};
+use beit::config::BeitConfig;
+use beit::model::ForwardOptions;
+use beit::util::load_safetensors;
+use candle_core::{DType, Device};
+
+fn timm_root() -> PathBuf {
+    common::repo_root().join("tests/fixtures/timm")
+}
+
+/// Largest |a - b| over the logits of `case` (beit-rs against timm).
+fn logits_diff(case: &str) -> f64 {
+    let dir = timm_root().join(case);
+    let dev = Device::Cpu;
+    let (model, cfg) = AutoModel::from_pretrained(&dir, DType::F32, &dev)
+        .unwrap_or_else(|e| panic!("{case}: {e}"));
+    assert_eq!(
+        model.architecture(),
+        Architecture::BeitForImageClassification
+    );
+    let expected = load_safetensors(&dir.join("expected.safetensors"), &dev).unwrap();
+    let out = model
+        .forward(&expected["pixel_values"], &ForwardOptions::default())
+        .unwrap();
+    let got = &out.tensors["logits"];
+    let want = &expected["logits"];
+    assert_eq!(got.dims(), want.dims(), "{case}");
+    assert_eq!(cfg.num_labels(), want.dims()[1], "{case}");
+    let g = common::f64_values(got);
+    let w = common::f64_values(want);
+    // The reference must be non-trivial for the comparison to mean something.
+    let spread = w.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    assert!(spread > 0.1, "{case}: timm logits are all near zero");
+    g.iter()
+        .zip(&w)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn beit_v1_relative_bias_layer_scale_mean_pooling_matches_timm() {
+    let d = logits_diff("beit_base_rel");
+    assert!(d < 1e-4, "max |diff| {d}");
+}
+
+#[test]
+fn beit_v2_matches_timm() {
+    let d = logits_diff("beitv2_base");
+    assert!(d < 1e-4, "max |diff| {d}");
+}
+
+#[test]
+fn absolute_position_shared_bias_token_pooling_matches_timm() {
+    let d = logits_diff("beit_abs_shared_token");
+    assert!(d < 1e-4, "max |diff| {d}");
+}
+
+#[test]
+fn config_is_read_from_timm_config_and_tensors() {
+    let cfg = BeitConfig::from_pretrained(timm_root().join("beit_abs_shared_token")).unwrap();
+    assert_eq!(cfg.hidden_size, 16);
+    assert_eq!(cfg.num_hidden_layers, 2);
+    assert_eq!(cfg.num_attention_heads, 2);
+    assert_eq!(cfg.patch(), 8);
+    assert_eq!(cfg.image_size.hw(), (32, 32));
+    assert!(cfg.use_absolute_position_embeddings);
+    assert!(cfg.use_shared_relative_position_bias);
+    assert!(!cfg.use_relative_position_bias);
+    assert!(!cfg.use_mean_pooling);
+    assert_eq!(cfg.layer_scale_init_value, 0.0);
+    assert_eq!(cfg.id2label_vec(), ["cat", "dog", "bird"]);
+
+    let v2 = BeitConfig::from_pretrained(timm_root().join("beitv2_base/config.json")).unwrap();
+    assert_eq!(v2.num_attention_heads, 4);
+    assert_eq!(v2.intermediate_size, 64);
+    assert!(v2.use_relative_position_bias && !v2.use_absolute_position_embeddings);
+    assert!(v2.use_mean_pooling);
+    assert!(v2.layer_scale_init_value > 0.0);
+}
+
+#[test]
+fn a_timm_architecture_that_is_not_beit_is_refused_by_name() {
+    let dir = timm_root().join("vit_not_beit");
+    let e = AutoModel::from_pretrained(&dir, DType::F32, &Device::Cpu).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("vit_tiny_patch16_224") && msg.contains("not a BEiT model"),
+        "{msg}"
+    );
+    assert!(msg.contains("config.json"), "{msg}");
+}
+
+/// A copy of a fixture folder, with its config and weights edited by `edit`.
+fn edited_copy(case: &str, tag: &str, edit: impl FnOnce(&Path)) -> PathBuf {
+    let src = timm_root().join(case);
+    let dir = std::env::temp_dir().join(format!("beit-timm-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    edit(&dir);
+    dir
+}
+
+/// Rewrite `model.safetensors` of `dir` through `f` (name -> tensor map).
+fn rewrite_weights(
+    dir: &Path,
+    f: impl FnOnce(&mut std::collections::HashMap<String, candle_core::Tensor>),
+) {
+    let path = dir.join("model.safetensors");
+    let mut t = load_safetensors(&path, &Device::Cpu).unwrap();
+    f(&mut t);
+    candle_core::safetensors::save(&t, &path).unwrap();
+}
+
+#[test]
+fn unsupported_or_broken_timm_weights_are_clear_errors() {
+    // A SwiGLU / normalised MLP tensor: refused by name, not silently ignored.
+    let dir = edited_copy("beit_base_rel", "mlpnorm", |d| {
+        rewrite_weights(d, |t| {
+            let w = t["blocks.0.norm2.weight"].clone();
+            t.insert("blocks.0.mlp.norm.weight".into(), w);
+        })
+    });
+    let msg = AutoModel::from_pretrained(&dir, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("blocks.0.mlp.norm.weight"), "{msg}");
+
+    // A fused qkv weight whose rows are not three equal blocks.
+    let dir2 = edited_copy("beit_base_rel", "qkv", |d| {
+        rewrite_weights(d, |t| {
+            let w = t["blocks.1.attn.qkv.weight"].narrow(0, 0, 47).unwrap();
+            t.insert("blocks.1.attn.qkv.weight".into(), w);
+        })
+    });
+    let msg = AutoModel::from_pretrained(&dir2, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("blocks.1") || msg.contains("layer.1"), "{msg}");
+
+    // No query/value biases (qkv_bias=False).
+    let dir3 = edited_copy("beit_base_rel", "nobias", |d| {
+        rewrite_weights(d, |t| {
+            for i in 0..2 {
+                t.remove(&format!("blocks.{i}.attn.q_bias"));
+                t.remove(&format!("blocks.{i}.attn.v_bias"));
+            }
+        })
+    });
+    let msg = AutoModel::from_pretrained(&dir3, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("q_bias"), "{msg}");
+
+    // Average pooling after the final norm (use_fc_norm=False) cannot be expressed.
+    let dir4 = edited_copy("beit_abs_shared_token", "avgnorm", |d| {
+        let p = d.join("config.json");
+        let text = std::fs::read_to_string(&p).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["global_pool"] = "avg".into();
+        std::fs::write(&p, v.to_string()).unwrap();
+    });
+    let msg = AutoModel::from_pretrained(&dir4, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("global_pool"), "{msg}");
+    for d in [dir, dir2, dir3, dir4] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
