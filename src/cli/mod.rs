@@ -346,6 +346,22 @@ pub fn print_out(
     res.map_err(|e| beit::BeitError::file("<stdout>", format!("cannot write: {e}")))
 }
 
+/// One `--json` result line (with its newline); a result that JSON cannot hold (a file name
+/// that is not UTF-8) is an error naming the file, never an empty line.
+pub fn json_line(
+    value: &impl serde::Serialize,
+    path: &std::path::Path,
+) -> std::result::Result<String, beit::BeitError> {
+    let mut line = serde_json::to_string(value).map_err(|e| {
+        beit::BeitError::file(
+            path,
+            format!("cannot be reported in --json output ({e}); rename it to UTF-8"),
+        )
+    })?;
+    line.push('\n');
+    Ok(line)
+}
+
 /// Tell the user (stderr) that a file was skipped.
 pub fn report_skipped(bar: Option<&indicatif::ProgressBar>, e: &beit::tasks::inputs::InputError) {
     let say = || eprintln!("warning: skipped {e}");
