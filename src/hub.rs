@@ -802,7 +802,9 @@ fn read_index_shards(index: &Path) -> Result<Vec<String>, HubError> {
     })
 }
 
-fn parse_index_shards(text: &str) -> Result<Vec<String>, String> {
+/// The shard file names of an index's text, each a plain relative name inside the index's
+/// folder (no `..`, no absolute path): the one rule for every reader of an index.
+pub(crate) fn parse_index_shards(text: &str) -> Result<Vec<String>, String> {
     let json: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
     let map = json
         .get("weight_map")

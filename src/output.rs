@@ -269,6 +269,7 @@ pub const RUN_FILES: &[&str] = &[
     "dvae_config.json",
     "tokenizer_log.jsonl",
     "reconstructions.png",
+    crate::train::checkpoint::RUN_ID_FILE,
 ];
 
 /// Whether `name` is something a training run writes into its output folder.

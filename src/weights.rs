@@ -7,7 +7,7 @@
 //! `decode_head.psp_modules.0.1.conv.weight`, ...). The model modules ask for canonical names;
 //! [`Checkpoint`] answers for whichever naming the file uses.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -67,6 +67,8 @@ pub struct Checkpoint {
     pub description: String,
     /// canonical names that were handed out (to report unused tensors)
     used: Mutex<HashSet<String>>,
+    /// whether a tensor with NaN or infinite values was reported (once per checkpoint)
+    warned_non_finite: std::sync::atomic::AtomicBool,
 }
 
 /// Tensors stored in checkpoints that are not parameters: ignored on load as transformers does.
@@ -223,6 +225,7 @@ impl Checkpoint {
             layout,
             description,
             used: Mutex::new(HashSet::new()),
+            warned_non_finite: Default::default(),
         }
     }
 
@@ -324,10 +327,30 @@ impl Checkpoint {
                 t.narrow(0, index * n, n)?.contiguous()?
             }
         };
+        if !self
+            .warned_non_finite
+            .load(std::sync::atomic::Ordering::Relaxed)
+            && has_non_finite(&t)
+            && !self
+                .warned_non_finite
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                "{}: tensor `{raw}` holds NaN or infinite values; the model's outputs will be \
+                 meaningless (further such tensors are not reported)",
+                self.description
+            );
+        }
         if let Ok(mut used) = self.used.lock() {
             used.insert(canonical.to_string());
         }
         Ok(t)
+    }
+
+    /// Whether a loaded tensor held NaN or infinite values (reported once, as a warning).
+    pub fn non_finite_reported(&self) -> bool {
+        self.warned_non_finite
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Load a tensor and check its shape, casting to `dtype`.
@@ -365,26 +388,31 @@ impl Checkpoint {
     }
 }
 
-/// The shard files named by a `model.safetensors.index.json`.
+/// The shard files named by a `model.safetensors.index.json`, all inside its folder (the
+/// hub's rule: [`crate::hub::parse_index_shards`]).
 fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
     let text = crate::util::read_regular_to_string(index)
         .map_err(|e| BeitError::file(index, e.to_string()))?;
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| BeitError::file(index, format!("invalid JSON: {e}")))?;
-    let map = json
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| BeitError::file(index, "no `weight_map` object"))?;
+    let names = crate::hub::parse_index_shards(&text)
+        .map_err(|e| BeitError::file(index, format!("invalid shard index: {e}")))?;
     let dir = index.parent().unwrap_or(Path::new("."));
-    let files: BTreeMap<String, ()> = map
-        .values()
-        .filter_map(|v| v.as_str())
-        .map(|s| (s.to_string(), ()))
-        .collect();
-    if files.is_empty() {
-        return Err(BeitError::file(index, "`weight_map` names no shard"));
+    Ok(names.iter().map(|f| dir.join(f)).collect())
+}
+
+/// Whether a floating-point tensor holds a NaN or an infinity: the sum of its magnitudes in
+/// f32 is then not finite (finite weights would need a sum beyond 3.4e38 to overflow).
+fn has_non_finite(t: &Tensor) -> bool {
+    if !t.dtype().is_float() {
+        return false;
     }
-    Ok(files.keys().map(|f| dir.join(f)).collect())
+    let sum = || -> candle_core::Result<f32> {
+        t.to_dtype(DType::F32)?
+            .abs()?
+            .sum_all()?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()
+    };
+    sum().is_ok_and(|s| !s.is_finite())
 }
 
 /// `madvise(MADV_DONTNEED)` on the pages of a read-only file mapping that we have copied out

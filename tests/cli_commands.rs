@@ -1448,3 +1448,27 @@ fn gpus_option_is_checked_and_needs_the_nccl_build() {
     }
     assert!(!out.exists());
 }
+
+/// `--json` on a file whose name is not UTF-8 is an error naming the file, not an empty line
+/// with exit 0 (issue 14 item 9).
+#[test]
+fn json_output_refuses_a_name_json_cannot_hold() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("in");
+    std::fs::create_dir_all(&dir).unwrap();
+    let name = std::ffi::OsStr::from_bytes(b"caf\xe9-photo.png");
+    if std::fs::copy(photo("chelsea.png"), dir.join(name)).is_err() {
+        eprintln!("this file system refuses non-UTF-8 names; nothing to test");
+        return;
+    }
+    let r = beit(&["classify", "--model", s(&model(CLS)), "--json", s(&dir)]);
+    assert!(!r.ok, "exit 0 with stdout {:?}", r.stdout);
+    assert!(
+        r.stderr.contains("-photo.png") && r.stderr.contains("--json"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stdout.trim().is_empty(), "{:?}", r.stdout);
+    assert!(!r.stdout.contains("\n\n"));
+}

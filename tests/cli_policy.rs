@@ -717,3 +717,61 @@ fn training_help_gives_every_option_a_description_and_a_default() {
         r.stderr
     );
 }
+
+/// `--resume` takes only the checkpoints of the run last started in the folder (issue 14 item
+/// 8): a fresh run into a folder holding an older run's checkpoint, killed before its first
+/// save, is not continued from the older run. `--overwrite` against a run in progress is
+/// refused before anything is removed.
+#[test]
+fn resume_never_takes_another_runs_checkpoint() {
+    use beit::train::checkpoint::{set_folder_run_id, RUN_ID_FILE};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let data = dir.join("data");
+    make_data(&data, 4);
+    let cfg = dir.join("config.json");
+    std::fs::write(&cfg, TINY).unwrap();
+    let out = dir.join("run");
+    let train = |extra: &[&str]| {
+        let mut a = vec!["train", "classification", "--config", s(&cfg)];
+        a.extend(["--data", s(&data), "--output", s(&out), "--epochs", "1"]);
+        a.extend(["--batch-size", "4", "--rand-augment", "off"]);
+        a.extend(extra);
+        beit(&a)
+    };
+    // The old run's checkpoint; the folder records that a newer run started since.
+    std::fs::create_dir_all(out.join("checkpoint-7")).unwrap();
+    std::fs::write(
+        out.join("checkpoint-7/trainer_state.json"),
+        br#"{"run_id": "old-run"}"#,
+    )
+    .unwrap();
+    set_folder_run_id(&out, "new-run").unwrap();
+    let r = train(&["--resume"]);
+    assert!(!r.ok, "resumed another run: {}", r.stderr);
+    assert!(
+        r.stderr.contains("checkpoint-7")
+            && r.stderr.contains("earlier run")
+            && r.stderr.contains("--overwrite"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    assert!(out.join("checkpoint-7").is_dir() && out.join(RUN_ID_FILE).is_file());
+    // A run in progress holds the folder: --overwrite is refused and removes nothing.
+    let held = beit::util::lock_output_folder(&out).unwrap();
+    let r = train(&["--overwrite"]);
+    assert!(
+        !r.ok && r.stderr.contains("in use by another run"),
+        "{}",
+        r.stderr
+    );
+    assert!(out.join("checkpoint-7").is_dir(), "cleared a folder in use");
+    drop(held);
+    // --overwrite starts over; the new run's checkpoint is the one --resume continues.
+    let r = train(&["--overwrite", "--max-steps", "1"]);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(!out.join("checkpoint-7").exists());
+    let r = train(&["--resume"]);
+    assert!(r.ok && r.stderr.contains("checkpoint-1"), "{}", r.stderr);
+}

@@ -153,3 +153,53 @@ fn a_tensor_larger_than_its_data_is_refused() {
     assert!(err.contains("tensor `w`"), "{err}");
     assert!(err.contains("holds 16 bytes"), "{err}");
 }
+
+/// NaN or infinite weights load, reported once (issue 14 item 9); finite ones are not.
+#[test]
+fn non_finite_weights_are_reported() {
+    use candle_core::Tensor;
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("model.safetensors");
+    let t = |v: &[f32]| Tensor::new(v, &Device::Cpu).unwrap();
+    let tensors = std::collections::HashMap::from([
+        ("pooler.a".to_string(), t(&[1.0, 2.0])),
+        ("pooler.b".to_string(), t(&[1.0, f32::NAN])),
+        ("pooler.c".to_string(), t(&[f32::INFINITY, 0.0])),
+    ]);
+    beit::util::save_safetensors(&tensors, &f).unwrap();
+    let ck = Checkpoint::from_safetensors(&[f]).unwrap();
+    let names = ck.names();
+    assert_eq!(names.len(), 3, "{names:?}");
+    ck.load(&names[0], &Device::Cpu).unwrap();
+    assert!(!ck.non_finite_reported());
+    for n in &names[1..] {
+        ck.load(n, &Device::Cpu).unwrap();
+        assert!(ck.non_finite_reported(), "{n}");
+    }
+}
+
+/// A shard index naming a file outside its folder is refused wherever weights are read from a
+/// folder (`--model`, `pretrain --config DIR`, `train --resume`: all `Checkpoint::from_dir`),
+/// by the hub's rule (issue 14 item 9).
+#[test]
+fn a_shard_index_cannot_leave_its_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let secret = tmp.path().join("secret.safetensors");
+    let t = candle_core::Tensor::new(&[1f32], &Device::Cpu).unwrap();
+    beit::util::save_safetensors(
+        &std::collections::HashMap::from([("x".to_string(), t)]),
+        &secret,
+    )
+    .unwrap();
+    let dir = tmp.path().join("model");
+    std::fs::create_dir_all(&dir).unwrap();
+    for shard in ["../secret.safetensors", secret.to_str().unwrap()] {
+        let index = serde_json::json!({"weight_map": {"x": shard}});
+        std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+        let err = Checkpoint::from_dir(&dir).err().expect(shard).to_string();
+        assert!(
+            err.contains("model.safetensors.index.json") && err.contains("not a plain relative"),
+            "{err}"
+        );
+    }
+}

@@ -51,7 +51,10 @@ impl AttentionCmd {
         let summary = mapper.run_paths(&self.inputs, &self.output, &opts, |outcome| {
             let mut text = String::new();
             match &outcome {
-                Outcome::Done(r) if json => text = serde_json::to_string(r).unwrap_or_default(),
+                Outcome::Done(r) if json => {
+                    text = super::json_line(r, &r.path)?;
+                    text.pop(); // the newline comes below
+                }
                 Outcome::Done(r) => {
                     text = format!(
                         "{}: CLS attention of layer {} (of {}), {} heads over a {} patch grid -> \

@@ -81,8 +81,7 @@ impl ClassifyCmd {
             match &outcome {
                 Outcome::Done(c) => {
                     if json {
-                        text = serde_json::to_string(c).unwrap_or_default();
-                        text.push('\n');
+                        text = super::json_line(c, &c.path)?;
                     } else {
                         text.push_str(&format!("{}\n", c.path.display()));
                         for (rank, p) in c.predictions.iter().enumerate() {

@@ -74,8 +74,7 @@ impl MimCmd {
             let mut text = String::new();
             match &outcome {
                 Outcome::Done(r) if json => {
-                    text = serde_json::to_string(r).unwrap_or_default();
-                    text.push('\n');
+                    text = super::json_line(r, &r.path)?;
                 }
                 Outcome::Done(r) => {
                     text = format!(

@@ -242,8 +242,13 @@ pub fn prepare_output(
         None if overwrite => (RunDir::Overwrite, None),
         None => (RunDir::Fresh, None),
         Some("") => {
-            if beit::train::checkpoint::latest_checkpoint(output).is_some() {
+            let (own, foreign) = beit::train::checkpoint::run_checkpoints(output);
+            if !own.is_empty() {
                 (RunDir::Resume, Some(output.to_path_buf()))
+            } else if !foreign.is_empty() {
+                return Err(
+                    beit::train::checkpoint::foreign_checkpoints_error(output, &foreign).into(),
+                );
             } else {
                 eprintln!(
                     "--resume: no checkpoint in {} yet, starting from the beginning",
@@ -253,6 +258,12 @@ pub fn prepare_output(
             }
         }
         Some(dir) => (RunDir::Resume, Some(PathBuf::from(dir))),
+    };
+    // Checked (and for --overwrite cleared) under the folder's lock, so that a run in progress
+    // there is refused before anything of it is removed; the trainer takes the lock again.
+    let _lock = match output.is_dir() {
+        true => Some(beit::util::lock_output_folder(output)?),
+        false => None,
     };
     prepare_run_dir(output, mode, RUN_FILES)?;
     Ok(from)
@@ -333,6 +344,22 @@ pub fn print_out(
         _ => write(),
     };
     res.map_err(|e| beit::BeitError::file("<stdout>", format!("cannot write: {e}")))
+}
+
+/// One `--json` result line (with its newline); a result that JSON cannot hold (a file name
+/// that is not UTF-8) is an error naming the file, never an empty line.
+pub fn json_line(
+    value: &impl serde::Serialize,
+    path: &std::path::Path,
+) -> std::result::Result<String, beit::BeitError> {
+    let mut line = serde_json::to_string(value).map_err(|e| {
+        beit::BeitError::file(
+            path,
+            format!("cannot be reported in --json output ({e}); rename it to UTF-8"),
+        )
+    })?;
+    line.push('\n');
+    Ok(line)
 }
 
 /// Tell the user (stderr) that a file was skipped.

@@ -59,8 +59,7 @@ impl SegmentCmd {
             match &outcome {
                 Outcome::Done(s) => {
                     if json {
-                        text = serde_json::to_string(s).unwrap_or_default();
-                        text.push('\n');
+                        text = super::json_line(s, &s.path)?;
                     } else {
                         let top: Vec<String> = s
                             .classes

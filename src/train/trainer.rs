@@ -178,6 +178,7 @@ pub fn train_loop(run: Run, objective: &dyn Objective, device: &Device) -> Resul
         config: run.identity.clone(),
         history: Vec::new(),
         train_losses: Vec::new(),
+        run_id: Some(checkpoint::new_run_id()),
     };
     // Resume: weights, optimiser moments and position from the newest (or given) checkpoint.
     let mut opt_state = None;
@@ -185,8 +186,14 @@ pub fn train_loop(run: Run, objective: &dyn Objective, device: &Device) -> Resul
         let dir = if p.join(checkpoint::TRAINER_STATE).is_file() {
             p.to_path_buf()
         } else {
-            checkpoint::latest_checkpoint(p)
-                .ok_or_else(|| BeitError::file(p, "no complete checkpoint to resume from"))?
+            let (own, foreign) = checkpoint::run_checkpoints(p);
+            match own.into_iter().max_by_key(|(s, _)| *s) {
+                Some((_, dir)) => dir,
+                None if !foreign.is_empty() => {
+                    return Err(checkpoint::foreign_checkpoints_error(p, &foreign))
+                }
+                None => return Err(BeitError::file(p, "no complete checkpoint to resume from")),
+            }
         };
         let (st, opt) = checkpoint::load_state(&dir, device)?;
         if st.config != run.identity {
@@ -210,8 +217,15 @@ pub fn train_loop(run: Run, objective: &dyn Objective, device: &Device) -> Resul
             st.step,
             st.epoch
         );
-        state = st;
+        // The resumed run goes on under its own id (a new one for a checkpoint without).
+        let run_id = st.run_id.clone().or(state.run_id.take());
+        state = TrainerState { run_id, ..st };
         opt_state = Some(opt);
+    }
+    if leader {
+        if let Some(id) = &state.run_id {
+            checkpoint::set_folder_run_id(output, id)?;
+        }
     }
     let vars = tm.named_vars();
     let mut opt = AdamW::new(
