@@ -775,3 +775,37 @@ fn resume_never_takes_another_runs_checkpoint() {
     let r = train(&["--resume"]);
     assert!(r.ok && r.stderr.contains("checkpoint-1"), "{}", r.stderr);
 }
+
+/// A full disk: every command writing one file fails with a message naming the file and the
+/// cause, and the device (a stand-in for /dev/full made by the test) is left as it was.
+#[test]
+fn disk_full_errors_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = dir.path().join("full");
+    let c = std::ffi::CString::new(s(&full)).unwrap();
+    // SAFETY: a valid C string path; makedev(1, 7) is /dev/full (every write: ENOSPC).
+    if unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 7)) } != 0 {
+        eprintln!("SKIPPED: cannot mknod here; disk-full errors not tested");
+        return;
+    }
+    let image = fixture("processor/images/chelsea.png");
+    let inputs = dir.path().join("inputs.safetensors");
+    // `forward` (first) needs tensors made by `preprocess`: the other commands cover the path.
+    for cmd in file_commands(&image, &inputs, &full).into_iter().skip(1) {
+        let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
+        let r = beit(&args);
+        assert!(!r.ok, "{}: succeeded on a full disk", cmd[0]);
+        assert!(
+            r.stderr.contains(s(&full)) && r.stderr.contains("No space left"),
+            "{}: {}",
+            cmd[0],
+            r.stderr
+        );
+        let meta = std::fs::symlink_metadata(&full).unwrap();
+        assert!(
+            meta.file_type().is_char_device(),
+            "{}: device replaced",
+            cmd[0]
+        );
+    }
+}
