@@ -262,10 +262,10 @@ enum Kernel {
     Avx512Int8,
 }
 
-/// The fastest kernel of `precision` on this CPU, or `None` where f32 is as fast: every
-/// candidate (AMX, then AVX-512) is timed once per process on a BEiT-sized GEMM against the f32
-/// one, so that asking for a reduced precision never makes a model slower (on a Xeon with AMX
-/// whose tiles the OS refuses, AVX512-BF16 ran the BEiT-base classifier 1.7x slower than f32).
+/// The kernel of `precision` on this CPU, or `None` where f32 is as fast: AMX where the CPU and
+/// OS have it; otherwise the AVX-512 kernel, timed once per process on a BEiT-sized GEMM against
+/// the f32 one, so that asking for a reduced precision never makes a model slower (on a Xeon
+/// whose AMX tiles are not used, AVX512-BF16 ran the BEiT-base classifier 1.7x slower than f32).
 /// `BEIT_TRUST_KERNELS=1` skips the timing and takes the first available kernel.
 fn fastest_kernel(precision: MatmulPrecision) -> Option<Kernel> {
     use super::amx::{self, AmxKind};
@@ -290,7 +290,12 @@ fn fastest_kernel(precision: MatmulPrecision) -> Option<Kernel> {
     };
     *CHOICE[slot].get_or_init(|| {
         let candidates: Vec<Kernel> = candidates.into_iter().flatten().collect();
-        if std::env::var("BEIT_TRUST_KERNELS").is_ok_and(|v| v == "1") {
+        // AMX is taken without a race: its tiles do 8-16x the f32 FMA work per cycle, and a
+        // timing on a busy machine once picked f32 over it (a bf16 forward then ran at f32
+        // speed in one of three processes).
+        if std::env::var("BEIT_TRUST_KERNELS").is_ok_and(|v| v == "1")
+            || matches!(candidates.first(), Some(Kernel::Amx(_)))
+        {
             return candidates.first().copied();
         }
         let (m, k, n) = (197, 768, 768);
