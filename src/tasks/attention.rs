@@ -179,25 +179,16 @@ impl AttentionMapper {
         on_item: impl FnMut(Outcome<AttentionResult>) -> Result<()>,
     ) -> Result<RunSummary> {
         let layer = resolve_layer(opts.layer, self.config.num_hidden_layers)?;
-        let items: Vec<_> = inputs::ImageWalker::new(inputs).collect();
-        let (plan, out_dir) = inputs::plan_picture_outputs(
+        inputs::run_pictures(
             inputs,
-            &items,
             output,
             "_attention.png",
             opts.overwrite,
             opts.keep_going,
-        )?;
-        let summary = inputs::run_planned(
-            items,
-            plan,
-            out_dir.as_deref(),
             self.processor.clone(),
-            opts.keep_going,
-            |path, value, outs| self.draw(path, value, layer, &outs[0]),
+            |path, value, out| self.draw(path, value, layer, out),
             on_item,
-        )?;
-        inputs::finish(summary, inputs)
+        )
     }
 
     /// Draw the CLS attention of `layer` (0-based) for one decoded image into `out`.

@@ -697,6 +697,35 @@ impl From<candle_core::Error> for ItemError {
     }
 }
 
+/// One picture per image of `inputs` (files, folders walked recursively), written to `output`
+/// (a file for one image, else a folder of `STEM{suffix}`; [`plan_picture_outputs`]) by
+/// `draw(path, decoded, out)`; `on_item` sees every image in input order.
+#[allow(clippy::too_many_arguments)]
+pub fn run_pictures<P: AsRef<Path>, T>(
+    inputs: &[P],
+    output: &Path,
+    suffix: &str,
+    overwrite: bool,
+    keep_going: bool,
+    processor: std::sync::Arc<BeitImageProcessor>,
+    mut draw: impl FnMut(&Path, &(RgbImage, ProcessedImage), &Path) -> std::result::Result<T, ItemError>,
+    on_item: impl FnMut(Outcome<T>) -> Result<()>,
+) -> Result<RunSummary> {
+    let items: Vec<_> = ImageWalker::new(inputs).collect();
+    let (plan, out_dir) =
+        plan_picture_outputs(inputs, &items, output, suffix, overwrite, keep_going)?;
+    let summary = run_planned(
+        items,
+        plan,
+        out_dir.as_deref(),
+        processor,
+        keep_going,
+        |path, value, outs| draw(path, value, &outs[0]),
+        on_item,
+    )?;
+    finish(summary, inputs)
+}
+
 /// Run a per-image command over `items` as `plan` says: decode in the background (two images
 /// ahead), call `work` with each usable image and its output files, and report every image to
 /// `on_item` in input order. Kept images are reported as skipped and counted in

@@ -251,25 +251,16 @@ impl MaskedImageModeler {
         opts: &MimOptions,
         on_item: impl FnMut(Outcome<MimResult>) -> Result<()>,
     ) -> Result<RunSummary> {
-        let items: Vec<_> = inputs::ImageWalker::new(inputs).collect();
-        let (plan, out_dir) = inputs::plan_picture_outputs(
+        inputs::run_pictures(
             inputs,
-            &items,
             output,
             "_mim.png",
             opts.overwrite,
             opts.keep_going,
-        )?;
-        let summary = inputs::run_planned(
-            items,
-            plan,
-            out_dir.as_deref(),
             self.processor.clone(),
-            opts.keep_going,
-            |path, value, outs| self.predict(path, value, &opts.mask, &outs[0]),
+            |path, value, out| self.predict(path, value, &opts.mask, out),
             on_item,
-        )?;
-        inputs::finish(summary, inputs)
+        )
     }
 
     /// Predict the masked patches of one decoded image and draw the picture into `out`.
