@@ -28,6 +28,7 @@ pub mod output;
 pub mod pretrain;
 pub mod processor;
 pub mod profile;
+pub mod server;
 pub mod tasks;
 pub mod tokenizer;
 pub mod train;

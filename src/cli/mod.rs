@@ -15,6 +15,7 @@ mod mim;
 mod preprocess;
 mod pretrain;
 mod segment;
+mod serve;
 mod train;
 
 /// BEiT vision transformers (Hugging Face compatible) in Rust.
@@ -61,6 +62,8 @@ pub enum Command {
     Attention(attention::AttentionCmd),
     /// Measure latency, throughput, peak memory and load time on random-weight models.
     Bench(bench::BenchCmd),
+    /// Serve models over HTTP: TEI-style routes, KServe/Triton v2, metrics, a web page.
+    Serve(serve::ServeCmd),
 }
 
 /// `--matmul-precision`, on the commands that run inference models (training has --precision).
@@ -86,6 +89,7 @@ impl Command {
             Command::Mim(c) => Some(&c.matmul),
             Command::Attention(c) => Some(&c.matmul),
             Command::Bench(c) => Some(&c.matmul),
+            Command::Serve(c) => Some(&c.matmul),
             Command::Train(_) | Command::Pretrain(_) | Command::Tokenizer(_) => None,
             Command::Preprocess(_) => None,
         }
@@ -288,6 +292,7 @@ pub fn run() -> Result<()> {
         Command::Mim(cmd) => cmd.run(&dev),
         Command::Attention(cmd) => cmd.run(&dev),
         Command::Bench(cmd) => cmd.run(&dev),
+        Command::Serve(cmd) => cmd.run(&dev),
     }
 }
 

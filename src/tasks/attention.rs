@@ -147,6 +147,21 @@ pub fn tile_picture(tiles: &[(String, RgbImage)]) -> (RgbImage, (usize, usize)) 
     (img, (rows, cols))
 }
 
+/// The image followed by one heat-map tile per head (CLS attention `maps` over a `grid` of
+/// patches), as one picture; with its `(rows, cols)` of tiles.
+pub fn attention_picture(
+    base: &RgbImage,
+    maps: &[Vec<f32>],
+    layer: usize,
+    (gh, gw): (usize, usize),
+) -> (RgbImage, (usize, usize)) {
+    let mut tiles = vec![(format!("image, layer {layer}"), base.clone())];
+    for (k, m) in maps.iter().enumerate() {
+        tiles.push((format!("head {k}"), heat_tile(base, &normalise(m), gh, gw)));
+    }
+    tile_picture(&tiles)
+}
+
 /// A loaded model (any BEiT architecture) with its image processor.
 pub struct AttentionMapper {
     model: crate::auto::AutoModel,
@@ -224,11 +239,7 @@ impl AttentionMapper {
         })?;
         let maps = cls_attention(attn, gh, gw)?;
         let base = inputs::display_image(original, &self.processor, processed, TILE_LONG_SIDE);
-        let mut tiles = vec![(format!("image, layer {layer}"), base.clone())];
-        for (k, m) in maps.iter().enumerate() {
-            tiles.push((format!("head {k}"), heat_tile(&base, &normalise(m), gh, gw)));
-        }
-        let (picture, (rows, cols)) = tile_picture(&tiles);
+        let (picture, (rows, cols)) = attention_picture(&base, &maps, layer, (gh, gw));
         viz::save_png(&picture, out)?;
         Ok(AttentionResult {
             path: image.to_path_buf(),

@@ -79,6 +79,44 @@ pub enum Scoring {
     Sigmoid,
 }
 
+impl Scoring {
+    /// Sigmoid for multi-label and single-output models, softmax otherwise.
+    pub fn for_config(config: &BeitConfig, num_labels: usize) -> Self {
+        let multi = config.problem_type.as_deref() == Some("multi_label_classification");
+        if multi || num_labels == 1 {
+            Scoring::Sigmoid
+        } else {
+            Scoring::Softmax
+        }
+    }
+
+    /// Scores of one row of logits.
+    pub fn apply(self, logits: &[f32]) -> Vec<f32> {
+        match self {
+            Scoring::Softmax => softmax(logits),
+            Scoring::Sigmoid => logits.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect(),
+        }
+    }
+}
+
+/// The `top_k` best labels of a score vector, best first (ties by class index); classes
+/// without a name are `LABEL_i`.
+pub fn top_k_predictions(labels: &[String], scores: &[f32], top_k: usize) -> Vec<Prediction> {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    idx.into_iter()
+        .take(top_k)
+        .map(|i| Prediction {
+            label: labels
+                .get(i)
+                .cloned()
+                .unwrap_or_else(|| format!("LABEL_{i}")),
+            id: i,
+            score: scores[i],
+        })
+        .collect()
+}
+
 /// A loaded classifier with its image processor.
 #[derive(Debug)]
 pub struct Classifier {
@@ -111,12 +149,7 @@ impl Classifier {
                 "the classifier has no labels (num_labels is 0)",
             ));
         }
-        let multi = config.problem_type.as_deref() == Some("multi_label_classification");
-        let scoring = if multi || labels.len() == 1 {
-            Scoring::Sigmoid
-        } else {
-            Scoring::Softmax
-        };
+        let scoring = Scoring::for_config(&config, labels.len());
         Ok(Self {
             model,
             config,
@@ -136,31 +169,12 @@ impl Classifier {
             .to_dtype(DType::F32)?
             .to_device(&Device::Cpu)?;
         let rows = logits.to_vec2::<f32>()?;
-        Ok(rows
-            .into_iter()
-            .map(|row| match self.scoring {
-                Scoring::Softmax => softmax(&row),
-                Scoring::Sigmoid => row.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect(),
-            })
-            .collect())
+        Ok(rows.iter().map(|row| self.scoring.apply(row)).collect())
     }
 
     /// The `top_k` best labels of a score vector, best first (ties by class index).
     pub fn top_k(&self, scores: &[f32], top_k: usize) -> Vec<Prediction> {
-        let mut idx: Vec<usize> = (0..scores.len()).collect();
-        idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-        idx.into_iter()
-            .take(top_k)
-            .map(|i| Prediction {
-                label: self
-                    .labels
-                    .get(i)
-                    .cloned()
-                    .unwrap_or_else(|| format!("LABEL_{i}")),
-                id: i,
-                score: scores[i],
-            })
-            .collect()
+        top_k_predictions(&self.labels, scores, top_k)
     }
 
     /// Classify the images named by `inputs` (files, and folders walked recursively), calling

@@ -125,6 +125,47 @@ pub struct EmbedSummary {
     pub num_patches: Option<usize>,
 }
 
+/// Features of a `pixel_values` batch from the encoder of any architecture: `pooler_output`
+/// where the model has a pooler, else the mean of the patch tokens.
+pub fn embed_batch(
+    model: &AutoModel,
+    pixel_values: &Tensor,
+    patch_tokens: bool,
+) -> Result<(Pooling, Vec<Embedding>)> {
+    let out = model
+        .beit()
+        .forward(pixel_values, &ForwardOptions::default())?;
+    let hidden = out.last_hidden_state.to_dtype(DType::F32)?;
+    let (b, s, d) = hidden.dims3()?;
+    let patches = hidden.i((.., 1..s, ..))?;
+    let (pooling, pooled) = match out.pooler_output {
+        Some(p) => (Pooling::PoolerOutput, p.to_dtype(DType::F32)?),
+        None => (Pooling::MeanPatchTokens, patches.mean(1)?),
+    };
+    let pooled = pooled.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+    let tokens = if patch_tokens {
+        Some(
+            patches
+                .contiguous()?
+                .reshape((b, (s - 1) * d))?
+                .to_device(&Device::Cpu)?
+                .to_vec2::<f32>()?,
+        )
+    } else {
+        None
+    };
+    let mut rows = Vec::with_capacity(b);
+    let mut tokens = tokens.map(|t| t.into_iter());
+    for p in pooled {
+        rows.push(Embedding {
+            pooled: p,
+            patch_tokens: tokens.as_mut().and_then(|t| t.next()),
+            num_patches: s - 1,
+        });
+    }
+    Ok((pooling, rows))
+}
+
 /// A loaded model with its image processor, for features.
 #[derive(Debug)]
 pub struct Embedder {
@@ -155,39 +196,7 @@ impl Embedder {
         pixel_values: &Tensor,
         patch_tokens: bool,
     ) -> Result<(Pooling, Vec<Embedding>)> {
-        let out = self
-            .model
-            .beit()
-            .forward(pixel_values, &ForwardOptions::default())?;
-        let hidden = out.last_hidden_state.to_dtype(DType::F32)?;
-        let (b, s, d) = hidden.dims3()?;
-        let patches = hidden.i((.., 1..s, ..))?;
-        let (pooling, pooled) = match out.pooler_output {
-            Some(p) => (Pooling::PoolerOutput, p.to_dtype(DType::F32)?),
-            None => (Pooling::MeanPatchTokens, patches.mean(1)?),
-        };
-        let pooled = pooled.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
-        let tokens = if patch_tokens {
-            Some(
-                patches
-                    .contiguous()?
-                    .reshape((b, (s - 1) * d))?
-                    .to_device(&Device::Cpu)?
-                    .to_vec2::<f32>()?,
-            )
-        } else {
-            None
-        };
-        let mut rows = Vec::with_capacity(b);
-        let mut tokens = tokens.map(|t| t.into_iter());
-        for p in pooled {
-            rows.push(Embedding {
-                pooled: p,
-                patch_tokens: tokens.as_mut().and_then(|t| t.next()),
-                num_patches: s - 1,
-            });
-        }
-        Ok((pooling, rows))
+        embed_batch(&self.model, pixel_values, patch_tokens)
     }
 
     /// Embed the images named by `inputs` (files, and folders walked recursively) into

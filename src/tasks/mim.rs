@@ -34,6 +34,57 @@ pub enum MaskSpec {
     File(PathBuf),
 }
 
+impl MaskSpec {
+    /// The mask over a `(rows, cols)` patch grid, with a description of where it came from.
+    pub fn flags(&self, (gh, gw): (usize, usize)) -> Result<(Vec<bool>, String)> {
+        let n = gh * gw;
+        Ok(match self {
+            MaskSpec::Random { ratio, seed } => (
+                random_mask(n, *ratio, *seed)?,
+                format!("random (ratio {ratio}, seed {seed})"),
+            ),
+            MaskSpec::Blockwise { ratio, seed } => (
+                blockwise_mask((gh, gw), *ratio, *seed)?,
+                format!("blockwise (ratio {ratio}, seed {seed})"),
+            ),
+            MaskSpec::File(f) => (load_mask(f, n)?, f.display().to_string()),
+        })
+    }
+}
+
+/// The arg-max visual token (and its probability) of every masked patch, from the logits
+/// `[num_patches][vocab]` of one image over a grid `cols` patches wide.
+pub fn masked_predictions(
+    logits: &[Vec<f32>],
+    mask: &[bool],
+    cols: usize,
+) -> Vec<MaskedPrediction> {
+    let mut masked = Vec::new();
+    for (i, row) in logits.iter().enumerate() {
+        if !mask.get(i).copied().unwrap_or(false) {
+            continue;
+        }
+        let probs = crate::tasks::classify::softmax(row);
+        let (token, prob) =
+            probs
+                .iter()
+                .copied()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |b, (j, v)| if v > b.1 { (j, v) } else { b },
+                );
+        masked.push(MaskedPrediction {
+            patch: i,
+            row: i / cols.max(1),
+            col: i % cols.max(1),
+            token,
+            prob,
+        });
+    }
+    masked
+}
+
 /// One masked patch and the model's prediction for it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MaskedPrediction {
@@ -277,17 +328,7 @@ impl MaskedImageModeler {
         let p = cfg.patch();
         let (gh, gw) = (processed.height / p, processed.width / p);
         let n = gh * gw;
-        let (flags, source) = match mask {
-            MaskSpec::Random { ratio, seed } => (
-                random_mask(n, *ratio, *seed)?,
-                format!("random (ratio {ratio}, seed {seed})"),
-            ),
-            MaskSpec::Blockwise { ratio, seed } => (
-                blockwise_mask((gh, gw), *ratio, *seed)?,
-                format!("blockwise (ratio {ratio}, seed {seed})"),
-            ),
-            MaskSpec::File(f) => (load_mask(f, n)?, f.display().to_string()),
-        };
+        let (flags, source) = mask.flags((gh, gw))?;
         let pv = Tensor::from_slice(
             &processed.pixel_values,
             (1, 3, processed.height, processed.width),
@@ -306,29 +347,7 @@ impl MaskedImageModeler {
             .to_device(&Device::Cpu)?
             .squeeze(0)?
             .to_vec2::<f32>()?;
-        let mut masked = Vec::new();
-        for (i, row) in logits.iter().enumerate() {
-            if !flags[i] {
-                continue;
-            }
-            let probs = crate::tasks::classify::softmax(row);
-            let (token, prob) =
-                probs
-                    .iter()
-                    .copied()
-                    .enumerate()
-                    .fold(
-                        (0, f32::NEG_INFINITY),
-                        |b, (j, v)| if v > b.1 { (j, v) } else { b },
-                    );
-            masked.push(MaskedPrediction {
-                patch: i,
-                row: i / gw,
-                col: i % gw,
-                token,
-                prob,
-            });
-        }
+        let masked = masked_predictions(&logits, &flags, gw);
         let base = inputs::display_image(original, &self.processor, processed, 448);
         let picture = mask_picture(&base, (gh, gw), &flags, &masked);
         viz::save_png(&picture, out)?;

@@ -139,26 +139,7 @@ impl Segmenter {
 
     /// Pixel counts of the classes present, by decreasing share (ties by id).
     pub fn shares(&self, labels: &[u32]) -> Vec<ClassShare> {
-        let mut counts: HashMap<u32, u64> = HashMap::new();
-        for &l in labels {
-            *counts.entry(l).or_default() += 1;
-        }
-        let total = labels.len().max(1) as f64;
-        let mut v: Vec<ClassShare> = counts
-            .into_iter()
-            .map(|(id, pixels)| ClassShare {
-                id: id as usize,
-                label: self
-                    .labels
-                    .get(id as usize)
-                    .cloned()
-                    .unwrap_or_else(|| format!("LABEL_{id}")),
-                pixels,
-                share: pixels as f64 / total,
-            })
-            .collect();
-        v.sort_by(|a, b| b.pixels.cmp(&a.pixels).then(a.id.cmp(&b.id)));
-        v
+        class_shares(&self.labels, labels)
     }
 
     /// Segment the images named by `inputs`, writing two PNGs per image into `opts.out_dir`.
@@ -227,6 +208,30 @@ impl Segmenter {
             classes,
         })
     }
+}
+
+/// Pixel counts of the classes present in a label map, by decreasing share (ties by id);
+/// classes without a name are `LABEL_i`.
+pub fn class_shares(names: &[String], labels: &[u32]) -> Vec<ClassShare> {
+    let mut counts: HashMap<u32, u64> = HashMap::new();
+    for &l in labels {
+        *counts.entry(l).or_default() += 1;
+    }
+    let total = labels.len().max(1) as f64;
+    let mut v: Vec<ClassShare> = counts
+        .into_iter()
+        .map(|(id, pixels)| ClassShare {
+            id: id as usize,
+            label: names
+                .get(id as usize)
+                .cloned()
+                .unwrap_or_else(|| format!("LABEL_{id}")),
+            pixels,
+            share: pixels as f64 / total,
+        })
+        .collect();
+    v.sort_by(|a, b| b.pixels.cmp(&a.pixels).then(a.id.cmp(&b.id)));
+    v
 }
 
 /// A pixel share as a percentage with one decimal (`<0.1%` for a present but tiny class).
