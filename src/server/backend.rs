@@ -64,16 +64,20 @@ pub enum Want {
     /// CLS attention of one layer, per head (`/attention`).
     Attention { layer: usize },
     /// The model's output tensors, all or the named ones (`/v2/.../infer`).
-    Tensors { names: Option<Vec<String>> },
+    /// `mask`: `bool_masked_pos` of a masked-image-modeling model.
+    Tensors {
+        names: Option<Vec<String>>,
+        mask: Option<Vec<bool>>,
+    },
 }
 
 impl Want {
     /// Jobs whose wants share a key run in one forward pass.
     fn group(&self) -> u64 {
         match self {
-            Want::Scores | Want::LabelMap | Want::Tensors { .. } => 0,
+            Want::Scores | Want::LabelMap | Want::Tensors { mask: None, .. } => 0,
             Want::Embedding { .. } => 1,
-            Want::Mim { .. } => 2,
+            Want::Mim { .. } | Want::Tensors { mask: Some(_), .. } => 2,
             Want::Attention { layer } => 3 + *layer as u64,
         }
     }
@@ -218,13 +222,14 @@ impl Backend {
 
     fn stack(&self, group: &[(&Prepared, &Want)]) -> crate::Result<Tensor> {
         let (h, w) = (group[0].0.processed.height, group[0].0.processed.width);
-        let mut data = Vec::with_capacity(group.len() * 3 * h * w);
+        let c = group[0].0.processed.pixel_values.len() / (h * w).max(1);
+        let mut data = Vec::with_capacity(group.len() * c * h * w);
         for (p, _) in group {
             data.extend_from_slice(&p.processed.pixel_values);
         }
         Ok(Tensor::from_vec(
             data,
-            (group.len(), 3, h, w),
+            (group.len(), c, h, w),
             &self.device,
         )?)
     }
@@ -257,14 +262,11 @@ impl Backend {
                     })
                     .collect())
             }
-            Want::Mim { .. } => {
+            Want::Mim { .. } | Want::Tensors { mask: Some(_), .. } => {
                 let n = group[0].1.mask_len();
                 let mut flags = Vec::with_capacity(group.len() * n);
                 for (_, w) in group {
-                    let Want::Mim { mask } = w else {
-                        unreachable!("grouped by want")
-                    };
-                    flags.extend(mask.iter().map(|&b| u8::from(b)));
+                    flags.extend(w.mask().iter().map(|&b| u8::from(b)));
                 }
                 let m = Tensor::from_vec(flags, (group.len(), n), &self.device)?;
                 let out = self
@@ -275,12 +277,16 @@ impl Backend {
                     .to_device(&Device::Cpu)?;
                 let mut answers = Vec::with_capacity(group.len());
                 for (j, (p, w)) in group.iter().enumerate() {
-                    let Want::Mim { mask } = w else {
-                        unreachable!("grouped by want")
-                    };
-                    let rows = logits.i(j)?.to_vec2::<f32>()?;
-                    let (_, gw) = self.grid(&p.processed);
-                    answers.push(Ok(Answer::Mim(masked_predictions(&rows, mask, gw))));
+                    answers.push(Ok(match w {
+                        Want::Tensors { names, .. } => {
+                            Answer::Tensors(slice_tensors(&out, j, names.as_deref())?)
+                        }
+                        _ => {
+                            let rows = logits.i(j)?.to_vec2::<f32>()?;
+                            let (_, gw) = self.grid(&p.processed);
+                            Answer::Mim(masked_predictions(&rows, w.mask(), gw))
+                        }
+                    }));
                 }
                 Ok(answers)
             }
@@ -302,7 +308,7 @@ impl Backend {
                 }
                 Ok(answers)
             }
-            Want::Scores | Want::LabelMap | Want::Tensors { .. } => {
+            Want::Scores | Want::LabelMap | Want::Tensors { mask: None, .. } => {
                 let out = self.model.forward(&pv, &ForwardOptions::default())?;
                 let mut answers = Vec::with_capacity(group.len());
                 for (j, (p, want)) in group.iter().enumerate() {
@@ -332,20 +338,8 @@ impl Backend {
                                     .collect(),
                             )
                         }
-                        Want::Tensors { names } => {
-                            let mut tensors = Vec::new();
-                            for (name, t) in &out.tensors {
-                                if names.as_ref().is_some_and(|n| !n.contains(name)) {
-                                    continue;
-                                }
-                                let t = t.i(j)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-                                tensors.push(NamedTensor {
-                                    name: name.clone(),
-                                    shape: t.dims().to_vec(),
-                                    data: t.flatten_all()?.to_vec1::<f32>()?,
-                                });
-                            }
-                            Answer::Tensors(tensors)
+                        Want::Tensors { names, .. } => {
+                            Answer::Tensors(slice_tensors(&out, j, names.as_deref())?)
                         }
                         _ => unreachable!("grouped by want"),
                     }));
@@ -392,10 +386,39 @@ impl Backend {
 }
 
 impl Want {
-    fn mask_len(&self) -> usize {
+    /// The patch mask of a masked-image-modeling want (empty otherwise).
+    fn mask(&self) -> &[bool] {
         match self {
-            Want::Mim { mask } => mask.len(),
-            _ => 0,
+            Want::Mim { mask }
+            | Want::Tensors {
+                mask: Some(mask), ..
+            } => mask,
+            _ => &[],
         }
     }
+
+    fn mask_len(&self) -> usize {
+        self.mask().len()
+    }
+}
+
+/// Image `j`'s slice of every output tensor (all, or the `names` asked for).
+fn slice_tensors(
+    out: &crate::auto::ModelOutputs,
+    j: usize,
+    names: Option<&[String]>,
+) -> crate::Result<Vec<NamedTensor>> {
+    let mut tensors = Vec::new();
+    for (name, t) in &out.tensors {
+        if names.is_some_and(|n| !n.contains(name)) || t.rank() == 0 {
+            continue;
+        }
+        let t = t.i(j)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+        tensors.push(NamedTensor {
+            name: name.clone(),
+            shape: t.dims().to_vec(),
+            data: t.flatten_all()?.to_vec1::<f32>()?,
+        });
+    }
+    Ok(tensors)
 }

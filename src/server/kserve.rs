@@ -50,6 +50,7 @@ async fn server_metadata() -> Json<Value> {
 
 fn metadata(b: &Backend) -> Value {
     let (h, w) = b.input_size();
+    let c = b.config.num_channels;
     let outputs: Vec<Value> = b
         .output_tensors()
         .into_iter()
@@ -64,7 +65,7 @@ fn metadata(b: &Backend) -> Value {
         "versions": ["1"],
         "platform": "beit-rs",
         "inputs": [
-            {"name": "pixel_values", "datatype": "FP32", "shape": [-1, 3, h, w]},
+            {"name": "pixel_values", "datatype": "FP32", "shape": [-1, c, h, w]},
             {"name": "images", "datatype": "BYTES", "shape": [-1],
              "parameters": {"content": "encoded image files, base64"}},
         ],
@@ -152,6 +153,9 @@ pub struct RequestedOutput {
     pub parameters: Option<Value>,
 }
 
+/// `bool_masked_pos` of each image.
+pub type PatchMasks = Vec<Vec<bool>>;
+
 /// What an infer request carries once checked.
 #[derive(Debug)]
 pub enum InferImages {
@@ -166,17 +170,21 @@ pub enum InferImages {
 }
 
 /// Parse and check an infer request body (pure, for fuzzing): one input, its shape matching its
-/// data, at most `max_images` images of `input_size` `(H, W)` pixels.
+/// data, at most `max_images` images of `(channels, height, width)`.
 pub fn parse_infer(
     body: &[u8],
     max_images: usize,
-    input_size: (usize, usize),
-) -> Result<(InferRequest, InferImages), ApiError> {
+    (channels, height, width): (usize, usize, usize),
+    patch: usize,
+) -> Result<(InferRequest, InferImages, Option<PatchMasks>), ApiError> {
     let mut req: InferRequest = serde_json::from_slice(body)
         .map_err(|e| ApiError::validation(format!("malformed inference request: {e}")))?;
+    let mask_at = req.inputs.iter().position(|i| i.name == "bool_masked_pos");
+    let mask_input = mask_at.map(|i| req.inputs.remove(i));
     if req.inputs.len() != 1 {
         return Err(ApiError::validation(format!(
-            "{} inputs given; send one: pixel_values (FP32 [B,3,H,W]) or a BYTES tensor of images",
+            "{} image inputs given; send one: pixel_values (FP32 [B,C,H,W]) or a BYTES tensor of \
+             images (and bool_masked_pos [B, patches] for masked image modeling)",
             req.inputs.len()
         )));
     }
@@ -245,15 +253,15 @@ pub fn parse_infer(
             InferImages::Encoded(out)
         }
         "FP32" | "FP64" | "FP16" | "BF16" => {
-            let (h, w) = input_size;
-            let want = [batch as i64, 3, h as i64, w as i64];
+            let (c, h, w) = (channels, height, width);
+            let want = [batch as i64, c as i64, h as i64, w as i64];
             if input.shape != want {
                 return Err(ApiError::validation(format!(
-                    "input {:?}: shape {:?}; this model takes [B, 3, {h}, {w}]",
+                    "input {:?}: shape {:?}; this model takes [B, {c}, {h}, {w}]",
                     input.name, input.shape
                 )));
             }
-            let n = batch * 3 * h * w;
+            let n = batch * c * h * w;
             let mut leaves = Vec::new();
             flatten(data, &mut leaves, n, 0)?;
             if leaves.len() != n {
@@ -277,7 +285,7 @@ pub fn parse_infer(
                 }
                 values.push(x as f32);
             }
-            let per = 3 * h * w;
+            let per = c * h * w;
             InferImages::Pixels {
                 values: values.chunks(per).map(<[f32]>::to_vec).collect(),
                 height: h,
@@ -291,7 +299,40 @@ pub fn parse_infer(
             )))
         }
     };
-    Ok((req, images))
+    let mask = match mask_input {
+        None => None,
+        Some(m) => {
+            let patches = (height / patch.max(1)) * (width / patch.max(1));
+            if m.shape != [batch as i64, patches as i64] {
+                return Err(ApiError::validation(format!(
+                    "input \"bool_masked_pos\": shape {:?}; this model takes [{batch}, {patches}]",
+                    m.shape
+                )));
+            }
+            let mut leaves = Vec::new();
+            flatten(m.data, &mut leaves, batch * patches, 0)?;
+            if leaves.len() != batch * patches {
+                return Err(ApiError::validation(format!(
+                    "input \"bool_masked_pos\": shape {:?} but {} elements",
+                    m.shape,
+                    leaves.len()
+                )));
+            }
+            let flags = leaves
+                .iter()
+                .map(|v| match v {
+                    Value::Bool(b) => Ok(*b),
+                    Value::Number(n) if n.as_f64() == Some(0.0) => Ok(false),
+                    Value::Number(n) if n.as_f64() == Some(1.0) => Ok(true),
+                    _ => Err(ApiError::validation(
+                        "input \"bool_masked_pos\": elements are booleans or 0/1",
+                    )),
+                })
+                .collect::<Result<Vec<bool>, ApiError>>()?;
+            Some(flags.chunks(patches).map(<[bool]>::to_vec).collect())
+        }
+    };
+    Ok((req, images, mask))
 }
 
 /// Flatten nested JSON arrays (the v2 protocol allows both), refusing more than `max` leaves
@@ -342,10 +383,23 @@ async fn infer(
     let loaded = state.model(Some(&name))?;
     let backend = loaded.backend.clone();
     let bytes = read_body(&state, body).await?;
-    let (req, images) = parse_infer(
+    if backend.task != super::backend::Task::MaskedImageModeling
+        && std::str::from_utf8(&bytes).is_ok_and(|s| s.contains("\"bool_masked_pos\""))
+    {
+        return Err(ApiError::validation(format!(
+            "input \"bool_masked_pos\": model {:?} is not a masked-image-modeling model",
+            backend.name
+        )));
+    }
+    let (req, images, masks) = parse_infer(
         &bytes,
         state.options.max_client_batch_size,
-        backend.input_size(),
+        (
+            backend.config.num_channels,
+            backend.input_size().0,
+            backend.input_size().1,
+        ),
+        backend.config.patch(),
     )?;
     let known: Vec<String> = backend
         .output_tensors()
@@ -393,6 +447,7 @@ async fn infer(
     };
     let preprocess = t.elapsed();
     let deadline = state.options.request_timeout.map(|d| Instant::now() + d);
+    let mut masks = masks.map(Vec::into_iter);
     let items = prepared
         .into_iter()
         .map(|p| {
@@ -400,6 +455,7 @@ async fn infer(
                 p,
                 Want::Tensors {
                     names: names.clone(),
+                    mask: masks.as_mut().and_then(Iterator::next),
                 },
             )
         })
@@ -462,14 +518,14 @@ mod tests {
     #[test]
     fn infer_requests_are_checked() {
         let ok = br#"{"id":"a","inputs":[{"name":"pixel_values","shape":[1,3,2,2],"datatype":"FP32","data":[[1,2,3,4],[5,6,7,8],[9,10,11,12]]}]}"#;
-        let (req, images) = parse_infer(ok, 4, (2, 2)).unwrap();
+        let (req, images, _) = parse_infer(ok, 4, (3, 2, 2), 1).unwrap();
         assert_eq!(req.id.as_deref(), Some("a"));
         match images {
             InferImages::Pixels { values, .. } => assert_eq!(values[0][11], 12.0),
             _ => panic!("pixels expected"),
         }
         let bytes = br#"{"inputs":[{"name":"images","shape":[2],"datatype":"BYTES","data":["aGk=",{"b64":"aGk="}]}]}"#;
-        let (_, images) = parse_infer(bytes, 4, (2, 2)).unwrap();
+        let (_, images, _) = parse_infer(bytes, 4, (3, 2, 2), 1).unwrap();
         assert!(matches!(images, InferImages::Encoded(v) if v.len() == 2));
         for bad in [
             &br#"{"inputs":[]}"#[..],
@@ -481,7 +537,7 @@ mod tests {
             br#"{"inputs":[{"name":"x","shape":[1],"datatype":"BYTES","data":[[[[[[[[[["a"]]]]]]]]]]}]}"#,
             b"not json",
         ] {
-            let e = parse_infer(bad, 4, (2, 2)).unwrap_err();
+            let e = parse_infer(bad, 4, (3, 2, 2), 1).unwrap_err();
             assert_eq!(e.status.as_u16() / 100, 4, "{}", String::from_utf8_lossy(bad));
         }
     }
