@@ -910,3 +910,41 @@ mod tests {
         assert!(Workload::parse("cls-100").is_err());
     }
 }
+
+/// The CPU, as a line to print with every table: model name, logical CPUs, and the
+/// instruction-set flags that choose our kernels (from `/proc/cpuinfo`).
+pub fn cpu_description() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let cpus = info.lines().filter(|l| l.starts_with("processor")).count();
+    let flags = field("flags").unwrap_or_default();
+    let wanted = [
+        "avx2",
+        "avx512f",
+        "avx512_vnni",
+        "avx512_bf16",
+        "avx512_fp16",
+        "amx_bf16",
+        "amx_int8",
+    ];
+    let have: Vec<&str> = wanted
+        .iter()
+        .copied()
+        .filter(|f| flags.split_whitespace().any(|x| x == *f))
+        .collect();
+    format!(
+        "CPU: {} ({} logical CPUs; {})",
+        field("model name").unwrap_or_else(|| std::env::consts::ARCH.to_string()),
+        cpus.max(1),
+        if have.is_empty() {
+            "none of avx2/avx512/amx".to_string()
+        } else {
+            have.join(" ")
+        }
+    )
+}

@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 
 mod attention;
 mod bench;
+#[cfg(feature = "download")]
+mod bench_server;
 mod classify;
 mod embed;
 mod forward;
@@ -64,6 +66,9 @@ pub enum Command {
     Bench(bench::BenchCmd),
     /// Serve models over HTTP: TEI-style routes, KServe/Triton v2, metrics, a web page.
     Serve(serve::ServeCmd),
+    /// Load a running `beit serve` on this machine: throughput, latency percentiles, 429s.
+    #[cfg(feature = "download")]
+    BenchServer(bench_server::BenchServerCmd),
 }
 
 /// `--matmul-precision`, on the commands that run inference models (training has --precision).
@@ -90,6 +95,8 @@ impl Command {
             Command::Attention(c) => Some(&c.matmul),
             Command::Bench(c) => Some(&c.matmul),
             Command::Serve(c) => Some(&c.matmul),
+            #[cfg(feature = "download")]
+            Command::BenchServer(_) => None,
             Command::Train(_) | Command::Pretrain(_) | Command::Tokenizer(_) => None,
             Command::Preprocess(_) => None,
         }
@@ -293,6 +300,8 @@ pub fn run() -> Result<()> {
         Command::Attention(cmd) => cmd.run(&dev),
         Command::Bench(cmd) => cmd.run(&dev),
         Command::Serve(cmd) => cmd.run(&dev),
+        #[cfg(feature = "download")]
+        Command::BenchServer(cmd) => cmd.run(),
     }
 }
 

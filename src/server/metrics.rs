@@ -47,6 +47,8 @@ pub struct Metrics {
     batch_size: HistogramFamily<ModelLabel>,
     queue_duration: HistogramFamily<ModelLabel>,
     inference_duration: HistogramFamily<ModelLabel>,
+    resident: Gauge,
+    peak_resident: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -101,8 +103,22 @@ impl Metrics {
             "Time of one batch's forward pass and post-processing",
             inference_duration.clone(),
         );
+        let resident = Gauge::default();
+        registry.register(
+            "process_resident_memory_bytes",
+            "Resident memory of the server process",
+            resident.clone(),
+        );
+        let peak_resident = Gauge::default();
+        registry.register(
+            "process_peak_resident_memory_bytes",
+            "Peak resident memory of the server process",
+            peak_resident.clone(),
+        );
         Self {
             registry,
+            resident,
+            peak_resident,
             requests,
             request_duration,
             images,
@@ -157,9 +173,27 @@ impl Metrics {
 
     /// The text exposition.
     pub fn render(&self) -> String {
+        if let Some((now, peak)) = process_memory() {
+            self.resident.set(now as i64);
+            self.peak_resident.set(peak as i64);
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// Resident and peak resident memory of this process in bytes (Linux).
+fn process_memory() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|v| v * 1024)
+    };
+    Some((kb("VmRSS:")?, kb("VmHWM:")?))
 }

@@ -6,6 +6,8 @@
 pub mod backend;
 pub mod error;
 pub mod kserve;
+#[cfg(feature = "download")]
+pub mod load;
 pub mod metrics;
 pub mod queue;
 pub mod request;
