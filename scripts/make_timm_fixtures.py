@@ -12,6 +12,9 @@ together with `expected.safetensors`:
 - `image_pixel_values`: timm's eval transform (`resolve_data_config` + `create_transform`) of
   the committed `tests/fixtures/timm/image.png` for this model's `pretrained_cfg`.
 
+`transforms/` holds timm's eval transform of the same image for more `pretrained_cfg`
+settings (`cases.json`, `expected.safetensors`), without a model.
+
 Usage: /root/venv/bin/python scripts/make_timm_fixtures.py [OUT_DIR]
 (default tests/fixtures/timm). Needs `pip install timm` (with torch, safetensors, Pillow).
 With --base it also writes a full-size beitv2_base_patch16_224 case to OUT_DIR/../timm_base
@@ -155,6 +158,37 @@ def make_case(case, out_root, image, gen):
     print(case["name"], cfg["architecture"], "logits", tuple(logits.shape), "data", data_cfg)
 
 
+# Eval transforms alone (no model): settings whose resize/crop rounding differ from
+# transformers' (torchvision's round-half-even crop offset, ResizeKeepRatio for non-square
+# input sizes, squash mode) and the other filters.
+TRANSFORMS = [
+    dict(name="crop_round_up_bicubic", input_size=(3, 32, 32), crop_pct=0.8, interpolation="bicubic"),
+    dict(name="non_square_bilinear", input_size=(3, 24, 40), crop_pct=0.95, interpolation="bilinear",
+         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    dict(name="squash_lanczos", input_size=(3, 28, 28), crop_pct=0.9, interpolation="lanczos",
+         crop_mode="squash"),
+    dict(name="nearest_default_crop", input_size=(3, 30, 30), interpolation="nearest"),
+    dict(name="box", input_size=(3, 20, 20), crop_pct=0.7, interpolation="box"),
+    dict(name="hamming", input_size=(3, 21, 21), crop_pct=0.85, interpolation="hamming"),
+]
+
+
+def make_transforms(out_root, image):
+    out = os.path.join(out_root, "transforms")
+    os.makedirs(out, exist_ok=True)
+    tensors = {}
+    cases = []
+    for case in TRANSFORMS:
+        pcfg = {k: v for k, v in case.items() if k != "name"}
+        data_cfg = resolve_data_config({}, pretrained_cfg=pcfg)
+        tensors[case["name"]] = create_transform(**data_cfg, is_training=False)(image).contiguous()
+        cases.append(dict(name=case["name"], pretrained_cfg=pcfg))
+        print("transform", case["name"], tuple(tensors[case["name"]].shape), data_cfg)
+    save_file(tensors, os.path.join(out, "expected.safetensors"))
+    with open(os.path.join(out, "cases.json"), "w") as f:
+        json.dump(cases, f, indent=1)
+
+
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     out_root = args[0] if args else os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "timm")
@@ -165,6 +199,7 @@ def main():
     for case in CASES:
         make_case(case, out_root, image, gen)
     make_case(NOT_BEIT, out_root, image, gen)
+    make_transforms(out_root, image)
     if "--base" in sys.argv:
         base = dict(
             name="beitv2_base_full",

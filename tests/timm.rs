@@ -39,10 +39,13 @@ fn logits_diff(case: &str) -> f64 {
     // The reference must be non-trivial for the comparison to mean something.
     let spread = w.iter().fold(0.0f64, |m, v| m.max(v.abs()));
     assert!(spread > 0.1, "{case}: timm logits are all near zero");
-    g.iter()
+    let d = g
+        .iter()
         .zip(&w)
         .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max)
+        .fold(0.0, f64::max);
+    eprintln!("{case}: logits max |diff| = {d:.3e}");
+    d
 }
 
 #[test]
@@ -176,5 +179,92 @@ fn unsupported_or_broken_timm_weights_are_clear_errors() {
     assert!(msg.contains("global_pool"), "{msg}");
     for d in [dir, dir2, dir3, dir4] {
         let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+/// Largest |a - b| between beit-rs' processing of the fixture image (the processor
+/// `classify`/`embed`/... pick for the folder) and timm's eval transform.
+fn pixel_diff(case: &str) -> f64 {
+    let dir = timm_root().join(case);
+    let cfg = BeitConfig::from_pretrained(&dir).unwrap();
+    let proc = beit::tasks::inputs::load_processor(&dir, Some(&cfg)).unwrap();
+    assert!(proc.timm.is_some(), "{case}: timm's transform not picked");
+    let got = proc
+        .preprocess_paths(&[timm_root().join("image.png")], None)
+        .unwrap()
+        .pixel_values;
+    let expected = load_safetensors(&dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+    let want = &expected["image_pixel_values"];
+    assert_eq!(got.dims(), want.dims(), "{case}");
+    // Compare in unnormalised units (x * std), where one 8-bit level is 1/255.
+    let std = &proc.image_std;
+    let g = common::f64_values(&got);
+    let w = common::f64_values(want);
+    let plane = g.len() / 3;
+    let d = g
+        .iter()
+        .zip(&w)
+        .enumerate()
+        .map(|(i, (a, b))| (a - b).abs() * std[i / plane])
+        .fold(0.0, f64::max);
+    eprintln!(
+        "{case}: pixel values max |diff| x std = {d:.3e} (1/255 = {:.3e})",
+        1.0 / 255.0
+    );
+    d
+}
+
+#[test]
+fn processor_matches_timm_eval_transform_bicubic_crop_0875() {
+    let d = pixel_diff("beit_base_rel");
+    assert!(d <= 1.0 / 255.0, "max |diff| {d} (x std)");
+}
+
+#[test]
+fn processor_matches_timm_eval_transform_bicubic_crop_09_imagenet_mean() {
+    let d = pixel_diff("beitv2_base");
+    assert!(d <= 1.0 / 255.0, "max |diff| {d} (x std)");
+}
+
+#[test]
+fn processor_matches_timm_eval_transform_bilinear_crop_1() {
+    let d = pixel_diff("beit_abs_shared_token");
+    assert!(d <= 1.0 / 255.0, "max |diff| {d} (x std)");
+}
+
+/// More `pretrained_cfg` settings (tests/fixtures/timm/transforms): round-half-even crop
+/// offsets, non-square input sizes (timm's ResizeKeepRatio), squash mode and every filter.
+#[test]
+fn processor_matches_timm_eval_transforms_for_more_settings() {
+    let root = timm_root().join("transforms");
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("cases.json")).unwrap()).unwrap();
+    let expected = load_safetensors(&root.join("expected.safetensors"), &Device::Cpu).unwrap();
+    let cases = cases.as_array().unwrap();
+    assert!(cases.len() >= 5);
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let pcfg = case["pretrained_cfg"].as_object().unwrap();
+        let proc = beit::processor::BeitImageProcessor::from_timm_pretrained_cfg(pcfg, (224, 224))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let got = proc
+            .preprocess_paths(&[timm_root().join("image.png")], None)
+            .unwrap()
+            .pixel_values
+            .squeeze(0)
+            .unwrap();
+        let want = &expected[name];
+        assert_eq!(got.dims(), want.dims(), "{name}");
+        let g = common::f64_values(&got);
+        let w = common::f64_values(want);
+        let plane = g.len() / 3;
+        let d = g
+            .iter()
+            .zip(&w)
+            .enumerate()
+            .map(|(i, (a, b))| (a - b).abs() * proc.image_std[i / plane])
+            .fold(0.0, f64::max);
+        eprintln!("transform {name}: pixel values max |diff| x std = {d:.3e}");
+        assert!(d <= 1.0 / 255.0, "{name}: max |diff| {d} (x std)");
     }
 }
