@@ -268,3 +268,88 @@ fn processor_matches_timm_eval_transforms_for_more_settings() {
         assert!(d <= 1.0 / 255.0, "{name}: max |diff| {d} (x std)");
     }
 }
+
+/// A Hugging Face cache holding `repo_id` at one commit, built as huggingface_hub writes it
+/// (blobs, relative snapshot links, refs/main), with the files of the fixture folder `case`.
+fn fake_hf_cache(cache: &Path, repo_id: &str, case: &str) {
+    let repo = cache.join(format!("models--{}", repo_id.replace('/', "--")));
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let snap = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    for (i, f) in ["config.json", "model.safetensors"].iter().enumerate() {
+        let blob = format!("blob{i}");
+        std::fs::copy(
+            timm_root().join(case).join(f),
+            repo.join("blobs").join(&blob),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(format!("../../blobs/{blob}"), snap.join(f)).unwrap();
+    }
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+}
+
+#[test]
+fn timm_hub_ids_resolve_from_the_hf_cache() {
+    let tmp = std::env::temp_dir().join(format!("beit-timm-hub-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let repo_id = "timm/beitv2_base_patch16_224.in1k_ft_in22k_in1k";
+    fake_hf_cache(&tmp, repo_id, "beitv2_base");
+
+    // The library: the id resolves offline to the snapshot, which loads as timm's layout.
+    let files = beit::hub::HubOptions::from_vars(|_| None)
+        .with_cache_dir(&tmp)
+        .with_offline(true)
+        .resolve(repo_id)
+        .unwrap();
+    assert!(files.is_timm());
+    let (model, _) = AutoModel::from_pretrained(&files.dir, DType::F32, &Device::Cpu).unwrap();
+    let expected = load_safetensors(
+        &timm_root().join("beitv2_base/expected.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let out = model
+        .forward(&expected["pixel_values"], &ForwardOptions::default())
+        .unwrap();
+    let d = common::f64_values(&out.tensors["logits"])
+        .iter()
+        .zip(common::f64_values(&expected["logits"]))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(d < 1e-4, "max |diff| {d}");
+
+    // The CLI: `beit classify --model timm/...` with the cache in HF_HUB_CACHE, offline; the
+    // image goes through timm's transform (the same top class as the library path).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_beit"))
+        .args(["classify", "--model", repo_id, "--json", "--top-k", "1"])
+        .arg(timm_root().join("image.png"))
+        .env("HF_HUB_CACHE", &tmp)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let cfg = BeitConfig::from_pretrained(&files.dir).unwrap();
+    let proc = beit::tasks::inputs::load_processor(&files.dir, Some(&cfg)).unwrap();
+    let pv = proc
+        .preprocess_paths(&[timm_root().join("image.png")], None)
+        .unwrap()
+        .pixel_values;
+    let logits = model
+        .forward(&pv, &ForwardOptions::default())
+        .unwrap()
+        .tensors["logits"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let best = (0..logits.len())
+        .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
+        .unwrap();
+    let label = cfg.id2label_vec()[best].clone();
+    assert!(stdout.contains(&label), "top class {label} not in {stdout}");
+    let _ = std::fs::remove_dir_all(&tmp);
+}
