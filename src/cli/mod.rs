@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod attention;
 mod bench;
 mod classify;
+mod convert;
 mod embed;
 mod forward;
 mod help;
@@ -61,6 +62,9 @@ pub enum Command {
     Attention(attention::AttentionCmd),
     /// Measure latency, throughput, peak memory and load time on random-weight models.
     Bench(bench::BenchCmd),
+    /// Convert a checkpoint (transformers or timm folder, unilm .pth) to transformers' or
+    /// timm's layout, optionally at another image size.
+    Convert(convert::ConvertCmd),
 }
 
 /// `--matmul-precision`, on the commands that run inference models (training has --precision).
@@ -87,7 +91,7 @@ impl Command {
             Command::Attention(c) => Some(&c.matmul),
             Command::Bench(c) => Some(&c.matmul),
             Command::Train(_) | Command::Pretrain(_) | Command::Tokenizer(_) => None,
-            Command::Preprocess(_) => None,
+            Command::Preprocess(_) | Command::Convert(_) => None,
         }
     }
 }
@@ -288,6 +292,7 @@ pub fn run() -> Result<()> {
         Command::Mim(cmd) => cmd.run(&dev),
         Command::Attention(cmd) => cmd.run(&dev),
         Command::Bench(cmd) => cmd.run(&dev),
+        Command::Convert(cmd) => cmd.run(),
     }
 }
 
