@@ -17,10 +17,10 @@ use regex::Regex;
 
 use crate::error::{to_candle, BeitError, Result};
 
+pub mod convert;
 pub mod pickle_bounds;
 pub mod timm;
 pub mod unilm;
-pub mod convert;
 
 /// Where a tensor lives.
 enum Store {

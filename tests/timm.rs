@@ -353,3 +353,176 @@ fn timm_hub_ids_resolve_from_the_hf_cache() {
     assert!(stdout.contains(&label), "top class {label} not in {stdout}");
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// Largest |a - b| between two logits tensors.
+fn max_diff(got: &candle_core::Tensor, want: &candle_core::Tensor) -> f64 {
+    assert_eq!(got.dims(), want.dims());
+    common::f64_values(got)
+        .iter()
+        .zip(common::f64_values(want))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max)
+}
+
+fn unilm_root() -> PathBuf {
+    common::repo_root().join("tests/fixtures/unilm")
+}
+
+#[test]
+fn unilm_checkpoints_load_with_the_config_read_from_shapes() {
+    let dev = Device::Cpu;
+    for (name, arch) in [
+        ("beitv2_ft", Architecture::BeitForImageClassification),
+        ("beit_pt", Architecture::BeitForMaskedImageModeling),
+    ] {
+        let file = unilm_root().join(format!("{name}.pth"));
+        let (model, cfg) = AutoModel::from_unilm(&file, None, DType::F32, &dev)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(model.architecture(), arch, "{name}");
+        let expected = load_safetensors(
+            &unilm_root().join(format!("{name}.expected.safetensors")),
+            &dev,
+        )
+        .unwrap();
+        let out = model
+            .forward(&expected["pixel_values"], &ForwardOptions::default())
+            .unwrap();
+        let d = max_diff(&out.tensors["logits"], &expected["logits"]);
+        eprintln!("unilm {name}: logits max |diff| = {d:.3e}");
+        assert!(d < 1e-4, "{name}: max |diff| {d}");
+        if name == "beit_pt" {
+            assert!(cfg.use_shared_relative_position_bias && cfg.use_mask_token);
+            assert_eq!(cfg.vocab_size, 24);
+        }
+    }
+}
+
+#[test]
+fn image_size_with_absolute_position_embeddings_is_refused() {
+    // Only relative position tables are resized.
+    let dir = std::env::temp_dir().join(format!("beit-unilm-abs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("out");
+    let res = beit::weights::convert::convert(
+        &timm_root().join("beit_abs_shared_token"),
+        &out,
+        &beit::weights::convert::ConvertOptions {
+            to: beit::weights::convert::ConvertTo::Hf,
+            image_size: Some(64),
+            config: None,
+            overwrite: false,
+        },
+    );
+    let msg = res.unwrap_err().to_string();
+    assert!(msg.contains("absolute position"), "{msg}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn convert_to(
+    input: &Path,
+    out: &Path,
+    to: beit::weights::convert::ConvertTo,
+    image_size: Option<usize>,
+) -> beit::weights::convert::Converted {
+    beit::weights::convert::convert(
+        input,
+        out,
+        &beit::weights::convert::ConvertOptions {
+            to,
+            image_size,
+            config: None,
+            overwrite: false,
+        },
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", input.display()))
+}
+
+/// timm folder -> transformers folder -> timm folder: each loads and gives timm's logits; the
+/// unilm file converts too; an existing output is refused without --overwrite.
+#[test]
+fn convert_round_trips_keep_the_logits() {
+    use beit::weights::convert::ConvertTo;
+    let dev = Device::Cpu;
+    let tmp = std::env::temp_dir().join(format!("beit-convert-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    for case in ["beit_base_rel", "beitv2_base", "beit_abs_shared_token"] {
+        let expected =
+            load_safetensors(&timm_root().join(case).join("expected.safetensors"), &dev).unwrap();
+        let hf = tmp.join(format!("{case}-hf"));
+        convert_to(&timm_root().join(case), &hf, ConvertTo::Hf, None);
+        let text = std::fs::read_to_string(hf.join("config.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(
+            v["id2label"].is_object() && v.get("architecture").is_none(),
+            "{text}"
+        );
+        assert!(hf.join("preprocessor_config.json").is_file());
+        let back = tmp.join(format!("{case}-timm"));
+        convert_to(&hf, &back, ConvertTo::Timm, None);
+        for dir in [&hf, &back] {
+            let (model, _) = AutoModel::from_pretrained(dir, DType::F32, &dev).unwrap();
+            let out = model
+                .forward(&expected["pixel_values"], &ForwardOptions::default())
+                .unwrap();
+            let d = max_diff(&out.tensors["logits"], &expected["logits"]);
+            eprintln!(
+                "convert {case} -> {}: logits max |diff| = {d:.3e}",
+                dir.display()
+            );
+            assert!(d < 1e-4, "{case} {}: {d}", dir.display());
+        }
+        // Labels survive both ways.
+        let a = BeitConfig::from_pretrained(timm_root().join(case)).unwrap();
+        let b = BeitConfig::from_pretrained(&back).unwrap();
+        assert_eq!(a.id2label_vec(), b.id2label_vec());
+    }
+    // unilm .pth -> transformers folder.
+    let hf = tmp.join("unilm-hf");
+    convert_to(
+        &unilm_root().join("beitv2_ft.pth"),
+        &hf,
+        ConvertTo::Hf,
+        None,
+    );
+    let expected =
+        load_safetensors(&unilm_root().join("beitv2_ft.expected.safetensors"), &dev).unwrap();
+    let (model, _) = AutoModel::from_pretrained(&hf, DType::F32, &dev).unwrap();
+    let out = model
+        .forward(&expected["pixel_values"], &ForwardOptions::default())
+        .unwrap();
+    assert!(max_diff(&out.tensors["logits"], &expected["logits"]) < 1e-4);
+
+    // The output policy: existing files are kept without --overwrite.
+    let before = std::fs::read(hf.join("model.safetensors")).unwrap();
+    let err = beit::weights::convert::convert(
+        &unilm_root().join("beitv2_ft.pth"),
+        &hf,
+        &beit::weights::convert::ConvertOptions {
+            to: ConvertTo::Hf,
+            image_size: Some(64),
+            config: None,
+            overwrite: false,
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("--overwrite"), "{err}");
+    assert_eq!(std::fs::read(hf.join("model.safetensors")).unwrap(), before);
+
+    // --image-size: the tables grow, the model runs at the new size.
+    let big = tmp.join("v2-64");
+    let c = convert_to(
+        &timm_root().join("beitv2_base"),
+        &big,
+        ConvertTo::Hf,
+        Some(64),
+    );
+    assert_eq!(c.config.image_size.hw(), (64, 64));
+    let (model, _) = AutoModel::from_pretrained(&big, DType::F32, &dev).unwrap();
+    let x = candle_core::Tensor::randn(0f32, 1.0, (1, 3, 64, 64), &dev).unwrap();
+    let out = model.forward(&x, &ForwardOptions::default()).unwrap();
+    assert_eq!(out.tensors["logits"].dims(), [1, 5]);
+    let _ = std::fs::remove_dir_all(&tmp);
+}

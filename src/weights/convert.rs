@@ -101,7 +101,8 @@ fn read_source(input: &Path, config: Option<&Path>) -> Result<Source> {
     let ckpt = Arc::new(ckpt);
     // Building the model checks every tensor's presence and shape; what it does not use is
     // not written.
-    let _model = AutoModel::from_checkpoint(arch, &cfg, ckpt.clone(), DType::F32, &Device::Cpu, input)?;
+    let _model =
+        AutoModel::from_checkpoint(arch, &cfg, ckpt.clone(), DType::F32, &Device::Cpu, input)?;
     let unused = ckpt.unused();
     let mut tensors = HashMap::new();
     for name in ckpt.names() {
@@ -258,7 +259,9 @@ fn resize(src: &mut Source, size: usize) -> Result<()> {
     } else {
         match (p.do_center_crop, p.size.shortest_edge, p.crop_size.height) {
             (true, Some(se), Some(c)) if c > 0 => {
-                p.size = SizeDict::with_shortest_edge((u64::from(se) * u64::from(s) / u64::from(c)) as u32);
+                p.size = SizeDict::with_shortest_edge(
+                    (u64::from(se) * u64::from(s) / u64::from(c)) as u32,
+                );
                 p.crop_size = SizeDict::new(s, s);
             }
             _ => {
@@ -279,7 +282,12 @@ fn resize(src: &mut Source, size: usize) -> Result<()> {
 }
 
 /// Check every output file before writing any (the crate's output policy).
-fn check_outputs(out: &Path, names: &[&str], src: &Source, overwrite: bool) -> Result<Vec<PathBuf>> {
+fn check_outputs(
+    out: &Path,
+    names: &[&str],
+    src: &Source,
+    overwrite: bool,
+) -> Result<Vec<PathBuf>> {
     match std::fs::symlink_metadata(out) {
         Ok(m) if !m.is_dir() => {
             return Err(BeitError::file(out, "exists and is not a folder"));
@@ -336,7 +344,11 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
 }
 
 fn write_hf(mut src: Source, out: &Path, overwrite: bool) -> Result<Converted> {
-    let names = ["config.json", "model.safetensors", "preprocessor_config.json"];
+    let names = [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ];
     let files = check_outputs(out, &names, &src, overwrite)?;
     std::fs::create_dir_all(out).map_err(|e| BeitError::file(out, e.to_string()))?;
     src.cfg.extra.remove("timm_architecture");
@@ -353,7 +365,8 @@ fn write_hf(mut src: Source, out: &Path, overwrite: bool) -> Result<Converted> {
     // config.json last: a folder with a config is a complete model.
     let tmp = tempdir_beside(out)?;
     src.cfg.save_pretrained(&tmp)?;
-    let text = std::fs::read(tmp.join("config.json")).map_err(|e| BeitError::file(&tmp, e.to_string()));
+    let text =
+        std::fs::read(tmp.join("config.json")).map_err(|e| BeitError::file(&tmp, e.to_string()));
     let _ = std::fs::remove_dir_all(&tmp);
     crate::output::write_bytes(&files[0], &text?)?;
     Ok(Converted {
@@ -472,7 +485,10 @@ fn write_timm(src: Source, out: &Path, overwrite: bool) -> Result<Converted> {
     if let Some(k) = left.first() {
         return Err(BeitError::config(
             "weights",
-            format!("tensor `{k}` has no place in timm's Beit ({} such tensors)", left.len()),
+            format!(
+                "tensor `{k}` has no place in timm's Beit ({} such tensors)",
+                left.len()
+            ),
         ));
     }
     std::fs::create_dir_all(out).map_err(|e| BeitError::file(out, e.to_string()))?;
@@ -516,8 +532,15 @@ fn write_timm(src: Source, out: &Path, overwrite: bool) -> Result<Converted> {
                 TimmCropMode::Squash => "squash",
             },
         ),
-        None => match (p.do_center_crop, p.size.shortest_edge, p.crop_size.height, p.crop_size.width) {
-            (true, Some(se), Some(ch), Some(cw)) => ((ch, cw), f64::from(ch) / f64::from(se), "center"),
+        None => match (
+            p.do_center_crop,
+            p.size.shortest_edge,
+            p.crop_size.height,
+            p.crop_size.width,
+        ) {
+            (true, Some(se), Some(ch), Some(cw)) => {
+                ((ch, cw), f64::from(ch) / f64::from(se), "center")
+            }
             _ => ((h as u32, w as u32), 1.0, "squash"),
         },
     };
@@ -529,7 +552,10 @@ fn write_timm(src: Source, out: &Path, overwrite: bool) -> Result<Converted> {
         .unwrap_or_default();
     for (k, v) in [
         ("input_size", json!([3, input.0, input.1])),
-        ("interpolation", json!(p.resample.name().to_ascii_lowercase())),
+        (
+            "interpolation",
+            json!(p.resample.name().to_ascii_lowercase()),
+        ),
         ("crop_pct", json!(crop_pct)),
         ("crop_mode", json!(crop_mode)),
         ("mean", json!(p.image_mean)),

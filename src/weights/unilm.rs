@@ -68,7 +68,11 @@ pub fn infer_config(ckpt: &Checkpoint) -> Result<BeitConfig> {
     };
     let d = match need("cls_token")?.as_slice() {
         [1, 1, d] if *d > 0 => *d,
-        other => return Err(terr(format!("`cls_token` has shape {other:?}, expected [1, 1, D]"))),
+        other => {
+            return Err(terr(format!(
+                "`cls_token` has shape {other:?}, expected [1, 1, D]"
+            )))
+        }
     };
     let (channels, patch) = match need("patch_embed.proj.weight")?.as_slice() {
         [o, c, p, q] if *o == d && p == q && *p > 0 => (*c, *p),
