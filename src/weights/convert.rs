@@ -520,7 +520,9 @@ fn write_timm(src: Source, out: &Path, overwrite: bool) -> Result<Converted> {
         "use_abs_pos_emb": cfg.use_absolute_position_embeddings,
         "use_rel_pos_bias": cfg.use_relative_position_bias,
         "use_shared_rel_pos_bias": cfg.use_shared_relative_position_bias,
-        "init_values": if cfg.layer_scale_init_value > 0.0 { json!(cfg.layer_scale_init_value) } else { Value::Null },
+        // 0, not null: timm's create_model drops None arguments (the architecture's default
+        // would then add layer scale).
+        "init_values": cfg.layer_scale_init_value.max(0.0),
     });
     let p = &src.processor;
     let (input, crop_pct, crop_mode) = match &p.timm {
