@@ -226,7 +226,7 @@ impl BeitImageProcessor {
             None => IMAGENET_DEFAULT_STD,
             Some(v) => num3(v, "std")?,
         };
-        if image_std.iter().any(|s| *s == 0.0) {
+        if image_std.contains(&0.0) {
             return Err(err("pretrained_cfg.std must not contain 0"));
         }
         let crop_mode = match truthy(pcfg, "crop_mode").map(|v| v.as_str()) {

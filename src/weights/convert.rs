@@ -221,7 +221,7 @@ pub fn resize_rel_pos_table(
 /// Change the image size: relative position tables resized, config and processor updated.
 fn resize(src: &mut Source, size: usize) -> Result<()> {
     let patch = src.cfg.patch();
-    if size == 0 || size % patch != 0 {
+    if size == 0 || !size.is_multiple_of(patch) {
         return Err(BeitError::config(
             "image_size",
             format!("--image-size {size} is not a positive multiple of the patch size {patch}"),

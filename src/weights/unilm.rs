@@ -120,7 +120,7 @@ pub fn infer_config(ckpt: &Checkpoint) -> Result<BeitConfig> {
             ))
         }
     };
-    if d % num_heads != 0 {
+    if !d.is_multiple_of(num_heads) {
         return Err(terr(format!(
             "width {d} is not a multiple of the {num_heads} heads of the relative position tables"
         )));
