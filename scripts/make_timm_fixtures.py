@@ -12,6 +12,9 @@ together with `expected.safetensors`:
 - `image_pixel_values`: timm's eval transform (`resolve_data_config` + `create_transform`) of
   the committed `tests/fixtures/timm/image.png` for this model's `pretrained_cfg`.
 
+`transforms/` holds timm's eval transform of the same image for more `pretrained_cfg`
+settings (`cases.json`, `expected.safetensors`), without a model.
+
 Usage: /root/venv/bin/python scripts/make_timm_fixtures.py [OUT_DIR]
 (default tests/fixtures/timm). Needs `pip install timm` (with torch, safetensors, Pillow).
 With --base it also writes a full-size beitv2_base_patch16_224 case to OUT_DIR/../timm_base
@@ -155,6 +158,135 @@ def make_case(case, out_root, image, gen):
     print(case["name"], cfg["architecture"], "logits", tuple(logits.shape), "data", data_cfg)
 
 
+# Eval transforms alone (no model): settings whose resize/crop rounding differ from
+# transformers' (torchvision's round-half-even crop offset, ResizeKeepRatio for non-square
+# input sizes, squash mode) and the other filters.
+TRANSFORMS = [
+    dict(name="crop_round_up_bicubic", input_size=(3, 32, 32), crop_pct=0.8, interpolation="bicubic"),
+    dict(name="non_square_bilinear", input_size=(3, 24, 40), crop_pct=0.95, interpolation="bilinear",
+         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    dict(name="squash_lanczos", input_size=(3, 28, 28), crop_pct=0.9, interpolation="lanczos",
+         crop_mode="squash"),
+    dict(name="nearest_default_crop", input_size=(3, 30, 30), interpolation="nearest"),
+    dict(name="box", input_size=(3, 20, 20), crop_pct=0.7, interpolation="box"),
+    dict(name="hamming", input_size=(3, 21, 21), crop_pct=0.85, interpolation="hamming"),
+]
+
+
+def make_transforms(out_root, image):
+    out = os.path.join(out_root, "transforms")
+    os.makedirs(out, exist_ok=True)
+    tensors = {}
+    cases = []
+    for case in TRANSFORMS:
+        pcfg = {k: v for k, v in case.items() if k != "name"}
+        data_cfg = resolve_data_config({}, pretrained_cfg=pcfg)
+        tensors[case["name"]] = create_transform(**data_cfg, is_training=False)(image).contiguous()
+        cases.append(dict(name=case["name"], pretrained_cfg=pcfg))
+        print("transform", case["name"], tuple(tensors[case["name"]].shape), data_cfg)
+    save_file(tensors, os.path.join(out, "expected.safetensors"))
+    with open(os.path.join(out, "cases.json"), "w") as f:
+        json.dump(cases, f, indent=1)
+
+
+def make_unilm(out_root, gen):
+    """Original unilm layout (`.pth`, state dict under `model`, `relative_position_index`
+    buffers): a fine-tuned BEiT v2 (reference: timm's logits) and a pre-training checkpoint
+    with the shared relative position bias, `mask_token` and the MIM head `lm_head`
+    (reference: transformers' BeitForMaskedImageModeling after the renames of transformers'
+    convert_beit_unilm_to_pytorch.py)."""
+    out = os.path.join(out_root, "..", "unilm")
+    os.makedirs(out, exist_ok=True)
+
+    def index_buffers(model, sd):
+        for name, buf in model.named_buffers():
+            if name.endswith("relative_position_index"):
+                sd[name] = buf.clone()
+        return sd
+
+    # Fine-tuned (per-block tables, layer scale, fc_norm + head).
+    ft = timm.create_model("beitv2_base_patch16_224", pretrained=False, embed_dim=32, depth=2,
+                           num_heads=4, mlp_ratio=2.0, img_size=48, num_classes=4)
+    randomize(ft, gen)
+    ft.eval()
+    sd = index_buffers(ft, dict(ft.state_dict()))
+    torch.save({"model": sd, "epoch": 7, "args": "unilm"}, os.path.join(out, "beitv2_ft.pth"))
+    pv = torch.randn((2, 3, 48, 48), generator=gen)
+    with torch.no_grad():
+        logits = ft(pv)
+    save_file({"pixel_values": pv, "logits": logits.contiguous()},
+              os.path.join(out, "beitv2_ft.expected.safetensors"))
+
+    # Pre-training (shared table, no pooling head, mask token, lm_head).
+    pt = timm.create_model("beit_base_patch16_224", pretrained=False, embed_dim=16, depth=2,
+                           num_heads=2, img_size=32, patch_size=8, num_classes=0,
+                           use_abs_pos_emb=False, use_rel_pos_bias=False,
+                           use_shared_rel_pos_bias=True, global_pool="token")
+    randomize(pt, gen)
+    pt.eval()
+    sd = index_buffers(pt, dict(pt.state_dict()))
+    vocab = 24
+    sd["mask_token"] = torch.randn((1, 1, 16), generator=gen)
+    sd["lm_head.weight"] = torch.randn((vocab, 16), generator=gen) * 0.5
+    sd["lm_head.bias"] = torch.randn((vocab,), generator=gen) * 0.5
+    torch.save({"model": sd}, os.path.join(out, "beit_pt.pth"))
+
+    from transformers import BeitConfig, BeitForMaskedImageModeling
+    cfg = BeitConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, image_size=32, patch_size=8, vocab_size=vocab,
+                     use_mask_token=True, use_shared_relative_position_bias=True,
+                     use_relative_position_bias=False, layer_scale_init_value=0.1,
+                     layer_norm_eps=1e-6)
+    hf = {}
+    for k, v in sd.items():
+        if k.endswith("relative_position_index"):
+            continue
+        if k.startswith("blocks."):
+            i, rest = k[7:].split(".", 1)
+            L = f"beit.encoder.layer.{i}"
+            A = f"{L}.attention.attention"
+            if rest == "attn.qkv.weight":
+                q, kk, vv = v.chunk(3, 0)
+                hf[f"{A}.query.weight"], hf[f"{A}.key.weight"], hf[f"{A}.value.weight"] = q, kk, vv
+                continue
+            m = {"norm1": f"{L}.layernorm_before", "norm2": f"{L}.layernorm_after",
+                 "attn.proj": f"{L}.attention.output.dense", "mlp.fc1": f"{L}.intermediate.dense",
+                 "mlp.fc2": f"{L}.output.dense"}
+            if rest == "attn.q_bias":
+                hf[f"{A}.query.bias"] = v
+            elif rest == "attn.v_bias":
+                hf[f"{A}.value.bias"] = v
+            elif rest in ("gamma_1", "gamma_2"):
+                hf[f"{L}.lambda_{rest[-1]}"] = v
+            else:
+                mod, p = rest.rsplit(".", 1)
+                hf[f"{m[mod]}.{p}"] = v
+            continue
+        ren = {"cls_token": "beit.embeddings.cls_token", "mask_token": "beit.embeddings.mask_token",
+               "patch_embed.proj.weight": "beit.embeddings.patch_embeddings.projection.weight",
+               "patch_embed.proj.bias": "beit.embeddings.patch_embeddings.projection.bias",
+               "rel_pos_bias.relative_position_bias_table":
+                   "beit.encoder.relative_position_bias.relative_position_bias_table",
+               "norm.weight": "layernorm.weight", "norm.bias": "layernorm.bias"}
+        hf[ren.get(k, k)] = v
+    # The renamed tensors are transformers' hub (4.x) names: from_pretrained maps them.
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg.architectures = ["BeitForMaskedImageModeling"]
+        cfg.save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in hf.items()}, os.path.join(tmp, "model.safetensors"))
+        mim, info = BeitForMaskedImageModeling.from_pretrained(tmp, output_loading_info=True)
+        mim.eval()
+    missing = [m for m in info["missing_keys"] if "relative_position_index" not in m]
+    assert not missing and not info["unexpected_keys"], info
+    pv = torch.randn((2, 3, 32, 32), generator=gen)
+    with torch.no_grad():
+        logits = mim(pixel_values=pv).logits
+    save_file({"pixel_values": pv, "logits": logits.contiguous()},
+              os.path.join(out, "beit_pt.expected.safetensors"))
+    print("unilm fixtures", tuple(logits.shape))
+
+
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     out_root = args[0] if args else os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "timm")
@@ -165,6 +297,8 @@ def main():
     for case in CASES:
         make_case(case, out_root, image, gen)
     make_case(NOT_BEIT, out_root, image, gen)
+    make_transforms(out_root, image)
+    make_unilm(out_root, gen)
     if "--base" in sys.argv:
         base = dict(
             name="beitv2_base_full",

@@ -120,12 +120,46 @@ impl AutoModel {
         crate::memory::model(&cfg, dtype.size_in_bytes() as u64, false)
             .check(&crate::memory::config_fields(&dir.join("config.json")))?;
         let ckpt = Arc::new(Checkpoint::from_dir(dir)?);
+        let model = Self::from_checkpoint(arch, &cfg, ckpt, dtype, device, dir)?;
+        Ok((model, cfg))
+    }
+
+    /// A unilm `.pth` checkpoint ([`crate::weights::unilm`]), its config from `config` (a
+    /// transformers `config.json`) or read from the tensor shapes.
+    pub fn from_unilm(
+        file: &Path,
+        config: Option<&Path>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Self, BeitConfig)> {
+        let ckpt = Arc::new(crate::weights::unilm::open(file)?);
+        let cfg = match config {
+            Some(c) => BeitConfig::from_pretrained(c)?,
+            None => crate::weights::unilm::infer_config(&ckpt)?,
+        };
+        let arch = Architecture::from_config(&cfg)?;
+        crate::memory::model(&cfg, dtype.size_in_bytes() as u64, false).check("the checkpoint")?;
+        let model = Self::from_checkpoint(arch, &cfg, ckpt, dtype, device, file)?;
+        Ok((model, cfg))
+    }
+
+    /// Build `arch` for inference from an open checkpoint (`what`: the file or folder, for
+    /// messages), warning about tensors it did not use.
+    pub fn from_checkpoint(
+        arch: Architecture,
+        cfg: &BeitConfig,
+        ckpt: Arc<Checkpoint>,
+        dtype: DType,
+        device: &Device,
+        what: &Path,
+    ) -> Result<Self> {
+        let dir = what;
         let source = Arc::new(ParamSource::new(
             Some(ckpt.clone()),
             None,
             MissingPolicy::Error,
         ));
-        let model = Self::build(arch, &cfg, source, dtype, device, true).map_err(|e| match e {
+        let model = Self::build(arch, cfg, source, dtype, device, true).map_err(|e| match e {
             BeitError::Candle(c) => BeitError::file(dir, c.to_string()),
             other => other,
         })?;
@@ -143,7 +177,7 @@ impl AutoModel {
                     .join(", ")
             );
         }
-        Ok((model, cfg))
+        Ok(model)
     }
 
     pub fn architecture(&self) -> Architecture {

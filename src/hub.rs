@@ -592,6 +592,7 @@ impl HubOptions {
                 missing = files.missing(self.need_weights);
                 if missing.is_empty() {
                     if files.preprocessor_config.is_none()
+                        && !files.is_timm()
                         && !self.offline
                         && !cache.known_missing(commit, PREPROCESSOR_FILE)
                     {
@@ -734,6 +735,13 @@ impl ModelFiles {
         })
     }
 
+    /// Whether `config.json` is timm's (`architecture` and `pretrained_cfg`, as in the hub's
+    /// `timm/...` repositories): such folders have no `preprocessor_config.json`, their
+    /// transform comes from `pretrained_cfg`.
+    pub fn is_timm(&self) -> bool {
+        self.config.as_deref().is_some_and(is_timm_config_file)
+    }
+
     /// `config.json`, or an error naming the folder.
     pub fn config(&self) -> Result<&Path, HubError> {
         self.config.as_deref().ok_or_else(|| HubError::MissingFile {
@@ -791,6 +799,14 @@ impl ModelFiles {
         }
         missing
     }
+}
+
+/// Whether the `config.json` at `path` is timm's (unreadable or invalid: no).
+fn is_timm_config_file(path: &Path) -> bool {
+    crate::util::read_regular_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| crate::weights::timm::is_timm_config(&v))
 }
 
 /// The shard file names of a `model.safetensors.index.json`, sorted and deduplicated.
@@ -1272,7 +1288,15 @@ impl<'a> Downloader<'a> {
                 what: format!("model '{}' (revision '{}')", self.repo_id, self.revision),
             });
         }
-        self.ensure(PREPROCESSOR_FILE)?;
+        // timm's repositories keep their transform in config.json's `pretrained_cfg`.
+        let timm = self
+            .commit
+            .as_deref()
+            .and_then(|c| self.cache.cached_file(c, CONFIG_FILE))
+            .is_some_and(|p| is_timm_config_file(&p));
+        if !timm {
+            self.ensure(PREPROCESSOR_FILE)?;
+        }
         // Fetching config.json set the commit; this guard only avoids a panic path.
         let Some(commit) = self.commit.clone() else {
             return Err(self.missing_remote(CONFIG_FILE));

@@ -17,8 +17,10 @@ use regex::Regex;
 
 use crate::error::{to_candle, BeitError, Result};
 
+pub mod convert;
 pub mod pickle_bounds;
 pub mod timm;
+pub mod unilm;
 
 /// Where a tensor lives.
 enum Store {
@@ -72,7 +74,7 @@ pub struct Checkpoint {
 }
 
 /// Tensors stored in checkpoints that are not parameters: ignored on load as transformers does.
-fn is_ignored(name: &str) -> bool {
+pub(crate) fn is_ignored(name: &str) -> bool {
     name.ends_with("relative_position_index") || name.ends_with("num_batches_tracked")
 }
 
@@ -183,13 +185,30 @@ impl Checkpoint {
     pub fn from_pth(file: &Path) -> Result<Self> {
         // candle's unpickler has no bounds of its own: judge the archive first.
         let entries = pickle_bounds::check_archive(file)?;
-        let pth = candle_core::pickle::PthTensors::new(file, None)
-            .map_err(|e| BeitError::file(file, format!("cannot read PyTorch checkpoint: {e}")))?;
+        let open = |key: Option<&str>| {
+            candle_core::pickle::PthTensors::new(file, key)
+                .map_err(|e| BeitError::file(file, format!("cannot read PyTorch checkpoint: {e}")))
+        };
+        let mut pth = open(None)?;
+        let mut description = file.display().to_string();
+        // unilm's training checkpoints hold the state dict under `model` (or `module`), beside
+        // optimizer state and the epoch, as timm's and transformers' conversion read them.
+        if pth.tensor_infos().is_empty() {
+            for key in ["model", "module"] {
+                if let Ok(p) = open(Some(key)) {
+                    if !p.tensor_infos().is_empty() {
+                        pth = p;
+                        description = format!("{} (entry `{key}`)", file.display());
+                        break;
+                    }
+                }
+            }
+        }
         for (name, info) in pth.tensor_infos() {
             entries.check_tensor(file, name, info)?;
         }
         let raw: Vec<String> = pth.tensor_infos().keys().cloned().collect();
-        Ok(Self::new(Store::Pth(pth), raw, file.display().to_string()))
+        Ok(Self::new(Store::Pth(pth), raw, description))
     }
 
     fn new(store: Store, mut raw: Vec<String>, description: String) -> Self {
@@ -202,6 +221,8 @@ impl Checkpoint {
         let prefixed = raw
             .iter()
             .any(|n| n.starts_with("beit.") || n.starts_with("data2vec_vision."));
+        // unilm's pre-training checkpoints: the MIM head, whose final norm is the model's.
+        let mim = layout == Layout::Timm && raw.iter().any(|n| n == "lm_head.weight");
         let mut names = HashMap::new();
         for n in raw.iter().filter(|n| !is_ignored(n)) {
             match layout {
@@ -210,7 +231,7 @@ impl Checkpoint {
                 }
                 // Names timm's BEiT does not have keep their own name: the config reader
                 // refuses them (see `timm::unsupported_tensors`).
-                Layout::Timm => match timm::canonical_entries(n) {
+                Layout::Timm => match timm::canonical_entries_with(n, mim) {
                     Some(entries) => names.extend(entries),
                     None => {
                         names.insert(n.clone(), Entry::whole(n));

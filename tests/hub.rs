@@ -611,6 +611,37 @@ fn download_writes_python_layout() {
 }
 
 #[test]
+fn a_timm_repo_downloads_without_asking_for_a_preprocessor_config() {
+    // timm's hub repositories: timm's config.json (architecture + pretrained_cfg), weights, no
+    // preprocessor_config.json (the transform is in pretrained_cfg): it is not asked for, and
+    // no `.no_exist` marker is written for it.
+    let tmp = tempfile::tempdir().unwrap();
+    let repo_id = "timm/beitv2_base_patch16_224.in1k_ft_in22k_in1k";
+    let mut hub = FakeHub::new("https://hub.test", "https://cdn.test");
+    hub.repo = repo_id.into();
+    let cfg = br#"{"architecture": "beitv2_base_patch16_224", "num_classes": 1000, "pretrained_cfg": {"crop_pct": 0.9}}"#;
+    hub.add(COMMIT_A, "config.json", cfg);
+    hub.add(COMMIT_A, "model.safetensors", b"safetensors-bytes");
+    hub.refs.insert("main".into(), COMMIT_A.into());
+    let files = opts(tmp.path()).resolve_with(repo_id, Some(&hub)).unwrap();
+    assert!(files.is_timm());
+    let reqs = hub.requests();
+    assert!(
+        reqs.iter().all(|r| !r.contains("preprocessor_config")),
+        "{reqs:?}"
+    );
+    let repo = tmp.path().join(repo_folder_name(repo_id));
+    assert!(!repo.join(".no_exist").exists());
+    // Cached: resolving again (online) asks the hub nothing.
+    let silent = FakeHub::new("https://hub.test", "https://cdn.test");
+    let cached = opts(tmp.path())
+        .resolve_with(repo_id, Some(&silent))
+        .unwrap();
+    assert_eq!(cached, files);
+    assert!(silent.requests().is_empty(), "{:?}", silent.requests());
+}
+
+#[test]
 fn download_falls_back_through_weight_formats() {
     // Sharded safetensors: model.safetensors 404s, the index and its shards come down.
     let tmp = tempfile::tempdir().unwrap();

@@ -10,6 +10,7 @@ mod bench;
 #[cfg(feature = "download")]
 mod bench_server;
 mod classify;
+mod convert;
 mod embed;
 mod forward;
 mod help;
@@ -69,6 +70,9 @@ pub enum Command {
     /// Load a running `beit serve` on this machine: throughput, latency percentiles, 429s.
     #[cfg(feature = "download")]
     BenchServer(bench_server::BenchServerCmd),
+    /// Convert a checkpoint (transformers or timm folder, unilm .pth) to transformers' or
+    /// timm's layout, optionally at another image size.
+    Convert(convert::ConvertCmd),
 }
 
 /// `--matmul-precision`, on the commands that run inference models (training has --precision).
@@ -98,7 +102,7 @@ impl Command {
             #[cfg(feature = "download")]
             Command::BenchServer(_) => None,
             Command::Train(_) | Command::Pretrain(_) | Command::Tokenizer(_) => None,
-            Command::Preprocess(_) => None,
+            Command::Preprocess(_) | Command::Convert(_) => None,
         }
     }
 }
@@ -302,6 +306,7 @@ pub fn run() -> Result<()> {
         Command::Serve(cmd) => cmd.run(&dev),
         #[cfg(feature = "download")]
         Command::BenchServer(cmd) => cmd.run(),
+        Command::Convert(cmd) => cmd.run(),
     }
 }
 

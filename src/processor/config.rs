@@ -277,6 +277,7 @@ pub(crate) fn from_json_value(v: &Value) -> Result<BeitImageProcessor, Processor
         do_reduce_labels,
         do_convert_rgb,
         decode_options: d.decode_options,
+        timm: None,
     })
 }
 
@@ -335,5 +336,19 @@ pub(crate) fn to_json_value(p: &BeitImageProcessor) -> Value {
     m.insert("resample".into(), p.resample.code().into());
     m.insert("rescale_factor".into(), p.rescale_factor.into());
     m.insert("size".into(), size_to_json(&p.size));
+    if let Some(t) = &p.timm {
+        // Not a transformers key: the processor follows timm's eval transform.
+        m.insert(
+            "timm_eval".into(),
+            serde_json::json!({
+                "input_size": [3, t.input_size.0, t.input_size.1],
+                "crop_pct": t.crop_pct,
+                "crop_mode": match t.crop_mode {
+                    super::TimmCropMode::Center => "center",
+                    super::TimmCropMode::Squash => "squash",
+                },
+            }),
+        );
+    }
     Value::Object(m)
 }

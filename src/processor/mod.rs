@@ -33,9 +33,11 @@ mod config;
 pub mod decode;
 mod libjpeg;
 pub mod resample;
+pub mod timm;
 
 pub use decode::{DecodeError, DecodeOptions, MAX_IMAGE_PIXELS};
 pub use resample::{PILImageResampling, ResampleError};
+pub use timm::{TimmCropMode, TimmEval};
 
 use candle_core::{Device, Tensor};
 use image::{DynamicImage, GrayImage, RgbImage};
@@ -367,6 +369,11 @@ pub struct BeitImageProcessor {
     pub do_convert_rgb: Option<bool>,
     /// How files are decoded (not a transformers setting).
     pub decode_options: DecodeOptions,
+    /// timm's eval transform (not a transformers setting; [`timm`]): when set, the resize and
+    /// crop follow timm (`input_size / crop_pct`, torchvision's crop rounding) instead of
+    /// `size` / `crop_size`, and rescaling is `ToTensor`'s float32 `x / 255`. `resample`,
+    /// `image_mean` and `image_std` still apply. Default `None`.
+    pub timm: Option<TimmEval>,
 }
 
 impl Default for BeitImageProcessor {
@@ -385,6 +392,7 @@ impl Default for BeitImageProcessor {
             do_reduce_labels: false,
             do_convert_rgb: None,
             decode_options: DecodeOptions::default(),
+            timm: None,
         }
     }
 }
@@ -454,6 +462,9 @@ impl BeitImageProcessor {
 
     /// The `(height, width)` of `pixel_values` for an input of `height x width`.
     pub fn output_size(&self, height: u32, width: u32) -> Result<(u32, u32)> {
+        if let Some(t) = &self.timm {
+            return Ok(t.input_size);
+        }
         let (mut h, mut w) = (height, width);
         if self.do_resize {
             (h, w) = self.size.output_size(h, w)?;
@@ -502,8 +513,11 @@ impl BeitImageProcessor {
         context: &dyn Fn() -> String,
     ) -> Result<(Vec<u8>, usize, usize)> {
         let (mut buf, mut h, mut w) = (None::<Vec<u8>>, height as usize, width as usize);
-        if self.do_resize {
-            let (th, tw) = self.size.output_size(height, width)?;
+        if self.do_resize || self.timm.is_some() {
+            let (th, tw) = match &self.timm {
+                Some(t) => t.resized_size(height, width)?,
+                None => self.size.output_size(height, width)?,
+            };
             crate::memory::image(h, th as usize, tw as usize, channels)
                 .check("size (preprocessor_config.json)")
                 .map_err(|e| ProcessorError::Config {
@@ -525,7 +539,15 @@ impl BeitImageProcessor {
             buf = Some(out);
             (h, w) = (th as usize, tw as usize);
         }
-        if self.do_center_crop {
+        if let Some(t) = &self.timm {
+            let (ch, cw) = (t.input_size.0 as usize, t.input_size.1 as usize);
+            let src = buf.as_deref().unwrap_or(data);
+            let top = timm::torchvision_crop_offset(h, ch);
+            let left = timm::torchvision_crop_offset(w, cw);
+            let out = crop_window(src, h, w, channels, ch, cw, top, left);
+            buf = Some(out);
+            (h, w) = (ch, cw);
+        } else if self.do_center_crop {
             let (ch, cw) = self.crop_hw()?;
             let src = buf.as_deref().unwrap_or(data);
             let out = center_crop(src, h, w, channels, ch as usize, cw as usize);
@@ -549,7 +571,10 @@ impl BeitImageProcessor {
         for (i, px) in data.chunks_exact(3).enumerate() {
             for c in 0..3 {
                 // `rescale`: float64 multiply, then cast to float32.
-                let mut x = if self.do_rescale {
+                let mut x = if self.timm.is_some() {
+                    // torchvision `ToTensor`: float32 division.
+                    f32::from(px[c]) / 255.0
+                } else if self.do_rescale {
                     (f64::from(px[c]) * self.rescale_factor) as f32
                 } else {
                     f32::from(px[c])
@@ -720,6 +745,31 @@ pub fn center_crop(
 ) -> Vec<u8> {
     let top = (height as i64 - crop_height as i64).div_euclid(2);
     let left = (width as i64 - crop_width as i64).div_euclid(2);
+    crop_window(
+        data,
+        height,
+        width,
+        channels,
+        crop_height,
+        crop_width,
+        top,
+        left,
+    )
+}
+
+/// The `crop_height x crop_width` window of an interleaved image whose top-left corner is at
+/// (`top`, `left`) (negative or past the edge: zero outside the image).
+#[allow(clippy::too_many_arguments)]
+pub fn crop_window(
+    data: &[u8],
+    height: usize,
+    width: usize,
+    channels: usize,
+    crop_height: usize,
+    crop_width: usize,
+    top: i64,
+    left: i64,
+) -> Vec<u8> {
     let mut out = vec![0u8; crop_height * crop_width * channels];
     // Columns of the crop window that fall inside the image.
     let x0 = (-left).clamp(0, crop_width as i64) as usize;

@@ -235,6 +235,18 @@ pub fn load_processor(model: &Path, cfg: Option<&BeitConfig>) -> Result<BeitImag
         None => None,
     };
     match cfg {
+        // A timm-layout checkpoint: timm's eval transform from its `pretrained_cfg`.
+        Some(cfg) if cfg.extra.contains_key("timm_architecture") => {
+            let (h, w) = cfg.image_size.hw();
+            let empty = serde_json::Map::new();
+            let pcfg = cfg
+                .extra
+                .get("timm_pretrained_cfg")
+                .and_then(|v| v.as_object())
+                .unwrap_or(&empty);
+            BeitImageProcessor::from_timm_pretrained_cfg(pcfg, (h as u32, w as u32))
+                .map_err(|e| processor_error(&model.join("config.json"), e))
+        }
         Some(cfg) => {
             let (h, w) = cfg.image_size.hw();
             tracing::warn!(

@@ -41,8 +41,23 @@ fn block_re() -> &'static Regex {
 
 /// The canonical tensors a timm tensor holds (`None` for names timm's BEiT does not have).
 pub(crate) fn canonical_entries(raw: &str) -> Option<Vec<(String, Entry)>> {
+    canonical_entries_with(raw, false)
+}
+
+/// [`canonical_entries`], and with `mim` the names of unilm's pre-training checkpoints
+/// (`mask_token`, `lm_head`, the final `norm` as the MIM model's `layernorm`), as transformers'
+/// `convert_beit_unilm_to_pytorch.py` renames them.
+pub(crate) fn canonical_entries_with(raw: &str, mim: bool) -> Option<Vec<(String, Entry)>> {
     let one = |c: String| Some(vec![(c, Entry::whole(raw))]);
     let emb = "beit.embeddings";
+    if mim {
+        match raw {
+            "mask_token" => return one(format!("{emb}.mask_token")),
+            "lm_head.weight" | "lm_head.bias" => return one(raw.to_string()),
+            "norm.weight" | "norm.bias" => return one(format!("layernorm.{}", &raw[5..])),
+            _ => {}
+        }
+    }
     match raw {
         "cls_token" => return one(format!("{emb}.cls_token")),
         "pos_embed" => return one(format!("{emb}.position_embeddings")),
