@@ -22,9 +22,10 @@ pub struct BenchServerCmd {
     /// Images per request (more than 1: a JSON body with a list of base64 images).
     #[arg(long, default_value_t = 1)]
     pub images_per_request: usize,
-    /// Closed-loop runs: this many concurrent clients each (comma separated).
-    #[arg(long, default_value = "1,8,32", value_delimiter = ',')]
-    pub clients: Vec<usize>,
+    /// Closed-loop runs: this many concurrent clients each (comma separated). [default: 1,8,32
+    /// without --rate, none with it]
+    #[arg(long, value_delimiter = ',')]
+    pub clients: Option<Vec<usize>>,
     /// Open-loop runs: this many requests per second each (comma separated), after the
     /// closed-loop runs; `--max-in-flight` clients send them.
     #[arg(long, value_delimiter = ',')]
@@ -49,6 +50,11 @@ pub struct BenchServerCmd {
 impl BenchServerCmd {
     pub fn run(self) -> Result<()> {
         load::check_loopback(&self.url).map_err(|e| anyhow::anyhow!("--url {e}"))?;
+        let clients = match &self.clients {
+            Some(c) => c.clone(),
+            None if self.rate.is_empty() => vec![1, 8, 32],
+            None => Vec::new(),
+        };
         if !(self.duration > 0.0 && self.duration <= 3600.0) {
             anyhow::bail!("--duration must be between 0 and 3600 seconds");
         }
@@ -76,7 +82,7 @@ impl BenchServerCmd {
         };
         if self.warmup > 0.0 {
             let warm = LoadOptions {
-                clients: self.clients.iter().copied().max().unwrap_or(1),
+                clients: clients.iter().copied().max().unwrap_or(8),
                 ..base.clone()
             };
             let r = load::run(&warm).map_err(anyhow::Error::msg)?;
@@ -111,8 +117,7 @@ impl BenchServerCmd {
                 "batch"
             );
         }
-        let mut runs: Vec<LoadOptions> = self
-            .clients
+        let mut runs: Vec<LoadOptions> = clients
             .iter()
             .map(|&c| LoadOptions {
                 clients: c.max(1),

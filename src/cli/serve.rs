@@ -30,8 +30,9 @@ pub struct ServeCmd {
     /// under load.
     #[arg(long, default_value_t = 0.0)]
     pub max_batch_delay_ms: f64,
-    /// Most images waiting per model; beyond it requests are refused at once with 429.
-    #[arg(long, default_value_t = 256)]
+    /// Most images waiting per model; beyond it requests are refused at once with 429 (which
+    /// bounds the wait in the queue to about max-queue / max-batch-size batches).
+    #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
     /// Most images in one request.
     #[arg(long, default_value_t = 32)]
