@@ -227,11 +227,7 @@ pub fn run(opts: &LoadOptions) -> Result<LoadReport, String> {
         p90_ms: pct(90.0),
         p99_ms: pct(99.0),
         max_ms: lat.last().copied().unwrap_or(f64::NAN),
-        mean_batch: if ok > 0 {
-            t.batch_sum / ok as f64
-        } else {
-            0.0
-        },
+        mean_batch: if ok > 0 { t.batch_sum / ok as f64 } else { 0.0 },
     })
 }
 
