@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod attention;
+mod batch;
 mod bench;
 mod classify;
 mod embed;
