@@ -160,7 +160,8 @@ fn dockerfile_has_builder_and_slim_runtime_stages() {
     assert!(has("EXPOSE 8080"));
     assert!(has("HEALTHCHECK") && text.contains("/health"));
     assert!(has(r#"ENTRYPOINT ["beit"]"#));
-    let cmd = lines.iter().find(|l| l.starts_with("CMD ")).unwrap();
+    // The image's command (not the HEALTHCHECK's `CMD` continuation line).
+    let cmd = lines.iter().find(|l| l.starts_with("CMD [")).unwrap();
     let cmd: Vec<String> = serde_json::from_str(cmd.trim_start_matches("CMD ")).unwrap();
     assert_eq!(cmd, ["serve", "--model", "/models/model", "--port", "8080"]);
     // The build context leaves the build folder and the git history out.

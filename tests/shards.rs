@@ -45,10 +45,6 @@ fn beit_env(args: &[&str], env: &[(&str, &str)]) -> Run {
     run
 }
 
-fn beit(args: &[&str]) -> Run {
-    beit_env(args, &[])
-}
-
 fn ok(args: &[&str], env: &[(&str, &str)]) -> Run {
     let r = beit_env(args, env);
     assert!(r.ok, "{args:?} {env:?}: {}", r.stderr);
@@ -475,4 +471,35 @@ fn classify_and_segment_shards_union_equals_one_run() {
         done |= redone == 1;
     }
     assert!(done && many.join(&victim).is_file());
+}
+
+/// Row groups: a file of several (1024 rows each) reads back row for row.
+#[test]
+fn parquet_of_several_row_groups_reads_back() {
+    use beit::tasks::embed_parquet::{read, ParquetWriter, ROW_GROUP_ROWS};
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("big.parquet");
+    let n = 2 * ROW_GROUP_ROWS + 7;
+    let row = |i: usize| -> Vec<f32> { (0..5).map(|j| (i * 5 + j) as f32 * 0.25 - 3.0).collect() };
+    let mut w = ParquetWriter::create(&out, 5).unwrap();
+    for i in 0..n {
+        w.push(&format!("img/{i:05}.png"), &row(i)).unwrap();
+    }
+    assert!(
+        w.push("bad.png", &[1.0]).is_err(),
+        "a row of another length"
+    );
+    w.commit(&[("dim", "5".into())]).unwrap();
+    let (rows, meta) = read(&out, None).unwrap();
+    assert_eq!(meta, [("dim".to_string(), "5".to_string())]);
+    assert_eq!(rows.len(), n);
+    for (i, (p, v)) in rows.iter().enumerate() {
+        assert_eq!(p, &format!("img/{i:05}.png"));
+        assert_eq!(v, &row(i));
+    }
+    let wanted = ["img/00003.png".to_string(), "img/02050.png".to_string()].into();
+    let (some, _) = read(&out, Some(&wanted)).unwrap();
+    assert_eq!(some.len(), 2);
+    // Nothing but the file is left in the folder.
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
 }

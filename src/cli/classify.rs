@@ -60,10 +60,12 @@ impl ClassifyCmd {
         let job = batch.shard.is_some() || self.resume;
         let output = self.output.as_ref().map(|o| batch.output(o));
         if let Some(out) = &output {
-            beit::output::target(out)?;
+            let t = beit::output::target(out)?;
             beit::output::check_not_input(out, &batch.roots)?;
             if !job {
                 beit::output::check_output(out, self.overwrite, &batch.roots)?;
+            } else if t == beit::output::Target::File && !self.overwrite && !self.resume {
+                return Err(shard::exists_error(out).into());
             }
         }
         // Errors name where the model came from: --model, the variable or the shipped folder.

@@ -62,9 +62,13 @@ impl EmbedCmd {
         let mut protected: Vec<&std::path::Path> = vec![&dir];
         protected.extend(batch.roots.iter().map(PathBuf::as_path));
         if job {
-            // The existing output is resumed, replaced or refused by embed_job.
-            beit::output::target(&output)?;
+            // The existing output is resumed or replaced by embed_job; refused here, before
+            // the model is loaded.
+            let t = beit::output::target(&output)?;
             beit::output::check_not_input(&output, &protected)?;
+            if t == beit::output::Target::File && !self.overwrite && !self.resume {
+                return Err(beit::tasks::shard::exists_error(&output).into());
+            }
         } else {
             beit::output::check_output(&output, self.overwrite, &protected)?;
         }
