@@ -168,7 +168,8 @@ fn embed_shards_union_equals_one_run_and_a_cut_shard_resumes() {
     let with = |extra: &[&'static str]| -> Vec<String> {
         base.iter().chain(extra).map(|a| a.to_string()).collect()
     };
-    let runs: [(Vec<String>, Vec<(&str, &str)>); 3] = [
+    type Env = Vec<(&'static str, &'static str)>;
+    let runs: [(Vec<String>, Env); 3] = [
         (with(&["--shard-index", "0", "--num-shards", "3"]), vec![]),
         (
             with(&[]),

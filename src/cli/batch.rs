@@ -30,6 +30,8 @@ pub struct BatchArgs {
 pub struct Batch {
     /// IMAGE|DIR and the lines of --input-list.
     pub roots: Vec<PathBuf>,
+    /// The inputs an output must not replace: `roots` and the --input-list file.
+    pub protected: Vec<PathBuf>,
     /// This process's shard, `None` when not sharded.
     pub shard: Option<Shard>,
 }
@@ -52,7 +54,10 @@ impl BatchArgs {
         if let Some((s, from)) = &shard {
             eprintln!("{s} (index from {from})");
         }
+        let mut protected = roots.clone();
+        protected.extend(self.input_list.iter().cloned());
         Ok(Batch {
+            protected,
             roots,
             shard: shard.map(|s| s.0),
         })

@@ -61,9 +61,9 @@ impl ClassifyCmd {
         let output = self.output.as_ref().map(|o| batch.output(o));
         if let Some(out) = &output {
             let t = beit::output::target(out)?;
-            beit::output::check_not_input(out, &batch.roots)?;
+            beit::output::check_not_input(out, &batch.protected)?;
             if !job {
-                beit::output::check_output(out, self.overwrite, &batch.roots)?;
+                beit::output::check_output(out, self.overwrite, &batch.protected)?;
             } else if t == beit::output::Target::File && !self.overwrite && !self.resume {
                 return Err(shard::exists_error(out).into());
             }

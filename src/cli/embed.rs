@@ -60,7 +60,7 @@ impl EmbedCmd {
         let job = batch.shard.is_some() || self.resume;
         let dir = super::model_dir(&self.model)?;
         let mut protected: Vec<&std::path::Path> = vec![&dir];
-        protected.extend(batch.roots.iter().map(PathBuf::as_path));
+        protected.extend(batch.protected.iter().map(PathBuf::as_path));
         if job {
             // The existing output is resumed or replaced by embed_job; refused here, before
             // the model is loaded.

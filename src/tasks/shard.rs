@@ -306,10 +306,7 @@ impl JsonlAppender {
     ) -> Result<(Self, Resumed)> {
         let t = crate::output::target(output)?;
         if t == Target::Stream {
-            let file = OpenOptions::new()
-                .write(true)
-                .open(output)
-                .map_err(|e| BeitError::file(output, format!("cannot open for writing: {e}")))?;
+            let file = crate::output::open_stream(output)?;
             return Ok((Self::new(output, file), Resumed::default()));
         }
         if t == Target::File && existing == Existing::Refuse {
