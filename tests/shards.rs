@@ -392,6 +392,42 @@ fn classify_and_segment_shards_union_equals_one_run() {
         assert_close(&scores(a), &scores(b), p);
     }
 
+    // A classify shard cut in its last line is completed by --resume; one whose output is
+    // gone is started by it (as an Indexed Job's retried pod does).
+    let s0 = shard_file(&out, 0, 3);
+    let full = std::fs::read_to_string(&s0).unwrap();
+    std::fs::write(&s0, &full[..full.len() - 10]).unwrap();
+    std::fs::remove_file(shard_file(&out, 2, 3)).unwrap();
+    for i in [0, 2] {
+        let idx = i.to_string();
+        ok(
+            &[
+                "classify",
+                "--model",
+                s(&cls),
+                "--input-list",
+                s(&list),
+                "--top-k",
+                "3",
+                "--output",
+                s(&out),
+                "--shard-index",
+                &idx,
+                "--num-shards",
+                "3",
+                "--resume",
+            ],
+            &[],
+        );
+    }
+    let mut again = BTreeMap::new();
+    for i in 0..3 {
+        again.extend(by_path(
+            &std::fs::read_to_string(shard_file(&out, i, 3)).unwrap(),
+        ));
+    }
+    assert_eq!(again, union);
+
     // segment: the shards write into one folder the files one run writes into another.
     let one = dir.join("seg-one");
     let many = dir.join("seg-many");

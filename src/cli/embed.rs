@@ -69,6 +69,13 @@ impl EmbedCmd {
             if t == beit::output::Target::File && !self.overwrite && !self.resume {
                 return Err(beit::tasks::shard::exists_error(&output).into());
             }
+            if format == EmbedFormat::Safetensors {
+                anyhow::bail!(
+                    "{}: sharded and resumed runs write JSON lines or Parquet (name the output \
+                     .jsonl or .parquet, or pass --format jsonl or parquet), not safetensors",
+                    output.display()
+                );
+            }
         } else {
             beit::output::check_output(&output, self.overwrite, &protected)?;
         }

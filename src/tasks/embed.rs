@@ -1,4 +1,4 @@
-//! `beit embed`: image features of any BEiT model, as safetensors or JSON lines.
+//! `beit embed`: image features of any BEiT model, as safetensors, JSON lines or Parquet.
 //!
 //! The pooled feature is the model's `pooler_output` when it has a pooler (`BeitModel`,
 //! `BeitForImageClassification`: LayerNorm of the mean patch token, or the CLS token, per
@@ -8,7 +8,9 @@
 //!
 //! Output is streamed: rows go to temporary files next to the output as they are computed and
 //! the output appears (by a rename) only when everything succeeded, so memory stays bounded and
-//! no half-written file is ever left.
+//! no half-written file is ever left. A batch job's part ([`Embedder::embed_job`]) appends its
+//! JSON lines to the output as images finish instead, so that a rerun can keep them
+//! ([`crate::tasks::shard`]).
 
 use std::collections::HashSet;
 use std::fs::File;
