@@ -317,6 +317,34 @@ fn embed_shards_union_equals_one_run_and_a_cut_shard_resumes() {
         1
     );
     assert_eq!(std::fs::read(shard_file(&few, 1, 2)).unwrap(), b"");
+
+    // A resumed shard whose only new image cannot be used: what it holds counts, so with
+    // --keep-going it succeeds (the failure written as an error line, tried again next time).
+    let one = dir.join("out/one.jsonl");
+    let missing = root.join("missing.png");
+    let run = |extra: &[&str]| -> Run {
+        let mut a = vec![
+            "embed",
+            "--model",
+            s(&model),
+            "--output",
+            s(&one),
+            "--shard-index",
+            "0",
+            "--num-shards",
+            "1",
+        ];
+        a.extend_from_slice(extra);
+        beit_env(&a, &[])
+    };
+    assert!(run(&[s(&fox)]).ok);
+    let r = run(&[s(&fox), s(&missing), "--resume"]);
+    assert!(!r.ok && r.stderr.contains("missing.png"), "{}", r.stderr);
+    let r = run(&[s(&fox), s(&missing), "--resume", "--keep-going"]);
+    assert!(r.ok && r.stderr.contains("kept 1"), "{}", r.stderr);
+    let lines = by_path(&std::fs::read_to_string(shard_file(&one, 0, 1)).unwrap());
+    assert_eq!(lines.len(), 2);
+    assert!(lines[s(&missing)]["error"].is_string());
 }
 
 #[test]

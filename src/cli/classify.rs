@@ -177,7 +177,7 @@ impl ClassifyCmd {
             Some(todo) => classifier
                 .classify_items(todo.into_iter(), &opts, on_item)
                 .and_then(|s| {
-                    if s.processed == 0 && s.skipped > 0 {
+                    if s.processed == 0 && kept == 0 && s.skipped > 0 {
                         Err(beit::BeitError::input(
                             "images",
                             "none of the image files could be used (see the messages above)",

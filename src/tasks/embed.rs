@@ -307,7 +307,8 @@ impl Embedder {
         let (mut s, writer) = self.run_items(todo.into_iter(), writer, opts, on_item)?;
         s.run.kept = done.len();
         s.run.skipped += done.len();
-        if s.run.processed == 0 && s.run.skipped > s.run.kept {
+        // As `finish`: an error only when nothing was done, now or before.
+        if s.run.processed == 0 && s.run.kept == 0 && s.run.skipped > 0 {
             return Err(BeitError::input(
                 "images",
                 "none of the image files could be used (see the messages above)",

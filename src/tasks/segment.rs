@@ -229,7 +229,8 @@ impl Segmenter {
             |path, value, outs| self.segment_item(path, value, outs, opts),
             &mut on_item,
         )?;
-        if summary.processed == 0 && summary.skipped > summary.kept {
+        // As `finish`: an error only when nothing was done, now or before.
+        if summary.processed == 0 && summary.kept == 0 && summary.skipped > 0 {
             return Err(BeitError::input(
                 "images",
                 "none of the image files could be used (see the messages above)",

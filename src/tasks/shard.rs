@@ -265,14 +265,28 @@ pub fn exists_error(output: &Path) -> BeitError {
     )
 }
 
-/// The fields of a JSON line that resuming looks at.
+/// The fields of a JSON line that resuming looks at (the values of the others are skipped
+/// without being stored: a resumed output may be gigabytes of embeddings).
 #[derive(serde::Deserialize)]
 struct Probe {
     path: String,
     #[serde(default)]
     error: Option<serde::de::IgnoredAny>,
-    #[serde(flatten)]
-    rest: std::collections::HashMap<String, serde::de::IgnoredAny>,
+    #[serde(default)]
+    embedding: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    predictions: Option<serde::de::IgnoredAny>,
+}
+
+impl Probe {
+    /// Whether the line has the result field `key` (`embedding` or `predictions`).
+    fn has(&self, key: &str) -> bool {
+        match key {
+            "embedding" => self.embedding.is_some(),
+            "predictions" => self.predictions.is_some(),
+            _ => false,
+        }
+    }
 }
 
 /// A JSON-lines output written line by line as results come (each line one `write`), so that a
@@ -296,7 +310,8 @@ pub struct Resumed {
 impl JsonlAppender {
     /// Open `output` for this run. A missing output is created; an existing one is refused,
     /// replaced or resumed as `existing` says. Resuming keeps the complete lines (a JSON object
-    /// ending in a newline with a string `path` in `wanted`, no `error`, and the key `required`)
+    /// ending in a newline with a string `path` in `wanted`, no `error`, and the result key
+    /// `required`: `embedding` or `predictions`)
     /// and drops the rest, rewriting the file (atomically) when anything was dropped.
     pub fn open(
         output: &Path,
@@ -355,7 +370,7 @@ impl JsonlAppender {
                     continue;
                 };
                 if p.error.is_some()
-                    || !p.rest.contains_key(required)
+                    || !p.has(required)
                     || !wanted.contains(&p.path)
                     || r.done.contains(&p.path)
                 {
@@ -367,6 +382,8 @@ impl JsonlAppender {
                 r.dropped -= 1;
                 r.done.insert(p.path);
             }
+            kept.flush()
+                .map_err(|e| BeitError::file(&tmp, format!("cannot write: {e}")))?;
             Ok(r)
         })();
         let r = match result {
