@@ -292,6 +292,69 @@ fn embed_shards_union_equals_one_run_and_a_cut_shard_resumes() {
     let (kept, _) = beit::tasks::embed_parquet::read(&shard_file(&pq, 2, 3), None).unwrap();
     assert_eq!(kept.len(), 2);
 
+    // A Parquet shard killed before it completed left its rows in `.NAME.partial` (here: one
+    // row, with made-up values to tell it from a recomputed one, and a row cut short): a rerun
+    // with --resume keeps that row, computes the others, writes the file and removes the rows.
+    use beit::tasks::embed_parquet::Journal;
+    let s0 = shard_file(&pq, 0, 3);
+    let (first, _) = beit::tasks::embed_parquet::read(&s0, None).unwrap();
+    std::fs::remove_file(&s0).unwrap();
+    let dim = first[0].1.len();
+    let (mut j, _) = Journal::open(&s0, dim, false, &Default::default()).unwrap();
+    j.push(&first[0].0, &vec![7.0; dim]).unwrap();
+    drop(j);
+    let partial = Journal::path_for(&s0);
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&partial)
+            .unwrap();
+        f.write_all(&[9, 0, 0, 0, b'x']).unwrap();
+    }
+    let pq0 = [
+        "embed",
+        "--model",
+        s(&model),
+        s(&root),
+        "--output",
+        s(&pq),
+        "--shard-index",
+        "0",
+        "--num-shards",
+        "3",
+    ];
+    let mut resume0 = pq0.to_vec();
+    resume0.push("--resume");
+    let r = ok(&resume0, &[]);
+    assert!(
+        r.stderr.contains("wrote 2 embedding") && r.stderr.contains("kept 1"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        !partial.exists(),
+        "the rows file is removed once the Parquet file is there"
+    );
+    let (rows0, _) = beit::tasks::embed_parquet::read(&s0, None).unwrap();
+    assert_eq!(rows0.len(), first.len());
+    for (p, v) in &rows0 {
+        if *p == first[0].0 {
+            assert_eq!(v, &vec![7.0; dim], "the kept row");
+        } else {
+            assert_close(&floats(&whole[p]["embedding"]), v, p);
+        }
+    }
+    // Without --resume, rows left by a killed run are not taken (the run starts over).
+    std::fs::remove_file(&s0).unwrap();
+    let (mut j, _) = Journal::open(&s0, dim, false, &Default::default()).unwrap();
+    j.push(&first[0].0, &vec![7.0; dim]).unwrap();
+    drop(j);
+    ok(&pq0, &[]);
+    let (rows0, _) = beit::tasks::embed_parquet::read(&s0, None).unwrap();
+    assert!(rows0.iter().all(|(_, v)| v[0] != 7.0));
+    assert!(!partial.exists());
+
     // More shards than images: the empty shards succeed with empty outputs.
     let few = dir.join("out/few.jsonl");
     let fox = root.join("fox.png");

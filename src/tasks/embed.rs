@@ -26,7 +26,7 @@ use crate::config::BeitConfig;
 use crate::error::{BeitError, Result};
 use crate::model::ForwardOptions;
 use crate::processor::{BeitImageProcessor, ProcessedImage};
-use crate::tasks::embed_parquet::{self, ParquetWriter};
+use crate::tasks::embed_parquet::{self, Journal, ParquetWriter};
 use crate::tasks::inputs::{
     self, finish, ImageWalker, InputError, Item, Outcome, Prefetcher, RunSummary,
 };
@@ -247,8 +247,9 @@ impl Embedder {
     /// [`crate::tasks::shard`]) into `output`, JSON lines or Parquet. An existing output is
     /// refused, replaced or resumed as `existing` says: resuming keeps the results it holds for
     /// `items` and embeds only the rest. JSON lines are appended as images finish (a killed run
-    /// keeps them); Parquet is written when the run completes. `kept` in the summary counts the
-    /// results taken from the existing output. No items is no error (an empty output is written).
+    /// keeps them); Parquet rows go to a [`Journal`] beside the output as they come and the
+    /// file is made from them when the run completes (a killed run keeps them too). `kept` in
+    /// the summary counts the results taken from an earlier run. No items is no error (an empty output is written).
     pub fn embed_job(
         &self,
         items: Vec<ItemResult>,
@@ -282,15 +283,20 @@ impl Embedder {
                     }
                     _ => Vec::new(),
                 };
-                let mut file = ParquetWriter::create(output, self.config.hidden_size)?;
-                let mut done = HashSet::new();
-                for (p, v) in old {
-                    if done.insert(p.clone()) {
-                        file.push(&p, &v)?;
-                    }
-                }
-                let skipped = Vec::new();
-                (Writer::Parquet { file, skipped }, done)
+                let (journal, mut done) = Journal::open(
+                    output,
+                    self.config.hidden_size,
+                    existing == Existing::Resume,
+                    &wanted,
+                )?;
+                done.extend(old.iter().map(|r| r.0.clone()));
+                let w = Writer::ParquetJob {
+                    journal,
+                    old,
+                    wanted: wanted.clone(),
+                    skipped: Vec::new(),
+                };
+                (w, done)
             }
             EmbedFormat::Safetensors => {
                 return Err(BeitError::input(
@@ -544,6 +550,14 @@ enum Writer {
         file: ParquetWriter,
         skipped: Vec<serde_json::Value>,
     },
+    /// A batch job's Parquet output: rows kept in a [`Journal`] as they come, the file made
+    /// from the rows of an earlier complete output (`old`) and the journal's at the end.
+    ParquetJob {
+        journal: Journal,
+        old: Vec<(String, Vec<f32>)>,
+        wanted: HashSet<String>,
+        skipped: Vec<serde_json::Value>,
+    },
     Safetensors {
         embeddings: TempFile,
         patches: Option<TempFile>,
@@ -560,6 +574,7 @@ impl Writer {
     fn write_row(&mut self, path: &Path, pooling: Pooling, emb: &Embedding) -> Result<()> {
         match self {
             Writer::Parquet { file, .. } => file.push(&shard::path_key(path), &emb.pooled),
+            Writer::ParquetJob { journal, .. } => journal.push(&shard::path_key(path), &emb.pooled),
             Writer::Jsonl(_) | Writer::Append(_) => {
                 let d = emb.pooled.len().max(1);
                 let line = JsonLine {
@@ -603,7 +618,9 @@ impl Writer {
                 f.write(line.as_bytes())
             }
             Writer::Append(a) => a.write_line(&inputs::skipped_json(e)),
-            Writer::Safetensors { skipped, .. } | Writer::Parquet { skipped, .. } => {
+            Writer::Safetensors { skipped, .. }
+            | Writer::Parquet { skipped, .. }
+            | Writer::ParquetJob { skipped, .. } => {
                 skipped.push(json!({"path": e.path.display().to_string(), "error": e.message}));
                 Ok(())
             }
@@ -614,6 +631,29 @@ impl Writer {
         match self {
             Writer::Jsonl(f) => f.commit(output),
             Writer::Append(a) => a.finish(),
+            Writer::ParquetJob {
+                journal,
+                old,
+                wanted,
+                skipped,
+            } => {
+                let mut file = ParquetWriter::create(output, meta.dim)?;
+                let mut seen = HashSet::new();
+                for (p, v) in old {
+                    if seen.insert(p.clone()) {
+                        file.push(&p, &v)?;
+                    }
+                }
+                journal.for_each(|p, v| {
+                    if wanted.contains(p) && seen.insert(p.to_string()) {
+                        file.push(p, v)?;
+                    }
+                    Ok(())
+                })?;
+                Writer::Parquet { file, skipped }.commit(output, meta)?;
+                journal.remove();
+                Ok(())
+            }
             Writer::Parquet { file, skipped } => {
                 let mut kv = vec![
                     ("dim", meta.dim.to_string()),

@@ -5,7 +5,9 @@
 //! used, as a JSON array of `{"path", "error"}`).
 //!
 //! Written with the `parquet` crate's column writer (no Arrow), Snappy-compressed, in row groups
-//! of [`ROW_GROUP_ROWS`] rows, into a temporary file renamed into place when complete.
+//! of [`ROW_GROUP_ROWS`] rows, into a temporary file renamed into place when complete. A batch
+//! job's shard keeps its rows in a [`Journal`] while it runs, so that a killed run's rows
+//! survive for `--resume`.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -217,4 +219,151 @@ pub fn read(
         rows.push((p, v));
     }
     Ok((rows, meta))
+}
+
+/// The rows of a Parquet output in progress, kept beside it in `.NAME.partial` so that a run
+/// that is killed keeps them: a Parquet file cannot be appended to (its index is at the end), so
+/// a batch job's shard appends each row here as it is computed (one `write` per row), a rerun
+/// with `--resume` keeps the complete rows, and the Parquet file is made from them when the
+/// shard completes (then this file is removed).
+///
+/// Format: `BEITROW1`, the row length `D` (u32 little-endian), then per row the path's length in
+/// bytes (u32), the path (UTF-8) and `D` float32 (little-endian). A row cut short is dropped.
+pub struct Journal {
+    path: PathBuf,
+    file: File,
+    dim: usize,
+}
+
+const MAGIC: &[u8; 8] = b"BEITROW1";
+
+impl Journal {
+    /// Where the rows of `output` are kept while it is made: `.NAME.partial` beside it.
+    pub fn path_for(output: &Path) -> PathBuf {
+        let name = output
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        output.with_file_name(format!(".{name}.partial"))
+    }
+
+    /// Open the rows of `output` with rows of `dim` values. `resume`: keep the complete rows an
+    /// earlier run left (a row cut short is cut off) and return the paths among them that are in
+    /// `wanted`; otherwise, or when the file is not such a file, start empty.
+    pub fn open(
+        output: &Path,
+        dim: usize,
+        resume: bool,
+        wanted: &HashSet<String>,
+    ) -> Result<(Self, HashSet<String>)> {
+        use std::io::{Seek, SeekFrom, Write};
+        let path = Self::path_for(output);
+        let mut done = HashSet::new();
+        let mut valid = 0u64;
+        if resume && path.is_file() {
+            valid = for_each_row(&path, dim, |p, _| {
+                if wanted.contains(p) {
+                    done.insert(p.to_string());
+                }
+                Ok(())
+            })?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| BeitError::file(&path, format!("cannot open for writing: {e}")))?;
+        let io = |e: std::io::Error| BeitError::file(&path, format!("cannot write: {e}"));
+        if valid == 0 {
+            done.clear();
+            file.set_len(0).map_err(io)?;
+            file.write_all(MAGIC).map_err(io)?;
+            file.write_all(&(dim as u32).to_le_bytes()).map_err(io)?;
+        } else {
+            file.set_len(valid).map_err(io)?;
+        }
+        file.seek(SeekFrom::End(0)).map_err(io)?;
+        Ok((Self { path, file, dim }, done))
+    }
+
+    /// Append one row (one write).
+    pub fn push(&mut self, path: &str, embedding: &[f32]) -> Result<()> {
+        use std::io::Write;
+        if embedding.len() != self.dim {
+            return Err(BeitError::file(
+                path,
+                format!(
+                    "an embedding of {} values, but the rows hold {}",
+                    embedding.len(),
+                    self.dim
+                ),
+            ));
+        }
+        let mut rec = Vec::with_capacity(4 + path.len() + 4 * embedding.len());
+        rec.extend_from_slice(&(path.len() as u32).to_le_bytes());
+        rec.extend_from_slice(path.as_bytes());
+        for x in embedding {
+            rec.extend_from_slice(&x.to_le_bytes());
+        }
+        self.file
+            .write_all(&rec)
+            .map_err(|e| BeitError::file(&self.path, format!("cannot write: {e}")))
+    }
+
+    /// Every complete row, in order.
+    pub fn for_each(&self, f: impl FnMut(&str, &[f32]) -> Result<()>) -> Result<()> {
+        for_each_row(&self.path, self.dim, f).map(|_| ())
+    }
+
+    /// Remove the file (the Parquet output is in place).
+    pub fn remove(self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Call `f` with each complete row of the rows file `path` (rows of `dim` values); the length
+/// of the file up to the end of the last complete row, 0 when it is not such a file.
+fn for_each_row(
+    path: &Path,
+    dim: usize,
+    mut f: impl FnMut(&str, &[f32]) -> Result<()>,
+) -> Result<u64> {
+    use std::io::{BufReader, Read};
+    let file = File::open(path).map_err(|e| BeitError::file(path, format!("cannot read: {e}")))?;
+    let mut r = BufReader::new(file);
+    let mut head = [0u8; 12];
+    if r.read_exact(&mut head).is_err()
+        || &head[..8] != MAGIC
+        || u32::from_le_bytes([head[8], head[9], head[10], head[11]]) as usize != dim
+    {
+        return Ok(0);
+    }
+    let mut valid = head.len() as u64;
+    let mut len = [0u8; 4];
+    let mut values = vec![0f32; dim];
+    let mut bytes = vec![0u8; 4 * dim];
+    loop {
+        if r.read_exact(&mut len).is_err() {
+            break;
+        }
+        let n = u32::from_le_bytes(len) as usize;
+        if n > 1 << 20 {
+            break; // not a path length: a damaged tail
+        }
+        let mut name = vec![0u8; n];
+        if r.read_exact(&mut name).is_err() || r.read_exact(&mut bytes).is_err() {
+            break;
+        }
+        let Ok(name) = String::from_utf8(name) else {
+            break;
+        };
+        for (v, b) in values.iter_mut().zip(bytes.chunks_exact(4)) {
+            *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+        f(&name, &values)?;
+        valid += (4 + n + 4 * dim) as u64;
+    }
+    Ok(valid)
 }
