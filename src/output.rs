@@ -158,7 +158,7 @@ pub fn temp_beside(output: &Path, tag: &str) -> Result<PathBuf> {
 
 /// Open a character device or FIFO for writing through. A FIFO is opened without blocking, so
 /// one nobody reads is an error instead of a hang.
-fn open_stream(path: &Path) -> Result<File> {
+pub fn open_stream(path: &Path) -> Result<File> {
     let f = OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)

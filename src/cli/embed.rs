@@ -7,22 +7,31 @@ use clap::Args;
 
 use beit::tasks::embed::{EmbedFormat, EmbedOptions, Embedder};
 use beit::tasks::inputs::{ImageWalker, Outcome};
+use beit::tasks::shard::Existing;
 
 #[derive(Args, Debug)]
 pub struct EmbedCmd {
     /// Model folder or hub id (any BEiT architecture). Required.
     #[arg(long)]
     pub model: String,
-    /// Image files and folders (walked recursively for image files). Required.
-    #[arg(required = true, value_name = "IMAGE|DIR")]
+    /// Image files and folders (walked recursively for image files). Required, unless
+    /// --input-list is given.
+    #[arg(required_unless_present = "input_list", value_name = "IMAGE|DIR")]
     pub inputs: Vec<PathBuf>,
-    /// Output file (safetensors or JSON lines, see --format). Required.
+    /// Output file (safetensors, JSON lines or Parquet, see --format); a shard writes
+    /// NAME-0000I-of-0000N.EXT instead. Required.
     #[arg(long, alias = "out")]
     pub output: PathBuf,
     /// Replace an existing output file (default: refuse).
     #[arg(long)]
     pub overwrite: bool,
-    /// safetensors or jsonl (default: jsonl for .jsonl/.ndjson/.json, else safetensors).
+    /// Keep the embeddings the output already holds and compute only the missing ones: how a
+    /// stopped run or batch-job shard is finished (JSON lines or Parquet; a missing output is
+    /// started). Images are taken in path order, JSON lines appended as they finish.
+    #[arg(long, conflicts_with = "overwrite")]
+    pub resume: bool,
+    /// safetensors, jsonl or parquet (default: jsonl for .jsonl/.ndjson/.json, parquet for
+    /// .parquet/.pq, else safetensors).
     #[arg(long)]
     pub format: Option<String>,
     /// Also write the patch tokens, last_hidden_state[:, 1:] (default: off).
@@ -35,6 +44,8 @@ pub struct EmbedCmd {
     #[arg(long)]
     pub keep_going: bool,
     #[command(flatten)]
+    pub batch: super::batch::BatchArgs,
+    #[command(flatten)]
     pub matmul: super::MatmulArgs,
 }
 
@@ -44,10 +55,30 @@ impl EmbedCmd {
             Some(f) => EmbedFormat::parse(f)?,
             None => EmbedFormat::from_path(&self.output),
         };
+        let batch = self.batch.gather(&self.inputs)?;
+        let output = batch.output(&self.output);
+        let job = batch.shard.is_some() || self.resume;
         let dir = super::model_dir(&self.model)?;
         let mut protected: Vec<&std::path::Path> = vec![&dir];
-        protected.extend(self.inputs.iter().map(PathBuf::as_path));
-        beit::output::check_output(&self.output, self.overwrite, &protected)?;
+        protected.extend(batch.protected.iter().map(PathBuf::as_path));
+        if job {
+            // The existing output is resumed or replaced by embed_job; refused here, before
+            // the model is loaded.
+            let t = beit::output::target(&output)?;
+            beit::output::check_not_input(&output, &protected)?;
+            if t == beit::output::Target::File && !self.overwrite && !self.resume {
+                return Err(beit::tasks::shard::exists_error(&output).into());
+            }
+            if format == EmbedFormat::Safetensors {
+                anyhow::bail!(
+                    "{}: sharded and resumed runs write JSON lines or Parquet (name the output \
+                     .jsonl or .parquet, or pass --format jsonl or parquet), not safetensors",
+                    output.display()
+                );
+            }
+        } else {
+            beit::output::check_output(&output, self.overwrite, &protected)?;
+        }
         let embedder = Embedder::from_dir(&dir, device)?;
         let opts = EmbedOptions {
             format,
@@ -55,8 +86,12 @@ impl EmbedCmd {
             batch_size: self.batch_size,
             keep_going: self.keep_going,
         };
-        let bar = super::progress_bar(|| ImageWalker::count(&self.inputs));
-        let res = embedder.embed_paths(&self.inputs, &self.output, &opts, |outcome| {
+        let items = job.then(|| batch.items());
+        let bar = super::progress_bar(|| match &items {
+            Some(i) => i.len(),
+            None => ImageWalker::count(&batch.roots),
+        });
+        let on_item = |outcome: Outcome<&std::path::Path>| {
             if let Outcome::Skipped(e) = &outcome {
                 super::report_skipped(bar.as_ref(), e);
             }
@@ -64,13 +99,23 @@ impl EmbedCmd {
                 b.inc(1);
             }
             Ok(())
-        });
+        };
+        let res = match items {
+            Some(items) => {
+                let existing = Existing::from_flags(self.overwrite, self.resume)?;
+                if let Some(b) = &bar {
+                    b.set_length(items.len() as u64);
+                }
+                embedder.embed_job(items, &output, &opts, existing, on_item)
+            }
+            None => embedder.embed_paths(&batch.roots, &output, &opts, on_item),
+        };
         if let Some(b) = &bar {
             b.finish_and_clear();
         }
         let s = res?;
         eprintln!(
-            "wrote {} embedding(s) of dimension {} ({}){} to {}",
+            "wrote {} embedding(s) of dimension {} ({}){}{} to {}",
             s.run.processed,
             s.dim,
             s.pooling.name(),
@@ -78,9 +123,24 @@ impl EmbedCmd {
                 Some(p) => format!(" and {p} patch tokens each"),
                 None => String::new(),
             },
-            self.output.display()
+            if job && s.run.kept > 0 {
+                format!(" (and kept {} from an earlier run)", s.run.kept)
+            } else {
+                String::new()
+            },
+            output.display()
         );
-        super::report_summary(&s.run);
+        if job {
+            // The kept ones are not news in a resumed job.
+            let run = beit::tasks::inputs::RunSummary {
+                skipped: s.run.skipped - s.run.kept,
+                kept: 0,
+                ..s.run
+            };
+            super::report_summary(&run);
+        } else {
+            super::report_summary(&s.run);
+        }
         Ok(())
     }
 }

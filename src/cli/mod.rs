@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod attention;
+mod batch;
 mod bench;
 #[cfg(feature = "download")]
 mod bench_server;
@@ -57,7 +58,7 @@ pub enum Command {
     Classify(classify::ClassifyCmd),
     /// Label maps, colour overlays and class shares of images with a segmenter.
     Segment(segment::SegmentCmd),
-    /// Image features (pooled, optionally patch tokens) as safetensors or JSON lines.
+    /// Image features (pooled, optionally patch tokens) as safetensors, JSON lines or Parquet.
     Embed(embed::EmbedCmd),
     /// Masked image modeling: predicted visual tokens of masked patches, and a picture.
     Mim(mim::MimCmd),

@@ -13,10 +13,13 @@ pub struct SegmentCmd {
     /// Segmentation model folder or hub id.
     #[arg(long)]
     pub model: String,
-    /// Image files and folders (walked recursively for image files). Required.
-    #[arg(required = true, value_name = "IMAGE|DIR")]
+    /// Image files and folders (walked recursively for image files). Required, unless
+    /// --input-list is given.
+    #[arg(required_unless_present = "input_list", value_name = "IMAGE|DIR")]
     pub inputs: Vec<PathBuf>,
-    /// Output folder for NAME_labels.png and NAME_overlay.png (created if missing). Required.
+    /// Output folder for NAME_labels.png and NAME_overlay.png (created if missing; all shards
+    /// of a job write into the same folder, under the names one run over all images gives).
+    /// Required.
     #[arg(long, alias = "out")]
     pub output: PathBuf,
     /// Replace existing output files (default: refuse).
@@ -26,6 +29,10 @@ pub struct SegmentCmd {
     /// are skipped (default: stop at the first).
     #[arg(long)]
     pub keep_going: bool,
+    /// Skip the images whose outputs exist and do the rest: how a stopped run or batch-job
+    /// shard is finished (unlike --keep-going, files that cannot be used still stop the run).
+    #[arg(long, conflicts_with = "overwrite")]
+    pub resume: bool,
     /// Size of the label maps, HEIGHTxWIDTH as transformers' target_sizes (default: each
     /// image's own size).
     #[arg(long)]
@@ -37,12 +44,16 @@ pub struct SegmentCmd {
     #[arg(long, default_value_t = 0.5)]
     pub alpha: f32,
     #[command(flatten)]
+    pub batch: super::batch::BatchArgs,
+    #[command(flatten)]
     pub matmul: super::MatmulArgs,
 }
 
 impl SegmentCmd {
     pub fn run(self, device: &candle_core::Device) -> Result<()> {
         let size = self.size.as_deref().map(parse_size).transpose()?;
+        let batch = self.batch.gather(&self.inputs)?;
+        let job = batch.shard.is_some() || self.resume;
         let dir = super::model_dir(&self.model)?;
         let segmenter = Segmenter::from_dir(&dir, device)?;
         let opts = SegmentOptions {
@@ -54,7 +65,7 @@ impl SegmentCmd {
         };
         let stdout = std::io::stdout();
         let json = self.json;
-        let summary = segmenter.segment_paths(&self.inputs, &opts, |outcome| {
+        let on_item = |outcome: Outcome<beit::tasks::segment::Segmentation>| {
             let mut text = String::new();
             match &outcome {
                 Outcome::Done(s) => {
@@ -93,7 +104,12 @@ impl SegmentCmd {
                 }
             }
             super::print_out(&stdout, None, &text)
-        })?;
+        };
+        let summary = if job {
+            segmenter.segment_job(batch.walk(), batch.shard, self.resume, &opts, on_item)?
+        } else {
+            segmenter.segment_paths(&batch.roots, &opts, on_item)?
+        };
         super::report_summary(&summary);
         Ok(())
     }

@@ -184,6 +184,18 @@ impl Classifier {
         &self,
         inputs: &[P],
         opts: &ClassifyOptions,
+        on_item: impl FnMut(Outcome<Classification>) -> Result<()>,
+    ) -> Result<RunSummary> {
+        let summary = self.classify_items(ImageWalker::new(inputs), opts, on_item)?;
+        finish(summary, inputs)
+    }
+
+    /// Classify `items` (paths, or walk errors), as [`Classifier::classify_paths`] does, without
+    /// the check that some image was found (a batch job's shard may hold none).
+    pub fn classify_items(
+        &self,
+        items: impl Iterator<Item = crate::tasks::shard::ItemResult> + Send + 'static,
+        opts: &ClassifyOptions,
         mut on_item: impl FnMut(Outcome<Classification>) -> Result<()>,
     ) -> Result<RunSummary> {
         if opts.top_k == 0 {
@@ -194,11 +206,9 @@ impl Classifier {
         }
         let top_k = opts.top_k.min(self.labels.len());
         let processor = self.processor.clone();
-        let batches = Prefetcher::spawn(
-            ImageWalker::new(inputs),
-            opts.batch_size,
-            move |p: &Path| inputs::prepare_image(&processor, p),
-        )?;
+        let batches = Prefetcher::spawn(items, opts.batch_size, move |p: &Path| {
+            inputs::prepare_image(&processor, p)
+        })?;
         let mut summary = RunSummary::default();
         for batch in batches {
             let batch = batch?;
@@ -226,7 +236,7 @@ impl Classifier {
                 }
             }
         }
-        finish(summary, inputs)
+        Ok(summary)
     }
 
     /// Scores for each item of a batch (the cause for those that cannot be used), the usable

@@ -1,4 +1,4 @@
-//! `beit embed`: image features of any BEiT model, as safetensors or JSON lines.
+//! `beit embed`: image features of any BEiT model, as safetensors, JSON lines or Parquet.
 //!
 //! The pooled feature is the model's `pooler_output` when it has a pooler (`BeitModel`,
 //! `BeitForImageClassification`: LayerNorm of the mean patch token, or the CLS token, per
@@ -8,8 +8,11 @@
 //!
 //! Output is streamed: rows go to temporary files next to the output as they are computed and
 //! the output appears (by a rename) only when everything succeeded, so memory stays bounded and
-//! no half-written file is ever left.
+//! no half-written file is ever left. A batch job's part ([`Embedder::embed_job`]) appends its
+//! JSON lines to the output as images finish instead, so that a rerun can keep them
+//! ([`crate::tasks::shard`]).
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -23,9 +26,11 @@ use crate::config::BeitConfig;
 use crate::error::{BeitError, Result};
 use crate::model::ForwardOptions;
 use crate::processor::{BeitImageProcessor, ProcessedImage};
+use crate::tasks::embed_parquet::{self, Journal, ParquetWriter};
 use crate::tasks::inputs::{
     self, finish, ImageWalker, InputError, Item, Outcome, Prefetcher, RunSummary,
 };
+use crate::tasks::shard::{self, Existing, ItemResult, JsonlAppender};
 
 /// Output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,22 +40,27 @@ pub enum EmbedFormat {
     /// One JSON object per line: `{"path", "pooling", "embedding": [...]}` (and
     /// `"patch_tokens"`), or `{"path", "error"}` for a skipped file.
     Jsonl,
+    /// Parquet: columns `path` and `embedding` (list of float32), the rest in the file's
+    /// metadata ([`crate::tasks::embed_parquet`]). Pooled features only.
+    Parquet,
 }
 
 impl EmbedFormat {
-    /// Parse `safetensors` or `jsonl`.
+    /// Parse `safetensors`, `jsonl` or `parquet`.
     pub fn parse(s: &str) -> Result<Self> {
         match s.to_ascii_lowercase().as_str() {
             "safetensors" => Ok(Self::Safetensors),
             "jsonl" | "json" | "ndjson" => Ok(Self::Jsonl),
+            "parquet" | "pq" => Ok(Self::Parquet),
             other => Err(BeitError::input(
                 "format",
-                format!("unknown format {other:?} (safetensors or jsonl)"),
+                format!("unknown format {other:?} (safetensors, jsonl or parquet)"),
             )),
         }
     }
 
-    /// The format an output file name suggests (`.jsonl`/`.ndjson`/`.json`: JSON lines).
+    /// The format an output file name suggests (`.jsonl`/`.ndjson`/`.json`: JSON lines,
+    /// `.parquet`/`.pq`: Parquet, anything else safetensors).
     pub fn from_path(path: &Path) -> Self {
         match path
             .extension()
@@ -59,6 +69,7 @@ impl EmbedFormat {
             .as_deref()
         {
             Some("jsonl" | "ndjson" | "json") => Self::Jsonl,
+            Some("parquet" | "pq") => Self::Parquet,
             _ => Self::Safetensors,
         }
     }
@@ -199,6 +210,15 @@ impl Embedder {
         embed_batch(&self.model, pixel_values, patch_tokens)
     }
 
+    /// Which feature is the pooled embedding for this model.
+    pub fn pooling(&self) -> Pooling {
+        if self.model.beit().pooler.is_some() {
+            Pooling::PoolerOutput
+        } else {
+            Pooling::MeanPatchTokens
+        }
+    }
+
     /// Embed the images named by `inputs` (files, and folders walked recursively) into
     /// `output`. `on_item` sees every image in input order (skipped ones only with
     /// `keep_going`; otherwise the first unusable file is an error and nothing is written).
@@ -207,13 +227,15 @@ impl Embedder {
         inputs: &[P],
         output: &Path,
         opts: &EmbedOptions,
-        mut on_item: impl FnMut(Outcome<&Path>) -> Result<()>,
+        on_item: impl FnMut(Outcome<&Path>) -> Result<()>,
     ) -> Result<EmbedSummary> {
-        if opts.batch_size == 0 {
-            return Err(BeitError::input("batch-size", "must be at least 1"));
-        }
-        let mut writer = match opts.format {
+        check_options(opts)?;
+        let writer = match opts.format {
             EmbedFormat::Jsonl => Writer::Jsonl(TempFile::create(output, "")?),
+            EmbedFormat::Parquet => Writer::Parquet {
+                file: ParquetWriter::create(output, self.config.hidden_size)?,
+                skipped: Vec::new(),
+            },
             EmbedFormat::Safetensors => Writer::Safetensors {
                 embeddings: TempFile::create(output, ".embeddings")?,
                 patches: if opts.patch_tokens {
@@ -225,15 +247,105 @@ impl Embedder {
                 skipped: Vec::new(),
             },
         };
+        let (s, writer) = self.run_items(ImageWalker::new(inputs), writer, opts, on_item)?;
+        let run = finish(s.run, inputs)?;
+        self.commit(writer, output, run, run.processed, s.num_patches)
+    }
+
+    /// A batch job's part: embed `items` (already walked, sorted and sharded;
+    /// [`crate::tasks::shard`]) into `output`, JSON lines or Parquet. An existing output is
+    /// refused, replaced or resumed as `existing` says: resuming keeps the results it holds for
+    /// `items` and embeds only the rest. JSON lines are appended as images finish (a killed run
+    /// keeps them); Parquet rows go to a [`Journal`] beside the output as they come and the
+    /// file is made from them when the run completes (a killed run keeps them too). `kept` in
+    /// the summary counts the results taken from an earlier run. No items is no error (an empty output is written).
+    pub fn embed_job(
+        &self,
+        items: Vec<ItemResult>,
+        output: &Path,
+        opts: &EmbedOptions,
+        existing: Existing,
+        on_item: impl FnMut(Outcome<&Path>) -> Result<()>,
+    ) -> Result<EmbedSummary> {
+        check_options(opts)?;
+        let wanted: HashSet<String> = items.iter().flatten().map(|p| shard::path_key(p)).collect();
+        let (writer, done) = match opts.format {
+            EmbedFormat::Jsonl => {
+                let (w, r) = JsonlAppender::open(output, existing, &wanted, "embedding")?;
+                if r.dropped > 0 {
+                    tracing::info!(
+                        "{}: dropped {} incomplete, failed or foreign line(s)",
+                        output.display(),
+                        r.dropped
+                    );
+                }
+                (Writer::Append(w), r.done)
+            }
+            EmbedFormat::Parquet => {
+                let t = crate::output::target(output)?;
+                let old = match (t, existing) {
+                    (crate::output::Target::File, Existing::Refuse) => {
+                        return Err(shard::exists_error(output))
+                    }
+                    (crate::output::Target::File, Existing::Resume) => {
+                        embed_parquet::read(output, Some(&wanted))?.0
+                    }
+                    _ => Vec::new(),
+                };
+                let (journal, mut done) = Journal::open(
+                    output,
+                    self.config.hidden_size,
+                    existing == Existing::Resume,
+                    &wanted,
+                )?;
+                done.extend(old.iter().map(|r| r.0.clone()));
+                let w = Writer::ParquetJob {
+                    journal,
+                    old,
+                    wanted: wanted.clone(),
+                    skipped: Vec::new(),
+                };
+                (w, done)
+            }
+            EmbedFormat::Safetensors => {
+                return Err(BeitError::input(
+                    "format",
+                    "sharded and resumed runs write JSON lines or Parquet (--format jsonl or \
+                     parquet, or an output named .jsonl or .parquet), not safetensors",
+                ))
+            }
+        };
+        let todo: Vec<ItemResult> = items
+            .into_iter()
+            .filter(|i| !matches!(i, Ok(p) if done.contains(&shard::path_key(p))))
+            .collect();
+        let (mut s, writer) = self.run_items(todo.into_iter(), writer, opts, on_item)?;
+        s.run.kept = done.len();
+        s.run.skipped += done.len();
+        // As `finish`: an error only when nothing was done, now or before.
+        if s.run.processed == 0 && s.run.kept == 0 && s.run.skipped > 0 {
+            return Err(BeitError::input(
+                "images",
+                "none of the image files could be used (see the messages above)",
+            ));
+        }
+        let rows = s.run.processed + s.run.kept;
+        self.commit(writer, output, s.run, rows, s.num_patches)
+    }
+
+    /// Embed `items` into `writer`; the summary's dimension and pooling are the model's.
+    fn run_items(
+        &self,
+        items: impl Iterator<Item = ItemResult> + Send + 'static,
+        mut writer: Writer,
+        opts: &EmbedOptions,
+        mut on_item: impl FnMut(Outcome<&Path>) -> Result<()>,
+    ) -> Result<(EmbedSummary, Writer)> {
         let processor = self.processor.clone();
-        let batches = Prefetcher::spawn(
-            ImageWalker::new(inputs),
-            opts.batch_size,
-            move |p: &Path| inputs::prepare_image(&processor, p),
-        )?;
+        let batches = Prefetcher::spawn(items, opts.batch_size, move |p: &Path| {
+            inputs::prepare_image(&processor, p)
+        })?;
         let mut summary = RunSummary::default();
-        let mut dim: Option<usize> = None;
-        let mut pooling: Option<Pooling> = None;
         let mut num_patches: Option<usize> = None;
         for batch in batches {
             let batch = batch?;
@@ -241,8 +353,6 @@ impl Embedder {
             for (item, row) in batch.into_iter().zip(rows) {
                 match row {
                     Ok((pool, emb)) => {
-                        pooling.get_or_insert(pool);
-                        let d = *dim.get_or_insert(emb.pooled.len());
                         if opts.patch_tokens {
                             let p = *num_patches.get_or_insert(emb.num_patches);
                             if p != emb.num_patches && opts.format == EmbedFormat::Safetensors {
@@ -258,7 +368,6 @@ impl Embedder {
                                 ));
                             }
                         }
-                        debug_assert_eq!(d, emb.pooled.len());
                         writer.write_row(&item.path, pool, &emb)?;
                         summary.processed += 1;
                         on_item(Outcome::Done(&item.path))?;
@@ -278,28 +387,42 @@ impl Embedder {
                 }
             }
         }
-        let summary = finish(summary, inputs)?;
-        let (dim, pooling) = match (dim, pooling) {
-            (Some(d), Some(p)) => (d, p),
-            _ => return Err(BeitError::input("images", "no embeddings were computed")),
+        let s = EmbedSummary {
+            run: summary,
+            dim: self.config.hidden_size,
+            pooling: self.pooling(),
+            num_patches,
+        };
+        Ok((s, writer))
+    }
+
+    /// Put the written output in place.
+    fn commit(
+        &self,
+        writer: Writer,
+        output: &Path,
+        run: RunSummary,
+        rows: usize,
+        num_patches: Option<usize>,
+    ) -> Result<EmbedSummary> {
+        let s = EmbedSummary {
+            run,
+            dim: self.config.hidden_size,
+            pooling: self.pooling(),
+            num_patches,
         };
         writer.commit(
             output,
             &Meta {
-                n: summary.processed,
-                dim,
-                pooling,
+                n: rows,
+                dim: s.dim,
+                pooling: s.pooling,
                 num_patches,
                 model: &self.model_dir,
                 arch: self.model.architecture().name(),
             },
         )?;
-        Ok(EmbedSummary {
-            run: summary,
-            dim,
-            pooling,
-            num_patches,
-        })
+        Ok(s)
     }
 
     #[allow(clippy::type_complexity)]
@@ -329,6 +452,21 @@ impl Embedder {
         }
         Ok(out)
     }
+}
+
+/// Settings that no output can take.
+fn check_options(opts: &EmbedOptions) -> Result<()> {
+    if opts.batch_size == 0 {
+        return Err(BeitError::input("batch-size", "must be at least 1"));
+    }
+    if opts.patch_tokens && opts.format == EmbedFormat::Parquet {
+        return Err(BeitError::input(
+            "patch-tokens",
+            "Parquet output holds the pooled embeddings only; write patch tokens as \
+             safetensors or JSON lines",
+        ));
+    }
+    Ok(())
 }
 
 struct Meta<'a> {
@@ -415,6 +553,20 @@ struct JsonLine<'a> {
 
 enum Writer {
     Jsonl(TempFile),
+    /// JSON lines appended as they come (batch jobs).
+    Append(JsonlAppender),
+    Parquet {
+        file: ParquetWriter,
+        skipped: Vec<serde_json::Value>,
+    },
+    /// A batch job's Parquet output: rows kept in a [`Journal`] as they come, the file made
+    /// from the rows of an earlier complete output (`old`) and the journal's at the end.
+    ParquetJob {
+        journal: Journal,
+        old: Vec<(String, Vec<f32>)>,
+        wanted: HashSet<String>,
+        skipped: Vec<serde_json::Value>,
+    },
     Safetensors {
         embeddings: TempFile,
         patches: Option<TempFile>,
@@ -430,7 +582,9 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 impl Writer {
     fn write_row(&mut self, path: &Path, pooling: Pooling, emb: &Embedding) -> Result<()> {
         match self {
-            Writer::Jsonl(f) => {
+            Writer::Parquet { file, .. } => file.push(&shard::path_key(path), &emb.pooled),
+            Writer::ParquetJob { journal, .. } => journal.push(&shard::path_key(path), &emb.pooled),
+            Writer::Jsonl(_) | Writer::Append(_) => {
                 let d = emb.pooled.len().max(1);
                 let line = JsonLine {
                     path: path.display().to_string(),
@@ -440,8 +594,14 @@ impl Writer {
                 };
                 let mut line = serde_json::to_string(&line)
                     .map_err(|e| BeitError::input("embedding", e.to_string()))?;
-                line.push('\n');
-                f.write(line.as_bytes())
+                match self {
+                    Writer::Append(a) => a.write_line(&line),
+                    Writer::Jsonl(f) => {
+                        line.push('\n');
+                        f.write(line.as_bytes())
+                    }
+                    _ => unreachable!("a JSON-lines writer"),
+                }
             }
             Writer::Safetensors {
                 embeddings,
@@ -466,7 +626,10 @@ impl Writer {
                 line.push('\n');
                 f.write(line.as_bytes())
             }
-            Writer::Safetensors { skipped, .. } => {
+            Writer::Append(a) => a.write_line(&inputs::skipped_json(e)),
+            Writer::Safetensors { skipped, .. }
+            | Writer::Parquet { skipped, .. }
+            | Writer::ParquetJob { skipped, .. } => {
                 skipped.push(json!({"path": e.path.display().to_string(), "error": e.message}));
                 Ok(())
             }
@@ -476,6 +639,42 @@ impl Writer {
     fn commit(self, output: &Path, meta: &Meta) -> Result<()> {
         match self {
             Writer::Jsonl(f) => f.commit(output),
+            Writer::Append(a) => a.finish(),
+            Writer::ParquetJob {
+                journal,
+                old,
+                wanted,
+                skipped,
+            } => {
+                let mut file = ParquetWriter::create(output, meta.dim)?;
+                let mut seen = HashSet::new();
+                for (p, v) in old {
+                    if seen.insert(p.clone()) {
+                        file.push(&p, &v)?;
+                    }
+                }
+                journal.for_each(|p, v| {
+                    if wanted.contains(p) && seen.insert(p.to_string()) {
+                        file.push(p, v)?;
+                    }
+                    Ok(())
+                })?;
+                Writer::Parquet { file, skipped }.commit(output, meta)?;
+                journal.remove();
+                Ok(())
+            }
+            Writer::Parquet { file, skipped } => {
+                let mut kv = vec![
+                    ("dim", meta.dim.to_string()),
+                    ("pooling", meta.pooling.name().to_string()),
+                    ("model", meta.model.display().to_string()),
+                    ("architecture", meta.arch.to_string()),
+                ];
+                if !skipped.is_empty() {
+                    kv.push(("skipped", serde_json::Value::from(skipped).to_string()));
+                }
+                file.commit(&kv)
+            }
             Writer::Safetensors {
                 mut embeddings,
                 patches,

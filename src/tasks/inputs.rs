@@ -603,33 +603,43 @@ pub fn plan_folder_outputs(
     overwrite: bool,
     keep_going: bool,
 ) -> Result<Vec<Planned>> {
+    let all: Vec<&Path> = items.iter().flatten().map(PathBuf::as_path).collect();
+    plan_folder_outputs_among(items, &all, out_dir, suffixes, overwrite, keep_going, false)
+}
+
+/// [`plan_folder_outputs`] for `items` that are part of `all` (a batch job's shard): the names
+/// are those a run over `all` gives (a stem shared anywhere in `all` takes the extension), and
+/// two images of `all` that would share an output are refused, whichever shards they are in.
+/// `resume`: an image with all its outputs is kept (as with `keep_going`); one with only some
+/// (a run stopped between them) is done again.
+pub fn plan_folder_outputs_among(
+    items: &[std::result::Result<PathBuf, InputError>],
+    all: &[&Path],
+    out_dir: &Path,
+    suffixes: &[&str],
+    overwrite: bool,
+    keep_going: bool,
+    resume: bool,
+) -> Result<Vec<Planned>> {
     if std::fs::metadata(out_dir).is_ok_and(|m| !m.is_dir()) {
         return Err(BeitError::file(
             out_dir,
             "exists and is not a folder (with several images, --output is a folder)",
         ));
     }
-    let mut stems: std::collections::HashMap<String, usize> = Default::default();
-    for p in items.iter().flatten() {
-        let stem = p.file_stem().map(|s| s.to_string_lossy().to_string());
-        *stems.entry(stem.unwrap_or_default()).or_default() += 1;
-    }
-    let inputs: Vec<&PathBuf> = items.iter().flatten().collect();
-    let mut seen: std::collections::HashMap<PathBuf, PathBuf> = Default::default();
-    let mut plan = Vec::with_capacity(items.len());
-    for item in items {
-        let Ok(p) = item else {
-            plan.push(Planned::Unusable);
-            continue;
-        };
-        let stem = p
-            .file_stem()
+    let stem_of = |p: &Path| {
+        p.file_stem()
             .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or_default();
-        let outs = output_names(out_dir, p, stems[&stem] > 1, suffixes);
-        let mut kept = None;
-        for out in &outs {
-            if let Some(prev) = seen.insert(out.clone(), p.clone()) {
+            .unwrap_or_default()
+    };
+    let mut stems: std::collections::HashMap<String, usize> = Default::default();
+    for p in all {
+        *stems.entry(stem_of(p)).or_default() += 1;
+    }
+    let mut seen: std::collections::HashMap<PathBuf, PathBuf> = Default::default();
+    for p in all {
+        for out in output_names(out_dir, p, stems[&stem_of(p)] > 1, suffixes) {
+            if let Some(prev) = seen.insert(out.clone(), p.to_path_buf()) {
                 return Err(BeitError::file(
                     out,
                     format!(
@@ -640,20 +650,39 @@ pub fn plan_folder_outputs(
                     ),
                 ));
             }
+        }
+    }
+    let mut plan = Vec::with_capacity(items.len());
+    for item in items {
+        let Ok(p) = item else {
+            plan.push(Planned::Unusable);
+            continue;
+        };
+        let outs = output_names(
+            out_dir,
+            p,
+            stems.get(&stem_of(p)).is_some_and(|&n| n > 1),
+            suffixes,
+        );
+        let mut kept = None;
+        let mut existing = 0;
+        for out in &outs {
             let t = crate::output::target(out)?;
-            crate::output::check_not_input(out, &inputs)?;
+            crate::output::check_not_input(out, all)?;
             if t == crate::output::Target::File && !overwrite {
-                if !keep_going {
+                if !keep_going && !resume {
                     return Err(BeitError::file(
                         out,
                         "already exists; pass --overwrite to replace it, or --keep-going to \
                          skip the images whose outputs exist",
                     ));
                 }
+                existing += 1;
                 kept.get_or_insert(out.clone());
             }
         }
         plan.push(match kept {
+            Some(_) if resume && existing < outs.len() => Planned::Write(outs),
             Some(out) => Planned::Kept(out),
             None => Planned::Write(outs),
         });

@@ -3,8 +3,10 @@
 pub mod attention;
 pub mod classify;
 pub mod embed;
+pub mod embed_parquet;
 pub mod forward;
 pub mod inputs;
 pub mod mim;
 pub mod preprocess;
 pub mod segment;
+pub mod shard;

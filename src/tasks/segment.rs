@@ -23,6 +23,7 @@ use crate::heads::post_process_semantic_segmentation;
 use crate::model::ForwardOptions;
 use crate::processor::{resample, BeitImageProcessor, PILImageResampling, ProcessedImage};
 use crate::tasks::inputs::{self, finish, ImageWalker, ItemError, Outcome, RunSummary};
+use crate::tasks::shard::{self, ItemResult, Shard};
 use crate::viz;
 
 /// Settings of [`Segmenter::segment_paths`].
@@ -171,6 +172,52 @@ impl Segmenter {
             &mut on_item,
         )?;
         finish(summary, inputs)
+    }
+
+    /// A batch job's part: segment the images of `shard` among `all` (every image of the job,
+    /// in any order; [`crate::tasks::shard::select`]) into `opts.out_dir`, with the output names
+    /// a run over all of them gives. `resume`: images whose outputs exist are kept (as with
+    /// `keep_going`, without going on past unusable files). A shard without images is no error.
+    pub fn segment_job(
+        &self,
+        all: Vec<ItemResult>,
+        shard: Option<Shard>,
+        resume: bool,
+        opts: &SegmentOptions,
+        mut on_item: impl FnMut(Outcome<Segmentation>) -> Result<()>,
+    ) -> Result<RunSummary> {
+        if !(0.0..=1.0).contains(&opts.alpha) {
+            return Err(BeitError::input("alpha", "must be between 0 and 1"));
+        }
+        let all = shard::select(all, None);
+        let items = shard::select(all.clone(), shard);
+        let names: Vec<&Path> = all.iter().flatten().map(PathBuf::as_path).collect();
+        let plan = inputs::plan_folder_outputs_among(
+            &items,
+            &names,
+            &opts.out_dir,
+            &OUTPUT_SUFFIXES,
+            opts.overwrite,
+            opts.keep_going,
+            resume,
+        )?;
+        let summary = inputs::run_planned(
+            items,
+            plan,
+            Some(&opts.out_dir),
+            self.processor.clone(),
+            opts.keep_going,
+            |path, value, outs| self.segment_item(path, value, outs, opts),
+            &mut on_item,
+        )?;
+        // As `finish`: an error only when nothing was done, now or before.
+        if summary.processed == 0 && summary.kept == 0 && summary.skipped > 0 {
+            return Err(BeitError::input(
+                "images",
+                "none of the image files could be used (see the messages above)",
+            ));
+        }
+        Ok(summary)
     }
 
     fn segment_item(
