@@ -18,7 +18,11 @@ fn timm_root() -> PathBuf {
 
 /// Largest |a - b| over the logits of `case` (beit-rs against timm).
 fn logits_diff(case: &str) -> f64 {
-    let dir = timm_root().join(case);
+    logits_diff_in(&timm_root(), case)
+}
+
+fn logits_diff_in(root: &Path, case: &str) -> f64 {
+    let dir = root.join(case);
     let dev = Device::Cpu;
     let (model, cfg) = AutoModel::from_pretrained(&dir, DType::F32, &dev)
         .unwrap_or_else(|e| panic!("{case}: {e}"));
@@ -52,6 +56,23 @@ fn logits_diff(case: &str) -> f64 {
 fn beit_v1_relative_bias_layer_scale_mean_pooling_matches_timm() {
     let d = logits_diff("beit_base_rel");
     assert!(d < 1e-4, "max |diff| {d}");
+}
+
+/// The full-size case (BEiT v2 base, 224, 1000 classes, random weights) is written by
+/// `scripts/make_timm_fixtures.py --base` into tests/fixtures/timm_base (340 MB, not
+/// committed); where it is present it must match timm at the base tolerance.
+#[test]
+fn beit_v2_base_size_matches_timm_when_generated() {
+    let root = common::repo_root().join("tests/fixtures/timm_base");
+    if !root.join("beitv2_base_full/config.json").is_file() {
+        eprintln!(
+            "skipped: no base-size timm case (run scripts/make_timm_fixtures.py --base to \
+             write tests/fixtures/timm_base)"
+        );
+        return;
+    }
+    let d = logits_diff_in(&root, "beitv2_base_full");
+    assert!(d < 1e-3, "max |diff| {d}");
 }
 
 #[test]
