@@ -291,22 +291,10 @@ impl Backend {
                 Ok(answers)
             }
             Want::Attention { layer } => {
-                let enc = self
-                    .model
-                    .beit()
-                    .forward(&pv, &ForwardOptions::default().output_attentions(true))?;
-                let attn = enc
-                    .attentions
-                    .and_then(|a| a.into_iter().nth(*layer))
-                    .ok_or_else(|| crate::BeitError::input("layer", "no such layer"))?;
-                let (gh, gw) = self.grid(&group[0].0.processed);
-                let mut answers = Vec::with_capacity(group.len());
-                for j in 0..group.len() {
-                    let maps =
-                        crate::tasks::attention::cls_attention(&attn.narrow(0, j, 1)?, gh, gw)?;
-                    answers.push(Ok(Answer::Attention(maps)));
-                }
-                Ok(answers)
+                let grid = self.grid(&group[0].0.processed);
+                let maps =
+                    crate::tasks::attention::cls_attention_batch(&self.model, &pv, *layer, grid)?;
+                Ok(maps.into_iter().map(|m| Ok(Answer::Attention(m))).collect())
             }
             Want::Scores | Want::LabelMap | Want::Tensors { mask: None, .. } => {
                 let out = self.model.forward(&pv, &ForwardOptions::default())?;

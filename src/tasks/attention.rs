@@ -147,6 +147,32 @@ pub fn tile_picture(tiles: &[(String, RgbImage)]) -> (RgbImage, (usize, usize)) 
     (img, (rows, cols))
 }
 
+/// The CLS attention of `layer` (0-based) of each image of a `pixel_values` batch over a
+/// `(rows, cols)` patch grid: `[image][head][rows * cols]`.
+pub fn cls_attention_batch(
+    model: &crate::auto::AutoModel,
+    pixel_values: &Tensor,
+    layer: usize,
+    (gh, gw): (usize, usize),
+) -> Result<Vec<Vec<Vec<f32>>>> {
+    let enc = model.beit().forward(
+        pixel_values,
+        &ForwardOptions::default().output_attentions(true),
+    )?;
+    let attns = enc
+        .attentions
+        .ok_or_else(|| BeitError::input("attentions", "the model returned no attentions"))?;
+    let attn = attns.get(layer).ok_or_else(|| {
+        BeitError::input(
+            "layer",
+            format!("the model returned {} layers", attns.len()),
+        )
+    })?;
+    (0..attn.dim(0)?)
+        .map(|j| cls_attention(&attn.narrow(0, j, 1)?, gh, gw))
+        .collect()
+}
+
 /// The image followed by one heat-map tile per head (CLS attention `maps` over a `grid` of
 /// patches), as one picture; with its `(rows, cols)` of tiles.
 pub fn attention_picture(
@@ -224,20 +250,7 @@ impl AttentionMapper {
             (1, 3, processed.height, processed.width),
             &self.device,
         )?;
-        let enc = self
-            .model
-            .beit()
-            .forward(&pv, &ForwardOptions::default().output_attentions(true))?;
-        let attns = enc
-            .attentions
-            .ok_or_else(|| BeitError::input("attentions", "the model returned no attentions"))?;
-        let attn = attns.get(layer).ok_or_else(|| {
-            BeitError::input(
-                "layer",
-                format!("the model returned {} layers", attns.len()),
-            )
-        })?;
-        let maps = cls_attention(attn, gh, gw)?;
+        let maps = cls_attention_batch(&self.model, &pv, layer, (gh, gw))?.remove(0);
         let base = inputs::display_image(original, &self.processor, processed, TILE_LONG_SIDE);
         let (picture, (rows, cols)) = attention_picture(&base, &maps, layer, (gh, gw));
         viz::save_png(&picture, out)?;
