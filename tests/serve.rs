@@ -206,6 +206,56 @@ fn v2_matches_transformers(server: &Server, name: &str, case: &str) {
     assert!(diff < 1e-4, "{case}: max |logit - transformers| = {diff}");
 }
 
+/// The binary tensor extension (what `tritonclient` sends by default): binary FP32 input and
+/// binary output give the same logits as JSON.
+fn v2_binary_matches_transformers(server: &Server, name: &str, case: &str) {
+    let inputs = load_tensors(&format!("{}/inputs.safetensors", fixture(case)));
+    let expected = load_tensors(&format!("{}/expected.safetensors", fixture(case)));
+    let pv = &inputs["pixel_values"];
+    let data: Vec<f32> = pv.flatten_all().unwrap().to_vec1().unwrap();
+    let raw: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let header = json!({"inputs": [{"name": "pixel_values", "shape": pv.dims(), "datatype": "FP32",
+                                    "parameters": {"binary_data_size": raw.len()}}],
+                        "outputs": [{"name": "logits", "parameters": {"binary_data": true}}]})
+    .to_string();
+    let mut body = header.clone().into_bytes();
+    body.extend_from_slice(&raw);
+    let mut r = Server::agent()
+        .post(format!("{}/v2/models/{name}/infer", server.base))
+        .header("content-type", "application/octet-stream")
+        .header("inference-header-content-length", &header.len().to_string())
+        .send(&body[..])
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let n: usize = r.headers()["inference-header-content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut bytes = Vec::new();
+    r.body_mut().as_reader().read_to_end(&mut bytes).unwrap();
+    let head: Value = serde_json::from_slice(&bytes[..n]).unwrap();
+    let out = &head["outputs"][0];
+    assert_eq!(out["name"], "logits");
+    let size = out["parameters"]["binary_data_size"].as_u64().unwrap() as usize;
+    assert_eq!(size, bytes.len() - n);
+    let got: Vec<f32> = bytes[n..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let want: Vec<f32> = expected["logits"].flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(got.len(), want.len());
+    let diff = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        diff < 1e-4,
+        "{case} (binary): max |logit - transformers| = {diff}"
+    );
+}
+
 #[test]
 fn routes_answer_like_the_library_and_transformers() {
     let server = Server::start(&[
@@ -227,6 +277,8 @@ fn routes_answer_like_the_library_and_transformers() {
     v2_matches_transformers(&server, "grey", "cls_both_bias_grey");
     v2_matches_transformers(&server, "seg", "seg_noaux");
     v2_matches_transformers(&server, "mim", "mim_shared");
+    v2_binary_matches_transformers(&server, "cls", "cls_abs_clspool_bce");
+    v2_binary_matches_transformers(&server, "seg", "seg_noaux");
 
     // /predict equals the library's classifier on the same files (raw, multipart, JSON).
     let classifier = beit::tasks::classify::Classifier::from_dir(

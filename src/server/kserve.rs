@@ -2,7 +2,8 @@
 //! and `POST /v2/models/{name}/infer` with tensors in and out, so that KServe and Triton
 //! clients work unchanged. Inputs: `pixel_values` (FP32 `[B, 3, H, W]`, preprocessed) or a
 //! BYTES tensor `[B]` of encoded images (base64 strings, or `{"b64": ...}`), preprocessed by the
-//! server. The binary tensor extension is not supported (JSON only).
+//! server. The binary tensor data extension (`Inference-Header-Content-Length`, what
+//! `tritonclient` sends by default) is supported both ways.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -142,6 +143,8 @@ pub struct InferInput {
     pub datatype: String,
     #[serde(default)]
     pub parameters: Option<Value>,
+    /// Absent when the tensor is sent as binary data.
+    #[serde(default)]
     pub data: Value,
 }
 
@@ -173,12 +176,25 @@ pub enum InferImages {
 /// data, at most `max_images` images of `(channels, height, width)`.
 pub fn parse_infer(
     body: &[u8],
+    header_length: Option<usize>,
     max_images: usize,
     (channels, height, width): (usize, usize, usize),
     patch: usize,
 ) -> Result<(InferRequest, InferImages, Option<PatchMasks>), ApiError> {
-    let mut req: InferRequest = serde_json::from_slice(body)
+    let (json, binary) = match header_length {
+        None => (body, &[][..]),
+        Some(n) if n <= body.len() => body.split_at(n),
+        Some(n) => {
+            return Err(ApiError::validation(format!(
+                "Inference-Header-Content-Length {n} is past the end of the {}-byte body",
+                body.len()
+            )))
+        }
+    };
+    let mut req: InferRequest = serde_json::from_slice(json)
         .map_err(|e| ApiError::validation(format!("malformed inference request: {e}")))?;
+    let most = max_images * (channels * height * width).max(height * width / patch.max(1).pow(2));
+    inline_binary(&mut req, binary, most)?;
     let mask_at = req.inputs.iter().position(|i| i.name == "bool_masked_pos");
     let mask_input = mask_at.map(|i| req.inputs.remove(i));
     if req.inputs.len() != 1 {
@@ -335,6 +351,100 @@ pub fn parse_infer(
     Ok((req, images, mask))
 }
 
+/// Move tensors sent as binary data (inputs with `parameters.binary_data_size`, in order after
+/// the JSON header) into their `data`, as JSON would have carried them: numbers, booleans, and
+/// BYTES elements (4-byte little-endian length, then the bytes) as base64 strings. At most
+/// `most` elements per tensor.
+fn inline_binary(req: &mut InferRequest, binary: &[u8], most: usize) -> Result<(), ApiError> {
+    use base64::Engine;
+    let mut rest = binary;
+    for input in &mut req.inputs {
+        let size = input
+            .parameters
+            .as_ref()
+            .and_then(|p| p.get("binary_data_size"));
+        let Some(size) = size else { continue };
+        let n = size
+            .as_u64()
+            .filter(|&n| n as usize <= rest.len())
+            .ok_or_else(|| {
+                ApiError::validation(format!(
+                "input {:?}: binary_data_size {size} is not within the {} bytes after the header",
+                input.name,
+                rest.len()
+            ))
+            })? as usize;
+        let (bytes, tail) = rest.split_at(n);
+        rest = tail;
+        let width = match input.datatype.as_str() {
+            "FP32" => 4,
+            "FP64" => 8,
+            "FP16" | "BF16" => 2,
+            "BOOL" | "UINT8" | "INT8" => 1,
+            "BYTES" => 0,
+            other => {
+                return Err(ApiError::validation(format!(
+                    "input {:?}: binary datatype {other:?} is not taken",
+                    input.name
+                )))
+            }
+        };
+        let values: Vec<Value> = if width == 0 {
+            let mut v = Vec::new();
+            let mut b = bytes;
+            while !b.is_empty() {
+                if v.len() >= most || b.len() < 4 {
+                    return Err(ApiError::validation(format!(
+                        "input {:?}: malformed BYTES tensor data",
+                        input.name
+                    )));
+                }
+                let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
+                let item = b.get(4..4 + len).ok_or_else(|| {
+                    ApiError::validation(format!(
+                        "input {:?}: a BYTES element runs past the data",
+                        input.name
+                    ))
+                })?;
+                v.push(Value::String(
+                    base64::engine::general_purpose::STANDARD.encode(item),
+                ));
+                b = &b[4 + len..];
+            }
+            v
+        } else {
+            if bytes.len() % width != 0 || bytes.len() / width > most {
+                return Err(ApiError::validation(format!(
+                    "input {:?}: {} bytes of binary {} data do not fit its shape",
+                    input.name,
+                    bytes.len(),
+                    input.datatype
+                )));
+            }
+            bytes
+                .chunks_exact(width)
+                .map(|c| match input.datatype.as_str() {
+                    "FP32" => json!(f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                    "FP64" => json!(f64::from_le_bytes(c.try_into().expect("8 bytes"))),
+                    "FP16" => json!(half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
+                    "BF16" => json!(half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+                    "BOOL" => json!(c[0] != 0),
+                    "INT8" => json!(c[0] as i8),
+                    _ => json!(c[0]),
+                })
+                .collect()
+        };
+        input.data = Value::Array(values);
+    }
+    if !rest.is_empty() {
+        return Err(ApiError::validation(format!(
+            "{} bytes after the header belong to no input",
+            rest.len()
+        )));
+    }
+    Ok(())
+}
+
 /// Flatten nested JSON arrays (the v2 protocol allows both), refusing more than `max` leaves
 /// or nesting deeper than a tensor has dimensions.
 fn flatten(v: Value, out: &mut Vec<Value>, max: usize, depth: usize) -> Result<(), ApiError> {
@@ -362,16 +472,18 @@ fn flatten(v: Value, out: &mut Vec<Value>, max: usize, depth: usize) -> Result<(
 async fn infer_v(
     state: State<Arc<AppState>>,
     Path((name, version)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     check_version(&version)?;
-    infer(state, Path(name), body).await
+    infer(state, Path(name), headers, body).await
 }
 
 /// `POST /v2/models/{name}/infer`.
 async fn infer(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     if state.draining.load(std::sync::atomic::Ordering::Acquire) {
@@ -391,8 +503,20 @@ async fn infer(
             backend.name
         )));
     }
+    let header_length = match headers.get("inference-header-content-length") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .ok_or_else(|| {
+                    ApiError::validation("Inference-Header-Content-Length is not a number")
+                })?,
+        ),
+    };
     let (req, images, masks) = parse_infer(
         &bytes,
+        header_length,
         state.options.max_client_batch_size,
         (
             backend.config.num_channels,
@@ -481,12 +605,36 @@ async fn infer(
             }
         }
     }
+    // Binary outputs where asked for (per output, or for all with `binary_data_output`).
+    let all_binary = req
+        .parameters
+        .as_ref()
+        .and_then(|p| p.get("binary_data_output"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let wants_binary = |name: &str| {
+        req.outputs
+            .as_ref()
+            .and_then(|o| o.iter().find(|o| o.name == name))
+            .and_then(|o| o.parameters.as_ref())
+            .and_then(|p| p.get("binary_data"))
+            .and_then(Value::as_bool)
+            .unwrap_or(all_binary)
+    };
+    let mut binary: Vec<u8> = Vec::new();
     let outputs: Vec<Value> = outputs
         .into_iter()
         .map(|(name, shape, data)| {
             let mut s = vec![batch];
             s.extend(shape);
-            json!({"name": name, "datatype": "FP32", "shape": s, "data": data})
+            if wants_binary(&name) {
+                let start = binary.len();
+                binary.extend(data.iter().flat_map(|v| v.to_le_bytes()));
+                json!({"name": name, "datatype": "FP32", "shape": s,
+                       "parameters": {"binary_data_size": binary.len() - start}})
+            } else {
+                json!({"name": name, "datatype": "FP32", "shape": s, "data": data})
+            }
         })
         .collect();
     let mut body = json!({
@@ -497,7 +645,23 @@ async fn infer(
     if let Some(id) = req.id {
         body["id"] = json!(id);
     }
-    let mut res = Json(body).into_response();
+    let mut res = if binary.is_empty() {
+        Json(body).into_response()
+    } else {
+        let mut bytes = serde_json::to_vec(&body).map_err(|e| ApiError::backend(e.to_string()))?;
+        let header_length = bytes.len();
+        bytes.extend_from_slice(&binary);
+        let mut res = bytes.into_response();
+        res.headers_mut().insert(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/octet-stream"),
+        );
+        res.headers_mut().insert(
+            "inference-header-content-length",
+            axum::http::HeaderValue::from(header_length),
+        );
+        res
+    };
     let h = res.headers_mut();
     for (k, d) in [
         ("x-preprocess-time", preprocess),
@@ -518,14 +682,14 @@ mod tests {
     #[test]
     fn infer_requests_are_checked() {
         let ok = br#"{"id":"a","inputs":[{"name":"pixel_values","shape":[1,3,2,2],"datatype":"FP32","data":[[1,2,3,4],[5,6,7,8],[9,10,11,12]]}]}"#;
-        let (req, images, _) = parse_infer(ok, 4, (3, 2, 2), 1).unwrap();
+        let (req, images, _) = parse_infer(ok, None, 4, (3, 2, 2), 1).unwrap();
         assert_eq!(req.id.as_deref(), Some("a"));
         match images {
             InferImages::Pixels { values, .. } => assert_eq!(values[0][11], 12.0),
             _ => panic!("pixels expected"),
         }
         let bytes = br#"{"inputs":[{"name":"images","shape":[2],"datatype":"BYTES","data":["aGk=",{"b64":"aGk="}]}]}"#;
-        let (_, images, _) = parse_infer(bytes, 4, (3, 2, 2), 1).unwrap();
+        let (_, images, _) = parse_infer(bytes, None, 4, (3, 2, 2), 1).unwrap();
         assert!(matches!(images, InferImages::Encoded(v) if v.len() == 2));
         for bad in [
             &br#"{"inputs":[]}"#[..],
@@ -537,7 +701,7 @@ mod tests {
             br#"{"inputs":[{"name":"x","shape":[1],"datatype":"BYTES","data":[[[[[[[[[["a"]]]]]]]]]]}]}"#,
             b"not json",
         ] {
-            let e = parse_infer(bad, 4, (3, 2, 2), 1).unwrap_err();
+            let e = parse_infer(bad, None, 4, (3, 2, 2), 1).unwrap_err();
             assert_eq!(e.status.as_u16() / 100, 4, "{}", String::from_utf8_lossy(bad));
         }
     }
@@ -546,7 +710,7 @@ mod tests {
 /// Fuzz body of the v2 inference-request parser (`fuzz/fuzz_targets/server_infer.rs`): a model
 /// of 3x8x8 inputs with 4x4 patches, at most 4 images. Must answer `Ok` or a 4xx, never panic.
 pub fn fuzz_parse(data: &[u8]) -> Result<(), String> {
-    match parse_infer(data, 4, (3, 8, 8), 4) {
+    match parse_infer(data, None, 4, (3, 8, 8), 4) {
         Ok((_, images, masks)) => {
             let n = match &images {
                 InferImages::Pixels { values, .. } => {
