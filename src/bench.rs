@@ -885,32 +885,6 @@ pub fn cpu_rate(flop: f64, secs: f64, mut f: impl FnMut()) -> f64 {
     flop * n as f64 / (thread_cpu_seconds() - c0) / 1e9
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn flop_counts_match_torch_flop_counter() {
-        // torch FlopCounterMode on the transformers models (research/peers_baseline.md).
-        let cls = Workload::Classification(224).flops_per_image() / 1e9;
-        assert!((cls - 35.13).abs() < 0.05, "{cls}");
-        let c384 = Workload::Classification(384).flops_per_image() / 1e9;
-        assert!((c384 - 110.97).abs() < 0.1, "{c384}");
-        let seg = Workload::Segmentation.flops_per_image() / 1e9;
-        assert!((seg - 1930.0).abs() < 5.0, "{seg}");
-    }
-
-    #[test]
-    fn workloads_parse() {
-        assert_eq!(
-            Workload::parse("cls-384").unwrap(),
-            Workload::Classification(384)
-        );
-        assert_eq!(Workload::parse("seg").unwrap(), Workload::Segmentation);
-        assert!(Workload::parse("cls-100").is_err());
-    }
-}
-
 /// The CPU, as a line to print with every table: model name, logical CPUs, and the
 /// instruction-set flags that choose our kernels (from `/proc/cpuinfo`).
 pub fn cpu_description() -> String {
@@ -947,4 +921,30 @@ pub fn cpu_description() -> String {
             have.join(" ")
         }
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flop_counts_match_torch_flop_counter() {
+        // torch FlopCounterMode on the transformers models (research/peers_baseline.md).
+        let cls = Workload::Classification(224).flops_per_image() / 1e9;
+        assert!((cls - 35.13).abs() < 0.05, "{cls}");
+        let c384 = Workload::Classification(384).flops_per_image() / 1e9;
+        assert!((c384 - 110.97).abs() < 0.1, "{c384}");
+        let seg = Workload::Segmentation.flops_per_image() / 1e9;
+        assert!((seg - 1930.0).abs() < 5.0, "{seg}");
+    }
+
+    #[test]
+    fn workloads_parse() {
+        assert_eq!(
+            Workload::parse("cls-384").unwrap(),
+            Workload::Classification(384)
+        );
+        assert_eq!(Workload::parse("seg").unwrap(), Workload::Segmentation);
+        assert!(Workload::parse("cls-100").is_err());
+    }
 }

@@ -675,6 +675,32 @@ async fn infer(
     Ok(res)
 }
 
+/// Fuzz body of the v2 inference-request parser (`fuzz/fuzz_targets/server_infer.rs`): a model
+/// of 3x8x8 inputs with 4x4 patches, at most 4 images. Must answer `Ok` or a 4xx, never panic.
+pub fn fuzz_parse(data: &[u8]) -> Result<(), String> {
+    match parse_infer(data, None, 4, (3, 8, 8), 4) {
+        Ok((_, images, masks)) => {
+            let n = match &images {
+                InferImages::Pixels { values, .. } => {
+                    assert!(values.iter().all(|v| v.len() == 3 * 8 * 8));
+                    values.len()
+                }
+                InferImages::Encoded(files) => files.len(),
+            };
+            assert!((1..=4).contains(&n));
+            if let Some(m) = masks {
+                assert_eq!(m.len(), n);
+                assert!(m.iter().all(|v| v.len() == 4));
+            }
+            Ok(())
+        }
+        Err(e) => {
+            assert!(e.status.is_client_error(), "{e}: status {}", e.status);
+            Err(e.message)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -703,32 +729,6 @@ mod tests {
         ] {
             let e = parse_infer(bad, None, 4, (3, 2, 2), 1).unwrap_err();
             assert_eq!(e.status.as_u16() / 100, 4, "{}", String::from_utf8_lossy(bad));
-        }
-    }
-}
-
-/// Fuzz body of the v2 inference-request parser (`fuzz/fuzz_targets/server_infer.rs`): a model
-/// of 3x8x8 inputs with 4x4 patches, at most 4 images. Must answer `Ok` or a 4xx, never panic.
-pub fn fuzz_parse(data: &[u8]) -> Result<(), String> {
-    match parse_infer(data, None, 4, (3, 8, 8), 4) {
-        Ok((_, images, masks)) => {
-            let n = match &images {
-                InferImages::Pixels { values, .. } => {
-                    assert!(values.iter().all(|v| v.len() == 3 * 8 * 8));
-                    values.len()
-                }
-                InferImages::Encoded(files) => files.len(),
-            };
-            assert!((1..=4).contains(&n));
-            if let Some(m) = masks {
-                assert_eq!(m.len(), n);
-                assert!(m.iter().all(|v| v.len() == 4));
-            }
-            Ok(())
-        }
-        Err(e) => {
-            assert!(e.status.is_client_error(), "{e}: status {}", e.status);
-            Err(e.message)
         }
     }
 }

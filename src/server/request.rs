@@ -306,6 +306,56 @@ async fn parse_multipart(
     })
 }
 
+/// Fuzz body of the request parser (`fuzz/fuzz_targets/server_request.rs`): the first byte
+/// picks a content type (raw image, JSON, multipart with a fixed boundary, a random type), the
+/// rest is the body. Must answer `Ok` or a 4xx, never panic.
+pub fn fuzz_parse(data: &[u8]) -> Result<(), String> {
+    let Some((&selector, body)) = data.split_first() else {
+        return Ok(());
+    };
+    let content_type = match selector % 5 {
+        0 => "application/json",
+        1 => "multipart/form-data; boundary=XyZ",
+        2 => "image/png",
+        3 => "multipart/form-data",
+        _ => "text/plain",
+    };
+    let query = match selector / 5 % 3 {
+        0 => None,
+        1 => Some("top_k=3&normalize=false&model=m"),
+        _ => std::str::from_utf8(body)
+            .ok()
+            .and_then(|s| s.split('\n').next()),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let params = match Params::from_query(query) {
+        Ok(p) => p,
+        Err(e) => return check_4xx(e),
+    };
+    let limits = RequestLimits { max_images: 4 };
+    match runtime.block_on(parse_images(
+        Some(content_type),
+        bytes::Bytes::copy_from_slice(body),
+        params,
+        limits,
+    )) {
+        Ok(req) => {
+            assert!(!req.images.is_empty() && req.images.len() <= limits.max_images);
+            Ok(())
+        }
+        Err(e) => check_4xx(e),
+    }
+}
+
+/// A refusal must be a client error with a message.
+fn check_4xx(e: ApiError) -> Result<(), String> {
+    assert!(e.status.is_client_error(), "{e}: status {}", e.status);
+    assert!(!e.message.is_empty());
+    Err(e.message)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -385,54 +435,4 @@ mod tests {
         assert!(Params::from_query(Some("top_k=x")).is_err());
         assert!(Params::from_query(Some("nope=1")).is_err());
     }
-}
-
-/// Fuzz body of the request parser (`fuzz/fuzz_targets/server_request.rs`): the first byte
-/// picks a content type (raw image, JSON, multipart with a fixed boundary, a random type), the
-/// rest is the body. Must answer `Ok` or a 4xx, never panic.
-pub fn fuzz_parse(data: &[u8]) -> Result<(), String> {
-    let Some((&selector, body)) = data.split_first() else {
-        return Ok(());
-    };
-    let content_type = match selector % 5 {
-        0 => "application/json",
-        1 => "multipart/form-data; boundary=XyZ",
-        2 => "image/png",
-        3 => "multipart/form-data",
-        _ => "text/plain",
-    };
-    let query = match selector / 5 % 3 {
-        0 => None,
-        1 => Some("top_k=3&normalize=false&model=m"),
-        _ => std::str::from_utf8(body)
-            .ok()
-            .and_then(|s| s.split('\n').next()),
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .map_err(|e| e.to_string())?;
-    let params = match Params::from_query(query) {
-        Ok(p) => p,
-        Err(e) => return check_4xx(e),
-    };
-    let limits = RequestLimits { max_images: 4 };
-    match runtime.block_on(parse_images(
-        Some(content_type),
-        bytes::Bytes::copy_from_slice(body),
-        params,
-        limits,
-    )) {
-        Ok(req) => {
-            assert!(!req.images.is_empty() && req.images.len() <= limits.max_images);
-            Ok(())
-        }
-        Err(e) => check_4xx(e),
-    }
-}
-
-/// A refusal must be a client error with a message.
-fn check_4xx(e: ApiError) -> Result<(), String> {
-    assert!(e.status.is_client_error(), "{e}: status {}", e.status);
-    assert!(!e.message.is_empty());
-    Err(e.message)
 }
