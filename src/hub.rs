@@ -76,8 +76,14 @@ pub enum HubError {
     },
     /// The spec names an existing file rather than a folder.
     #[error(
-        "'{}' is a file, not a model folder; pass the folder that holds config.json and the weights",
-        path.display()
+        "'{}' is a file, not a model folder; pass the folder that holds config.json and the \
+         weights{}",
+        path.display(),
+        if path.extension().is_some_and(|e| e == "pth" || e == "pt") {
+            " (an original unilm/BEiT checkpoint: `beit convert FILE OUT_DIR` writes such a folder)"
+        } else {
+            ""
+        }
     )]
     NotAFolder {
         /// The file.
