@@ -30,10 +30,7 @@ impl Scratch {
     fn new(tag: &str) -> std::result::Result<Self, String> {
         static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!(
-            "beit-fuzz-{tag}-{}-{n}",
-            std::process::id()
-        ));
+        let dir = std::env::temp_dir().join(format!("beit-fuzz-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         Ok(Scratch(dir))
@@ -92,8 +89,8 @@ pub fn pickle(data: &[u8]) -> Outcome {
 /// A `torch.save` archive holding `pickle` as `archive/data.pkl` and small data entries.
 pub fn wrap_pickle(pickle: &[u8]) -> zip::result::ZipResult<Vec<u8>> {
     let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    let stored = zip::write::SimpleFileOptions::default()
-        .compression_method(zip::CompressionMethod::Stored);
+    let stored =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
     zip.start_file("archive/data.pkl", stored)?;
     zip.write_all(pickle)?;
     zip.start_file("archive/byteorder", stored)?;
@@ -181,14 +178,20 @@ pub fn config(data: &[u8]) -> Outcome {
     }
     match crate::processor::BeitImageProcessor::from_json_str(text) {
         Ok(p) => {
-        for (h, w) in [(1, 1), (224, 224), (3, 1000), (40_000, 40_000), (u32::MAX, 1)] {
-            if let Ok((oh, ow)) = p.output_size(h, w) {
-                let _ = crate::memory::image(h as usize, oh as usize, ow as usize, 3).total();
+            for (h, w) in [
+                (1, 1),
+                (224, 224),
+                (3, 1000),
+                (40_000, 40_000),
+                (u32::MAX, 1),
+            ] {
+                if let Ok((oh, ow)) = p.output_size(h, w) {
+                    let _ = crate::memory::image(h as usize, oh as usize, ow as usize, 3).total();
+                }
             }
-        }
-        let _ = crate::processor::BeitImageProcessor::from_json_value(&p.to_json_value())
-            .map_err(|e| format!("a processor config does not read back: {e}"))?;
-        accepted.push("preprocessor_config.json");
+            let _ = crate::processor::BeitImageProcessor::from_json_value(&p.to_json_value())
+                .map_err(|e| format!("a processor config does not read back: {e}"))?;
+            accepted.push("preprocessor_config.json");
         }
         Err(e) => refused.push(format!("preprocessor_config.json: {e}")),
     }
