@@ -112,7 +112,7 @@ pub fn wrap_pickle(pickle: &[u8]) -> zip::result::ZipResult<Vec<u8>> {
 pub fn safetensors(data: &[u8]) -> Outcome {
     let scratch = Scratch::new("st")?;
     let file = scratch.write("model.safetensors", data)?;
-    let as_file = Checkpoint::from_safetensors(&[file.clone()])
+    let as_file = Checkpoint::from_safetensors(std::slice::from_ref(&file))
         .map_err(msg)
         .and_then(|c| load_all(&c));
     std::fs::remove_file(&file).map_err(msg)?;
