@@ -17,6 +17,8 @@ pub mod auto;
 pub mod bench;
 pub mod config;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod heads;
 pub mod hub;
 pub mod losses;

@@ -219,21 +219,64 @@ pub fn place(tmp: &Path, output: &Path) -> Result<()> {
 
 /// Write `output` from a writer callback: into a temporary file, then [`place`]d.
 pub fn write_with(output: &Path, write: impl FnOnce(&mut File) -> Result<()>) -> Result<()> {
-    let tmp = temp_beside(output, "")?;
-    let result = (|| {
-        let mut f =
-            File::create(&tmp).map_err(|e| BeitError::file(&tmp, format!("cannot create: {e}")))?;
-        write(&mut f)?;
-        f.flush()
-            .map_err(|e| BeitError::file(output, format!("cannot write: {e}")))?;
-        f.sync_all().ok();
-        Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+    stage_with(output, write)?.commit()
+}
+
+/// An output written in full to a temporary file beside it, not yet in place: [`Staged::commit`]
+/// puts it there ([`place`]); dropped uncommitted, it is removed and `output` is untouched. For
+/// outputs that must appear only together with something else (a picture and its JSON line).
+#[derive(Debug)]
+pub struct Staged {
+    tmp: Option<PathBuf>,
+    output: PathBuf,
+}
+
+impl Staged {
+    /// The path the output will have.
+    pub fn output(&self) -> &Path {
+        &self.output
     }
-    place(&tmp, output)
+
+    /// Put the output in place (see [`place`]).
+    pub fn commit(mut self) -> Result<()> {
+        match self.tmp.take() {
+            Some(tmp) => place(&tmp, &self.output),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if let Some(tmp) = self.tmp.take() {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+/// Write `output`'s bytes from a writer callback into a temporary file beside it (flushed and
+/// synced), to be [`Staged::commit`]ted.
+pub fn stage_with(output: &Path, write: impl FnOnce(&mut File) -> Result<()>) -> Result<Staged> {
+    let tmp = temp_beside(output, "")?;
+    let staged = Staged {
+        tmp: Some(tmp.clone()),
+        output: output.to_path_buf(),
+    };
+    let mut f =
+        File::create(&tmp).map_err(|e| BeitError::file(&tmp, format!("cannot create: {e}")))?;
+    write(&mut f)?;
+    f.flush()
+        .map_err(|e| BeitError::file(output, format!("cannot write: {e}")))?;
+    f.sync_all().ok();
+    Ok(staged)
+}
+
+/// Stage `bytes` for `output` (see [`stage_with`]).
+pub fn stage_bytes(output: &Path, bytes: &[u8]) -> Result<Staged> {
+    stage_with(output, |f| {
+        f.write_all(bytes)
+            .map_err(|e| BeitError::file(output, format!("cannot write: {e}")))
+    })
 }
 
 /// Write `bytes` to `output` (see [`write_with`]).

@@ -135,10 +135,110 @@ pub fn try_lock(file: &std::fs::File) -> std::io::Result<bool> {
 /// The lock file a writer holds in an output folder (see [`lock_output_folder`]).
 pub const OUTPUT_LOCK_FILE: &str = ".beit.lock";
 
-/// Claims `dir` for this process until the returned file is dropped: two runs writing one
+/// Claims `dir` for this process until the returned lock is dropped: two runs writing one
 /// folder would mix their logs and checkpoints. The lock file names the holder's process id,
-/// for the message the second writer gets.
-pub fn lock_output_folder(dir: &Path) -> Result<std::fs::File> {
+/// for the message the second writer gets. Inside a command that holds the folder's
+/// [`OutputClaim`] (taken before anything was checked or written there), this succeeds at once
+/// without a second `flock` (which the claim's own lock would refuse).
+pub fn lock_output_folder(dir: &Path) -> Result<OutputLock> {
+    if let Some(key) = folder_key(dir) {
+        if claims().lock().is_ok_and(|c| c.contains(&key)) {
+            return Ok(OutputLock { _file: None });
+        }
+    }
+    Ok(OutputLock {
+        _file: Some(flock_output_folder(dir)?),
+    })
+}
+
+/// A held output folder lock (see [`lock_output_folder`]); released when dropped.
+#[derive(Debug)]
+pub struct OutputLock {
+    /// `None` when the folder's [`OutputClaim`] in this process holds the lock.
+    _file: Option<std::fs::File>,
+}
+
+/// A command's hold on its output folder from before its first check of the folder to its end
+/// ([`claim_output_folder`]); the trainer's [`lock_output_folder`] inside it is this claim.
+#[derive(Debug)]
+pub struct OutputClaim {
+    file: Option<std::fs::File>,
+    key: (u64, u64),
+    dir: std::path::PathBuf,
+    /// The folder was made by the claim: removed on drop if nothing but the lock is in it.
+    created: bool,
+}
+
+fn claims() -> &'static std::sync::Mutex<Vec<(u64, u64)>> {
+    static CLAIMS: std::sync::Mutex<Vec<(u64, u64)>> = std::sync::Mutex::new(Vec::new());
+    &CLAIMS
+}
+
+/// The folder's identity (device, inode), whatever path names it.
+fn folder_key(dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Creates `dir` if needed and locks it as [`lock_output_folder`] does, for the rest of a
+/// command: what the command then checks, clears or writes in the folder (and its trainer's
+/// own lock) happens under one lock, with no window for a second writer between the check and
+/// the training. A second claim or lock, from this process or another, is refused. A folder
+/// the claim created is removed again on drop when the command left nothing in it.
+pub fn claim_output_folder(dir: &Path) -> Result<OutputClaim> {
+    let created = !dir.exists();
+    std::fs::create_dir_all(dir)
+        .map_err(|e| BeitError::file(dir, format!("cannot create output folder: {e}")))?;
+    let remove_if_created = || {
+        if created {
+            let _ = std::fs::remove_file(dir.join(OUTPUT_LOCK_FILE));
+            let _ = std::fs::remove_dir(dir);
+        }
+    };
+    let file = flock_output_folder(dir).inspect_err(|_| {
+        if created {
+            // Only when the lock file is ours to remove: nobody held it.
+            let _ = std::fs::remove_dir(dir);
+        }
+    })?;
+    let Some(key) = folder_key(dir) else {
+        remove_if_created();
+        return Err(BeitError::file(dir, "the output folder vanished"));
+    };
+    if let Ok(mut c) = claims().lock() {
+        c.push(key);
+    }
+    Ok(OutputClaim {
+        file: Some(file),
+        key,
+        dir: dir.to_path_buf(),
+        created,
+    })
+}
+
+impl Drop for OutputClaim {
+    fn drop(&mut self) {
+        if let Ok(mut c) = claims().lock() {
+            if let Some(i) = c.iter().position(|k| *k == self.key) {
+                c.swap_remove(i);
+            }
+        }
+        if self.created {
+            let only_lock = std::fs::read_dir(&self.dir).is_ok_and(|rd| {
+                rd.flatten()
+                    .all(|e| e.file_name() == std::ffi::OsStr::new(OUTPUT_LOCK_FILE))
+            });
+            if only_lock {
+                // Still holding the lock: nobody else writes here meanwhile.
+                let _ = std::fs::remove_file(self.dir.join(OUTPUT_LOCK_FILE));
+                let _ = std::fs::remove_dir(&self.dir);
+            }
+        }
+        drop(self.file.take());
+    }
+}
+
+fn flock_output_folder(dir: &Path) -> Result<std::fs::File> {
     let path = dir.join(OUTPUT_LOCK_FILE);
     let err =
         |e: std::io::Error| BeitError::file(&path, format!("cannot lock the output folder: {e}"));

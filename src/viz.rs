@@ -296,13 +296,18 @@ pub fn line_plot_with(
 
 /// Save a picture as PNG, atomically.
 pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
+    crate::util::write_atomic(path, &encode_png(img, path)?)
+}
+
+/// The PNG file of `img` (`path` names it in errors).
+pub fn encode_png(img: &RgbImage, path: &Path) -> Result<Vec<u8>> {
     let mut bytes = Vec::new();
     img.write_to(
         &mut std::io::Cursor::new(&mut bytes),
         image::ImageFormat::Png,
     )
     .map_err(|e| BeitError::file(path, format!("cannot encode PNG: {e}")))?;
-    crate::util::write_atomic(path, &bytes)
+    Ok(bytes)
 }
 
 /// Distinct colours for plot series.

@@ -1472,3 +1472,70 @@ fn json_output_refuses_a_name_json_cannot_hold() {
     assert!(r.stdout.trim().is_empty(), "{:?}", r.stdout);
     assert!(!r.stdout.contains("\n\n"));
 }
+
+/// `mim` and `attention` write one image's picture only together with its result: a JSON line
+/// that cannot be written (a file name JSON cannot hold) leaves no picture, not even a
+/// temporary one, for a single image (`--output FILE`) or a folder (`--output DIR`), and the
+/// images before it keep theirs (issue 14 leftover: all or nothing per image).
+#[test]
+fn pictures_are_written_only_with_their_json_line() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("in");
+    std::fs::create_dir_all(&dir).unwrap();
+    let name = std::ffi::OsStr::from_bytes(b"zz-caf\xe9.png");
+    if std::fs::copy(photo("chelsea.png"), dir.join(name)).is_err() {
+        eprintln!("this file system refuses non-UTF-8 names; nothing to test");
+        return;
+    }
+    std::fs::copy(photo("chelsea.png"), dir.join("aa.png")).unwrap();
+    for (cmd, m, suffix) in [
+        ("mim", MIM, "_mim.png"),
+        ("attention", CLS, "_attention.png"),
+    ] {
+        // One image, one file.
+        let out = tmp.path().join(format!("{cmd}.png"));
+        let r = Command::new(env!("CARGO_BIN_EXE_beit"))
+            .args([cmd, "--model", s(&model(m)), "--json", "--output", s(&out)])
+            .arg(dir.join(name))
+            .env("BEIT_LOG", "error")
+            .env_remove("BEIT_DEFAULT_MODEL")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success(), "{cmd}: exit 0");
+        assert!(
+            err.contains("--json") && !err.contains("panicked"),
+            "{cmd}: {err}"
+        );
+        assert!(
+            !out.exists(),
+            "{cmd}: the picture was written without its line"
+        );
+        // A folder: the first image is done, the second's picture is not written.
+        let out = tmp.path().join(format!("{cmd}-out"));
+        let r = beit(&[
+            cmd,
+            "--model",
+            s(&model(m)),
+            "--json",
+            "--output",
+            s(&out),
+            s(&dir),
+        ]);
+        assert!(!r.ok, "{cmd}: exit 0 with stdout {:?}", r.stdout);
+        let mut left: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        left.sort();
+        assert_eq!(left, vec![format!("aa{suffix}")], "{cmd}: {}", r.stderr);
+        assert_eq!(r.stdout.lines().count(), 1, "{cmd}: {:?}", r.stdout);
+        let left: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n.contains(".tmp-"))
+            .collect();
+        assert!(left.is_empty(), "{cmd}: temporaries left: {left:?}");
+    }
+}

@@ -430,3 +430,73 @@ fn a_second_run_into_a_folder_in_use_is_refused() {
     )
     .unwrap();
 }
+
+/// The training commands claim their output folder before they check or write anything in it
+/// and hold it to the end (no window between the folder check and the trainer's lock): a
+/// second writer, another process or another claim, is refused while the trainer inside the
+/// claim runs; a folder the claim made is removed again when nothing was written (issue 14).
+#[test]
+fn a_claimed_output_folder_refuses_a_second_writer_and_trains_inside_the_claim() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, cfg_path) = setup(tmp.path());
+    let out = tmp.path().join("out");
+    let claim = beit::util::claim_output_folder(&out).unwrap();
+    assert!(out.is_dir(), "the claim creates the folder it locks");
+    // A second claim (a second command in this process) is refused.
+    let e = beit::util::claim_output_folder(&out)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("in use by another run"), "{e}");
+    // A second process is refused before it checks or writes anything.
+    let r = std::process::Command::new(env!("CARGO_BIN_EXE_beit"))
+        .args(["train", "classification", "--config"])
+        .arg(&cfg_path)
+        .arg("--data")
+        .arg(&data)
+        .arg("--output")
+        .arg(&out)
+        .args(["--epochs", "1", "--overwrite"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !r.status.success() && err.contains("in use by another run"),
+        "{err}"
+    );
+    let names = |d: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        names(&out),
+        vec![beit::util::OUTPUT_LOCK_FILE],
+        "the refused run wrote"
+    );
+    // The trainer inside the claim takes it as its lock.
+    train(
+        &ModelSource::Config(cfg_path),
+        &data,
+        &out,
+        &with(|o| o.epochs = 1),
+        None,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(out.join("model.safetensors").is_file());
+    drop(claim);
+    assert!(out.is_dir(), "a folder with a run in it is kept");
+    // A claim that made the folder and wrote nothing leaves nothing.
+    let empty = tmp.path().join("unused");
+    drop(beit::util::claim_output_folder(&empty).unwrap());
+    assert!(!empty.exists(), "an empty claimed folder was left");
+    // Nor does a refused second claim remove what the first one holds.
+    let held = beit::util::claim_output_folder(&empty).unwrap();
+    assert!(beit::util::claim_output_folder(&empty).is_err());
+    assert!(empty.join(beit::util::OUTPUT_LOCK_FILE).is_file());
+    drop(held);
+    assert!(!empty.exists());
+}

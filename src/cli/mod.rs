@@ -248,12 +248,19 @@ pub fn model_dir(spec: &str) -> Result<PathBuf> {
 /// the checkpoint to resume from. `--resume` alone: the newest checkpoint in the output folder,
 /// or a fresh start when there is none yet (so a command can be re-run until it completes; what
 /// a run that never saved a checkpoint left is cleared); `--resume DIR`: that checkpoint.
+///
+/// The folder is claimed (created and locked) first and the claim is returned: the caller
+/// holds it until the command ends, so that no second writer gets in between this check and
+/// the training (whose own lock is this claim).
 pub fn prepare_output(
     output: &std::path::Path,
     resume: Option<&str>,
     overwrite: bool,
-) -> Result<Option<PathBuf>> {
+) -> Result<(beit::util::OutputClaim, Option<PathBuf>)> {
     use beit::output::{prepare_run_dir, RunDir, RUN_FILES};
+    // Checked (and for --overwrite cleared) under the folder's lock, so that a run in progress
+    // there is refused before anything of it is read or removed.
+    let claim = beit::util::claim_output_folder(output)?;
     let (mode, from) = match resume {
         None if overwrite => (RunDir::Overwrite, None),
         None => (RunDir::Fresh, None),
@@ -275,14 +282,8 @@ pub fn prepare_output(
         }
         Some(dir) => (RunDir::Resume, Some(PathBuf::from(dir))),
     };
-    // Checked (and for --overwrite cleared) under the folder's lock, so that a run in progress
-    // there is refused before anything of it is removed; the trainer takes the lock again.
-    let _lock = match output.is_dir() {
-        true => Some(beit::util::lock_output_folder(output)?),
-        false => None,
-    };
     prepare_run_dir(output, mode, RUN_FILES)?;
-    Ok(from)
+    Ok((claim, from))
 }
 
 pub fn run() -> Result<()> {

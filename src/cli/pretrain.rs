@@ -81,7 +81,8 @@ impl PretrainCmd {
             anyhow::bail!("--mask-ratio must be in (0, 1)");
         }
         let tok = TokenizerSource::from_path(&self.tokenizer)?;
-        let resume = super::prepare_output(&self.output, self.resume.as_deref(), self.overwrite)?;
+        let (_claim, resume) =
+            super::prepare_output(&self.output, self.resume.as_deref(), self.overwrite)?;
         let summary = match &self.optim.gpus {
             None => pretrain(
                 &self.config,
@@ -191,7 +192,7 @@ impl TokenizerCmd {
             seed: a.seed,
             train_limit: a.train_limit,
         };
-        super::prepare_output(&a.output, None, a.overwrite)?;
+        let _claim = super::prepare_output(&a.output, None, a.overwrite)?;
         let s = train_tokenizer(&a.data, &a.output, &cfg, device)?;
         if a.json {
             println!("{}", serde_json::to_string(&s)?);

@@ -123,7 +123,7 @@ impl TrainCmd {
             val_split: a.val_split,
             ..TrainConfig::default()
         };
-        let resume = super::prepare_output(&a.output, a.resume.as_deref(), a.overwrite)?;
+        let (_claim, resume) = super::prepare_output(&a.output, a.resume.as_deref(), a.overwrite)?;
         let summary = match &a.optim.gpus {
             None => train(&source, &a.data, &a.output, &cfg, resume.as_deref(), device)?,
             Some(gpus) => super::data_parallel(gpus, |dev, sync| {

@@ -227,7 +227,7 @@ impl AttentionMapper {
             opts.overwrite,
             opts.keep_going,
             self.processor.clone(),
-            |path, value, out| self.draw(path, value, layer, out),
+            |path, value, out| self.draw_picture(path, value, layer, out),
             on_item,
         )
     }
@@ -236,10 +236,24 @@ impl AttentionMapper {
     pub fn draw(
         &self,
         image: &Path,
-        (original, processed): &(RgbImage, ProcessedImage),
+        decoded: &(RgbImage, ProcessedImage),
         layer: usize,
         out: &Path,
     ) -> std::result::Result<AttentionResult, ItemError> {
+        let (result, picture) = self.draw_picture(image, decoded, layer, out)?;
+        viz::save_png(&picture, out)?;
+        Ok(result)
+    }
+
+    /// [`Self::draw`] with the picture returned instead of written (`out` is the name the
+    /// result gives it).
+    pub fn draw_picture(
+        &self,
+        image: &Path,
+        (original, processed): &(RgbImage, ProcessedImage),
+        layer: usize,
+        out: &Path,
+    ) -> std::result::Result<(AttentionResult, RgbImage), ItemError> {
         let cfg = &self.config;
         inputs::check_patch_multiple(cfg, image, processed)
             .map_err(|e| ItemError::Input(inputs::cause(image, &e.to_string())))?;
@@ -253,8 +267,7 @@ impl AttentionMapper {
         let maps = cls_attention_batch(&self.model, &pv, layer, (gh, gw))?.remove(0);
         let base = inputs::display_image(original, &self.processor, processed, TILE_LONG_SIDE);
         let (picture, (rows, cols)) = attention_picture(&base, &maps, layer, (gh, gw));
-        viz::save_png(&picture, out)?;
-        Ok(AttentionResult {
+        let result = AttentionResult {
             path: image.to_path_buf(),
             picture: out.to_path_buf(),
             layer,
@@ -264,7 +277,8 @@ impl AttentionMapper {
             tiles: Size::hw(rows, cols),
             tile_size: Size::hw(base.height() as usize, base.width() as usize),
             size: Size::hw(picture.height() as usize, picture.width() as usize),
-        })
+        };
+        Ok((result, picture))
     }
 }
 

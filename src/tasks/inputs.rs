@@ -739,8 +739,11 @@ impl From<candle_core::Error> for ItemError {
 }
 
 /// One picture per image of `inputs` (files, folders walked recursively), written to `output`
-/// (a file for one image, else a folder of `STEM{suffix}`; [`plan_picture_outputs`]) by
-/// `draw(path, decoded, out)`; `on_item` sees every image in input order.
+/// (a file for one image, else a folder of `STEM{suffix}`; [`plan_picture_outputs`]): the
+/// picture `draw(path, decoded, out)` returns is written in full beside `out`, `on_item` sees
+/// the image's result (in input order), and only when it accepts it is the picture put in
+/// place. An image's output is all or nothing: a result `on_item` refuses (a JSON line that
+/// cannot be written) leaves no picture, and a picture that cannot be written no result.
 #[allow(clippy::too_many_arguments)]
 pub fn run_pictures<P: AsRef<Path>, T>(
     inputs: &[P],
@@ -749,20 +752,39 @@ pub fn run_pictures<P: AsRef<Path>, T>(
     overwrite: bool,
     keep_going: bool,
     processor: std::sync::Arc<BeitImageProcessor>,
-    mut draw: impl FnMut(&Path, &(RgbImage, ProcessedImage), &Path) -> std::result::Result<T, ItemError>,
-    on_item: impl FnMut(Outcome<T>) -> Result<()>,
+    mut draw: impl FnMut(
+        &Path,
+        &(RgbImage, ProcessedImage),
+        &Path,
+    ) -> std::result::Result<(T, RgbImage), ItemError>,
+    mut on_item: impl FnMut(Outcome<T>) -> Result<()>,
 ) -> Result<RunSummary> {
     let items: Vec<_> = ImageWalker::new(inputs).collect();
     let (plan, out_dir) =
         plan_picture_outputs(inputs, &items, output, suffix, overwrite, keep_going)?;
+    // The picture of the image `on_item` is about to see (run_planned calls the two in turn).
+    let pending = std::cell::RefCell::new(None::<crate::output::Staged>);
     let summary = run_planned(
         items,
         plan,
         out_dir.as_deref(),
         processor,
         keep_going,
-        |path, value, outs| draw(path, value, &outs[0]),
-        on_item,
+        |path, value, outs| {
+            let (result, picture) = draw(path, value, &outs[0])?;
+            let png = crate::viz::encode_png(&picture, &outs[0])?;
+            *pending.borrow_mut() = Some(crate::output::stage_bytes(&outs[0], &png)?);
+            Ok(result)
+        },
+        |outcome| {
+            // Dropped uncommitted on any error: the picture's temporary file is removed.
+            let staged = pending.borrow_mut().take();
+            on_item(outcome)?;
+            match staged {
+                Some(s) => s.commit(),
+                None => Ok(()),
+            }
+        },
     )?;
     finish(summary, inputs)
 }

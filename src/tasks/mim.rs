@@ -309,7 +309,7 @@ impl MaskedImageModeler {
             opts.overwrite,
             opts.keep_going,
             self.processor.clone(),
-            |path, value, out| self.predict(path, value, &opts.mask, out),
+            |path, value, out| self.predict_picture(path, value, &opts.mask, out),
             on_item,
         )
     }
@@ -318,10 +318,24 @@ impl MaskedImageModeler {
     pub fn predict(
         &self,
         image: &Path,
-        (original, processed): &(RgbImage, ProcessedImage),
+        decoded: &(RgbImage, ProcessedImage),
         mask: &MaskSpec,
         out: &Path,
     ) -> std::result::Result<MimResult, ItemError> {
+        let (result, picture) = self.predict_picture(image, decoded, mask, out)?;
+        viz::save_png(&picture, out)?;
+        Ok(result)
+    }
+
+    /// [`Self::predict`] with the picture returned instead of written (`out` is the name the
+    /// result gives it).
+    pub fn predict_picture(
+        &self,
+        image: &Path,
+        (original, processed): &(RgbImage, ProcessedImage),
+        mask: &MaskSpec,
+        out: &Path,
+    ) -> std::result::Result<(MimResult, RgbImage), ItemError> {
         let (cfg, device) = (&self.config, &self.device);
         inputs::check_patch_multiple(cfg, image, processed)
             .map_err(|e| ItemError::Input(inputs::cause(image, &e.to_string())))?;
@@ -350,8 +364,7 @@ impl MaskedImageModeler {
         let masked = masked_predictions(&logits, &flags, gw);
         let base = inputs::display_image(original, &self.processor, processed, 448);
         let picture = mask_picture(&base, (gh, gw), &flags, &masked);
-        viz::save_png(&picture, out)?;
-        Ok(MimResult {
+        let result = MimResult {
             path: image.to_path_buf(),
             grid: crate::tasks::inputs::Size::hw(gh, gw),
             num_patches: n,
@@ -360,7 +373,8 @@ impl MaskedImageModeler {
             mask_source: source,
             masked,
             picture: out.to_path_buf(),
-        })
+        };
+        Ok((result, picture))
     }
 }
 
