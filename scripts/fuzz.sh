@@ -11,8 +11,9 @@ cd "$(dirname "$0")/../fuzz"
 secs=${1:-600}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(pickle safetensors config idx image)
-declare -A max_len=([pickle]=8192 [safetensors]=4096 [config]=4096 [idx]=4096 [image]=16384)
+[ ${#targets[@]} -gt 0 ] || targets=(pickle safetensors config idx image server_request server_infer)
+declare -A max_len=([pickle]=8192 [safetensors]=4096 [config]=4096 [idx]=4096 [image]=16384
+                    [server_request]=8192 [server_infer]=8192)
 for t in "${targets[@]}"; do
   mkdir -p "corpus/$t" "artifacts/$t"
   log="${FUZZ_LOGS:-/tmp}/fuzz-$t.log"

@@ -255,3 +255,14 @@ pub fn image(data: &[u8]) -> Outcome {
     let map = decode::decode_segmentation_map_bytes(data, name, &opts).map(|_| ());
     decoded.or(map).map_err(msg)
 }
+
+/// `beit serve`'s request-body parser (raw, multipart, JSON; the first byte picks the content
+/// type): a parsed request or a 4xx, never a panic.
+pub fn server_request(data: &[u8]) -> Outcome {
+    crate::server::request::fuzz_parse(data)
+}
+
+/// `beit serve`'s KServe / Triton v2 inference-request parser (tensors, shapes, masks).
+pub fn server_infer(data: &[u8]) -> Outcome {
+    crate::server::kserve::fuzz_parse(data)
+}

@@ -13,6 +13,8 @@ const TARGETS: &[(&str, Target)] = &[
     ("config", beit::fuzzing::config),
     ("idx", beit::fuzzing::idx),
     ("image", beit::fuzzing::image),
+    ("server_request", beit::fuzzing::server_request),
+    ("server_infer", beit::fuzzing::server_infer),
 ];
 
 /// Far above what any of these inputs takes (milliseconds); a bound, not a benchmark.
