@@ -295,7 +295,16 @@ impl Replay<'_> {
             OpCode::BinInt => self.push_scalar(4)?,
             OpCode::BinFloat => self.push_scalar(8)?,
             OpCode::Long1 => {
+                // candle decodes LONG1 into an i64 by shifting each byte into place: past 8
+                // bytes the shift overflows (a panic in debug builds, a wrong number in
+                // release). No state dict needs such an integer.
                 let n = self.take(1)?[0] as usize;
+                if n > 8 {
+                    return Err(format!(
+                        "LONG1 integer of {n} bytes (more than 64 bits) at byte {}",
+                        self.pos
+                    ));
+                }
                 self.push_scalar(n)?;
             }
             OpCode::BinUnicode => {
