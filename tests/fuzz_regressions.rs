@@ -136,3 +136,35 @@ fn every_fuzz_target_is_covered_here() {
         assert!(fuzz_dir().join("regressions").join(name).is_dir());
     }
 }
+
+/// The cargo-fuzz crate itself compiles (type-checks every target against the library) on the
+/// toolchain CI has: `cargo check` of `fuzz/` into its own target folder. libFuzzer's C++ is
+/// compiled by its build script, so this needs a C++ compiler; where there is none it says it
+/// skipped. (Running the fuzzers needs nightly: scripts/fuzz.sh.)
+#[test]
+fn fuzz_crate_builds() {
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    if std::process::Command::new(&cxx)
+        .arg("--version")
+        .output()
+        .map(|o| !o.status.success())
+        .unwrap_or(true)
+    {
+        eprintln!("skipped: no C++ compiler ({cxx}) for libFuzzer's sources");
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(env!("CARGO"))
+        .args(["check", "--quiet", "--bins", "--manifest-path"])
+        .arg(root.join("fuzz/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(root.join("target/fuzz-check"))
+        .env_remove("RUSTFLAGS")
+        .output()
+        .expect("running cargo check");
+    assert!(
+        out.status.success(),
+        "the fuzz crate does not build:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
