@@ -162,15 +162,7 @@ impl Segmenter {
             opts.overwrite,
             opts.keep_going,
         )?;
-        let summary = inputs::run_planned(
-            items,
-            plan,
-            Some(&opts.out_dir),
-            self.processor.clone(),
-            opts.keep_going,
-            |path, value, outs| self.segment_item(path, value, outs, opts),
-            &mut on_item,
-        )?;
+        let summary = self.run_plan(items, plan, opts, &mut on_item)?;
         finish(summary, inputs)
     }
 
@@ -201,15 +193,7 @@ impl Segmenter {
             opts.keep_going,
             resume,
         )?;
-        let summary = inputs::run_planned(
-            items,
-            plan,
-            Some(&opts.out_dir),
-            self.processor.clone(),
-            opts.keep_going,
-            |path, value, outs| self.segment_item(path, value, outs, opts),
-            &mut on_item,
-        )?;
+        let summary = self.run_plan(items, plan, opts, &mut on_item)?;
         // As `finish`: an error only when nothing was done, now or before.
         if summary.processed == 0 && summary.kept == 0 && summary.skipped > 0 {
             return Err(BeitError::input(
@@ -218,6 +202,25 @@ impl Segmenter {
             ));
         }
         Ok(summary)
+    }
+
+    /// Segment planned items, writing their outputs (shared by whole runs and batch jobs).
+    fn run_plan(
+        &self,
+        items: Vec<ItemResult>,
+        plan: Vec<inputs::Planned>,
+        opts: &SegmentOptions,
+        on_item: &mut impl FnMut(Outcome<Segmentation>) -> Result<()>,
+    ) -> Result<RunSummary> {
+        inputs::run_planned(
+            items,
+            plan,
+            Some(&opts.out_dir),
+            self.processor.clone(),
+            opts.keep_going,
+            |path, value, outs| self.segment_item(path, value, outs, opts),
+            on_item,
+        )
     }
 
     fn segment_item(
