@@ -12,6 +12,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use rayon::prelude::*;
 
 use super::gemm::{gemm, num_threads, GemmElem, View, ViewMut};
+use super::kernels::amx::general::{gemm_bf16 as amx_gemm, ALayout, BLayout};
 
 /// Rows per parallel task of the column sums (fixed, so results do not depend on threads).
 const ROW_BLOCK: usize = 256;
@@ -286,11 +287,84 @@ fn linear_kernel<T: Elem>(
     Ok((T::wrap(y), Shape::from(dims)))
 }
 
+/// [`linear_kernel`] under bf16 autocast: the GEMM on AMX tiles, bias in its epilogue.
+fn linear_bf16(
+    x: (&CpuStorage, &Layout),
+    w: (&CpuStorage, &Layout),
+    b: Option<(&CpuStorage, &Layout)>,
+) -> Result<(CpuStorage, Shape)> {
+    let (xs, ws) = (f32::slice(x.0, x.1)?, f32::slice(w.0, w.1)?);
+    let (out, inp) = w.1.shape().dims2()?;
+    let rows = xs.len() / inp.max(1);
+    let bs = b.map(|b| f32::slice(b.0, b.1)).transpose()?;
+    // SAFETY: the GEMM writes every element.
+    let mut y = unsafe { super::kernels::uninit_buffer::<f32>(rows * out) };
+    amx_gemm(
+        rows,
+        out,
+        inp,
+        xs,
+        ALayout::Rows,
+        ws,
+        BLayout::Cols,
+        bs,
+        &mut y,
+        num_threads(),
+    );
+    let mut dims = x.1.dims().to_vec();
+    if let Some(l) = dims.last_mut() {
+        *l = out;
+    }
+    Ok((CpuStorage::F32(y), Shape::from(dims)))
+}
+
 /// `(dx, dw)` of `y = x · wᵀ` for output gradient `g`.
 fn linear_grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
     let (out, inp) = w.dims2()?;
     let rows = x.elem_count() / inp.max(1);
     let g2 = g.contiguous()?.reshape((rows, out))?;
+    if super::autocast::cpu_bf16() && cpu_ok(&[x, w, g]) && x.dtype() == DType::F32 {
+        let (x2, w2) = (x.contiguous()?, w.contiguous()?);
+        let (gd, xd, wd) = (
+            super::f32_data(&g2)?,
+            super::f32_data(&x2)?,
+            super::f32_data(&w2)?,
+        );
+        let (gs, xs, ws) = (gd.get(), xd.get(), wd.get());
+        let threads = num_threads();
+        // SAFETY: each GEMM writes every element of its output.
+        let mut dx = unsafe { super::kernels::uninit_buffer::<f32>(rows * inp) };
+        amx_gemm(
+            rows,
+            inp,
+            out,
+            gs,
+            ALayout::Rows,
+            ws,
+            BLayout::Rows,
+            None,
+            &mut dx,
+            threads,
+        );
+        let mut dw = unsafe { super::kernels::uninit_buffer::<f32>(out * inp) };
+        amx_gemm(
+            out,
+            inp,
+            rows,
+            gs,
+            ALayout::Cols,
+            xs,
+            BLayout::Rows,
+            None,
+            &mut dw,
+            threads,
+        );
+        let dev = x.device();
+        return Ok((
+            Tensor::from_vec(dx, x.shape(), dev)?,
+            Tensor::from_vec(dw, (out, inp), dev)?,
+        ));
+    }
     let dx = matmul_t(&g2, w, false, false)?.reshape(x.shape())?;
     let dw = matmul_t(&g2, &x.reshape((rows, inp))?, true, false)?;
     Ok((dx, dw))
@@ -307,6 +381,9 @@ impl CustomOp2 for LinearOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if matches!(s1, CpuStorage::F32(_)) && super::autocast::cpu_bf16() {
+            return linear_bf16((s1, l1), (s2, l2), None);
+        }
         dispatch!(s1, linear_kernel, (s1, l1), (s2, l2), None)
     }
     fn bwd(
@@ -335,6 +412,9 @@ impl CustomOp3 for LinearOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if matches!(s1, CpuStorage::F32(_)) && super::autocast::cpu_bf16() {
+            return linear_bf16((s1, l1), (s2, l2), Some((s3, l3)));
+        }
         dispatch!(s1, linear_kernel, (s1, l1), (s2, l2), Some((s3, l3)))
     }
     fn bwd(

@@ -7,6 +7,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod autocast;
 pub mod conv;
 pub mod cuda;
 pub mod fused;

@@ -16,6 +16,8 @@
 //! [`available`] asks once and reports AMX only where CPUID has it and the kernel granted it.
 //! `BEIT_NO_AMX=1` turns these kernels off (for comparisons).
 
+pub mod general;
+
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
@@ -166,6 +168,19 @@ impl PackedAmx {
             data,
             col_scale,
             col_offset,
+        }
+    }
+
+    /// A bf16 weight already in panel layout (`data`: `[N/32][kp/32][2][16][16][2]`).
+    fn from_parts(kind: AmxKind, k: usize, n: usize, kp: usize, data: Vec<u8>) -> Self {
+        PackedAmx {
+            kind,
+            k,
+            n,
+            kp,
+            data,
+            col_scale: Vec::new(),
+            col_offset: Vec::new(),
         }
     }
 

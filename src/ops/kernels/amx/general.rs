@@ -1,0 +1,384 @@
+//! `C = A · B` on AMX bf16 tiles for f32 operands in either layout, both converted per call:
+//! the GEMMs of bf16 mixed-precision training (`ops::fused::linear` and its backward), where
+//! the weights change every step and the activations' gradients arrive transposed.
+//!
+//! The three products of a linear layer `y = x · Wᵀ` and the layouts they need:
+//! forward `x · Wᵀ` (A rows, B = `W [n, k]`: [`BLayout::Cols`]), input gradient `g · W` (A rows,
+//! B = `W [k, n]`: [`BLayout::Rows`]), weight gradient `gᵀ · x` (A = `g [k, m]`:
+//! [`ALayout::Cols`], B rows). Rounding is bf16 round-to-nearest-even on both operands, sums
+//! in f32, as torch's CPU autocast does.
+
+use rayon::prelude::*;
+
+use super::{available, ActTiles, AmxKind, Dest, PackedAmx, NP};
+use crate::ops::kernels::packed::Epi;
+use crate::ops::kernels::vmath::TileOp;
+
+/// How the `[m, k]` left operand is stored.
+#[derive(Clone, Copy, Debug)]
+pub enum ALayout {
+    /// `a[r * k + kk]`.
+    Rows,
+    /// Transposed: `a[kk * m + r]`.
+    Cols,
+}
+
+/// How the `[k, n]` right operand is stored.
+#[derive(Clone, Copy, Debug)]
+pub enum BLayout {
+    /// `b[kk * n + j]`.
+    Rows,
+    /// Transposed (a weight `[n, k]`): `b[j * k + kk]`.
+    Cols,
+}
+
+/// `c [m, n] (row-major) = A · B (+ bias [n])` with bf16 operands and f32 sums. Panics
+/// unless [`available`]`(Bf16)` or when a slice is too short.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_bf16(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    al: ALayout,
+    b: &[f32],
+    bl: BLayout,
+    bias: Option<&[f32]>,
+    c: &mut [f32],
+    threads: usize,
+) {
+    assert!(available(AmxKind::Bf16), "this CPU/OS does not run AMX");
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
+    assert!(bias.is_none_or(|b| b.len() >= n));
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for row in c[..m * n].chunks_exact_mut(n) {
+            match bias {
+                Some(b) => row.copy_from_slice(&b[..n]),
+                None => row.fill(0.0),
+            }
+        }
+        return;
+    }
+    let w = match bl {
+        BLayout::Cols => pack_b_cols(b, k, n),
+        BLayout::Rows => pack_b_rows(b, k, n),
+    };
+    let tiles = match al {
+        ALayout::Rows => w.pack_activations(a, m, threads),
+        ALayout::Cols => pack_a_cols(a, m, k),
+    };
+    let zeros;
+    let bias = match bias {
+        Some(b) => b,
+        None => {
+            zeros = vec![0f32; n];
+            &zeros[..]
+        }
+    };
+    let epi = Epi {
+        op: TileOp::Bias,
+        bias,
+        scale: &[],
+        res: &[],
+    };
+    // SAFETY: `c` holds `m x n` (checked above).
+    unsafe { w.run(&tiles, Dest::F32(c.as_mut_ptr()), epi, threads) };
+}
+
+/// Round 16 + 16 f32 (`lo`, `hi`, masked loads past the edges) to bf16 and interleave them
+/// into 16 pairs `(lo[j], hi[j])`: one 64-byte row of a VNNI-layout tile.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pair_row(
+    lo: *const f32,
+    hi: *const f32,
+    lo_mask: u16,
+    hi_mask: u16,
+) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    let a = _mm512_maskz_loadu_ps(lo_mask, lo);
+    let b = _mm512_maskz_loadu_ps(hi_mask, hi);
+    let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(b, a));
+    // v = [a0..a15, b0..b15] as bf16; want [a0, b0, a1, b1, ...].
+    let idx = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
+        19, 3, 18, 2, 17, 1, 16, 0,
+    );
+    _mm512_permutexvar_epi16(idx, v)
+}
+
+/// Mask of the first `left.min(16)` lanes.
+fn lanes(left: usize) -> u16 {
+    ((1u32 << left.min(16)) - 1) as u16
+}
+
+/// Rows `2q, 2q+1` (q < 16) of a `[k, cols]` row-major source from depth `k0`, columns
+/// `[j0, j0 + 16)`, as the 16 rows of a VNNI tile (`dst`, 1 KB): row q, lane jj =
+/// `(src[k0 + 2q][j0 + jj], src[k0 + 2q + 1][j0 + jj])`, zero past `k` and `cols`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn vnni_tile(src: &[f32], k: usize, cols: usize, k0: usize, j0: usize, dst: *mut u8) {
+    use std::arch::x86_64::*;
+    let cm = lanes(cols.saturating_sub(j0));
+    for q in 0..16 {
+        let (r0, r1) = (k0 + 2 * q, k0 + 2 * q + 1);
+        let m0 = if r0 < k { cm } else { 0 };
+        let m1 = if r1 < k { cm } else { 0 };
+        let p0 = src.as_ptr().wrapping_add(r0 * cols + j0);
+        let p1 = src.as_ptr().wrapping_add(r1 * cols + j0);
+        let v = pair_row(p0, p1, m0, m1);
+        _mm512_storeu_si512(dst.add(q * 64) as *mut _, v);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn vnni_tile(_: &[f32], _: usize, _: usize, _: usize, _: usize, _: *mut u8) {
+    unreachable!("AMX is x86_64 only")
+}
+
+/// `b [k, n]` row-major into B panels (`PackedAmx`'s layout), vectorised: the per-call packing
+/// of an activation-sized operand (the weight gradient's `x`, the input gradient's `W`).
+fn pack_b_rows(b: &[f32], k: usize, n: usize) -> PackedAmx {
+    let kp = k.div_ceil(32) * 32;
+    let ktiles = kp / 32;
+    let panels = n.div_ceil(NP);
+    // SAFETY: every tile of every panel is written below.
+    let mut data = unsafe { crate::ops::kernels::uninit_buffer::<u8>(panels * kp * NP * 2) };
+    data.par_chunks_mut(kp * NP * 2)
+        .enumerate()
+        .for_each(|(p, panel)| {
+            for kt in 0..ktiles {
+                for h in 0..2 {
+                    let dst = panel[(kt * 2 + h) * 1024..].as_mut_ptr();
+                    // SAFETY: `available` checked AVX-512 BF16; the tile is 1 KB of `panel`.
+                    unsafe { vnni_tile(b, k, n, kt * 32, p * NP + h * 16, dst) };
+                }
+            }
+        });
+    PackedAmx::from_parts(AmxKind::Bf16, k, n, kp, data)
+}
+
+/// Rows `[r0, r0 + 16)` of a `[rows, k]` row-major source, depth `[k0, k0 + 32)`, as bf16:
+/// the A-tile layout (row r, 32-bit pair q = depth `k0 + 2q, k0 + 2q + 1`), zero past the
+/// edges, into `dst` (1 KB).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn row_tile(src: &[f32], rows: usize, k: usize, r0: usize, k0: usize, dst: *mut u8) {
+    use std::arch::x86_64::*;
+    let (m0, m1) = (
+        lanes(k.saturating_sub(k0)),
+        lanes(k.saturating_sub(k0 + 16)),
+    );
+    for r in 0..16 {
+        let (ma, mb) = if r0 + r < rows { (m0, m1) } else { (0, 0) };
+        let p = src.as_ptr().wrapping_add((r0 + r) * k + k0);
+        let lo = _mm512_maskz_loadu_ps(ma, p);
+        let hi = _mm512_maskz_loadu_ps(mb, p.wrapping_add(16));
+        let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+        _mm512_storeu_si512(dst.add(r * 64) as *mut _, v);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn row_tile(_: &[f32], _: usize, _: usize, _: usize, _: usize, _: *mut u8) {
+    unreachable!("AMX is x86_64 only")
+}
+
+/// A 1 KB tile seen as 16 x 16 32-bit values, transposed into `dst`: the A layout and the
+/// VNNI (B) layout of the same 16 x 32 bf16 block are each other's transposes.
+fn transpose_tile(v: &[u32; 256], dst: &mut [u8]) {
+    for (r, row) in dst.chunks_exact_mut(64).enumerate() {
+        for (q, pair) in row.chunks_exact_mut(4).enumerate() {
+            pair.copy_from_slice(&v[q * 16 + r].to_le_bytes());
+        }
+    }
+}
+
+/// `b` stored as a weight `[n, k]` (the `[k, n]` operand transposed) into B panels: each
+/// tile read as A-layout rows of the weight, then transposed.
+fn pack_b_cols(b: &[f32], k: usize, n: usize) -> PackedAmx {
+    let kp = k.div_ceil(32) * 32;
+    let ktiles = kp / 32;
+    let panels = n.div_ceil(NP);
+    // SAFETY: every tile of every panel is written below.
+    let mut data = unsafe { crate::ops::kernels::uninit_buffer::<u8>(panels * kp * NP * 2) };
+    data.par_chunks_mut(kp * NP * 2)
+        .enumerate()
+        .for_each(|(p, panel)| {
+            let mut v = [0u32; 256];
+            for kt in 0..ktiles {
+                for h in 0..2 {
+                    // SAFETY: `available` checked AVX-512 BF16; `v` is 1 KB.
+                    unsafe {
+                        row_tile(b, n, k, p * NP + h * 16, kt * 32, v.as_mut_ptr() as *mut u8)
+                    };
+                    transpose_tile(&v, &mut panel[(kt * 2 + h) * 1024..(kt * 2 + h + 1) * 1024]);
+                }
+            }
+        });
+    PackedAmx::from_parts(AmxKind::Bf16, k, n, kp, data)
+}
+
+/// `a` stored transposed (`[k, m]` row-major) as A tiles of the `[m, k]` operand: each 1 KB
+/// tile is built as the VNNI tile of the stored rows (pairs of depth) and transposed as a
+/// 16 x 16 matrix of 32-bit pairs, which is the A layout (row r, pair q).
+fn pack_a_cols(a: &[f32], m: usize, k: usize) -> ActTiles {
+    let ktiles = k.div_ceil(32);
+    let blocks = m.div_ceil(16);
+    // SAFETY: every tile is written below.
+    let mut data = unsafe { crate::ops::kernels::uninit_buffer::<u8>(blocks * ktiles * 1024) };
+    data.par_chunks_mut(ktiles * 1024)
+        .enumerate()
+        .for_each(|(rb, block)| {
+            let mut v = [0u32; 256];
+            for kt in 0..ktiles {
+                // SAFETY: as in `pack_b_rows`; `v` is 1 KB.
+                unsafe { vnni_tile(a, k, m, kt * 32, rb * 16, v.as_mut_ptr() as *mut u8) };
+                transpose_tile(&v, &mut block[kt * 1024..(kt + 1) * 1024]);
+            }
+        });
+    ActTiles {
+        kind: AmxKind::Bf16,
+        m,
+        ktiles,
+        data,
+        scales: vec![0f32; blocks * 16],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(v: f32) -> f64 {
+        half::bf16::from_f32(v).to_f64()
+    }
+
+    /// Every layout pair against the f64 product of the bf16-rounded operands, on shapes with
+    /// edge tiles in each dimension.
+    #[test]
+    fn amx_general_gemm_matches_rounded_product_in_every_layout() {
+        if !available(AmxKind::Bf16) {
+            eprintln!("SKIPPED: this CPU/OS has no AMX-BF16; the general AMX GEMM was not tested");
+            return;
+        }
+        for &(m, n, k) in &[(1, 1, 1), (17, 33, 65), (45, 70, 37), (130, 40, 300)] {
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7919 % 211) as f32 - 105.0) / 37.0)
+                .collect();
+            let b: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 104729 % 97) as f32 - 48.0) / 29.0)
+                .collect();
+            // The logical operands A[r][kk], B[kk][j] in each storage.
+            let a_at = |r: usize, kk: usize| a[r * k + kk];
+            let b_at = |kk: usize, j: usize| b[kk * n + j];
+            let mut a_t = vec![0f32; m * k];
+            let mut b_t = vec![0f32; k * n];
+            for r in 0..m {
+                for kk in 0..k {
+                    a_t[kk * m + r] = a_at(r, kk);
+                }
+            }
+            for kk in 0..k {
+                for j in 0..n {
+                    b_t[j * k + kk] = b_at(kk, j);
+                }
+            }
+            let mut want = vec![0f64; m * n];
+            for r in 0..m {
+                for j in 0..n {
+                    want[r * n + j] = (0..k)
+                        .map(|kk| round(a_at(r, kk)) * round(b_at(kk, j)))
+                        .sum();
+                }
+            }
+            for (al, asrc) in [(ALayout::Rows, &a), (ALayout::Cols, &a_t)] {
+                for (bl, bsrc) in [(BLayout::Rows, &b), (BLayout::Cols, &b_t)] {
+                    let mut c = vec![f32::NAN; m * n];
+                    gemm_bf16(m, n, k, asrc, al, bsrc, bl, None, &mut c, 2);
+                    for i in 0..m * n {
+                        let d = (c[i] as f64 - want[i]).abs();
+                        assert!(
+                            d <= 1e-4 * (1.0 + want[i].abs()),
+                            "{m}x{n}x{k} {al:?} {bl:?}: [{i}] {} vs {}",
+                            c[i],
+                            want[i]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The three products of a linear layer in training against the f32 GEMM (`cargo test
+    /// --release --lib amx_general_rates -- --ignored --nocapture`): fc1 of the Fashion-MNIST
+    /// config at batch 128 (6400 x 192 -> 768) and BEiT-base's at batch 8 (1576 x 768 -> 3072).
+    #[test]
+    #[ignore]
+    fn amx_general_rates() {
+        use crate::ops::kernels::gemm::{gemm, num_threads, View, ViewMut};
+        if !available(AmxKind::Bf16) {
+            eprintln!("SKIPPED: no AMX-BF16");
+            return;
+        }
+        let threads = num_threads();
+        for &(m, k, n) in &[(6400usize, 192usize, 768usize), (1576, 768, 3072)] {
+            let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.1).collect();
+            let w: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32 * 0.1).collect();
+            let g: Vec<f32> = (0..m * n).map(|i| (i % 11) as f32 * 0.1).collect();
+            // (name, rows, cols, depth, A, A layout, B, B layout)
+            let cases = [
+                ("y = x·Wᵀ", m, n, k, &x, ALayout::Rows, &w, BLayout::Cols),
+                ("dx = g·W", m, k, n, &g, ALayout::Rows, &w, BLayout::Rows),
+                ("dW = gᵀ·x", n, k, m, &g, ALayout::Cols, &x, BLayout::Rows),
+            ];
+            for (name, rows, cols, depth, a, al, b, bl) in cases {
+                let flop = 2.0 * (rows * cols * depth) as f64;
+                let mut c = vec![0f32; rows * cols];
+                let time = |f: &mut dyn FnMut()| {
+                    f();
+                    let mut best = f64::MAX;
+                    for _ in 0..5 {
+                        let t = std::time::Instant::now();
+                        f();
+                        best = best.min(t.elapsed().as_secs_f64());
+                    }
+                    best
+                };
+                let t_amx =
+                    time(&mut || gemm_bf16(rows, cols, depth, a, al, b, bl, None, &mut c, threads));
+                let av = match al {
+                    ALayout::Rows => View::row_major(a, 0, depth),
+                    ALayout::Cols => View::transposed(a, 0, rows),
+                };
+                let bv = match bl {
+                    BLayout::Rows => View::row_major(b, 0, cols),
+                    BLayout::Cols => View::transposed(b, 0, depth),
+                };
+                let t_f32 = time(&mut || unsafe {
+                    gemm(
+                        rows,
+                        cols,
+                        depth,
+                        ViewMut::row_major(&mut c, 0, cols),
+                        false,
+                        av,
+                        bv,
+                        threads,
+                    )
+                });
+                println!(
+                    "{m}x{k}->{n} {name}: amx bf16 {:.2} ms ({:.0} GFLOP/s), f32 {:.2} ms ({:.0} GFLOP/s), {:.2}x",
+                    t_amx * 1e3,
+                    flop / t_amx / 1e9,
+                    t_f32 * 1e3,
+                    flop / t_f32 / 1e9,
+                    t_f32 / t_amx
+                );
+            }
+        }
+    }
+}
