@@ -13,6 +13,7 @@ mod bench_server;
 mod classify;
 mod convert;
 mod embed;
+mod evaluate;
 mod forward;
 mod help;
 mod mim;
@@ -56,6 +57,8 @@ pub enum Command {
     Preprocess(preprocess::PreprocessCmd),
     /// Top-k labels of images with a classifier.
     Classify(classify::ClassifyCmd),
+    /// Accuracy (or mIoU) of a fine-tuned model on a data set's test / val split.
+    Evaluate(evaluate::EvaluateCmd),
     /// Label maps, colour overlays and class shares of images with a segmenter.
     Segment(segment::SegmentCmd),
     /// Image features (pooled, optionally patch tokens) as safetensors, JSON lines or Parquet.
@@ -94,6 +97,7 @@ impl Command {
         match self {
             Command::Forward(c) => Some(&c.matmul),
             Command::Classify(c) => Some(&c.matmul),
+            Command::Evaluate(c) => Some(&c.matmul),
             Command::Segment(c) => Some(&c.matmul),
             Command::Embed(c) => Some(&c.matmul),
             Command::Mim(c) => Some(&c.matmul),
@@ -300,6 +304,7 @@ pub fn run() -> Result<()> {
         Command::Tokenizer(cmd) => cmd.run(&dev),
         Command::Preprocess(cmd) => cmd.run(),
         Command::Classify(cmd) => cmd.run(&dev),
+        Command::Evaluate(cmd) => cmd.run(&dev),
         Command::Segment(cmd) => cmd.run(&dev),
         Command::Embed(cmd) => cmd.run(&dev),
         Command::Mim(cmd) => cmd.run(&dev),

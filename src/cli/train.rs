@@ -75,6 +75,11 @@ pub struct TrainArgs {
     /// data has no val/ split.
     #[arg(long, default_value_t = 0.1)]
     pub val_split: f64,
+    /// Evaluate on --val-split of the training data, held out from training (the same split for
+    /// every run and seed), instead of the test / val split: choose hyperparameters with it and
+    /// keep the test set for the final number (default: off)
+    #[arg(long)]
+    pub holdout: bool,
     /// Continue from the newest checkpoint in --output (or the given checkpoint folder) with
     /// the same options (default: a fresh run, into an empty or new --output).
     #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "CHECKPOINT")]
@@ -121,6 +126,7 @@ impl TrainCmd {
             train_limit: a.train_limit,
             eval_limit: a.eval_limit,
             val_split: a.val_split,
+            holdout: a.holdout,
             ..TrainConfig::default()
         };
         let (_claim, resume) = super::prepare_output(&a.output, a.resume.as_deref(), a.overwrite)?;

@@ -184,6 +184,7 @@ pub const FASHION_MNIST_CLASSES: [&str; 10] = [
 
 /// MNIST-format IDX files (`*-images-idx3-ubyte[.gz]`, `*-labels-idx1-ubyte[.gz]`), images
 /// replicated to RGB.
+#[derive(Clone)]
 pub struct IdxDataset {
     pixels: Arc<Vec<u8>>,
     labels: Vec<u8>,
@@ -316,6 +317,37 @@ impl IdxDataset {
             classes,
             name: img_path.display().to_string(),
         })
+    }
+
+    /// Split off `fraction` of each class (rounded, seeded) as a validation set: `(train, val)`.
+    pub fn split_holdout(self, fraction: f64, seed: u64) -> (Self, Self) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let k = self.classes.len().max(1);
+        let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); k];
+        for &i in &self.indices {
+            by_class[self.labels[i] as usize % k].push(i);
+        }
+        let (mut train, mut val) = (Vec::new(), Vec::new());
+        for mut v in by_class {
+            v.shuffle(&mut rng);
+            let n_val = ((v.len() as f64) * fraction).round() as usize;
+            val.extend(v.split_off(v.len() - n_val.min(v.len())));
+            train.extend(v);
+        }
+        train.sort();
+        val.sort();
+        let val_set = Self {
+            indices: val,
+            name: format!("{} (held-out validation)", self.name),
+            ..self.clone()
+        };
+        (
+            Self {
+                indices: train,
+                ..self
+            },
+            val_set,
+        )
     }
 
     /// Keep `n` samples chosen by a seeded shuffle, balanced across classes when possible.

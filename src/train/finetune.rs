@@ -62,9 +62,18 @@ pub struct TrainConfig {
     pub train_limit: Option<usize>,
     /// Use at most this many evaluation samples.
     pub eval_limit: Option<usize>,
-    /// Fraction of an image folder held out for validation when it has no train/val split.
+    /// Fraction of an image folder held out for validation when it has no train/val split
+    /// (and of the training data with `holdout`).
     pub val_split: f64,
+    /// Evaluate on `val_split` of the training data held out from training (a split fixed by
+    /// [`HOLDOUT_SEED`], the same for every run) instead of the data's test / val split: for
+    /// choosing hyperparameters without touching the test set.
+    #[serde(default)]
+    pub holdout: bool,
 }
+
+/// The seed of `--holdout`'s split: one validation set for every run and `--seed`.
+pub const HOLDOUT_SEED: u64 = 0;
 
 impl Default for LoopConfig {
     fn default() -> Self {
@@ -112,6 +121,7 @@ impl Default for TrainConfig {
             train_limit: None,
             eval_limit: None,
             val_split: 0.1,
+            holdout: false,
         }
     }
 }
@@ -159,11 +169,17 @@ pub fn open_data(
                 .any(|f| dir.join(f).is_file());
             if has_idx {
                 let mut train = IdxDataset::open(dir, "train")?;
+                let mut val = if cfg.holdout {
+                    let (t, v) = train.split_holdout(cfg.val_split, HOLDOUT_SEED);
+                    train = t;
+                    v
+                } else {
+                    IdxDataset::open(dir, "t10k")?
+                };
                 if let Some(n) = cfg.train_limit {
                     train = train.subset(n, cfg.optim.seed);
                 }
                 let classes = train.class_names();
-                let mut val = IdxDataset::open(dir, "t10k")?;
                 if let Some(n) = cfg.eval_limit {
                     val = val.subset(n, cfg.optim.seed + 1);
                 }
@@ -174,7 +190,9 @@ pub fn open_data(
                 });
             }
             let (tr, va) = (dir.join("train"), dir.join("val"));
-            let (train, val): (ImageFolder, Option<ImageFolder>) = if tr.is_dir() {
+            let (train, val): (ImageFolder, Option<ImageFolder>) = if tr.is_dir() && cfg.holdout {
+                split_folder(ImageFolder::scan(&tr, None)?, cfg.val_split, HOLDOUT_SEED)
+            } else if tr.is_dir() {
                 let train = ImageFolder::scan(&tr, None)?;
                 let val = if va.is_dir() {
                     Some(ImageFolder::scan(&va, Some(&train.classes))?)
@@ -184,7 +202,12 @@ pub fn open_data(
                 (train, val)
             } else {
                 let all = ImageFolder::scan(dir, None)?;
-                split_folder(all, cfg.val_split, cfg.optim.seed)
+                let seed = if cfg.holdout {
+                    HOLDOUT_SEED
+                } else {
+                    cfg.optim.seed
+                };
+                split_folder(all, cfg.val_split, seed)
             };
             let classes = train.classes.clone();
             let train = limit_folder(train, cfg.train_limit, cfg.optim.seed);
@@ -668,6 +691,79 @@ fn evaluate(
         }
     }
     Ok((m, cm))
+}
+
+/// What [`evaluate_model`] measured: the metrics (`top1`, `top5`, `val_loss`, `val_samples`;
+/// `mIoU`, `pixel_accuracy` for segmentation), the confusion matrix and its class names.
+pub struct Evaluation {
+    pub metrics: serde_json::Value,
+    pub confusion: ConfusionMatrix,
+    pub classes: Vec<String>,
+}
+
+/// Evaluate a fine-tuned model folder on the evaluation split of `data_dir` as `beit train`
+/// finds it (IDX: t10k; class folders: val/; with `cfg.holdout` the held-out part of the
+/// training data), with the model's own preprocessor.
+pub fn evaluate_model(
+    model_dir: &Path,
+    data_dir: &Path,
+    cfg: &TrainConfig,
+    device: &Device,
+) -> Result<Evaluation> {
+    let (model, config) = AutoModel::from_pretrained(model_dir, DType::F32, device)?;
+    let task =
+        match model.architecture() {
+            Architecture::BeitForImageClassification => Task::Classification,
+            Architecture::BeitForSemanticSegmentation => Task::Segmentation,
+            a => return Err(BeitError::file(
+                model_dir,
+                format!(
+                    "{a:?} has no labels to evaluate; give a classification or segmentation model"
+                ),
+            )),
+        };
+    let classes = config.id2label_vec();
+    let seg_classes = (task == Task::Segmentation).then(|| classes.clone());
+    let splits = open_data(data_dir, task, cfg, seg_classes)?;
+    let Some(val) = splits.val.clone() else {
+        return Err(BeitError::file(
+            data_dir,
+            "no evaluation split here (no test IDX files, val/ folder or validation images); \
+             --holdout evaluates on a held-out part of the training data",
+        ));
+    };
+    if task == Task::Classification && splits.classes.len() != classes.len() {
+        return Err(BeitError::file(
+            data_dir,
+            format!(
+                "{} classes in the data, {} in the model",
+                splits.classes.len(),
+                classes.len()
+            ),
+        ));
+    }
+    let proc = match model_dir.join("preprocessor_config.json") {
+        p if p.is_file() => BeitImageProcessor::from_pretrained(model_dir)
+            .map_err(|e| BeitError::file(&p, e.to_string()))?,
+        _ => BeitImageProcessor::default(),
+    };
+    let objective = FinetuneObjective {
+        task,
+        num_classes: config.num_labels(),
+        ignore: config.semantic_loss_ignore_index,
+        reduce: cfg.reduce_labels,
+        batch: cfg.optim.batch_size.max(1),
+        mixup: None,
+        proc,
+        val: Some(val.clone()),
+        last_cm: std::sync::Mutex::new(None),
+    };
+    let (metrics, confusion) = evaluate(&model, &val, &objective, device)?;
+    Ok(Evaluation {
+        metrics,
+        confusion,
+        classes,
+    })
 }
 
 /// Fine-tune `source` on `data_dir`, writing checkpoints, metrics and the final model to
