@@ -1,29 +1,32 @@
 //! bf16 mixed precision on CPU, as torch's `autocast("cpu", torch.bfloat16)`: tensors, weights
 //! and every element-wise op stay f32; the linear layers' GEMMs (forward and both gradients)
-//! round their operands to bf16 and sum in f32 on AMX tiles. Process-wide, set by the trainer
+//! round their operands to bf16 and sum in f32 on AMX tiles. Per thread, as torch's autocast
+//! state is: the trainer turns it on for its own thread (the one running forward and backward)
 //! for `--precision bf16` where AMX is there (where it is not, bf16 has no CPU kernel faster
-//! than f32 and training stays f32).
+//! than f32 and training stays f32); other threads' models are not affected.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::cell::Cell;
 
 use crate::ops::kernels::amx::{self, AmxKind};
 
-static CPU_BF16: AtomicBool = AtomicBool::new(false);
+thread_local! {
+    static CPU_BF16: Cell<bool> = const { Cell::new(false) };
+}
 
 /// Whether bf16 autocast can run on this CPU (AMX-BF16 and the OS's tile permission).
 pub fn cpu_bf16_available() -> bool {
     amx::available(AmxKind::Bf16)
 }
 
-/// Turn the CPU linear layers' bf16 GEMMs on or off; returns whether they are on (never
-/// without AMX).
+/// Turn this thread's CPU linear layers' bf16 GEMMs on or off; returns whether they are on
+/// (never without AMX).
 pub fn set_cpu_bf16(on: bool) -> bool {
     let on = on && cpu_bf16_available();
-    CPU_BF16.store(on, Ordering::Relaxed);
+    CPU_BF16.with(|c| c.set(on));
     on
 }
 
-/// Whether the CPU linear layers run their GEMMs in bf16 now.
+/// Whether this thread's CPU linear layers run their GEMMs in bf16 now.
 pub fn cpu_bf16() -> bool {
-    CPU_BF16.load(Ordering::Relaxed)
+    CPU_BF16.with(|c| c.get())
 }

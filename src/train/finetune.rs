@@ -711,17 +711,18 @@ pub fn evaluate_model(
     device: &Device,
 ) -> Result<Evaluation> {
     let (model, config) = AutoModel::from_pretrained(model_dir, DType::F32, device)?;
-    let task =
-        match model.architecture() {
-            Architecture::BeitForImageClassification => Task::Classification,
-            Architecture::BeitForSemanticSegmentation => Task::Segmentation,
-            a => return Err(BeitError::file(
+    let task = match model.architecture() {
+        Architecture::BeitForImageClassification => Task::Classification,
+        Architecture::BeitForSemanticSegmentation => Task::Segmentation,
+        a => {
+            return Err(BeitError::file(
                 model_dir,
                 format!(
                     "{a:?} has no labels to evaluate; give a classification or segmentation model"
                 ),
-            )),
-        };
+            ))
+        }
+    };
     let classes = config.id2label_vec();
     let seg_classes = (task == Task::Segmentation).then(|| classes.clone());
     let splits = open_data(data_dir, task, cfg, seg_classes)?;
