@@ -1,91 +1,211 @@
 #!/usr/bin/env python3
-"""Summarise experiments/fashion-mnist/run.sh: test accuracy (mean and spread over seeds) of
-fine-tuning from MIM pre-training vs from scratch, with 1k and 60k labels; a markdown table on
-stdout and a plot (results.png) in the run folder.
+"""Summarise experiments/fashion-mnist/run.sh (see its header for the protocol).
 
-    python3 experiments/fashion-mnist/report.py runs/fashion-mnist
+    python3 experiments/fashion-mnist/report.py runs/fashion-mnist          # tables + results.png
+    python3 experiments/fashion-mnist/report.py OUT --select                # best recipe per side (JSON)
+    python3 experiments/fashion-mnist/report.py OUT --extra-epochs 1k|54k   # same-compute epochs
+
+Tables (markdown on stdout): the recipe search on the validation split; the final runs (validation
+and test top-1, mean and standard deviation over seeds, time); the simple references. Plot
+(results.png, needs matplotlib): test top-1 against wall-clock time, pre-training included, for
+each side and label regime. Uses only the standard library otherwise.
 """
 import glob
 import json
+import math
 import os
 import statistics
 import sys
 
+REGIMES = {"1k": 1000, "54k": 54000}
+SIDES = ("scratch", "pretrained")
+SIDE_NAMES = {
+    "pretrained": "MIM pre-trained + fine-tuned",
+    "scratch": "scratch, same fine-tuning budget",
+    "scratch_compute": "scratch, same total compute",
+}
 
-def last_epoch(path):
-    rows = [json.loads(l) for l in open(path) if l.strip()]
-    evals = [r for r in rows if "top1" in r]
-    return evals
+
+def evals(run):
+    path = os.path.join(run, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    rows = []
+    for line in open(path):
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return [r for r in rows if "top1" in r]
 
 
-def main():
-    out = sys.argv[1] if len(sys.argv) > 1 else "runs/fashion-mnist"
-    table = {}
-    curves = {}
-    for d in sorted(glob.glob(os.path.join(out, "finetune-*"))):
-        name = os.path.basename(d)
-        _, n, init, seed = name.split("-")
-        m = os.path.join(d, "metrics.jsonl")
-        if not os.path.exists(m) or not os.path.exists(os.path.join(d, "model.safetensors")):
+def finished(run):
+    return os.path.exists(os.path.join(run, "model.safetensors"))
+
+
+def tune_runs(out):
+    """{(regime, side): [(recipe, val_top1, run), ...]} of the finished seed-0 search runs."""
+    found = {}
+    for run in sorted(glob.glob(os.path.join(out, "tune", "*-seed0"))):
+        regime, side, rest = os.path.basename(run).split("-", 2)
+        recipe = rest[: -len("-seed0")]
+        ev = evals(run)
+        if finished(run) and ev:
+            found.setdefault((regime, side), []).append((recipe, ev[-1]["top1"], run))
+    return found
+
+
+def select(out):
+    chosen = {}
+    for (regime, side), runs in sorted(tune_runs(out).items()):
+        # Ties: the first recipe in the grid order (run.sh lists them in that order).
+        order = ["lr1e-3-light", "lr3e-3-light", "lr1e-3-heavy", "lr3e-3-heavy"]
+        runs = sorted(runs, key=lambda r: (-r[1], order.index(r[0]) if r[0] in order else 99))
+        recipe, top1, run = runs[0]
+        lr, aug = recipe.split("-", 1)[0][2:], recipe.split("-", 2)[2]
+        chosen[f"{regime}-{side}"] = {"recipe": recipe, "lr": lr, "aug": aug, "val_top1": top1,
+                                      "run": run}
+    return chosen
+
+
+def pretrain_seconds(out):
+    """Tokenizer + MIM pre-training wall-clock seconds."""
+    total = 0.0
+    tok = os.path.join(out, "tokenizer.summary.json")
+    if os.path.exists(tok):
+        total += json.load(open(tok))["seconds"]
+    rows = []
+    path = os.path.join(out, "pretrain", "metrics.jsonl")
+    if os.path.exists(path):
+        rows = [json.loads(l) for l in open(path) if l.strip()]
+    timed = [r for r in rows if "elapsed_sec" in r]
+    if timed:
+        total += timed[-1]["elapsed_sec"]
+    return total
+
+
+def speed(run):
+    """Training images per second of a run (mean over its evaluations)."""
+    rates = [r["images_per_sec"] for r in evals(run) if "images_per_sec" in r]
+    return statistics.mean(rates) if rates else float("nan")
+
+
+def extra_epochs(out, regime):
+    chosen = select(out)[f"{regime}-scratch"]
+    seconds = pretrain_seconds(out)
+    return int(round(seconds * speed(chosen["run"]) / REGIMES[regime]))
+
+
+def mean_sd(v):
+    if not v:
+        return "-"
+    m = statistics.mean(v)
+    sd = statistics.stdev(v) if len(v) > 1 else 0.0
+    return f"{100 * m:.2f} ± {100 * sd:.2f}"
+
+
+def final_runs(out):
+    """{(regime, side): [dict(val, test, seconds)]} of the finished final runs."""
+    found = {}
+    for run in sorted(glob.glob(os.path.join(out, "final", "*-seed*"))):
+        name = os.path.basename(run)
+        regime, side, _ = name.split("-", 2)
+        ev = evals(run)
+        if not finished(run) or not ev:
             continue
-        evals = last_epoch(m)
-        if not evals:
-            continue
-        table.setdefault((int(n), init), []).append((evals[-1]["top1"], evals[-1]["elapsed_sec"]))
-        curves.setdefault((int(n), init), []).append([(e["epoch"], e["top1"]) for e in evals])
-    pt = os.path.join(out, "pretrain", "metrics.jsonl")
-    pt_rows = [json.loads(l) for l in open(pt)] if os.path.exists(pt) else []
-    pt_eval = [r for r in pt_rows if "mim_accuracy" in r]
-    print("| labels | initialisation | test top-1 (mean ± std) | seeds | fine-tune time / run |")
-    print("|---|---|---|---|---|")
-    for (n, init), v in sorted(table.items()):
-        accs = [a for a, _ in v]
-        mean = statistics.mean(accs)
-        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        t = statistics.mean(s for _, s in v)
-        print(f"| {n} | {init} | {100 * mean:.2f} ± {100 * sd:.2f} % | {len(accs)} | {t / 60:.1f} min |")
-    if pt_eval:
-        r = pt_eval[-1]
-        print(f"\nPre-training: {r['epoch']} epochs, {r['elapsed_sec'] / 60:.1f} min, "
-              f"held-out MIM accuracy {100 * r['mim_accuracy']:.1f} %")
+        test_path = os.path.join(run, "test.json")
+        test = json.load(open(test_path))["top1"] if os.path.exists(test_path) else None
+        found.setdefault((regime, side), []).append(
+            {"val": ev[-1]["top1"], "test": test, "seconds": ev[-1].get("elapsed_sec", float("nan")),
+             "curve": [(r.get("elapsed_sec", 0.0), r["top1"]) for r in ev], "run": run})
+    return found
+
+
+def report(out):
+    pt_sec = pretrain_seconds(out)
+    print("## Recipe search (seed 0, validation split: 6k images held out of the training set)\n")
+    print("| labels | side | recipe | validation top-1 |")
+    print("|---|---|---|---|")
+    chosen = select(out)
+    for (regime, side), runs in sorted(tune_runs(out).items()):
+        for recipe, top1, _ in runs:
+            mark = " (chosen)" if chosen.get(f"{regime}-{side}", {}).get("recipe") == recipe else ""
+            print(f"| {regime} | {side} | {recipe}{mark} | {100 * top1:.2f} % |")
+    finals = final_runs(out)
+    print("\n## Final runs (test set read once per run)\n")
+    print(f"Tokenizer + pre-training: {pt_sec / 60:.1f} min wall-clock.\n")
+    print("| labels | side | seeds | validation top-1 | test top-1 | fine-tuning time / run | "
+          "total time / run |")
+    print("|---|---|---|---|---|---|---|")
+    for regime in REGIMES:
+        for side in ("pretrained", "scratch", "scratch_compute"):
+            runs = finals.get((regime, side), [])
+            if not runs:
+                continue
+            tests = [r["test"] for r in runs if r["test"] is not None]
+            sec = statistics.mean(r["seconds"] for r in runs)
+            total = sec + (pt_sec if side == "pretrained" else 0.0)
+            print(f"| {regime} | {SIDE_NAMES[side]} | {len(runs)} | {mean_sd([r['val'] for r in runs])} % "
+                  f"| {mean_sd(tests)} % ({len(tests)}) | {sec / 60:.1f} min | {total / 60:.1f} min |")
+    base = os.path.join(out, "baselines.json")
+    if os.path.exists(base):
+        b = json.load(open(base))
+        print("\n## Simple references, trained here (baselines.py; own recipes tuned on a validation split)\n")
+        print("| labels | model | chosen setting | test top-1 | seeds |")
+        print("|---|---|---|---|---|")
+        for row in b["results"]:
+            print(f"| {row['regime']} | {row['model']} | {row['setting']} | {mean_sd(row['test'])} % "
+                  f"| {len(row['test'])} |")
+    plot(out, finals, pt_sec)
+
+
+def plot(out, finals, pt_sec):
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("\n(no matplotlib: no plot)")
         return
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    ns = sorted({n for n, _ in table})
-    for k, n in enumerate(ns):
-        ax = axes[k]
-        for init, color in (("pretrained", "tab:blue"), ("scratch", "tab:orange")):
-            for i, c in enumerate(curves.get((n, init), [])):
-                ax.plot([e for e, _ in c], [100 * a for _, a in c], "o-", color=color, alpha=0.8,
-                        label=f"{init}" if i == 0 else None)
-        ax.set_title(f"fine-tuning on {n} labels")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("test top-1 (%)")
+    if not finals:
+        return
+    colors = {"pretrained": "tab:blue", "scratch": "tab:orange", "scratch_compute": "tab:red"}
+    fig, axes = plt.subplots(1, len(REGIMES), figsize=(13, 4.5))
+    for ax, regime in zip(axes, REGIMES):
+        for side, color in colors.items():
+            for i, r in enumerate(finals.get((regime, side), [])):
+                offset = pt_sec if side == "pretrained" else 0.0
+                xs = [(offset + t) / 60 for t, _ in r["curve"]]
+                ys = [100 * a for _, a in r["curve"]]
+                ax.plot(xs, ys, "o-", color=color, alpha=0.6, markersize=3,
+                        label=SIDE_NAMES[side] if i == 0 else None)
+                if r["test"] is not None:
+                    ax.plot([xs[-1]], [100 * r["test"]], "*", color=color, markersize=11)
+        if pt_sec:
+            ax.axvline(pt_sec / 60, color="tab:blue", ls=":", alpha=0.5)
+        ax.set_title(f"{regime} labels (line: validation; star: test)")
+        ax.set_xlabel("wall-clock minutes (pre-training included for the pre-trained side)")
+        ax.set_ylabel("top-1 (%)")
         ax.grid(alpha=0.3)
-        ax.legend()
-    ax = axes[-1]
-    labels, means, sds, colors = [], [], [], []
-    for n in ns:
-        for init, color in (("pretrained", "tab:blue"), ("scratch", "tab:orange")):
-            accs = [a for a, _ in table.get((n, init), [])]
-            if accs:
-                labels.append(f"{n}\n{init}")
-                means.append(100 * statistics.mean(accs))
-                sds.append(100 * (statistics.stdev(accs) if len(accs) > 1 else 0))
-                colors.append(color)
-    ax.bar(range(len(means)), means, yerr=sds, color=colors, capsize=4)
-    ax.set_xticks(range(len(means)), labels)
-    lo = min(means) - 5 if means else 0
-    ax.set_ylim(max(0, lo), 100)
-    ax.set_ylabel("test top-1 (%)")
-    ax.set_title("final test accuracy (mean ± std over seeds)")
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "results.png"), dpi=110)
-    print(f"\nplot: {os.path.join(out, 'results.png')}")
+    path = os.path.join(out, "results.png")
+    fig.savefig(path, dpi=110)
+    print(f"\nplot: {path}")
+
+
+def main():
+    args = sys.argv[1:]
+    out = args[0] if args and not args[0].startswith("--") else "runs/fashion-mnist"
+    if "--select" in args:
+        print(json.dumps(select(out), indent=1))
+    elif "--extra-epochs" in args:
+        regime = args[args.index("--extra-epochs") + 1]
+        print(extra_epochs(out, regime))
+    else:
+        report(out)
 
 
 if __name__ == "__main__":
