@@ -108,9 +108,12 @@ def child_train(a):
     x = torch.rand(a.batch, 3, res, res) * 2 - 1
     labels = torch.arange(a.batch) * 37 % 1000
 
+    bf16 = a.child.endswith("-bf16")  # torch's CPU autocast: bf16 matmuls (oneDNN, AMX), f32 master weights
+
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = model(pixel_values=x, labels=labels).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(pixel_values=x, labels=labels).loss
         loss.backward()
         opt.step()
 

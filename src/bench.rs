@@ -424,7 +424,13 @@ fn train_step(
         device,
     )?;
     let opts = ForwardOptions::default().train(true).with_labels(labels);
+    // `--matmul-precision bf16`: the step `beit train --precision bf16` runs on a CPU (bf16
+    // autocast of the linear layers on AMX, where there is AMX).
+    let autocast = crate::ops::packed::f32_matmul_precision() == MatmulPrecision::Bf16
+        && device.is_cpu()
+        && crate::ops::autocast::cpu_bf16_available();
     Ok(Box::new(move || {
+        crate::ops::autocast::set_cpu_bf16(autocast);
         let loss = crate::profile::time("train.forward", || {
             model
                 .forward(&x, &opts)
