@@ -407,7 +407,8 @@ impl PackedAmx {
         };
         vmath::tile_epilogue(sums, NP, rows, cols, epi.op, &epi.bias[j0..], scale, res, n);
         match c {
-            Dest::F32(c) => copy_block(sums, c.add(r0 * n + j0), n, rows, cols),
+            Dest::F32(c) => copy_block::<false>(sums, c.add(r0 * n + j0), n, rows, cols),
+            Dest::F32Stream(c) => copy_block::<true>(sums, c.add(r0 * n + j0), n, rows, cols),
             Dest::Tiles(t, ktiles) => bf16_block_to_tiles(sums, t.get(), ktiles, r0, rows, j0 / 32),
         }
     }
@@ -435,6 +436,9 @@ impl ActTiles {
 enum Dest {
     /// Row-major f32, row stride `n`.
     F32(*mut f32),
+    /// The same, written with non-temporal stores where a row's 32 columns fill a whole,
+    /// aligned cache-line pair.
+    F32Stream(*mut f32),
     /// bf16 A tiles of a next layer (`ktiles` tiles of depth).
     Tiles(SendPtr<u8>, usize),
 }
@@ -529,22 +533,38 @@ pub(super) unsafe fn pack_row(_: AmxKind, _: &[f32], _: &mut [u8], _: usize, _: 
 }
 
 /// `rows x cols` (cols <= 32) from `src` (row stride 32) to `dst` (row stride `ld`) with
-/// whole-line zmm stores (more lines in flight than a plain copy's 16-byte stores).
+/// whole-line zmm stores (more lines in flight than a plain copy's 16-byte stores);
+/// non-temporal ones with `STREAM` where the two lines of a row are whole and aligned.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn copy_block(src: &[f32], dst: *mut f32, ld: usize, rows: usize, cols: usize) {
+unsafe fn copy_block<const STREAM: bool>(
+    src: &[f32],
+    dst: *mut f32,
+    ld: usize,
+    rows: usize,
+    cols: usize,
+) {
     use std::arch::x86_64::*;
     let (m0, m1) = super::packed::col_masks(cols);
     for i in 0..rows {
         let s = src.as_ptr().add(i * NP);
         let d = dst.add(i * ld);
-        _mm512_mask_storeu_ps(d, m0, _mm512_loadu_ps(s));
-        _mm512_mask_storeu_ps(d.add(16), m1, _mm512_loadu_ps(s.add(16)));
+        if STREAM && cols == NP && (d as usize) % 64 == 0 {
+            _mm512_stream_ps(d, _mm512_loadu_ps(s));
+            _mm512_stream_ps(d.add(16), _mm512_loadu_ps(s.add(16)));
+        } else {
+            _mm512_mask_storeu_ps(d, m0, _mm512_loadu_ps(s));
+            _mm512_mask_storeu_ps(d.add(16), m1, _mm512_loadu_ps(s.add(16)));
+        }
+    }
+    if STREAM {
+        // Non-temporal stores are weakly ordered: drain them before the block is handed on.
+        _mm_sfence();
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn copy_block(_: &[f32], _: *mut f32, _: usize, _: usize, _: usize) {
+unsafe fn copy_block<const STREAM: bool>(_: &[f32], _: *mut f32, _: usize, _: usize, _: usize) {
     unreachable!("AMX is x86_64 only")
 }
 

@@ -14,6 +14,9 @@ use super::{available, ActTiles, AmxKind, Dest, PackedAmx, NP};
 use crate::ops::kernels::packed::Epi;
 use crate::ops::kernels::vmath::TileOp;
 
+/// Outputs from this size on are written with non-temporal stores.
+const STREAM_BYTES: usize = 8 << 20;
+
 /// How the `[m, k]` left operand is stored.
 #[derive(Clone, Copy, Debug)]
 pub enum ALayout {
@@ -84,8 +87,16 @@ pub fn gemm_bf16(
         scale: &[],
         res: &[],
     };
+    // An output much larger than the caches (a training activation or its gradient: nothing
+    // reads it before the next layer's GEMM) is written with non-temporal stores, which skip
+    // reading the old lines: 6400 x 768 (19.7 MB) went from 3.1-3.9 to 2.4-2.7 ms.
+    let dest = if m * n * 4 >= STREAM_BYTES {
+        Dest::F32Stream(c.as_mut_ptr())
+    } else {
+        Dest::F32(c.as_mut_ptr())
+    };
     // SAFETY: `c` holds `m x n` (checked above).
-    unsafe { w.run(&tiles, Dest::F32(c.as_mut_ptr()), epi, threads) };
+    unsafe { w.run(&tiles, dest, epi, threads) };
 }
 
 /// Round 16 + 16 f32 (`lo`, `hi`, masked loads past the edges) to bf16 and interleave them
@@ -309,6 +320,51 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// An output past `STREAM_BYTES` (non-temporal stores), with a ragged last panel and row
+    /// block, against the f64 product of the rounded operands.
+    #[test]
+    fn amx_general_gemm_streams_large_outputs_exactly() {
+        if !available(AmxKind::Bf16) {
+            eprintln!("SKIPPED: this CPU/OS has no AMX-BF16; the general AMX GEMM was not tested");
+            return;
+        }
+        let (m, n, k) = (2101, 1010, 40);
+        assert!(m * n * 4 >= STREAM_BYTES);
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 31 % 101) as f32 - 50.0) / 17.0)
+            .collect();
+        let b: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 17 % 89) as f32 - 44.0) / 23.0)
+            .collect();
+        let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.25).collect();
+        let mut c = vec![f32::NAN; m * n];
+        gemm_bf16(
+            m,
+            n,
+            k,
+            &a,
+            ALayout::Rows,
+            &b,
+            BLayout::Cols,
+            Some(&bias),
+            &mut c,
+            2,
+        );
+        for r in 0..m {
+            for j in 0..n {
+                let want: f64 = bias[j] as f64
+                    + (0..k)
+                        .map(|kk| round(a[r * k + kk]) * round(b[j * k + kk]))
+                        .sum::<f64>();
+                let got = c[r * n + j] as f64;
+                assert!(
+                    (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                    "[{r}, {j}] {got} vs {want}"
+                );
             }
         }
     }
