@@ -549,7 +549,7 @@ unsafe fn copy_block<const STREAM: bool>(
     for i in 0..rows {
         let s = src.as_ptr().add(i * NP);
         let d = dst.add(i * ld);
-        if STREAM && cols == NP && (d as usize) % 64 == 0 {
+        if STREAM && cols == NP && (d as usize).is_multiple_of(64) {
             _mm512_stream_ps(d, _mm512_loadu_ps(s));
             _mm512_stream_ps(d.add(16), _mm512_loadu_ps(s.add(16)));
         } else {
