@@ -381,7 +381,11 @@ mod tests {
             return;
         }
         let threads = num_threads();
-        for &(m, k, n) in &[(6400usize, 192usize, 768usize), (1576, 768, 3072)] {
+        for &(m, k, n) in &[
+            (6400usize, 192usize, 768usize),
+            (6304, 384, 1536),
+            (1576, 768, 3072),
+        ] {
             let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.1).collect();
             let w: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32 * 0.1).collect();
             let g: Vec<f32> = (0..m * n).map(|i| (i % 11) as f32 * 0.1).collect();
@@ -426,6 +430,44 @@ mod tests {
                         threads,
                     )
                 });
+                // The phases alone: packing B, packing A, the tiles (+ epilogue and C writes).
+                let w = match bl {
+                    BLayout::Cols => pack_b_cols(b, depth, cols),
+                    BLayout::Rows => pack_b_rows(b, depth, cols),
+                };
+                let t_b = time(&mut || {
+                    let _ = match bl {
+                        BLayout::Cols => pack_b_cols(b, depth, cols),
+                        BLayout::Rows => pack_b_rows(b, depth, cols),
+                    };
+                });
+                let tiles = match al {
+                    ALayout::Rows => w.pack_activations(a, rows, threads),
+                    ALayout::Cols => pack_a_cols(a, rows, depth),
+                };
+                let t_a = time(&mut || {
+                    let _ = match al {
+                        ALayout::Rows => w.pack_activations(a, rows, threads),
+                        ALayout::Cols => pack_a_cols(a, rows, depth),
+                    };
+                });
+                let zeros = vec![0f32; cols];
+                let epi = Epi {
+                    op: TileOp::Bias,
+                    bias: &zeros,
+                    scale: &[],
+                    res: &[],
+                };
+                let t_run = time(&mut || unsafe {
+                    w.run(&tiles, Dest::F32Stream(c.as_mut_ptr()), epi, threads)
+                });
+                println!(
+                    "  pack B {:.2} ms, pack A {:.2} ms, tiles + C {:.2} ms ({:.0} GFLOP/s)",
+                    t_b * 1e3,
+                    t_a * 1e3,
+                    t_run * 1e3,
+                    flop / t_run / 1e9
+                );
                 println!(
                     "{m}x{k}->{n} {name}: amx bf16 {:.2} ms ({:.0} GFLOP/s), f32 {:.2} ms ({:.0} GFLOP/s), {:.2}x",
                     t_amx * 1e3,
