@@ -4,6 +4,7 @@
     python3 experiments/fashion-mnist/report.py runs/fashion-mnist          # tables + results.png
     python3 experiments/fashion-mnist/report.py OUT --select                # best recipe per side (JSON)
     python3 experiments/fashion-mnist/report.py OUT --extra-epochs 1k|54k   # same-compute epochs
+    python3 experiments/fashion-mnist/report.py OUT --ship-side             # side to ship (54k, validation)
 
 Tables (markdown on stdout): the recipe search on the validation split; the final runs (validation
 and test top-1, mean and standard deviation over seeds, time); the simple references. Plot
@@ -64,7 +65,8 @@ def select(out):
         order = ["lr1e-3-light", "lr3e-3-light", "lr1e-3-heavy", "lr3e-3-heavy"]
         runs = sorted(runs, key=lambda r: (-r[1], order.index(r[0]) if r[0] in order else 99))
         recipe, top1, run = runs[0]
-        lr, aug = recipe.split("-", 1)[0][2:], recipe.split("-", 2)[2]
+        lr, aug = recipe.rsplit("-", 1)  # "lr1e-3-light" -> "lr1e-3", "light"
+        lr = lr[2:]
         chosen[f"{regime}-{side}"] = {"recipe": recipe, "lr": lr, "aug": aug, "val_top1": top1,
                                       "run": run}
     return chosen
@@ -149,6 +151,13 @@ def report(out):
             total = sec + (pt_sec if side == "pretrained" else 0.0)
             print(f"| {regime} | {SIDE_NAMES[side]} | {len(runs)} | {mean_sd([r['val'] for r in runs])} % "
                   f"| {mean_sd(tests)} % ({len(tests)}) | {sec / 60:.1f} min | {total / 60:.1f} min |")
+    for run in sorted(glob.glob(os.path.join(out, "ship", "*"))):
+        ev = evals(run)
+        test_path = os.path.join(run, "test.json")
+        if ev and os.path.exists(test_path):
+            print(f"\nShipped model ({os.path.basename(run)}, {ev[-1]['epoch']} epochs, "
+                  f"{ev[-1].get('elapsed_sec', 0) / 60:.0f} min): validation {100 * ev[-1]['top1']:.2f} %, "
+                  f"test {100 * json.load(open(test_path))['top1']:.2f} %")
     base = os.path.join(out, "baselines.json")
     if os.path.exists(base):
         b = json.load(open(base))
@@ -189,7 +198,8 @@ def plot(out, finals, pt_sec):
         ax.set_xlabel("wall-clock minutes (pre-training included for the pre-trained side)")
         ax.set_ylabel("top-1 (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     path = os.path.join(out, "results.png")
     fig.savefig(path, dpi=110)
@@ -201,6 +211,10 @@ def main():
     out = args[0] if args and not args[0].startswith("--") else "runs/fashion-mnist"
     if "--select" in args:
         print(json.dumps(select(out), indent=1))
+    elif "--ship-side" in args:
+        chosen = select(out)
+        sides = [s for s in SIDES if f"54k-{s}" in chosen]
+        print(max(sides, key=lambda s: chosen[f"54k-{s}"]["val_top1"]))
     elif "--extra-epochs" in args:
         regime = args[args.index("--extra-epochs") + 1]
         print(extra_epochs(out, regime))

@@ -28,12 +28,15 @@ OUT=${OUT:-runs/fashion-mnist}
 PY=${PY:-python3}
 CFG=experiments/fashion-mnist/config.json
 SEEDS=${SEEDS:-"0 1 2"}
-STAGES=${STAGES:-"tokenizer pretrain tune select final compute test baselines"}
+STAGES=${STAGES:-"tokenizer pretrain tune select ship final compute test baselines"}
 PT_EPOCHS=${PT_EPOCHS:-5}
 PRECISION=${PRECISION:-bf16}   # bf16 autocast on AMX CPUs; f32 elsewhere (the trainer says so)
 # Fine-tuning budgets, epochs per regime (the same for both sides).
 EPOCHS_1K=${EPOCHS_1K:-50}
 EPOCHS_54K=${EPOCHS_54K:-2}
+# The shipped model (models/fashion-mnist-beit): the side and recipe that did best on the
+# validation split with 54k labels, trained longer.
+SHIP_EPOCHS=${SHIP_EPOCHS:-20}
 mkdir -p "$OUT"
 stamp() { echo "== $(date -u +%FT%TZ) $*"; }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -108,6 +111,13 @@ selected() { # SIDE REGIME -> "NAME LR AUG"
     "$OUT/selected.json" "$2-$1"
 }
 
+# 4b. The model to ship: the better side at 54k labels (validation), its recipe, SHIP_EPOCHS.
+if has ship; then
+  side=$($PY experiments/fashion-mnist/report.py "$OUT" --ship-side)
+  read -r name lr augm <<< "$(selected "$side" 54k)"
+  finetune "$OUT/ship/54k-$side-$name-seed0" "$side" 54k "$lr" "$augm" 0 "$SHIP_EPOCHS"
+fi
+
 # 5. The other seeds of the selected recipes (same fine-tuning budget).
 if has final; then
   for regime in 1k 54k; do
@@ -137,7 +147,7 @@ fi
 
 # 6. The test set, once per final run.
 if has test; then
-  for dir in "$OUT"/final/*; do
+  for dir in "$OUT"/final/* "$OUT"/ship/*; do
     [ -f "$dir/model.safetensors" ] && [ ! -f "$dir/test.json" ] || continue
     stamp "test $dir"
     $BEIT evaluate --model "$dir" --data "$DATA" --json > "$dir/test.json.tmp" && mv "$dir/test.json.tmp" "$dir/test.json"
@@ -150,3 +160,5 @@ if has baselines && [ ! -f "$OUT/baselines.json" ]; then
   $PY experiments/fashion-mnist/baselines.py --data "$DATA" --seeds $SEEDS --output "$OUT/baselines.json"
 fi
 stamp "done: $PY experiments/fashion-mnist/report.py $OUT"
+# Then: /root/venv/bin/python experiments/fashion-mnist/ship.py "$OUT"/ship/54k-*-seed0 (f16 copy into
+# models/fashion-mnist-beit) and check_with_transformers.py (the examples' expected.json).
