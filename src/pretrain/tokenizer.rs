@@ -46,7 +46,9 @@ pub struct TokenizerSummary {
     /// tokens in effective use (at most `vocab_size`).
     pub perplexity: f64,
     pub output: PathBuf,
+    /// Wall-clock seconds, and this process's CPU seconds (user + system).
     pub seconds: f64,
+    pub cpu_seconds: f64,
 }
 
 /// [0, 1] CHW of an image resized (Lanczos, as BEiT's second view) to the tokenizer's input.
@@ -85,6 +87,7 @@ pub fn train_tokenizer(
     device: &Device,
 ) -> Result<TokenizerSummary> {
     let t0 = std::time::Instant::now();
+    let cpu0 = crate::util::process_cpu_seconds();
     std::fs::create_dir_all(output).map_err(|e| BeitError::file(output, e.to_string()))?;
     let data_cfg = TrainConfig {
         train_limit: cfg.train_limit,
@@ -192,6 +195,7 @@ pub fn train_tokenizer(
         perplexity,
         output: output.to_path_buf(),
         seconds: t0.elapsed().as_secs_f64(),
+        cpu_seconds: crate::util::process_cpu_seconds() - cpu0,
     })
 }
 

@@ -30,6 +30,11 @@ pub struct TrainerState {
     /// before runs had ids.
     #[serde(default)]
     pub run_id: Option<String>,
+    /// Wall-clock and process CPU seconds (user + system) spent so far, over every resume.
+    #[serde(default)]
+    pub seconds: f64,
+    #[serde(default)]
+    pub cpu_seconds: f64,
 }
 
 /// Files of one checkpoint folder.

@@ -204,6 +204,8 @@ pub fn train_loop(run: Run, objective: &dyn Objective, device: &Device) -> Resul
         history: Vec::new(),
         train_losses: Vec::new(),
         run_id: Some(checkpoint::new_run_id()),
+        seconds: 0.0,
+        cpu_seconds: 0.0,
     };
     // Resume: weights, optimiser moments and position from the newest (or given) checkpoint.
     let mut opt_state = None;
@@ -247,6 +249,14 @@ pub fn train_loop(run: Run, objective: &dyn Objective, device: &Device) -> Resul
         state = TrainerState { run_id, ..st };
         opt_state = Some(opt);
     }
+    // Time spent, counted on from a resumed checkpoint's: wall clock (what a user waits) and
+    // this process's CPU seconds (what the work costs, unmoved by pauses or other processes).
+    let (wall0, cpu0) = (Instant::now(), crate::util::process_cpu_seconds());
+    let (base_wall, base_cpu) = (state.seconds, state.cpu_seconds);
+    let clock = move |state: &mut TrainerState| {
+        state.seconds = base_wall + wall0.elapsed().as_secs_f64();
+        state.cpu_seconds = base_cpu + (crate::util::process_cpu_seconds() - cpu0);
+    };
     if leader {
         if let Some(id) = &state.run_id {
             checkpoint::set_folder_run_id(output, id)?;
@@ -404,6 +414,7 @@ pub fn train_loop(run: Run, objective: &dyn Objective, device: &Device) -> Resul
                     .checkpoint_every
                     .is_some_and(|n| state.step.is_multiple_of(n))
             {
+                clock(&mut state);
                 save(&tm, &state, &opt)?;
             }
             if stop {
@@ -419,13 +430,15 @@ pub fn train_loop(run: Run, objective: &dyn Objective, device: &Device) -> Resul
         // End of epoch: evaluate, log, checkpoint.
         state.epoch = epoch + 1;
         state.batch_in_epoch = 0;
+        clock(&mut state);
         let mut m = serde_json::json!({
             "epoch": epoch + 1,
             "step": state.step,
             "train_loss": epoch_loss / epoch_steps.max(1) as f64,
             "images_per_sec": images as f64 / t_epoch.elapsed().as_secs_f64().max(1e-9),
             "epoch_sec": t_epoch.elapsed().as_secs_f64(),
-            "elapsed_sec": t0.elapsed().as_secs_f64(),
+            "elapsed_sec": state.seconds,
+            "cpu_sec": state.cpu_seconds,
         });
         let eval_now = (epoch + 1).is_multiple_of(cfg.eval_every.max(1)) || epoch + 1 == cfg.epochs;
         let evaluation = if leader && eval_now {
