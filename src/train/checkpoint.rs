@@ -242,6 +242,8 @@ mod tests {
             history: Vec::new(),
             train_losses: Vec::new(),
             run_id: Some(run.to_string()),
+            seconds: 0.0,
+            cpu_seconds: 0.0,
         }
     }
 
