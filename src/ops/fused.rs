@@ -12,7 +12,9 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use rayon::prelude::*;
 
 use super::gemm::{gemm, num_threads, GemmElem, View, ViewMut};
-use super::kernels::amx::general::{gemm_bf16 as amx_gemm, ALayout, BLayout};
+use super::kernels::amx::general::{
+    gemm_bf16 as amx_gemm, linear_backward_bf16 as amx_linear_backward, ALayout, BLayout,
+};
 
 /// Rows per parallel task of the column sums (fixed, so results do not depend on threads).
 const ROW_BLOCK: usize = 256;
@@ -332,33 +334,10 @@ fn linear_grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> 
         );
         let (gs, xs, ws) = (gd.get(), xd.get(), wd.get());
         let threads = num_threads();
-        // SAFETY: each GEMM writes every element of its output.
+        // SAFETY: the backward writes every element of both.
         let mut dx = unsafe { super::kernels::uninit_buffer::<f32>(rows * inp) };
-        amx_gemm(
-            rows,
-            inp,
-            out,
-            gs,
-            ALayout::Rows,
-            ws,
-            BLayout::Rows,
-            None,
-            &mut dx,
-            threads,
-        );
         let mut dw = unsafe { super::kernels::uninit_buffer::<f32>(out * inp) };
-        amx_gemm(
-            out,
-            inp,
-            rows,
-            gs,
-            ALayout::Cols,
-            xs,
-            BLayout::Rows,
-            None,
-            &mut dw,
-            threads,
-        );
+        amx_linear_backward(rows, inp, out, gs, xs, ws, &mut dx, &mut dw, threads);
         let dev = x.device();
         return Ok((
             Tensor::from_vec(dx, x.shape(), dev)?,
