@@ -155,7 +155,7 @@ def report(out):
             sec = statistics.mean(r["cpu"] for r in runs)
             total = sec + (pt_sec if side == "pretrained" else 0.0)
             print(f"| {regime} | {SIDE_NAMES[side]} | {len(runs)} | {mean_sd([r['val'] for r in runs])} % "
-                  f"| {mean_sd(tests)} % ({len(tests)}) | {sec / 60:.1f} min | {total / 60:.1f} min |")
+                  f"| {mean_sd(tests)} % ({len(tests)}) | {sec / 60:.1f} | {total / 60:.1f} |")
     for run in sorted(glob.glob(os.path.join(out, "ship", "*"))):
         ev = evals(run)
         test_path = os.path.join(run, "test.json")
