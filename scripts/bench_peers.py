@@ -312,11 +312,14 @@ def check_outputs(workload, model_dir, beit):
         kw["bool_masked_pos"] = inputs["bool_masked_pos"].bool()
     with torch.inference_mode():
         want = model(pixel_values=x, **kw).logits
-    ip = os.path.join(model_dir, "check_inputs.safetensors")
-    op = os.path.join(model_dir, "check_outputs.safetensors")
-    save_file(inputs, ip)
-    subprocess.run([beit, "forward", "--model", model_dir, "--inputs", ip, "--output", op], check=True)
-    got = load_file(op)["logits"]
+    # Outside the model folder: beit refuses to write among a model's files, and a kept folder
+    # (--keep) would hold the previous run's output.
+    with tempfile.TemporaryDirectory(prefix="beit-check-") as d:
+        ip = os.path.join(d, "check_inputs.safetensors")
+        op = os.path.join(d, "check_outputs.safetensors")
+        save_file(inputs, ip)
+        subprocess.run([beit, "forward", "--model", model_dir, "--inputs", ip, "--output", op], check=True)
+        got = load_file(op)["logits"]
     return float((got - want).abs().max())
 
 
