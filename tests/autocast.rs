@@ -18,6 +18,15 @@ fn grads(on: bool, x: &Var, w: &Var, b: &Var, r: &Tensor) -> Vec<Tensor> {
     ]
 }
 
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 #[test]
 fn bf16_autocast_linear_and_gradients_match_f32() {
     if !autocast::cpu_bf16_available() {
@@ -39,21 +48,7 @@ fn bf16_autocast_linear_and_gradients_match_f32() {
         .zip(bf16_grads.iter().zip(&f32_grads))
     {
         assert_eq!(a.dims(), e.dims(), "{name}");
-        let scale = e
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let d = (a - e)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let (scale, d) = (max_abs(e), max_abs(&(a - e).unwrap()));
         assert!(
             d <= 1e-2 * scale,
             "{name}: max |bf16 - f32| {d} for values up to {scale}"

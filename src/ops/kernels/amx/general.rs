@@ -254,26 +254,34 @@ unsafe fn vnni_tile(_: &[f32], _: usize, _: usize, _: usize, _: usize, _: *mut u
     unreachable!("AMX is x86_64 only")
 }
 
-/// `b [k, n]` row-major into B panels (`PackedAmx`'s layout), vectorised: the per-call packing
-/// of an activation-sized operand (the weight gradient's `x`, the input gradient's `W`).
-fn pack_b_rows(b: &[f32], k: usize, n: usize) -> PackedAmx {
+/// B panels (`PackedAmx`'s layout) for a `[k, n]` operand, each 1 KB tile (depth tile `kt`,
+/// columns `p * 32 + h * 16 ..`) filled by `tile(p, kt, h, dst)`, panels in parallel.
+fn pack_panels(
+    k: usize,
+    n: usize,
+    tile: impl Fn(usize, usize, usize, &mut [u8]) + Sync,
+) -> PackedAmx {
     let kp = k.div_ceil(32) * 32;
-    let ktiles = kp / 32;
-    let panels = n.div_ceil(NP);
     // SAFETY: every tile of every panel is written below.
-    let mut data = unsafe { crate::ops::kernels::uninit_buffer::<u8>(panels * kp * NP * 2) };
+    let mut data =
+        unsafe { crate::ops::kernels::uninit_buffer::<u8>(n.div_ceil(NP) * kp * NP * 2) };
     data.par_chunks_mut(kp * NP * 2)
         .enumerate()
         .for_each(|(p, panel)| {
-            for kt in 0..ktiles {
-                for h in 0..2 {
-                    let dst = panel[(kt * 2 + h) * 1024..].as_mut_ptr();
-                    // SAFETY: `available` checked AVX-512 BF16; the tile is 1 KB of `panel`.
-                    unsafe { vnni_tile(b, k, n, kt * 32, p * NP + h * 16, dst) };
-                }
+            for (i, dst) in panel.chunks_exact_mut(1024).enumerate() {
+                tile(p, i / 2, i % 2, dst);
             }
         });
     PackedAmx::from_parts(AmxKind::Bf16, k, n, kp, data)
+}
+
+/// `b [k, n]` row-major into B panels, vectorised: the per-call packing of an activation-sized
+/// operand (the weight gradient's `x`, the input gradient's `W`).
+fn pack_b_rows(b: &[f32], k: usize, n: usize) -> PackedAmx {
+    pack_panels(k, n, |p, kt, h, dst| {
+        // SAFETY: `available` checked AVX-512 BF16; `dst` is 1 KB.
+        unsafe { vnni_tile(b, k, n, kt * 32, p * NP + h * 16, dst.as_mut_ptr()) }
+    })
 }
 
 /// Rows `[r0, r0 + 16)` of a `[rows, k]` row-major source, depth `[k0, k0 + 32)`, as bf16:
@@ -315,26 +323,12 @@ fn transpose_tile(v: &[u32; 256], dst: &mut [u8]) {
 /// `b` stored as a weight `[n, k]` (the `[k, n]` operand transposed) into B panels: each
 /// tile read as A-layout rows of the weight, then transposed.
 fn pack_b_cols(b: &[f32], k: usize, n: usize) -> PackedAmx {
-    let kp = k.div_ceil(32) * 32;
-    let ktiles = kp / 32;
-    let panels = n.div_ceil(NP);
-    // SAFETY: every tile of every panel is written below.
-    let mut data = unsafe { crate::ops::kernels::uninit_buffer::<u8>(panels * kp * NP * 2) };
-    data.par_chunks_mut(kp * NP * 2)
-        .enumerate()
-        .for_each(|(p, panel)| {
-            let mut v = [0u32; 256];
-            for kt in 0..ktiles {
-                for h in 0..2 {
-                    // SAFETY: `available` checked AVX-512 BF16; `v` is 1 KB.
-                    unsafe {
-                        row_tile(b, n, k, p * NP + h * 16, kt * 32, v.as_mut_ptr() as *mut u8)
-                    };
-                    transpose_tile(&v, &mut panel[(kt * 2 + h) * 1024..(kt * 2 + h + 1) * 1024]);
-                }
-            }
-        });
-    PackedAmx::from_parts(AmxKind::Bf16, k, n, kp, data)
+    pack_panels(k, n, |p, kt, h, dst| {
+        let mut v = [0u32; 256];
+        // SAFETY: `available` checked AVX-512 BF16; `v` is 1 KB.
+        unsafe { row_tile(b, n, k, p * NP + h * 16, kt * 32, v.as_mut_ptr() as *mut u8) };
+        transpose_tile(&v, dst);
+    })
 }
 
 /// `a` stored transposed (`[k, m]` row-major) as A tiles of the `[m, k]` operand: each 1 KB
