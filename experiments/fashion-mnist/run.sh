@@ -93,6 +93,7 @@ aug() {
 finetune() {
   local dir=$1 side=$2 regime=$3 lr=$4 augm=$5 seed=$6 epochs=$7
   [ -f "$dir/model.safetensors" ] && return 0
+  mkdir -p "$(dirname "$dir")"
   local src limit warm every batch
   if [ "$side" = pretrained ]; then src=(--model "$OUT/pretrain" --layer-decay 0.75)
   else src=(--config "$CFG" --layer-decay 1.0); fi
