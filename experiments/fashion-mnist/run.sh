@@ -11,7 +11,7 @@
 #   read once per final run, at the end (`beit evaluate`, stage 6).
 # * Label regimes: 1k labels (a class-balanced subset of the 54k, drawn per seed) and 54k (all
 #   the training labels outside the validation split).
-# * Recipes: a grid of 4 per side and regime (learning rate x augmentation), run with seed 0;
+# * Recipes: a grid of 6 per side and regime (learning rate x augmentation), run with seed 0;
 #   the best final validation top-1 picks the recipe (ties: the first in the grid), whose
 #   seed-0 run is kept as one of the 3 seeds.
 # * Budgets: (a) the same fine-tuning budget (epochs) for both sides; (b) the same total
@@ -76,11 +76,14 @@ if has pretrain && [ ! -f "$OUT/pretrain/model.safetensors" ]; then
 fi
 
 # The recipe grid: NAME LR AUGMENTATION.
+# Learning rates 3e-4 .. 3e-3, so that neither side's best sits at an edge of the grid.
 RECIPES=(
   "lr1e-3-light 1e-3 light"
   "lr3e-3-light 3e-3 light"
   "lr1e-3-heavy 1e-3 heavy"
   "lr3e-3-heavy 3e-3 heavy"
+  "lr3e-4-light 3e-4 light"
+  "lr3e-4-heavy 3e-4 heavy"
 )
 aug() {
   case $1 in
