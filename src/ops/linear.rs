@@ -203,10 +203,20 @@ pub fn linear_inference_packed(
             weight.k()
         );
     }
-    run_linear(x, weight.n(), bias, epilogue, |xs, rows, _, out, epi| {
-        weight.gemm(xs, rows, out, epi, gemm::num_threads());
-        Ok(())
-    })
+    run_linear(
+        x,
+        weight.n(),
+        bias,
+        epilogue,
+        |xs, rows, _, out, mut epi| {
+            // A reduced-precision layer: its GELU output is rounded to bf16 / int8 by the next one.
+            if epi.op == TileOp::BiasGelu {
+                epi.op = TileOp::BiasGeluRational;
+            }
+            weight.gemm(xs, rows, out, epi, gemm::num_threads());
+            Ok(())
+        },
+    )
 }
 
 /// Whether [`mlp_inference_amx`] keeps the hidden activations in tiles (default), or the two
@@ -257,7 +267,8 @@ pub fn mlp_inference_amx(
             candle_core::bail!("mlp: fc1 bias of {} for {} outputs", bias.len(), w1.n());
         }
         let epi = EpilogueData {
-            op: TileOp::BiasGelu,
+            // The hidden layer is rounded to bf16 right after: the rational erf is enough.
+            op: TileOp::BiasGeluRational,
             bias,
             scale: &[],
             res: &[],
