@@ -294,6 +294,7 @@ pub fn run() -> Result<()> {
     let cli = help::parse();
     let dev = device(&cli.device)?;
     apply_matmul_precision(&cli)?;
+    beit::util::flush_denormals();
     if let Some(m) = &cli.max_memory {
         beit::memory::set_limit(Some(beit::memory::parse_size(m)?));
     }

@@ -184,6 +184,7 @@ pub fn train_loop(run: Run, objective: &dyn Objective, device: &Device) -> Resul
     };
     let steps_per_epoch = (run.indices.len() / (micro * accum * world)).max(1);
     let _autocast = (cfg.precision == Precision::Bf16 && device.is_cpu()).then(CpuAutocast::on);
+    crate::util::flush_denormals();
     let sched = CosineSchedule {
         base: cfg.lr,
         final_lr: cfg.min_lr,
