@@ -1,0 +1,479 @@
+//! Multi-head attention core for training: softmax(Q Kᵀ · scale + bias) V with its backward,
+//! computed per (batch, head) straight from the fused QKV projection. The [B, H, S, S]
+//! probabilities are kept for the backward when small, else recomputed there.
+
+use super::*;
+
+/// Float ops the attention kernel needs beyond [`Elem`].
+trait Real:
+    Elem
+    + Into<f64>
+    + FromF64
+    + PartialOrd
+    + std::ops::Sub<Output = Self>
+    + std::ops::Div<Output = Self>
+{
+    /// Softmax of each `s`-long row in place (f32: the vectorised kernel of `ops::vmath`).
+    fn softmax_rows(x: &mut [Self], s: usize);
+    /// Softmax backward of rows: `ds = p ⊙ (dp - rowsum(dp ⊙ p))`.
+    fn softmax_backward_rows(p: &[Self], dp: &[Self], ds: &mut [Self], s: usize);
+}
+impl Real for f32 {
+    fn softmax_rows(x: &mut [Self], s: usize) {
+        crate::ops::vmath::softmax_rows(x, s)
+    }
+    fn softmax_backward_rows(p: &[Self], dp: &[Self], ds: &mut [Self], s: usize) {
+        crate::ops::vmath::softmax_backward_rows(p, dp, ds, s)
+    }
+}
+impl Real for f64 {
+    fn softmax_rows(x: &mut [Self], s: usize) {
+        for row in x.chunks_mut(s) {
+            let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v));
+            let mut sum = 0.0;
+            for v in row.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            for v in row.iter_mut() {
+                *v /= sum;
+            }
+        }
+    }
+    fn softmax_backward_rows(p: &[Self], dp: &[Self], ds: &mut [Self], s: usize) {
+        for ((prow, dprow), dsrow) in p.chunks(s).zip(dp.chunks(s)).zip(ds.chunks_mut(s)) {
+            let dot: f64 = prow.iter().zip(dprow).map(|(&a, &b)| a * b).sum();
+            for ((d, &pv), &gv) in dsrow.iter_mut().zip(prow).zip(dprow) {
+                *d = pv * (gv - dot);
+            }
+        }
+    }
+}
+
+struct AttentionCore {
+    heads: usize,
+    scale: f64,
+    /// The probabilities `[B, H, S, S]` of the forward pass, kept for the backward when they
+    /// are small ([`PROBS_CACHE_BYTES`]); otherwise the backward recomputes them.
+    probs: std::sync::Mutex<Option<CpuStorage>>,
+}
+
+/// Largest probabilities tensor kept from forward to backward (per attention call): 64 MB is
+/// e.g. batch 32 x 3 heads at 224 or batch 8 x 12 heads; at 640 (S = 1601) they are recomputed.
+const PROBS_CACHE_BYTES: usize = 64 << 20;
+
+struct Dims {
+    b: usize,
+    s: usize,
+    d: usize,
+    hd: usize,
+}
+
+impl AttentionCore {
+    fn dims(&self, qkv: &Layout) -> Result<Dims> {
+        let (b, s, d3) = qkv.shape().dims3()?;
+        let d = d3 / 3;
+        if d3 != 3 * d || self.heads == 0 || d % self.heads != 0 {
+            candle_core::bail!(
+                "attention: qkv {:?} does not split into {} heads",
+                qkv.dims(),
+                self.heads
+            );
+        }
+        Ok(Dims {
+            b,
+            s,
+            d,
+            hd: d / self.heads,
+        })
+    }
+}
+
+/// `P = softmax(Q_bh K_bhᵀ · scale + bias_h)` into `p` (`[S, S]`).
+fn attention_probs<T: Real>(
+    qkv: &[T],
+    bias: Option<&[T]>,
+    dm: &Dims,
+    b: usize,
+    h: usize,
+    scale: T,
+    p: &mut [T],
+) {
+    let (s, d, hd) = (dm.s, dm.d, dm.hd);
+    let base = b * s * 3 * d + h * hd;
+    // SAFETY: Q rows start at `base` with row stride 3D; K at `base + D`; all within `qkv`.
+    unsafe {
+        gemm(
+            s,
+            s,
+            hd,
+            ViewMut::row_major(p, 0, s),
+            false,
+            View::row_major(qkv, base, 3 * d),
+            View::transposed(qkv, base + d, 3 * d),
+            1,
+        )
+    };
+    for (i, row) in p.chunks_mut(s).enumerate() {
+        match bias {
+            Some(bs) => {
+                for (v, &b) in row.iter_mut().zip(&bs[i * s..(i + 1) * s]) {
+                    *v = *v * scale + b;
+                }
+            }
+            None => {
+                for v in row.iter_mut() {
+                    *v = *v * scale;
+                }
+            }
+        }
+    }
+    T::softmax_rows(p, s);
+}
+
+/// Pointer wrapper to write disjoint parts of one buffer from parallel tasks.
+#[derive(Clone, Copy)]
+struct Ptr<T>(*mut T);
+unsafe impl<T> Send for Ptr<T> {}
+unsafe impl<T> Sync for Ptr<T> {}
+
+impl<T> Ptr<T> {
+    /// A method (rather than `.0`) so that closures capture the `Send` wrapper, not the pointer.
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// The bias of head `h` for batch element `b` (bias is `[1 | B, H, S, S]`).
+fn bias_slice<T>(
+    bias: Option<(&[T], usize)>,
+    b: usize,
+    h: usize,
+    heads: usize,
+    s: usize,
+) -> Option<&[T]> {
+    bias.map(|(bs, nb)| {
+        let bb = if nb == 1 { 0 } else { b };
+        &bs[((bb * heads + h) * s) * s..((bb * heads + h) * s + s) * s]
+    })
+}
+
+fn attention_fwd_kernel<T: Real>(
+    op: &AttentionCore,
+    q: (&CpuStorage, &Layout),
+    bias: Option<(&CpuStorage, &Layout)>,
+) -> Result<(CpuStorage, Shape)> {
+    let dm = op.dims(q.1)?;
+    let qkv = T::slice(q.0, q.1)?;
+    let bias = match bias {
+        Some((s, l)) => Some((T::slice(s, l)?, l.dims()[0])),
+        None => None,
+    };
+    let (s, d, hd, heads) = (dm.s, dm.d, dm.hd, op.heads);
+    // SAFETY: every (b, h) writes its rows x head columns with a non-accumulating GEMM.
+    let mut ctx = unsafe { crate::ops::uninit_buffer::<T>(dm.b * s * d) };
+    let out = Ptr(ctx.as_mut_ptr());
+    let scale = T::from_f64(op.scale);
+    let keep = dm.b * heads * s * s * std::mem::size_of::<T>() <= PROBS_CACHE_BYTES;
+    // SAFETY: every (b, h) block is written by `attention_probs` before the backward reads it.
+    let mut kept =
+        unsafe { crate::ops::uninit_buffer::<T>(if keep { dm.b * heads * s * s } else { 0 }) };
+    let kept_ptr = Ptr(kept.as_mut_ptr());
+    (0..dm.b * heads).into_par_iter().for_each(|bh| {
+        let (b, h) = (bh / heads, bh % heads);
+        let mut local = Vec::new();
+        let p = if keep {
+            // SAFETY: block `bh` of `kept`, written by this task only.
+            unsafe { std::slice::from_raw_parts_mut(kept_ptr.get().add(bh * s * s), s * s) }
+        } else {
+            local.resize(s * s, T::ZERO);
+            &mut local[..]
+        };
+        attention_probs(qkv, bias_slice(bias, b, h, heads, s), &dm, b, h, scale, p);
+        // SAFETY: (b, h) writes only its own rows/columns block of `ctx`.
+        unsafe {
+            gemm(
+                s,
+                hd,
+                s,
+                ViewMut {
+                    ptr: out.get().add(b * s * d + h * hd),
+                    rs: d as isize,
+                    cs: 1,
+                },
+                false,
+                View::row_major(p, 0, s),
+                View::row_major(qkv, b * s * 3 * d + h * hd + 2 * d, 3 * d),
+                1,
+            )
+        };
+    });
+    if let Ok(mut slot) = op.probs.lock() {
+        *slot = keep.then(|| T::wrap(kept));
+    }
+    Ok((T::wrap(ctx), Shape::from((dm.b, s, d))))
+}
+
+/// `[dqkv ; dbias-per-(b,h)]`: gradients of the attention core for `dctx`.
+struct AttentionGrad<'a> {
+    op: &'a AttentionCore,
+    bias: Option<&'a Tensor>,
+}
+
+fn attention_bwd_kernel<T: Real>(
+    op: &AttentionCore,
+    q: (&CpuStorage, &Layout),
+    g: (&CpuStorage, &Layout),
+    bias: Option<(&[T], usize)>,
+) -> Result<(Vec<T>, Vec<T>, Dims)> {
+    let dm = op.dims(q.1)?;
+    let (qkv, dctx) = (T::slice(q.0, q.1)?, T::slice(g.0, g.1)?);
+    let (s, d, hd, heads) = (dm.s, dm.d, dm.hd, op.heads);
+    // SAFETY: every (b, h) writes its Q, K and V columns with non-accumulating GEMMs.
+    let mut dqkv = unsafe { crate::ops::uninit_buffer::<T>(qkv.len()) };
+    let mut ds_all = vec![
+        T::ZERO;
+        if bias.is_some() {
+            dm.b * heads * s * s
+        } else {
+            0
+        }
+    ];
+    let (dq_ptr, ds_ptr) = (Ptr(dqkv.as_mut_ptr()), Ptr(ds_all.as_mut_ptr()));
+    let scale = T::from_f64(op.scale);
+    // The forward's probabilities when it kept them (taken: one backward per forward).
+    let kept = op.probs.lock().ok().and_then(|mut slot| slot.take());
+    let n_probs = dm.b * heads * s * s;
+    let kept = match &kept {
+        Some(st) => Some(T::slice(st, &Layout::contiguous(n_probs))?),
+        None => None,
+    };
+    (0..dm.b * heads).into_par_iter().for_each(|bh| {
+        let (b, h) = (bh / heads, bh % heads);
+        let mut local = Vec::new();
+        let p: &[T] = match kept {
+            Some(k) => &k[bh * s * s..(bh + 1) * s * s],
+            None => {
+                local.resize(s * s, T::ZERO);
+                attention_probs(
+                    qkv,
+                    bias_slice(bias, b, h, heads, s),
+                    &dm,
+                    b,
+                    h,
+                    scale,
+                    &mut local,
+                );
+                &local
+            }
+        };
+        let qbase = b * s * 3 * d + h * hd;
+        let gbase = b * s * d + h * hd;
+        // SAFETY: written by the GEMM below (no accumulation).
+        let mut dp = unsafe { crate::ops::uninit_buffer::<T>(s * s) };
+        // SAFETY (all GEMMs below): views stay inside their buffers; each (b, h) writes only its
+        // own head's columns of `dqkv` and its own block of `ds_all`.
+        unsafe {
+            // dV = Pᵀ · dctx
+            gemm(
+                s,
+                hd,
+                s,
+                ViewMut {
+                    ptr: dq_ptr.get().add(qbase + 2 * d),
+                    rs: 3 * d as isize,
+                    cs: 1,
+                },
+                false,
+                View::transposed(p, 0, s),
+                View::row_major(dctx, gbase, d),
+                1,
+            );
+            // dP = dctx · Vᵀ
+            gemm(
+                s,
+                s,
+                hd,
+                ViewMut::row_major(&mut dp, 0, s),
+                false,
+                View::row_major(dctx, gbase, d),
+                View::transposed(qkv, qbase + 2 * d, 3 * d),
+                1,
+            );
+        }
+        // dS = P ⊙ (dP - rowsum(dP ⊙ P)); dS is the bias gradient, dS · scale the scores'.
+        // SAFETY: every row is written by the softmax backward.
+        let mut ds = unsafe { crate::ops::uninit_buffer::<T>(s * s) };
+        T::softmax_backward_rows(p, &dp, &mut ds, s);
+        let mut dp = ds;
+        if bias.is_some() {
+            // SAFETY: block (b, h) of ds_all.
+            let dst =
+                unsafe { std::slice::from_raw_parts_mut(ds_ptr.get().add(bh * s * s), s * s) };
+            dst.copy_from_slice(&dp);
+        }
+        for v in dp.iter_mut() {
+            *v = *v * scale;
+        }
+        unsafe {
+            // dQ = dS · K ; dK = dSᵀ · Q
+            gemm(
+                s,
+                hd,
+                s,
+                ViewMut {
+                    ptr: dq_ptr.get().add(qbase),
+                    rs: 3 * d as isize,
+                    cs: 1,
+                },
+                false,
+                View::row_major(&dp, 0, s),
+                View::row_major(qkv, qbase + d, 3 * d),
+                1,
+            );
+            gemm(
+                s,
+                hd,
+                s,
+                ViewMut {
+                    ptr: dq_ptr.get().add(qbase + d),
+                    rs: 3 * d as isize,
+                    cs: 1,
+                },
+                false,
+                View::transposed(&dp, 0, s),
+                View::row_major(qkv, qbase, 3 * d),
+                1,
+            );
+        }
+    });
+    Ok((dqkv, ds_all, dm))
+}
+
+impl candle_core::CustomOp1 for AttentionCore {
+    fn name(&self) -> &'static str {
+        "beit-attention"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s, attention_fwd_kernel, self, (s, l), None)
+    }
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let _p = crate::profile::scope("bwd.attention");
+        let g = g.contiguous()?;
+        let flat = qkv.apply_op2_no_bwd(
+            &g,
+            &AttentionGrad {
+                op: self,
+                bias: None,
+            },
+        )?;
+        Ok(Some(flat.reshape(qkv.shape())?))
+    }
+}
+
+impl CustomOp2 for AttentionCore {
+    fn name(&self) -> &'static str {
+        "beit-attention-bias"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s1, attention_fwd_kernel, self, (s1, l1), Some((s2, l2)))
+    }
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _p = crate::profile::scope("bwd.attention");
+        let g = g.contiguous()?;
+        let both = qkv.apply_op2_no_bwd(
+            &g,
+            &AttentionGrad {
+                op: self,
+                bias: Some(bias),
+            },
+        )?;
+        let n = qkv.elem_count();
+        let dqkv = both.narrow(0, 0, n)?.reshape(qkv.shape())?;
+        let (b, heads, s) = (qkv.dim(0)?, self.heads, qkv.dim(1)?);
+        let ds = both
+            .narrow(0, n, b * heads * s * s)?
+            .reshape((b, heads, s, s))?;
+        let dbias = if bias.dim(0)? == 1 && b > 1 {
+            // Sum over the batch: the column sums of [B, H*S*S].
+            sum_to_last_dim(&ds.reshape((b, heads * s * s))?)?.reshape((1, heads, s, s))?
+        } else {
+            ds
+        };
+        Ok((Some(dqkv), Some(dbias)))
+    }
+}
+
+impl CustomOp2 for AttentionGrad<'_> {
+    fn name(&self) -> &'static str {
+        "beit-attention-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(
+            me: &AttentionGrad,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            let bias_t = me.bias.map(|b| b.contiguous()).transpose()?;
+            let guard = bias_t.as_ref().map(|b| b.storage_and_layout());
+            let bias = match &guard {
+                Some((st, l)) => match &**st {
+                    candle_core::Storage::Cpu(c) => Some((T::slice(c, l)?, l.dims()[0])),
+                    _ => candle_core::bail!("attention: bias not on the CPU"),
+                },
+                None => None,
+            };
+            let (mut dqkv, ds, _) = attention_bwd_kernel::<T>(me.op, (s1, l1), (s2, l2), bias)?;
+            dqkv.extend(ds);
+            let n = dqkv.len();
+            Ok((T::wrap(dqkv), Shape::from(n)))
+        }
+        dispatch!(s1, run, self, s1, l1, s2, l2)
+    }
+}
+
+/// `softmax(Q Kᵀ · scale + bias) V` for `qkv [B, S, 3D]` (projections side by side) and an
+/// optional additive `bias [1 | B, H, S, S]`, heads merged into `[B, S, D]`. One autograd node
+/// with an exact backward (probabilities recomputed); `None` when not on CPU f32/f64.
+pub fn attention(
+    qkv: &Tensor,
+    bias: Option<&Tensor>,
+    heads: usize,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    let mut all = vec![qkv];
+    all.extend(bias);
+    if !cpu_ok(&all) {
+        return Ok(None);
+    }
+    let op = AttentionCore {
+        heads,
+        scale,
+        probs: Default::default(),
+    };
+    let qkv = qkv.contiguous()?;
+    Ok(Some(match bias {
+        Some(b) => qkv.apply_op2(&b.to_dtype(qkv.dtype())?.contiguous()?, op)?,
+        None => qkv.apply_op1(op)?,
+    }))
+}
