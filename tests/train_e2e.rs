@@ -397,6 +397,22 @@ fn bf16_mixed_precision_trains_with_f32_master_weights() {
     );
 }
 
+/// One epoch from scratch with the small config into `out`.
+fn train_one_epoch(
+    cfg: &Path,
+    data: &Path,
+    out: &Path,
+) -> beit::error::Result<beit::train::finetune::TrainSummary> {
+    train(
+        &ModelSource::Config(cfg.to_path_buf()),
+        data,
+        out,
+        &with(|o| o.epochs = 1),
+        None,
+        &Device::Cpu,
+    )
+}
+
 /// A second writer into an output folder in use is refused, naming the holder (issue 14 item
 /// 8): two runs into one folder used to both succeed with mixed logs and checkpoints.
 #[test]
@@ -406,29 +422,14 @@ fn a_second_run_into_a_folder_in_use_is_refused() {
     let out = tmp.path().join("out");
     std::fs::create_dir_all(&out).unwrap();
     let held = beit::util::lock_output_folder(&out).unwrap();
-    let err = train(
-        &ModelSource::Config(cfg_path.clone()),
-        &data,
-        &out,
-        &with(|o| o.epochs = 1),
-        None,
-        &Device::Cpu,
-    )
-    .unwrap_err()
-    .to_string();
+    let err = train_one_epoch(&cfg_path, &data, &out)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("in use by another run"), "{err}");
     assert!(err.contains(&std::process::id().to_string()), "{err}");
     assert!(!out.join("metrics.jsonl").exists(), "the refused run wrote");
     drop(held);
-    train(
-        &ModelSource::Config(cfg_path),
-        &data,
-        &out,
-        &with(|o| o.epochs = 1),
-        None,
-        &Device::Cpu,
-    )
-    .unwrap();
+    train_one_epoch(&cfg_path, &data, &out).unwrap();
 }
 
 /// The training commands claim their output folder before they check or write anything in it
@@ -477,15 +478,7 @@ fn a_claimed_output_folder_refuses_a_second_writer_and_trains_inside_the_claim()
         "the refused run wrote"
     );
     // The trainer inside the claim takes it as its lock.
-    train(
-        &ModelSource::Config(cfg_path),
-        &data,
-        &out,
-        &with(|o| o.epochs = 1),
-        None,
-        &Device::Cpu,
-    )
-    .unwrap();
+    train_one_epoch(&cfg_path, &data, &out).unwrap();
     assert!(out.join("model.safetensors").is_file());
     drop(claim);
     assert!(out.is_dir(), "a folder with a run in it is kept");

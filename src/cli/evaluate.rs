@@ -61,11 +61,6 @@ impl EvaluateCmd {
             ..TrainConfig::default()
         };
         let e = evaluate_model(&dir, &self.data, &cfg, device)?;
-        let task = if e.metrics.get("mIoU").is_some() {
-            Task::Segmentation
-        } else {
-            Task::Classification
-        };
         if self.json {
             let mut m = e.metrics.clone();
             m["model"] = dir.display().to_string().into();
@@ -84,7 +79,7 @@ impl EvaluateCmd {
             } else {
                 "evaluation split"
             };
-            match task {
+            match e.task {
                 Task::Classification => {
                     print!(
                         "{n} images ({split}): top-1 {:.2} %",

@@ -282,11 +282,16 @@ fn linear_kernel<T: Elem>(
             num_threads(),
         )
     };
-    let mut dims = x.1.dims().to_vec();
+    Ok((T::wrap(y), linear_out_shape(x.1, out)))
+}
+
+/// The input's shape with its last dim replaced by `out`.
+fn linear_out_shape(x: &Layout, out: usize) -> Shape {
+    let mut dims = x.dims().to_vec();
     if let Some(l) = dims.last_mut() {
         *l = out;
     }
-    Ok((T::wrap(y), Shape::from(dims)))
+    Shape::from(dims)
 }
 
 /// [`linear_kernel`] under bf16 autocast: the GEMM on AMX tiles, bias in its epilogue.
@@ -313,11 +318,7 @@ fn linear_bf16(
         &mut y,
         num_threads(),
     );
-    let mut dims = x.1.dims().to_vec();
-    if let Some(l) = dims.last_mut() {
-        *l = out;
-    }
-    Ok((CpuStorage::F32(y), Shape::from(dims)))
+    Ok((CpuStorage::F32(y), linear_out_shape(x.1, out)))
 }
 
 /// `(dx, dw)` of `y = x · wᵀ` for output gradient `g`.

@@ -696,6 +696,7 @@ fn evaluate(
 /// What [`evaluate_model`] measured: the metrics (`top1`, `top5`, `val_loss`, `val_samples`;
 /// `mIoU`, `pixel_accuracy` for segmentation), the confusion matrix and its class names.
 pub struct Evaluation {
+    pub task: Task,
     pub metrics: serde_json::Value,
     pub confusion: ConfusionMatrix,
     pub classes: Vec<String>,
@@ -761,6 +762,7 @@ pub fn evaluate_model(
     };
     let (metrics, confusion) = evaluate(&model, &val, &objective, device)?;
     Ok(Evaluation {
+        task,
         metrics,
         confusion,
         classes,

@@ -3,6 +3,7 @@
 //! probabilities are kept for the backward when small, else recomputed there.
 
 use super::*;
+use crate::ops::kernels::SendPtr;
 
 /// Float ops the attention kernel needs beyond [`Elem`].
 trait Real:
@@ -131,19 +132,6 @@ fn attention_probs<T: Real>(
     T::softmax_rows(p, s);
 }
 
-/// Pointer wrapper to write disjoint parts of one buffer from parallel tasks.
-#[derive(Clone, Copy)]
-struct Ptr<T>(*mut T);
-unsafe impl<T> Send for Ptr<T> {}
-unsafe impl<T> Sync for Ptr<T> {}
-
-impl<T> Ptr<T> {
-    /// A method (rather than `.0`) so that closures capture the `Send` wrapper, not the pointer.
-    fn get(self) -> *mut T {
-        self.0
-    }
-}
-
 /// The bias of head `h` for batch element `b` (bias is `[1 | B, H, S, S]`).
 fn bias_slice<T>(
     bias: Option<(&[T], usize)>,
@@ -172,13 +160,13 @@ fn attention_fwd_kernel<T: Real>(
     let (s, d, hd, heads) = (dm.s, dm.d, dm.hd, op.heads);
     // SAFETY: every (b, h) writes its rows x head columns with a non-accumulating GEMM.
     let mut ctx = unsafe { crate::ops::uninit_buffer::<T>(dm.b * s * d) };
-    let out = Ptr(ctx.as_mut_ptr());
+    let out = SendPtr(ctx.as_mut_ptr());
     let scale = T::from_f64(op.scale);
     let keep = dm.b * heads * s * s * std::mem::size_of::<T>() <= PROBS_CACHE_BYTES;
     // SAFETY: every (b, h) block is written by `attention_probs` before the backward reads it.
     let mut kept =
         unsafe { crate::ops::uninit_buffer::<T>(if keep { dm.b * heads * s * s } else { 0 }) };
-    let kept_ptr = Ptr(kept.as_mut_ptr());
+    let kept_ptr = SendPtr(kept.as_mut_ptr());
     (0..dm.b * heads).into_par_iter().for_each(|bh| {
         let (b, h) = (bh / heads, bh % heads);
         let mut local = Vec::new();
@@ -239,7 +227,7 @@ fn attention_bwd_kernel<T: Real>(
             0
         }
     ];
-    let (dq_ptr, ds_ptr) = (Ptr(dqkv.as_mut_ptr()), Ptr(ds_all.as_mut_ptr()));
+    let (dq_ptr, ds_ptr) = (SendPtr(dqkv.as_mut_ptr()), SendPtr(ds_all.as_mut_ptr()));
     let scale = T::from_f64(op.scale);
     // The forward's probabilities when it kept them (taken: one backward per forward).
     let kept = op.probs.lock().ok().and_then(|mut slot| slot.take());

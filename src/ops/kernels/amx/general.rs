@@ -73,6 +73,22 @@ pub fn gemm_bf16(
         ALayout::Rows => w.pack_activations(a, m, threads),
         ALayout::Cols => pack_a_cols(a, m, k),
     };
+    // SAFETY: `c` holds `m x n` (checked above).
+    unsafe { run_f32(&w, &tiles, c, bias, threads) };
+}
+
+/// `c = A · w (+ bias)` for A already in tiles, `c` row-major `a.m x w.n`.
+///
+/// # Safety
+/// `c` must hold `a.m * w.n` floats and `bias` (when given) `w.n`.
+unsafe fn run_f32(
+    w: &PackedAmx,
+    a: &ActTiles,
+    c: &mut [f32],
+    bias: Option<&[f32]>,
+    threads: usize,
+) {
+    let n = w.n();
     let zeros;
     let bias = match bias {
         Some(b) => b,
@@ -90,13 +106,12 @@ pub fn gemm_bf16(
     // An output much larger than the caches (a training activation or its gradient: nothing
     // reads it before the next layer's GEMM) is written with non-temporal stores, which skip
     // reading the old lines: 6400 x 768 (19.7 MB) went from 3.1-3.9 to 2.4-2.7 ms.
-    let dest = if m * n * 4 >= STREAM_BYTES {
+    let dest = if a.m * n * 4 >= STREAM_BYTES {
         Dest::F32Stream(c.as_mut_ptr())
     } else {
         Dest::F32(c.as_mut_ptr())
     };
-    // SAFETY: `c` holds `m x n` (checked above).
-    unsafe { w.run(&tiles, dest, epi, threads) };
+    w.run(a, dest, epi, threads);
 }
 
 /// The two gradients of `y = x · wᵀ` (`x [rows, inp]`, `w [out, inp]`) for the output
@@ -125,25 +140,11 @@ pub fn linear_backward_bf16(
         return;
     }
     let (g_rows, g_cols) = pack_grad_both(g, rows, out);
-    let zeros = vec![0f32; inp];
-    let epi = Epi {
-        op: TileOp::Bias,
-        bias: &zeros,
-        scale: &[],
-        res: &[],
-    };
-    let dest = |c: &mut [f32], len: usize| {
-        if len * 4 >= STREAM_BYTES {
-            Dest::F32Stream(c.as_mut_ptr())
-        } else {
-            Dest::F32(c.as_mut_ptr())
-        }
-    };
-    let w_b = pack_b_rows(w, out, inp);
     // SAFETY: `dx` holds `rows x inp`, `dw` `out x inp` (checked above).
-    unsafe { w_b.run(&g_rows, dest(dx, rows * inp), epi, threads) };
-    let x_b = pack_b_rows(x, rows, inp);
-    unsafe { x_b.run(&g_cols, dest(dw, out * inp), epi, threads) };
+    unsafe {
+        run_f32(&pack_b_rows(w, out, inp), &g_rows, dx, None, threads);
+        run_f32(&pack_b_rows(x, rows, inp), &g_cols, dw, None, threads);
+    }
 }
 
 /// `g [m, n]` row-major as A tiles of itself (`[m, n]`, depth `n`) and of its transpose
@@ -190,16 +191,9 @@ fn pack_grad_both(g: &[f32], m: usize, n: usize) -> (ActTiles, ActTiles) {
                 }
             }
         });
-    let tiles = |m, ktiles, data: Vec<u8>, blocks: usize| ActTiles {
-        kind: AmxKind::Bf16,
-        m,
-        ktiles,
-        data,
-        scales: vec![0f32; blocks * 16],
-    };
     (
-        tiles(m, kt_rows, rows_data, blocks_rows),
-        tiles(n, kt_cols, cols_data, blocks_cols),
+        bf16_tiles(m, kt_rows, rows_data),
+        bf16_tiles(n, kt_cols, cols_data),
     )
 }
 
@@ -349,12 +343,17 @@ fn pack_a_cols(a: &[f32], m: usize, k: usize) -> ActTiles {
                 transpose_tile(&v, &mut block[kt * 1024..(kt + 1) * 1024]);
             }
         });
+    bf16_tiles(m, ktiles, data)
+}
+
+/// bf16 A tiles of `m` rows and `ktiles` tiles of depth (bf16 has no per-row scales).
+fn bf16_tiles(m: usize, ktiles: usize, data: Vec<u8>) -> ActTiles {
     ActTiles {
         kind: AmxKind::Bf16,
         m,
         ktiles,
         data,
-        scales: vec![0f32; blocks * 16],
+        scales: vec![0f32; m.div_ceil(16) * 16],
     }
 }
 
@@ -600,16 +599,7 @@ mod tests {
                         ALayout::Cols => pack_a_cols(a, rows, depth),
                     };
                 });
-                let zeros = vec![0f32; cols];
-                let epi = Epi {
-                    op: TileOp::Bias,
-                    bias: &zeros,
-                    scale: &[],
-                    res: &[],
-                };
-                let t_run = time(&mut || unsafe {
-                    w.run(&tiles, Dest::F32Stream(c.as_mut_ptr()), epi, threads)
-                });
+                let t_run = time(&mut || unsafe { run_f32(&w, &tiles, &mut c, None, threads) });
                 println!(
                     "  pack B {:.2} ms, pack A {:.2} ms, tiles + C {:.2} ms ({:.0} GFLOP/s)",
                     t_b * 1e3,
