@@ -347,6 +347,10 @@ pub struct ConvModule {
     folded: Option<(Tensor, Tensor)>,
     /// The folded 3x3 weight in the Winograd domain, made on first use at a size where it pays.
     winograd: std::sync::Arc<std::sync::OnceLock<ops::winograd::WinogradKernel>>,
+    /// The folded weight packed for the AMX bf16 convolution, when the model was frozen under a
+    /// reduced `--matmul-precision` (bf16, or int8: the convolutions then run in bf16) on a CPU
+    /// with AMX.
+    amx: Option<std::sync::Arc<ops::amx::conv::ConvWeight>>,
 }
 
 impl ConvModule {
@@ -374,6 +378,7 @@ impl ConvModule {
             bn: BatchNorm2d::new(out_c, vb.pp("bn"))?,
             folded: None,
             winograd: Default::default(),
+            amx: None,
         })
     }
 
@@ -387,6 +392,23 @@ impl ConvModule {
         let shift = (self.bn.bias.to_dtype(DType::F32)?
             - (self.bn.running_mean.to_dtype(DType::F32)? * &scale)?)?;
         let o = scale.dim(0)?;
+        let reduced = ops::packed::f32_matmul_precision() != ops::packed::MatmulPrecision::Highest;
+        self.amx = None;
+        if reduced && dt == DType::F32 && ops::fast_cpu(self.conv.weight.device()) {
+            let w = self
+                .conv
+                .weight
+                .broadcast_mul(&scale.reshape((o, 1, 1, 1))?)?
+                .contiguous()?;
+            let (_, c, kh, kw) = w.dims4()?;
+            let d = ops::f32_data(&w)?;
+            self.amx = ops::amx::conv::ConvWeight::pack(
+                d.get(),
+                [c * kh * kw, kh * kw, kw, 1],
+                [o, c, kh, kw],
+            )
+            .map(std::sync::Arc::new);
+        }
         // Stored as [kh, kw, O, C] (seen as [O, C, kh, kw]): each tap's [O, C] matrix is
         // row-major, ~6 % faster in the implicit-GEMM convolution than PyTorch's layout.
         let w = self
@@ -412,6 +434,12 @@ impl ConvModule {
         let k = self.conv.weight.dim(2)?;
         let stage = if k == 1 { "conv1x1" } else { "conv3x3" };
         if let (Some((w, b)), false, 1) = (&self.folded, train, self.conv.stride) {
+            if let Some(aw) = &self.amx {
+                return crate::profile::time(stage, || {
+                    let (p, d) = (self.conv.padding, self.conv.dilation);
+                    ops::conv2d_amx_inference(xs, aw, b, true, p, d)
+                });
+            }
             let (_, _, h, wd) = xs[0].dims4()?;
             let winograd = k == 3
                 && (self.conv.padding, self.conv.dilation) == (1, 1)

@@ -18,6 +18,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{self, GemmElem, View, ViewMut};
+use super::kernels::amx::conv::{self as amx_conv, ConvGeom as AmxGeom, ConvWeight};
 use super::winograd::{self, WinogradKernel};
 
 /// Geometry of a stride-1 convolution.
@@ -656,6 +657,64 @@ pub fn conv3x3_winograd_inference(
         ))
     })?;
     Tensor::from_vec(out, (n, kernel.out_channels(), h, w), xs[0].device())
+}
+
+/// Calls of [`conv2d_amx_inference`] so far in this process (tests check that it ran).
+static AMX_CONVS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many convolutions ran on AMX tiles in this process.
+pub fn amx_conv_count() -> usize {
+    AMX_CONVS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Inference only: `relu?(conv2d(cat(inputs, dim=1), w, padding, dilation) + bias)`, stride 1,
+/// on AMX bf16 tiles (`kernels::amx::conv`) with a weight packed for it. f32 CPU inputs.
+pub fn conv2d_amx_inference(
+    inputs: &[&Tensor],
+    weight: &ConvWeight,
+    bias: &Tensor,
+    relu: bool,
+    padding: usize,
+    dilation: usize,
+) -> Result<Tensor> {
+    let xs = inputs
+        .iter()
+        .map(|t| t.to_dtype(DType::F32)?.contiguous())
+        .collect::<Result<Vec<_>>>()?;
+    if xs.iter().any(|t| !t.device().is_cpu()) {
+        candle_core::bail!("conv2d_amx_inference: CPU inputs only");
+    }
+    let (n, h, w) = concat_geometry(&xs, weight.in_channels())?;
+    let (kh, kw) = weight.kernel();
+    let (hp, wp) = (h + 2 * padding, w + 2 * padding);
+    if hp <= dilation * (kh - 1) || wp <= dilation * (kw - 1) {
+        candle_core::bail!(
+            "conv2d: a {kh}x{kw} kernel (dilation {dilation}) larger than its {h}x{w} input"
+        );
+    }
+    let (ho, wo) = (hp - dilation * (kh - 1), wp - dilation * (kw - 1));
+    let o = weight.out_channels();
+    let bias = bias.to_dtype(DType::F32)?.contiguous()?;
+    let g = AmxGeom {
+        h,
+        w,
+        pad: padding,
+        d: dilation,
+    };
+    let mut out = vec![0f32; n * o * ho * wo];
+    AMX_CONVS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    with_parts::<f32, _>(&xs, Some(&bias), |parts, bias| {
+        let bias = bias.unwrap_or_default();
+        for (img, dst) in out.chunks_mut(o * ho * wo).enumerate() {
+            let planes: Vec<&[f32]> = parts
+                .iter()
+                .map(|p| &p.data[img * p.c * h * w..(img + 1) * p.c * h * w])
+                .collect();
+            amx_conv::conv_bf16(&planes, g, weight, bias, relu, dst, gemm::num_threads());
+        }
+        Ok(())
+    })?;
+    Tensor::from_vec(out, (n, o, ho, wo), xs[0].device())
 }
 
 /// Inference only (no backward): `conv_transpose2d(x, w, stride = k) + bias` for

@@ -115,7 +115,9 @@ fn generic_only() -> bool {
 pub fn fast_cpu(device: &candle_core::Device) -> bool {
     device.is_cpu() && !generic_only()
 }
-pub use conv::{conv2d, conv2d_inference, conv3x3_winograd_inference};
+pub use conv::{
+    amx_conv_count, conv2d, conv2d_amx_inference, conv2d_inference, conv3x3_winograd_inference,
+};
 pub use layer_norm::layer_norm;
 pub use pool::{adaptive_avg_pool2d, max_pool2d_2x2};
 pub use resize::{bicubic, bilinear};

@@ -16,6 +16,7 @@
 //! [`available`] asks once and reports AMX only where CPUID has it and the kernel granted it.
 //! `BEIT_NO_AMX=1` turns these kernels off (for comparisons).
 
+pub mod conv;
 pub mod general;
 
 use std::sync::OnceLock;
@@ -24,7 +25,7 @@ use rayon::prelude::*;
 
 use super::packed::Epi;
 use super::vmath;
-use super::SendPtr;
+use super::{SendPtr, TileBuf};
 
 /// The two AMX multiply instructions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,7 +109,7 @@ pub struct PackedAmx {
     n: usize,
     /// `k` rounded up to whole tiles of depth.
     kp: usize,
-    data: Vec<u8>,
+    data: TileBuf,
     /// int8: `s_n` and `128 Σ_k q_kn` per column (zero padded to whole panels).
     col_scale: Vec<f32>,
     col_offset: Vec<i32>,
@@ -125,7 +126,7 @@ impl PackedAmx {
         let kp = k.div_ceil(kb) * kb;
         let panels = n.div_ceil(NP);
         let (eb, g) = (kind.elem(), 4 / kind.elem());
-        let mut data = vec![0u8; panels * kp * NP * eb];
+        let mut data = TileBuf::zeroed(panels * kp * NP * eb);
         let (mut col_scale, mut col_offset) = (Vec::new(), Vec::new());
         let quant = match kind {
             AmxKind::Int8 => {
@@ -172,7 +173,7 @@ impl PackedAmx {
     }
 
     /// A bf16 weight already in panel layout (`data`: `[N/32][kp/32][2][16][16][2]`).
-    fn from_parts(kind: AmxKind, k: usize, n: usize, kp: usize, data: Vec<u8>) -> Self {
+    fn from_parts(kind: AmxKind, k: usize, n: usize, kp: usize, data: TileBuf) -> Self {
         PackedAmx {
             kind,
             k,
@@ -220,7 +221,7 @@ impl PackedAmx {
             m,
             ktiles,
             // Zeros: rows past `m` meet the next layer's tiles and must add nothing.
-            data: vec![0u8; blocks * ktiles * 1024],
+            data: TileBuf::zeroed(blocks * ktiles * 1024),
             scales: vec![0f32; blocks * 16],
         };
         if m > 0 && self.n > 0 {
@@ -253,7 +254,7 @@ impl PackedAmx {
         let ktiles = self.kp / self.kind.kblock();
         let blocks = m.div_ceil(16);
         // SAFETY: every byte is written below (rows past `m` with zeros).
-        let mut data = unsafe { super::uninit_buffer::<u8>(blocks * ktiles * 1024) };
+        let mut data = unsafe { TileBuf::uninit(blocks * ktiles * 1024) };
         let mut scales = vec![0f32; blocks * 16];
         let kind = self.kind;
         // A in tile order, `[M/16][K/kb][16 rows][64 bytes]`: each A tile is 1 KB contiguous,
@@ -350,6 +351,7 @@ impl PackedAmx {
                         let step = Step {
                             a: apack.as_ptr().add((ir / 16 * ktiles + kt0) * 1024),
                             a_next: ktiles * 1024,
+                            a_inc: 1024,
                             b: self.data.as_ptr().add((p * ktiles + kt0) * 2048),
                             ktiles: kc,
                             c: sums.as_mut_ptr().add((ir - ic) * NP),
@@ -420,7 +422,7 @@ pub struct ActTiles {
     kind: AmxKind,
     m: usize,
     ktiles: usize,
-    data: Vec<u8>,
+    data: TileBuf,
     scales: Vec<f32>,
 }
 
@@ -618,12 +620,14 @@ const KC: usize = 32;
 const MC: usize = 128;
 
 /// One micro-kernel call: `C[16 or 32 rows x 32] (+)= A · Bpanel` over `ktiles` tiles of
-/// depth. A is in tile order (its second 16 rows `a_next` bytes on), streamed with
-/// `tileloaddt1`; B in panel order; C is f32 (bf16) or i32 bits (int8), row stride `ldc`
-/// bytes, loaded first when `accumulate`.
+/// depth. Each A tile is 1 KB contiguous (16 rows of 64 bytes), its second 16 rows `a_next`
+/// bytes on, the next k-step's `a_inc` bytes on (1024 in tile order; the convolutions' blocked
+/// input has other strides), streamed with `tileloaddt1`; B in panel order; C is f32 (bf16)
+/// or i32 bits (int8), row stride `ldc` bytes, loaded first when `accumulate`.
 pub(super) struct Step {
     pub a: *const u8,
     pub a_next: usize,
+    pub a_inc: usize,
     pub b: *const u8,
     pub ktiles: usize,
     pub c: *mut f32,
@@ -631,59 +635,59 @@ pub(super) struct Step {
     pub accumulate: bool,
 }
 
-/// The 16 lines of the A tile one k-step ahead of register `{$reg}` (1 KB on), as one asm
-/// template piece.
+/// The 16 lines of the A tile one k-step ahead of register `{$reg}` (`{ainc}` bytes on, a
+/// contiguous 1 KB tile), as one asm template piece.
 macro_rules! prefetch_next_a_tile {
     ($reg:literal) => {
         concat!(
             "prefetcht0 [{",
             $reg,
-            "} + 1024]\n",
+            "} + {ainc} + 0]\n",
             "prefetcht0 [{",
             $reg,
-            "} + 1088]\n",
+            "} + {ainc} + 64]\n",
             "prefetcht0 [{",
             $reg,
-            "} + 1152]\n",
+            "} + {ainc} + 128]\n",
             "prefetcht0 [{",
             $reg,
-            "} + 1216]\n",
+            "} + {ainc} + 192]\n",
             "prefetcht0 [{",
             $reg,
-            "} + 1280]\n",
+            "} + {ainc} + 256]\n",
             "prefetcht0 [{",
             $reg,
-            "} + 1344]\n",
+            "} + {ainc} + 320]\n",
             "prefetcht0 [{",
             $reg,
-            "} + 1408]\n",
+            "} + {ainc} + 384]\n",
             "prefetcht0 [{",
             $reg,
-            "} + 1472]\n",
+            "} + {ainc} + 448]\n",
             "prefetcht0 [{",
             $reg,
-            "} + 1536]\n",
+            "} + {ainc} + 512]\n",
             "prefetcht0 [{",
             $reg,
-            "} + 1600]\n",
+            "} + {ainc} + 576]\n",
             "prefetcht0 [{",
             $reg,
-            "} + 1664]\n",
+            "} + {ainc} + 640]\n",
             "prefetcht0 [{",
             $reg,
-            "} + 1728]\n",
+            "} + {ainc} + 704]\n",
             "prefetcht0 [{",
             $reg,
-            "} + 1792]\n",
+            "} + {ainc} + 768]\n",
             "prefetcht0 [{",
             $reg,
-            "} + 1856]\n",
+            "} + {ainc} + 832]\n",
             "prefetcht0 [{",
             $reg,
-            "} + 1920]\n",
+            "} + {ainc} + 896]\n",
             "prefetcht0 [{",
             $reg,
-            "} + 1984]",
+            "} + {ainc} + 960]",
         )
     };
 }
@@ -734,8 +738,8 @@ macro_rules! amx_step {
                         concat!($op, " tmm3, tmm5, tmm7"),
                         prefetch_next_a_tile!("a"),
                         prefetch_next_a_tile!("a2"),
-                        "add {a}, 1024",
-                        "add {a2}, 1024",
+                        "add {a}, {ainc}",
+                        "add {a2}, {ainc}",
                         "add {b}, 2048",
                         "dec {kt}",
                         "jnz 2b",
@@ -747,6 +751,7 @@ macro_rules! amx_step {
                         a2 = inout(reg) self.a.add(self.a_next) => _,
                         b = inout(reg) self.b => _,
                         kt = inout(reg) self.ktiles => _,
+                        ainc = in(reg) self.a_inc,
                         s64 = in(reg) 64usize,
                         c = in(reg) c,
                         c2 = in(reg) c2,
@@ -762,7 +767,7 @@ macro_rules! amx_step {
                         "tileloadd tmm7, [{b} + {s64}*1 + 1024]",
                         concat!($op, " tmm1, tmm4, tmm7"),
                         prefetch_next_a_tile!("a"),
-                        "add {a}, 1024",
+                        "add {a}, {ainc}",
                         "add {b}, 2048",
                         "dec {kt}",
                         "jnz 2b",
@@ -771,6 +776,7 @@ macro_rules! amx_step {
                         a = inout(reg) self.a => _,
                         b = inout(reg) self.b => _,
                         kt = inout(reg) self.ktiles => _,
+                        ainc = in(reg) self.a_inc,
                         s64 = in(reg) 64usize,
                         c = in(reg) c,
                         ldc = in(reg) ldc,
@@ -903,8 +909,8 @@ mod kernel_probe {
             return;
         }
         for ktiles in [2usize, 8, 24, 96] {
-            let a = vec![0u8; 2 * ktiles * 1024];
-            let b = vec![0u8; ktiles * 2048];
+            let a = TileBuf::zeroed(2 * ktiles * 1024);
+            let b = TileBuf::zeroed(ktiles * 2048);
             let mut c = vec![0f32; 32 * 32];
             let iters = 20000 / ktiles.max(1) * 8;
             let flop = 2.0 * 32.0 * 32.0 * 32.0 * (ktiles * iters) as f64;
@@ -914,6 +920,7 @@ mod kernel_probe {
                     Step {
                         a: a.as_ptr(),
                         a_next: ktiles * 1024,
+                        a_inc: 1024,
                         b: b.as_ptr(),
                         ktiles,
                         c: c.as_mut_ptr(),
@@ -968,7 +975,7 @@ mod split_probe {
             let full = best(&mut || packed.gemm(&a, m, &mut c, epi, 1));
             let two = best(&mut || packed.gemm(&a, m, &mut c, epi, 2));
             let mut row = vec![0u8; packed.kp * 2];
-            let mut block = vec![0u8; packed.kp / 32 * 1024];
+            let mut block = TileBuf::zeroed(packed.kp / 32 * 1024);
             let pack = best(&mut || {
                 for r in 0..m {
                     unsafe {

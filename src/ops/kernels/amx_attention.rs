@@ -8,14 +8,15 @@
 
 use super::amx::{self, AmxKind, Step, TileConfig};
 use super::vmath;
+use super::TileBuf;
 
 /// Buffers reused by the blocks of one thread.
 #[derive(Default)]
 pub struct Scratch {
-    kt: Vec<u8>,
-    v: Vec<u8>,
-    q: Vec<u8>,
-    p: Vec<u8>,
+    kt: TileBuf,
+    v: TileBuf,
+    q: TileBuf,
+    p: TileBuf,
     row: Vec<u8>,
     scores: Vec<f32>,
     sums: Vec<f32>,
@@ -60,14 +61,14 @@ pub unsafe fn attention_block(h: &Head<'_>, out: *mut f32, ldo: usize, sc: &mut 
     let _tiles = TileConfig::load();
 
     // Kᵀ: B panels of 32 tokens, depth = the head's dimensions.
-    resize_zero(&mut sc.kt, spt * hdt * 2048);
+    sc.kt.resize_zeroed(spt * hdt * 2048);
     pack_keys(h, &mut sc.kt, hdt);
     // V: B panels of 32 dimensions, depth = the tokens.
-    resize_zero(&mut sc.v, hdp / 32 * spt * 2048);
+    sc.v.resize_zeroed(hdp / 32 * spt * 2048);
     pack_values(h, &mut sc.v, spt);
 
     // Q rows into A tiles.
-    sc.q.resize(rp / 16 * hdt * 1024, 0);
+    sc.q.resize_zeroed(rp / 16 * hdt * 1024);
     sc.row.resize(sp * 2, 0);
     for i in 0..rp {
         let x = if i < r {
@@ -86,7 +87,7 @@ pub unsafe fn attention_block(h: &Head<'_>, out: *mut f32, ldo: usize, sc: &mut 
 
     // Unnormalised probabilities (f32), then into A tiles; 1/sum applied to the output.
     sc.inv.resize(r, 0.0);
-    sc.p.resize(rp / 16 * spt * 1024, 0);
+    sc.p.resize_zeroed(rp / 16 * spt * 1024);
     for i in 0..rp {
         let block = &mut sc.p[i / 16 * spt * 1024..(i / 16 + 1) * spt * 1024];
         if i < r {
@@ -129,6 +130,7 @@ unsafe fn product(rp: usize, a: &[u8], b: &[u8], ktiles: usize, c: &mut [f32], n
             let step = Step {
                 a: a.as_ptr().add(i / 16 * ktiles * 1024),
                 a_next: ktiles * 1024,
+                a_inc: 1024,
                 b: b.as_ptr().add(p * ktiles * 2048),
                 ktiles,
                 c: c.as_mut_ptr().add(i * n + p * 32),
@@ -139,11 +141,6 @@ unsafe fn product(rp: usize, a: &[u8], b: &[u8], ktiles: usize, c: &mut [f32], n
         }
         i += 16 * tiles;
     }
-}
-
-fn resize_zero(v: &mut Vec<u8>, len: usize) {
-    v.clear();
-    v.resize(len, 0);
 }
 
 /// Kᵀ as B panels: panel `p` holds tokens `[32p, 32p + 32)`; depth pair `q` of tile `kt` is

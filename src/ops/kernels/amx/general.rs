@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use super::{available, ActTiles, AmxKind, Dest, PackedAmx, NP};
 use crate::ops::kernels::packed::Epi;
 use crate::ops::kernels::vmath::TileOp;
+use crate::ops::kernels::TileBuf;
 
 /// Outputs from this size on are written with non-temporal stores.
 const STREAM_BYTES: usize = 8 << 20;
@@ -154,10 +155,8 @@ fn pack_grad_both(g: &[f32], m: usize, n: usize) -> (ActTiles, ActTiles) {
     let (kt_cols, blocks_cols) = (m.div_ceil(32), n.div_ceil(16));
     // SAFETY: every tile of both is written below: for each 32-row group r0 and 32-column
     // group c0, the row tiles (r0 / 16 (+1), c0 / 32) and the column tiles (c0 / 16 (+1), r0 / 32).
-    let mut rows_data =
-        unsafe { crate::ops::kernels::uninit_buffer::<u8>(blocks_rows * kt_rows * 1024) };
-    let mut cols_data =
-        unsafe { crate::ops::kernels::uninit_buffer::<u8>(blocks_cols * kt_cols * 1024) };
+    let mut rows_data = unsafe { TileBuf::uninit(blocks_rows * kt_rows * 1024) };
+    let mut cols_data = unsafe { TileBuf::uninit(blocks_cols * kt_cols * 1024) };
     let cols_ptr = crate::ops::kernels::SendPtr(cols_data.as_mut_ptr());
     rows_data
         .par_chunks_mut(2 * kt_rows * 1024)
@@ -257,8 +256,7 @@ fn pack_panels(
 ) -> PackedAmx {
     let kp = k.div_ceil(32) * 32;
     // SAFETY: every tile of every panel is written below.
-    let mut data =
-        unsafe { crate::ops::kernels::uninit_buffer::<u8>(n.div_ceil(NP) * kp * NP * 2) };
+    let mut data = unsafe { TileBuf::uninit(n.div_ceil(NP) * kp * NP * 2) };
     data.par_chunks_mut(kp * NP * 2)
         .enumerate()
         .for_each(|(p, panel)| {
@@ -332,7 +330,7 @@ fn pack_a_cols(a: &[f32], m: usize, k: usize) -> ActTiles {
     let ktiles = k.div_ceil(32);
     let blocks = m.div_ceil(16);
     // SAFETY: every tile is written below.
-    let mut data = unsafe { crate::ops::kernels::uninit_buffer::<u8>(blocks * ktiles * 1024) };
+    let mut data = unsafe { TileBuf::uninit(blocks * ktiles * 1024) };
     data.par_chunks_mut(ktiles * 1024)
         .enumerate()
         .for_each(|(rb, block)| {
@@ -347,7 +345,7 @@ fn pack_a_cols(a: &[f32], m: usize, k: usize) -> ActTiles {
 }
 
 /// bf16 A tiles of `m` rows and `ktiles` tiles of depth (bf16 has no per-row scales).
-fn bf16_tiles(m: usize, ktiles: usize, data: Vec<u8>) -> ActTiles {
+fn bf16_tiles(m: usize, ktiles: usize, data: TileBuf) -> ActTiles {
     ActTiles {
         kind: AmxKind::Bf16,
         m,
