@@ -219,6 +219,9 @@ pub struct ConvTranspose2d {
     pub weight: Tensor,
     pub bias: Tensor,
     pub stride: usize,
+    /// Inference under a reduced `--matmul-precision` on an AMX CPU ([`ConvTranspose2d::freeze`]):
+    /// the weight as a 1x1 convolution to `out * k * k` channels, packed for AMX bf16.
+    amx: Option<std::sync::Arc<ops::amx::conv::ConvWeight>>,
 }
 
 impl ConvTranspose2d {
@@ -234,7 +237,43 @@ impl ConvTranspose2d {
             weight: vb.get_with_hints((in_c, out_c, k, k), "weight", normal_init(init_std))?,
             bias: vb.get_with_hints(out_c, "bias", Init::Const(0.0))?,
             stride,
+            amx: None,
         })
+    }
+
+    /// A frozen layer from its (folded) weight and bias, packed for AMX where the model runs a
+    /// reduced precision.
+    pub fn frozen(weight: Tensor, bias: Tensor, stride: usize) -> Result<Self> {
+        let mut layer = Self {
+            weight,
+            bias,
+            stride,
+            amx: None,
+        };
+        layer.freeze()?;
+        Ok(layer)
+    }
+
+    /// For inference: under a reduced `--matmul-precision` on a CPU with AMX, pack the weight
+    /// for the AMX convolution (a non-overlapping transposed convolution is a 1x1 convolution
+    /// to `out * k * k` channels followed by a pixel shuffle).
+    pub fn freeze(&mut self) -> Result<()> {
+        let (ci, co, kh, kw) = self.weight.dims4()?;
+        let reduced = ops::packed::f32_matmul_precision() != ops::packed::MatmulPrecision::Highest;
+        self.amx = None;
+        if reduced
+            && (kh, kw) == (self.stride, self.stride)
+            && self.weight.dtype() == DType::F32
+            && ops::fast_cpu(self.weight.device())
+        {
+            let w = self.weight.contiguous()?;
+            let d = ops::f32_data(&w)?;
+            // Output channel `(o * kh + i) * kw + j` of the 1x1 convolution reads `w[c, o, i, j]`.
+            let rows = co * kh * kw;
+            self.amx = ops::amx::conv::ConvWeight::pack(d.get(), [1, rows, 0, 0], [rows, ci, 1, 1])
+                .map(std::sync::Arc::new);
+        }
+        Ok(())
     }
 }
 
@@ -251,7 +290,8 @@ impl Module for ConvTranspose2d {
             && self.weight.dtype() == DType::F32
         {
             // Nothing to differentiate: GEMM + scatter with the bias, one pass.
-            return ops::conv::conv_transpose_inference(x, &self.weight, &self.bias);
+            let amx = self.amx.as_deref();
+            return ops::conv::conv_transpose_inference(x, &self.weight, &self.bias, amx);
         }
         if kh == self.stride && kw == self.stride {
             // Non-overlapping taps: one GEMM `[O*kh*kw, C] x [C, H*W]`, then each tap's values

@@ -51,12 +51,8 @@ impl Fpn1 {
             .broadcast_mul(&scale.reshape((1, co, 1, 1))?)?
             .to_dtype(dt)?;
         let bias = ((c.bias.to_dtype(DType::F32)? * &scale)? + shift)?.to_dtype(dt)?;
-        self.folded = Some(ConvTranspose2d {
-            weight,
-            bias,
-            stride: c.stride,
-        });
-        Ok(())
+        self.folded = Some(ConvTranspose2d::frozen(weight, bias, c.stride)?);
+        self.conv_transpose2.freeze()
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
@@ -334,7 +330,13 @@ impl BeitForSemanticSegmentation {
         Ok(Self {
             beit: BeitModel::new(cfg, false, vb.pp("beit"), frozen)?,
             fpn1,
-            fpn2: ConvTranspose2d::new(d, d, 2, 2, std, vb.pp("fpn2").pp("0"))?,
+            fpn2: {
+                let mut fpn2 = ConvTranspose2d::new(d, d, 2, 2, std, vb.pp("fpn2").pp("0"))?;
+                if frozen {
+                    fpn2.freeze()?;
+                }
+                fpn2
+            },
             decode_head,
             auxiliary_head,
             out_indices,

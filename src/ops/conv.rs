@@ -718,9 +718,15 @@ pub fn conv2d_amx_inference(
 }
 
 /// Inference only (no backward): `conv_transpose2d(x, w, stride = k) + bias` for
-/// non-overlapping taps (`w [C, O, k, k]`): one GEMM `[O*k*k, C] x [C, H*W]`, then each tap's
-/// plane scattered to its output pixels with the bias added, in one pass. f32 on CPU.
-pub fn conv_transpose_inference(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
+/// non-overlapping taps (`w [C, O, k, k]`): one GEMM `[O*k*k, C] x [C, H*W]` (on AMX bf16 with
+/// `amx`, the weight packed as a 1x1 convolution), then each tap's plane scattered to its
+/// output pixels with the bias added, in one pass. f32 on CPU.
+pub fn conv_transpose_inference(
+    x: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+    amx: Option<&ConvWeight>,
+) -> Result<Tensor> {
     let (n, c, h, wd) = x.dims4()?;
     let (ci, co, kh, kw) = w.dims4()?;
     if ci != c {
@@ -740,19 +746,32 @@ pub fn conv_transpose_inference(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result
     let mut y = vec![0f32; rows * hw];
     let mut out = vec![0f32; n * co * h * kh * wd * kw];
     let plane = h * kh * wd * kw;
+    let zeros = vec![0f32; rows];
     for img in 0..n {
-        unsafe {
-            gemm::gemm(
-                rows,
-                hw,
-                c,
-                ViewMut::row_major(&mut y, 0, hw),
-                false,
-                View::transposed(ws, 0, rows),
-                View::row_major(xs, img * c * hw, hw),
-                gemm::num_threads(),
-            )
-        };
+        match amx {
+            Some(aw) if aw.out_channels() == rows && aw.in_channels() == c => {
+                let g = AmxGeom {
+                    h,
+                    w: wd,
+                    pad: 0,
+                    d: 1,
+                };
+                let x_img = &xs[img * c * hw..(img + 1) * c * hw];
+                amx_conv::conv_bf16(&[x_img], g, aw, &zeros, false, &mut y, gemm::num_threads());
+            }
+            _ => unsafe {
+                gemm::gemm(
+                    rows,
+                    hw,
+                    c,
+                    ViewMut::row_major(&mut y, 0, hw),
+                    false,
+                    View::transposed(ws, 0, rows),
+                    View::row_major(xs, img * c * hw, hw),
+                    gemm::num_threads(),
+                )
+            },
+        }
         out[img * co * plane..(img + 1) * co * plane]
             .par_chunks_mut(plane)
             .enumerate()
@@ -836,10 +855,22 @@ mod tests {
             .unwrap()
             .broadcast_add(&b.reshape((1, 6, 1, 1)).unwrap())
             .unwrap();
-        let got = conv_transpose_inference(&x, &w, &b).unwrap();
+        let got = conv_transpose_inference(&x, &w, &b, None).unwrap();
         assert_eq!(got.dims(), want.dims());
         let d = crate::ops::max_abs_diff(&got, &want);
         assert!(d < 1e-5);
+        // On AMX bf16: the weight as a 1x1 convolution to 6 * 2 * 2 channels.
+        let wd = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        match ConvWeight::pack(&wd, [1, 24, 0, 0], [24, 5, 1, 1]) {
+            Some(aw) => {
+                let got = conv_transpose_inference(&x, &w, &b, Some(&aw)).unwrap();
+                let d = crate::ops::max_abs_diff(&got, &want);
+                assert!(d > 0.0 && d < 2e-2, "AMX bf16: max |diff| {d}");
+            }
+            None => {
+                eprintln!("SKIPPED: no AMX bf16; the AMX transposed convolution was not tested")
+            }
+        }
     }
 
     #[test]

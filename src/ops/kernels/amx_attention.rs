@@ -10,9 +10,14 @@ use super::amx::{self, AmxKind, Step, TileConfig};
 use super::vmath;
 use super::TileBuf;
 
-/// Buffers reused by the blocks of one thread.
+/// Buffers reused by the blocks of one thread, within one attention call.
 #[derive(Default)]
 pub struct Scratch {
+    /// Whose keys and values `kt` and `v` hold: (the image's QKV address, the head's column,
+    /// tokens). A thread's tasks are mostly consecutive row blocks of one head, which then
+    /// pack Kᵀ and V once instead of once per block (at 1601 tokens, 40 query rows a block,
+    /// the packing took more time than the products).
+    kv_for: Option<(usize, usize, usize)>,
     kt: TileBuf,
     v: TileBuf,
     q: TileBuf,
@@ -60,12 +65,16 @@ pub unsafe fn attention_block(h: &Head<'_>, out: *mut f32, ldo: usize, sc: &mut 
     let spt = sp / 32; // tiles of depth of P·V
     let _tiles = TileConfig::load();
 
-    // Kᵀ: B panels of 32 tokens, depth = the head's dimensions.
-    sc.kt.resize_zeroed(spt * hdt * 2048);
-    pack_keys(h, &mut sc.kt, hdt);
-    // V: B panels of 32 dimensions, depth = the tokens.
-    sc.v.resize_zeroed(hdp / 32 * spt * 2048);
-    pack_values(h, &mut sc.v, spt);
+    let kv_for = Some((h.qkv.as_ptr() as usize, h.col, s));
+    if sc.kv_for != kv_for {
+        // Kᵀ: B panels of 32 tokens, depth = the head's dimensions.
+        sc.kt.resize_zeroed(spt * hdt * 2048);
+        pack_keys(h, &mut sc.kt, hdt);
+        // V: B panels of 32 dimensions, depth = the tokens.
+        sc.v.resize_zeroed(hdp / 32 * spt * 2048);
+        pack_values(h, &mut sc.v, spt);
+        sc.kv_for = kv_for;
+    }
 
     // Q rows into A tiles.
     sc.q.resize_zeroed(rp / 16 * hdt * 1024);
