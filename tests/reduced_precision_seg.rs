@@ -10,17 +10,7 @@ use beit::ops::packed::{set_f32_matmul_precision, MatmulPrecision};
 use beit::tasks::forward::{forward_file, ForwardArgs};
 use beit::util::load_safetensors;
 use candle_core::{DType, Device, Tensor};
-
-fn max_abs(t: &Tensor) -> f64 {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
+use common::max_abs;
 
 #[test]
 fn segmentation_in_bf16_runs_the_convolutions_on_amx_and_stays_close() {

@@ -627,6 +627,24 @@ pub fn conv2d_inference(
     }
 }
 
+/// The inputs of a channel-concatenated convolution as contiguous f32 CPU tensors, with their
+/// `(n, h, w)` checked against the weight's `c_total` channels (`what` names the op).
+fn f32_cpu_inputs(
+    inputs: &[&Tensor],
+    c_total: usize,
+    what: &str,
+) -> Result<(Vec<Tensor>, (usize, usize, usize))> {
+    let xs = inputs
+        .iter()
+        .map(|t| t.to_dtype(DType::F32)?.contiguous())
+        .collect::<Result<Vec<_>>>()?;
+    if xs.iter().any(|t| !t.device().is_cpu()) {
+        candle_core::bail!("{what}: CPU inputs only");
+    }
+    let geometry = concat_geometry(&xs, c_total)?;
+    Ok((xs, geometry))
+}
+
 /// Inference only: `relu?(conv2d(cat(inputs, dim=1), w, padding = 1) + bias)` for a 3x3 kernel
 /// already in the Winograd domain ([`super::winograd`]). f32 CPU inputs.
 pub fn conv3x3_winograd_inference(
@@ -635,14 +653,8 @@ pub fn conv3x3_winograd_inference(
     bias: Option<&Tensor>,
     relu: bool,
 ) -> Result<Tensor> {
-    let xs = inputs
-        .iter()
-        .map(|t| t.to_dtype(DType::F32)?.contiguous())
-        .collect::<Result<Vec<_>>>()?;
-    if xs.iter().any(|t| !t.device().is_cpu()) {
-        candle_core::bail!("conv3x3_winograd_inference: CPU inputs only");
-    }
-    let (n, h, w) = concat_geometry(&xs, kernel.in_channels())?;
+    let (xs, (n, h, w)) =
+        f32_cpu_inputs(inputs, kernel.in_channels(), "conv3x3_winograd_inference")?;
     let bias = bias
         .map(|b| b.to_dtype(DType::F32)?.contiguous())
         .transpose()?;
@@ -677,14 +689,7 @@ pub fn conv2d_amx_inference(
     padding: usize,
     dilation: usize,
 ) -> Result<Tensor> {
-    let xs = inputs
-        .iter()
-        .map(|t| t.to_dtype(DType::F32)?.contiguous())
-        .collect::<Result<Vec<_>>>()?;
-    if xs.iter().any(|t| !t.device().is_cpu()) {
-        candle_core::bail!("conv2d_amx_inference: CPU inputs only");
-    }
-    let (n, h, w) = concat_geometry(&xs, weight.in_channels())?;
+    let (xs, (n, h, w)) = f32_cpu_inputs(inputs, weight.in_channels(), "conv2d_amx_inference")?;
     let (kh, kw) = weight.kernel();
     let (hp, wp) = (h + 2 * padding, w + 2 * padding);
     if hp <= dilation * (kh - 1) || wp <= dilation * (kw - 1) {

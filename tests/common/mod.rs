@@ -35,6 +35,18 @@ pub fn fixtures_root() -> PathBuf {
     repo_root().join("tests/fixtures/models")
 }
 
+/// The largest |value| of `t`.
+pub fn max_abs(t: &Tensor) -> f64 {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
 /// All values of `t` as f64, flattened.
 pub fn f64_values(t: &Tensor) -> Vec<f64> {
     t.to_dtype(DType::F64)
