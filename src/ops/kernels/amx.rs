@@ -11,7 +11,7 @@
 //! (`kb` = 32 bf16 or 64 int8 of depth per tile, `G` = 2 or 4 values of depth per 32-bit lane),
 //! so each B tile is 1 KB contiguous; the activations are converted per call into tile order,
 //! `[M/16][K/kb][16 rows][64 bytes]`, each A tile 1 KB contiguous too. Every buffer a tile is
-//! loaded from is a [`TileBuf`] (64-byte aligned: one cache line per tile row). The
+//! loaded from is a `kernels::TileBuf` (64-byte aligned: one cache line per tile row). The
 //! convolutions (`conv`) read their A tiles from a blocked copy of the input instead.
 //!
 //! Linux hands the tile state out per process on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`);
