@@ -291,7 +291,7 @@ impl Module for ConvTranspose2d {
         {
             // Nothing to differentiate: GEMM + scatter with the bias, one pass.
             let amx = self.amx.as_deref();
-            return ops::conv::conv_transpose_inference(x, &self.weight, &self.bias, amx);
+            return ops::conv_transpose::conv_transpose_inference(x, &self.weight, &self.bias, amx);
         }
         if kh == self.stride && kw == self.stride {
             // Non-overlapping taps: one GEMM `[O*kh*kw, C] x [C, H*W]`, then each tap's values

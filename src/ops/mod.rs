@@ -9,6 +9,7 @@ pub mod activation;
 pub mod attention;
 pub mod autocast;
 pub mod conv;
+pub mod conv_transpose;
 pub mod cuda;
 pub mod fused;
 pub mod kernels;
