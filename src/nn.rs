@@ -259,22 +259,31 @@ impl ConvTranspose2d {
     /// to `out * k * k` channels followed by a pixel shuffle).
     pub fn freeze(&mut self) -> Result<()> {
         let (ci, co, kh, kw) = self.weight.dims4()?;
-        let reduced = ops::packed::f32_matmul_precision() != ops::packed::MatmulPrecision::Highest;
         self.amx = None;
-        if reduced
-            && (kh, kw) == (self.stride, self.stride)
-            && self.weight.dtype() == DType::F32
-            && ops::fast_cpu(self.weight.device())
-        {
-            let w = self.weight.contiguous()?;
-            let d = ops::f32_data(&w)?;
+        if (kh, kw) == (self.stride, self.stride) && self.weight.dtype() == DType::F32 {
             // Output channel `(o * kh + i) * kw + j` of the 1x1 convolution reads `w[c, o, i, j]`.
             let rows = co * kh * kw;
-            self.amx = ops::amx::conv::ConvWeight::pack(d.get(), [1, rows, 0, 0], [rows, ci, 1, 1])
-                .map(std::sync::Arc::new);
+            self.amx = amx_conv_weight(&self.weight, [1, rows, 0, 0], [rows, ci, 1, 1])?;
         }
         Ok(())
     }
+}
+
+/// An f32 convolution weight (element `(o, c, ky, kx)` at `strides` of its contiguous data)
+/// packed for the AMX convolution when models are frozen under a reduced
+/// `--matmul-precision` on a CPU with AMX; `None` otherwise.
+fn amx_conv_weight(
+    w: &Tensor,
+    strides: [usize; 4],
+    dims: [usize; 4],
+) -> Result<Option<std::sync::Arc<ops::amx::conv::ConvWeight>>> {
+    let reduced = ops::packed::f32_matmul_precision() != ops::packed::MatmulPrecision::Highest;
+    if !reduced || !ops::fast_cpu(w.device()) {
+        return Ok(None);
+    }
+    let w = w.contiguous()?;
+    let d = ops::f32_data(&w)?;
+    Ok(ops::amx::conv::ConvWeight::pack(d.get(), strides, dims).map(std::sync::Arc::new))
 }
 
 impl Module for ConvTranspose2d {
@@ -431,31 +440,20 @@ impl ConvModule {
             / (self.bn.running_var.to_dtype(DType::F32)? + self.bn.eps)?.sqrt()?)?;
         let shift = (self.bn.bias.to_dtype(DType::F32)?
             - (self.bn.running_mean.to_dtype(DType::F32)? * &scale)?)?;
-        let o = scale.dim(0)?;
-        let reduced = ops::packed::f32_matmul_precision() != ops::packed::MatmulPrecision::Highest;
-        self.amx = None;
-        if reduced && dt == DType::F32 && ops::fast_cpu(self.conv.weight.device()) {
-            let w = self
-                .conv
-                .weight
-                .broadcast_mul(&scale.reshape((o, 1, 1, 1))?)?
-                .contiguous()?;
-            let (_, c, kh, kw) = w.dims4()?;
-            let d = ops::f32_data(&w)?;
-            self.amx = ops::amx::conv::ConvWeight::pack(
-                d.get(),
-                [c * kh * kw, kh * kw, kw, 1],
-                [o, c, kh, kw],
-            )
-            .map(std::sync::Arc::new);
-        }
-        // Stored as [kh, kw, O, C] (seen as [O, C, kh, kw]): each tap's [O, C] matrix is
-        // row-major, ~6 % faster in the implicit-GEMM convolution than PyTorch's layout.
-        let w = self
+        let (o, c, kh, kw) = self.conv.weight.dims4()?;
+        let scaled = self
             .conv
             .weight
             .to_dtype(DType::F32)?
-            .broadcast_mul(&scale.reshape((o, 1, 1, 1))?)?
+            .broadcast_mul(&scale.reshape((o, 1, 1, 1))?)?;
+        self.amx = if dt == DType::F32 {
+            amx_conv_weight(&scaled, [c * kh * kw, kh * kw, kw, 1], [o, c, kh, kw])?
+        } else {
+            None
+        };
+        // Stored as [kh, kw, O, C] (seen as [O, C, kh, kw]): each tap's [O, C] matrix is
+        // row-major, ~6 % faster in the implicit-GEMM convolution than PyTorch's layout.
+        let w = scaled
             .to_dtype(dt)?
             .permute((2, 3, 0, 1))?
             .contiguous()?

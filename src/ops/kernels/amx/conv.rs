@@ -126,10 +126,13 @@ pub fn conv_bf16(
     let op = weight.packed.n.div_ceil(NP) * NP;
     let blocks = m.div_ceil(MB);
     let dst = SendPtr(out.as_mut_ptr());
-    let task = |blk: usize| {
+    // Each thread's sums buffer, reused by its blocks: the first (tap, chunk) of a block
+    // stores its tiles without reading them, and only the block's own rows are read back.
+    // SAFETY: see above; nothing reads a value before a tile store wrote it.
+    let new_sums = || unsafe { crate::ops::kernels::uninit_buffer::<f32>(MB * op) };
+    let task = |sums: &mut Vec<f32>, blk: usize| {
         let q0 = blk * MB;
         let rows = MB.min(m - q0);
-        let mut sums = vec![0f32; rows.div_ceil(32) * 32 * op];
         // SAFETY: AMX bf16 is available (the weight was packed); the blocked buffer holds
         // `pbuf` pixels per channel block, enough for every tap of every 32-row sub-block;
         // `sums` holds the block's rows (rounded up to 32) of `op` columns.
@@ -143,7 +146,7 @@ pub fn conv_bf16(
                 rows,
                 (wp, d),
                 weight,
-                &mut sums,
+                sums,
                 op,
             );
         }
@@ -151,7 +154,7 @@ pub fn conv_bf16(
         // each block writes only its own.
         unsafe {
             write_block(
-                &sums,
+                sums,
                 op,
                 q0,
                 rows,
@@ -163,9 +166,10 @@ pub fn conv_bf16(
         };
     };
     if threads > 1 && blocks > 1 {
-        (0..blocks).into_par_iter().for_each(task);
+        (0..blocks).into_par_iter().for_each_init(new_sums, task);
     } else {
-        (0..blocks).for_each(task);
+        let mut sums = new_sums();
+        (0..blocks).for_each(|blk| task(&mut sums, blk));
     }
 }
 
