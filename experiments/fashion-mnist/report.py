@@ -64,7 +64,7 @@ def select(out):
         # Ties: the first recipe in the grid order (run.sh lists them in that order).
         order = ["lr1e-3-light", "lr3e-3-light", "lr1e-3-heavy", "lr3e-3-heavy", "lr3e-4-light",
                  "lr3e-4-heavy", "lr1e-4-light", "lr1e-3-none", "lr3e-3-none",
-                 "lr3e-4-none"]  # then run.sh's EXTEND
+                 "lr3e-4-none", "lr1e-4-none"]  # then run.sh's EXTEND
         runs = sorted(runs, key=lambda r: (-r[1], order.index(r[0]) if r[0] in order else 99))
         recipe, top1, run = runs[0]
         lr, aug = recipe.rsplit("-", 1)  # "lr1e-3-light" -> "lr1e-3", "light"
