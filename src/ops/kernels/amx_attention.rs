@@ -6,7 +6,7 @@
 //! the fused QKV projection: Kᵀ's depth pairs are adjacent dimensions of one token's key, V's
 //! are one dimension of two adjacent tokens' values (interleaved with AVX-512).
 
-use super::amx::{self, AmxKind, Step, TileConfig};
+use super::amx::{self, AmxKind, Init, Step, TileConfig};
 use super::vmath;
 use super::TileBuf;
 
@@ -144,7 +144,7 @@ unsafe fn product(rp: usize, a: &[u8], b: &[u8], ktiles: usize, c: &mut [f32], n
                 ktiles,
                 c: c.as_mut_ptr().add(i * n + p * 32),
                 ldc: n * 4,
-                accumulate: false,
+                init: Init::Zero,
             };
             step.bf16(tiles);
         }

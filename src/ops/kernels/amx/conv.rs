@@ -19,7 +19,7 @@
 
 use rayon::prelude::*;
 
-use super::{available, AmxKind, PackedAmx, Step, TileConfig, NP};
+use super::{available, AmxKind, Init, PackedAmx, Step, TileConfig, NP};
 use crate::ops::kernels::{SendPtr, TileBuf};
 
 /// Output pixels per task.
@@ -211,7 +211,11 @@ unsafe fn block_sums(
                         ktiles: kc,
                         c: sums.as_mut_ptr().add(ir * op + p * NP),
                         ldc: op * 4,
-                        accumulate: tap > 0 || k0 > 0,
+                        init: if tap > 0 || k0 > 0 {
+                            Init::Accumulate
+                        } else {
+                            Init::Zero
+                        },
                     };
                     step.bf16(if rows - ir > 16 { 2 } else { 1 });
                     ir += 32;
