@@ -5,6 +5,8 @@
     python3 experiments/fashion-mnist/report.py OUT --select                # best recipe per side (JSON)
     python3 experiments/fashion-mnist/report.py OUT --extra-epochs 1k|54k   # same-compute epochs
     python3 experiments/fashion-mnist/report.py OUT --ship-side             # side to ship (54k, validation)
+    python3 experiments/fashion-mnist/report.py OUT --ship-candidates       # its two recipes to train longer
+    python3 experiments/fashion-mnist/report.py OUT --ship-best             # the ship run with the best validation
 
 Tables (markdown on stdout): the recipe search on the validation split; the final runs (validation
 and test top-1, mean and standard deviation over seeds, time); the simple references. Plot
@@ -58,20 +60,54 @@ def tune_runs(out):
     return found
 
 
+# The grid's order (run.sh: RECIPES, then EXTEND), for ties.
+ORDER = ["lr1e-3-light", "lr3e-3-light", "lr1e-3-heavy", "lr3e-3-heavy", "lr3e-4-light",
+         "lr3e-4-heavy", "lr1e-4-light", "lr1e-3-none", "lr3e-3-none", "lr3e-4-none",
+         "lr1e-4-none"]
+
+
+def ranked(runs):
+    """Search runs, best final validation top-1 first (ties: the first in the grid)."""
+    return sorted(runs, key=lambda r: (-r[1], ORDER.index(r[0]) if r[0] in ORDER else 99))
+
+
+def recipe_fields(recipe):
+    lr, aug = recipe.rsplit("-", 1)  # "lr1e-3-light" -> "lr1e-3", "light"
+    return lr[2:], aug
+
+
 def select(out):
     chosen = {}
     for (regime, side), runs in sorted(tune_runs(out).items()):
-        # Ties: the first recipe in the grid order (run.sh lists them in that order).
-        order = ["lr1e-3-light", "lr3e-3-light", "lr1e-3-heavy", "lr3e-3-heavy", "lr3e-4-light",
-                 "lr3e-4-heavy", "lr1e-4-light", "lr1e-3-none", "lr3e-3-none",
-                 "lr3e-4-none", "lr1e-4-none"]  # then run.sh's EXTEND
-        runs = sorted(runs, key=lambda r: (-r[1], order.index(r[0]) if r[0] in order else 99))
-        recipe, top1, run = runs[0]
-        lr, aug = recipe.rsplit("-", 1)  # "lr1e-3-light" -> "lr1e-3", "light"
-        lr = lr[2:]
+        recipe, top1, run = ranked(runs)[0]
+        lr, aug = recipe_fields(recipe)
         chosen[f"{regime}-{side}"] = {"recipe": recipe, "lr": lr, "aug": aug, "val_top1": top1,
                                       "run": run}
     return chosen
+
+
+def ship_side(out):
+    chosen = select(out)
+    sides = [s for s in SIDES if f"54k-{s}" in chosen]
+    return max(sides, key=lambda s: chosen[f"54k-{s}"]["val_top1"])
+
+
+def ship_candidates(out):
+    """The ship side's best 54k recipe of each of its two best augmentations."""
+    side = ship_side(out)
+    best = {}
+    for recipe, top1, run in ranked(tune_runs(out)[("54k", side)]):
+        best.setdefault(recipe_fields(recipe)[1], recipe)
+    return list(best.values())[:2]
+
+
+def ship_best(out):
+    """The finished ship run with the best final validation top-1."""
+    runs = [(evals(r)[-1]["top1"], r) for r in sorted(glob.glob(os.path.join(out, "ship", "*")))
+            if finished(r) and evals(r)]
+    if not runs:
+        raise SystemExit(f"{out}/ship: no finished run")
+    return max(runs, key=lambda t: t[0])[1]
 
 
 def pretrain_seconds(out, key="seconds"):
@@ -162,8 +198,9 @@ def report(out):
         ev = evals(run)
         test_path = os.path.join(run, "test.json")
         if ev and os.path.exists(test_path):
-            print(f"\nShipped model ({os.path.basename(run)}, {ev[-1]['epoch']} epochs, "
-                  f"{ev[-1].get('elapsed_sec', 0) / 60:.0f} min): validation {100 * ev[-1]['top1']:.2f} %, "
+            what = "shipped (best validation)" if run == ship_best(out) else "ship candidate"
+            print(f"\n{os.path.basename(run)}, {what}: {ev[-1]['epoch']} epochs, "
+                  f"{ev[-1].get('cpu_sec', 0) / 60:.0f} CPU-min; validation {100 * ev[-1]['top1']:.2f} %, "
                   f"test {100 * json.load(open(test_path))['top1']:.2f} %")
     base = os.path.join(out, "baselines.json")
     if os.path.exists(base):
@@ -219,9 +256,12 @@ def main():
     if "--select" in args:
         print(json.dumps(select(out), indent=1))
     elif "--ship-side" in args:
-        chosen = select(out)
-        sides = [s for s in SIDES if f"54k-{s}" in chosen]
-        print(max(sides, key=lambda s: chosen[f"54k-{s}"]["val_top1"]))
+        print(ship_side(out))
+    elif "--ship-candidates" in args:
+        for recipe in ship_candidates(out):
+            print(recipe, *recipe_fields(recipe))
+    elif "--ship-best" in args:
+        print(ship_best(out))
     elif "--extra-epochs" in args:
         regime = args[args.index("--extra-epochs") + 1]
         print(extra_epochs(out, regime))
