@@ -4,6 +4,7 @@
     python3 experiments/fashion-mnist/report.py runs/fashion-mnist          # tables + results.png
     python3 experiments/fashion-mnist/report.py OUT --select                # best recipe per side (JSON)
     python3 experiments/fashion-mnist/report.py OUT --extra-epochs 1k|54k   # same-compute epochs
+    python3 experiments/fashion-mnist/report.py OUT --edges                 # search runs past a grid edge
     python3 experiments/fashion-mnist/report.py OUT --ship-side             # side to ship (54k, validation)
     python3 experiments/fashion-mnist/report.py OUT --ship-candidates       # its two recipes to train longer
     python3 experiments/fashion-mnist/report.py OUT --ship-best             # the ship run with the best validation
@@ -63,7 +64,7 @@ def tune_runs(out):
 # The grid's order (run.sh: RECIPES, then EXTEND), for ties.
 ORDER = ["lr1e-3-light", "lr3e-3-light", "lr1e-3-heavy", "lr3e-3-heavy", "lr3e-4-light",
          "lr3e-4-heavy", "lr1e-4-light", "lr1e-3-none", "lr3e-3-none", "lr3e-4-none",
-         "lr1e-4-none"]
+         "lr1e-4-none"]  # then the learning rates --edges adds
 
 
 def ranked(runs):
@@ -74,6 +75,29 @@ def ranked(runs):
 def recipe_fields(recipe):
     lr, aug = recipe.rsplit("-", 1)  # "lr1e-3-light" -> "lr1e-3", "light"
     return lr[2:], aug
+
+
+LR_LADDER = ["1e-5", "3e-5", "1e-4", "3e-4", "1e-3", "3e-3", "1e-2"]
+
+
+def edges(out):
+    """Search runs still to do: where a side's best recipe has the lowest (highest) learning rate
+    tried with its augmentation, the next one down (up) the ladder, as "regime side name lr aug"."""
+    todo = []
+    for (regime, side), runs in sorted(tune_runs(out).items()):
+        lr, aug = recipe_fields(ranked(runs)[0][0])
+        tried = sorted({LR_LADDER.index(recipe_fields(r)[0]) for r, _, _ in runs
+                        if recipe_fields(r)[1] == aug and recipe_fields(r)[0] in LR_LADDER})
+        at = LR_LADDER.index(lr) if lr in LR_LADDER else None
+        for nxt, edge in ((at - 1 if at is not None else None, tried[0] if tried else None),
+                          (at + 1 if at is not None else None, tried[-1] if tried else None)):
+            if at is None or at != edge or nxt is None or not 0 <= nxt < len(LR_LADDER):
+                continue
+            name = f"lr{LR_LADDER[nxt]}-{aug}"
+            if not os.path.exists(os.path.join(out, "tune", f"{regime}-{side}-{name}-seed0",
+                                               "model.safetensors")):
+                todo.append(f"{regime} {side} {name} {LR_LADDER[nxt]} {aug}")
+    return todo
 
 
 def select(out):
@@ -255,6 +279,9 @@ def main():
     out = args[0] if args and not args[0].startswith("--") else "runs/fashion-mnist"
     if "--select" in args:
         print(json.dumps(select(out), indent=1))
+    elif "--edges" in args:
+        for line in edges(out):
+            print(line)
     elif "--ship-side" in args:
         print(ship_side(out))
     elif "--ship-candidates" in args:
