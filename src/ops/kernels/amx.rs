@@ -781,20 +781,25 @@ mod split_probe {
                 })
                 .fold(f64::MAX, f64::min)
         };
-        for &(m, n, k) in &[
-            (1576usize, 3072usize, 768usize),
-            (1576, 768, 3072),
-            (197, 2304, 768),
+        for &(m, n, k, op) in &[
+            (1576usize, 3072usize, 768usize, TileOp::Bias),
+            (1576, 768, 3072, TileOp::Bias),
+            (197, 2304, 768, TileOp::Bias),
+            (1576, 3072, 768, TileOp::BiasGeluRational),
+            (1576, 768, 3072, TileOp::BiasScaleResidual),
         ] {
             let a = vec![0.5f32; m * k];
             let w = vec![0.25f32; n * k];
             let bias = vec![0f32; n];
             let mut c = vec![0f32; m * n];
+            let gamma = vec![0.1f32; n];
+            let res = vec![1f32; m * n];
+            let residual = op == TileOp::BiasScaleResidual;
             let epi = Epi {
-                op: TileOp::Bias,
+                op,
                 bias: &bias,
-                scale: &[],
-                res: &[],
+                scale: if residual { &gamma } else { &[] },
+                res: if residual { &res } else { &[] },
             };
             let packed = PackedAmx::pack(AmxKind::Bf16, &w, k, n, n, 1);
             let full = best(&mut || packed.gemm(&a, m, &mut c, epi, 1));
@@ -819,7 +824,7 @@ mod split_probe {
             });
             let gf = 2.0 * (m * n * k) as f64 / 1e9;
             eprintln!(
-                "{m}x{n}x{k}: full {:.2} ms ({:.0} GFLOP/s), 2 threads {:.0} GFLOP/s, row packing {:.2} ms, epilogue {:.2} ms",
+                "{m}x{n}x{k} {op:?}: full {:.2} ms ({:.0} GFLOP/s), 2 threads {:.0} GFLOP/s, row packing {:.2} ms, epilogue {:.2} ms",
                 full * 1e3,
                 gf / full,
                 gf / two,
