@@ -86,12 +86,13 @@ def edges(out):
     todo = []
     for (regime, side), runs in sorted(tune_runs(out).items()):
         lr, aug = recipe_fields(ranked(runs)[0][0])
-        tried = sorted({LR_LADDER.index(recipe_fields(r)[0]) for r, _, _ in runs
-                        if recipe_fields(r)[1] == aug and recipe_fields(r)[0] in LR_LADDER})
-        at = LR_LADDER.index(lr) if lr in LR_LADDER else None
-        for nxt, edge in ((at - 1 if at is not None else None, tried[0] if tried else None),
-                          (at + 1 if at is not None else None, tried[-1] if tried else None)):
-            if at is None or at != edge or nxt is None or not 0 <= nxt < len(LR_LADDER):
+        if lr not in LR_LADDER:
+            continue
+        at = LR_LADDER.index(lr)
+        tried = sorted(LR_LADDER.index(l) for l, a in map(recipe_fields, (r for r, _, _ in runs))
+                       if a == aug and l in LR_LADDER)
+        for nxt, edge in ((at - 1, tried[0]), (at + 1, tried[-1])):
+            if at != edge or not 0 <= nxt < len(LR_LADDER):
                 continue
             name = f"lr{LR_LADDER[nxt]}-{aug}"
             if not os.path.exists(os.path.join(out, "tune", f"{regime}-{side}-{name}-seed0",
