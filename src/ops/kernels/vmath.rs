@@ -85,37 +85,9 @@ pub fn supported() -> Vec<Isa> {
 /// Stamp out `name(args)` (dispatching on [`isa`]) and `name_with(isa, args)` from an
 /// `#[inline(always)]` body.
 macro_rules! multiversion {
-    // With a hand-written AVX-512 version (`$body4`, an `unsafe fn` with those target features).
-    ($(#[$doc:meta])* pub fn $name:ident / $with:ident ($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? = $body:ident, avx512 = $body4:ident) => {
-        $(#[$doc])*
-        #[allow(clippy::too_many_arguments)]
-        pub fn $name($($a: $t),*) $(-> $r)? {
-            $with(isa(), $($a),*)
-        }
-
-        /// The same kernel at a given ISA level (which the CPU must support; see [`supported`]).
-        #[allow(clippy::too_many_arguments)]
-        pub fn $with(level: Isa, $($a: $t),*) $(-> $r)? {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn v3($($a: $t),*) $(-> $r)? {
-                    $body::<true>($($a),*)
-                }
-                match level {
-                    // SAFETY: `level` is one the CPU supports (`isa()` / `supported()`).
-                    Isa::Avx512 => return unsafe { $body4($($a),*) },
-                    Isa::Avx2 => return unsafe { v3($($a),*) },
-                    Isa::Generic => {}
-                }
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            let _ = level;
-            $body::<false>($($a),*)
-        }
-    };
-    ($(#[$doc:meta])* pub fn $name:ident / $with:ident ($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? = $body:ident) => {
+    // `avx512 = f`: a hand-written AVX-512 version (an `unsafe fn` with those target features)
+    // instead of the body compiled for them.
+    ($(#[$doc:meta])* pub fn $name:ident / $with:ident ($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? = $body:ident $(, avx512 = $body4:ident)?) => {
         $(#[$doc])*
         #[allow(clippy::too_many_arguments)]
         pub fn $name($($a: $t),*) $(-> $r)? {
@@ -130,7 +102,7 @@ macro_rules! multiversion {
                 #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn v4($($a: $t),*) $(-> $r)? {
-                    $body::<true>($($a),*)
+                    multiversion!(@v4 $body $(, $body4)? ; $($a),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
@@ -149,6 +121,9 @@ macro_rules! multiversion {
             $body::<false>($($a),*)
         }
     };
+    (@v4 $body:ident ; $($a:ident),*) => { $body::<true>($($a),*) };
+    // SAFETY (of the call): inside `v4`, which has the same target features.
+    (@v4 $body:ident, $body4:ident ; $($a:ident),*) => { unsafe { $body4($($a),*) } };
 }
 
 const LANES: usize = 16;
