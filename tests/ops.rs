@@ -1,6 +1,8 @@
 //! Our ops against PyTorch values (tests/fixtures/ops, scripts/make_op_fixtures.py) and their
 //! gradients against central finite differences in f64.
 
+mod common;
+
 use std::path::Path;
 
 use beit::losses;
@@ -19,14 +21,7 @@ fn fixtures() -> std::collections::HashMap<String, Tensor> {
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims());
-    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
+    common::max_abs(&(a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap())
 }
 
 #[test]

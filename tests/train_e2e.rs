@@ -2,6 +2,8 @@
 //! save_pretrained layout and load back, a resumed run equals an uninterrupted one, and bad data
 //! fails fast naming the file (or is skipped with --skip-bad).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use beit::auto::AutoModel;
@@ -134,14 +136,9 @@ fn resumed_run_equals_uninterrupted_run() {
     let b = load_safetensors(&part.join("model.safetensors"), &dev).unwrap();
     assert_eq!(a.len(), b.len());
     for (k, t) in &a {
-        let d = (t.to_dtype(DType::F64).unwrap() - b[k].to_dtype(DType::F64).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let d = common::max_abs(
+            &(t.to_dtype(DType::F64).unwrap() - b[k].to_dtype(DType::F64).unwrap()).unwrap(),
+        );
         assert_eq!(d, 0.0, "{k} differs after resume by {d}");
     }
 }
@@ -194,14 +191,9 @@ fn two_identical_runs_are_identical() {
     let a = load_safetensors(&tmp.path().join("a/model.safetensors"), &dev).unwrap();
     let b = load_safetensors(&tmp.path().join("b/model.safetensors"), &dev).unwrap();
     for (k, t) in &a {
-        let d = (t.to_dtype(DType::F64).unwrap() - b[k].to_dtype(DType::F64).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let d = common::max_abs(
+            &(t.to_dtype(DType::F64).unwrap() - b[k].to_dtype(DType::F64).unwrap()).unwrap(),
+        );
         assert_eq!(d, 0.0, "{k} differs between identical runs by {d}");
     }
 }
