@@ -131,6 +131,15 @@ finetune() {
     --precision "$PRECISION" --seed "$seed" --output "$dir" --resume --json >> "$dir.log" 2>&1
 }
 epochs_of() { if [ "$1" = 1k ]; then echo "$EPOCHS_1K"; else echo "$EPOCHS_54K"; fi; }
+# search "REGIME SIDE NAME LR AUG"...: launch those seed-0 search runs, adding their dirs to `dirs`.
+search() {
+  local e regime side name lr augm
+  for e in "$@"; do
+    read -r regime side name lr augm <<< "$e"
+    dirs+=("$OUT/tune/$regime-$side-$name-seed0")
+    launch finetune "${dirs[-1]}" "$side" "$regime" "$lr" "$augm" 0 "$(epochs_of "$regime")"
+  done
+}
 
 # 3. Recipe search, seed 0, on the validation split.
 if has tune; then
@@ -144,21 +153,13 @@ if has tune; then
       done
     done
   done
-  for e in "${EXTEND[@]}"; do
-    read -r regime side name lr augm <<< "$e"
-    dirs+=("$OUT/tune/$regime-$side-$name-seed0")
-    launch finetune "${dirs[-1]}" "$side" "$regime" "$lr" "$augm" 0 "$(epochs_of $regime)"
-  done
+  search "${EXTEND[@]}"
   settle "${dirs[@]}"
   while :; do
     mapfile -t edges < <($PY experiments/fashion-mnist/report.py "$OUT" --edges)
     [ "${#edges[@]}" -gt 0 ] || break
     dirs=()
-    for e in "${edges[@]}"; do
-      read -r regime side name lr augm <<< "$e"
-      dirs+=("$OUT/tune/$regime-$side-$name-seed0")
-      launch finetune "${dirs[-1]}" "$side" "$regime" "$lr" "$augm" 0 "$(epochs_of $regime)"
-    done
+    search "${edges[@]}"
     settle "${dirs[@]}"
   done
 fi
