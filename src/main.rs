@@ -2,6 +2,9 @@
 
 mod cli;
 
+#[global_allocator]
+static ALLOCATOR: beit::util::CacheLineAligned = beit::util::CacheLineAligned;
+
 fn main() {
     beit::util::tune_allocator();
     let filter = tracing_subscriber::EnvFilter::try_from_env("BEIT_LOG")

@@ -275,6 +275,64 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".to_string())
 }
 
+/// The global allocator of the `beit` binary: the system allocator, with every block of 4 KB
+/// or more starting on a 64-byte cache line. glibc's large blocks start 16 bytes past a line,
+/// so that every 64-byte vector or AMX tile row stored into a GEMM output or activation
+/// touched two lines: an AMX micro-kernel probe storing its tiles into a 19 MB output ran
+/// 1.3x faster into an aligned one (`amx_kernel_streams`). Library users may install it too:
+/// `#[global_allocator] static A: beit::util::CacheLineAligned = beit::util::CacheLineAligned;`
+pub struct CacheLineAligned;
+
+impl CacheLineAligned {
+    const MIN_SIZE: usize = 4096;
+    const ALIGN: usize = 64;
+
+    fn adjust(layout: std::alloc::Layout) -> std::alloc::Layout {
+        if layout.size() >= Self::MIN_SIZE && layout.align() < Self::ALIGN {
+            // A size near isize::MAX that cannot round up to 64 keeps its layout.
+            std::alloc::Layout::from_size_align(layout.size(), Self::ALIGN).unwrap_or(layout)
+        } else {
+            layout
+        }
+    }
+}
+
+// SAFETY: every block is allocated and freed by `System` with the same adjusted layout (the
+// adjustment depends only on the layout the caller passes, which `GlobalAlloc` requires to be
+// the same at allocation and deallocation); realloc moves a block whose adjustment changes.
+unsafe impl std::alloc::GlobalAlloc for CacheLineAligned {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        unsafe { std::alloc::System.alloc(Self::adjust(layout)) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        unsafe { std::alloc::System.alloc_zeroed(Self::adjust(layout)) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        unsafe { std::alloc::System.dealloc(ptr, Self::adjust(layout)) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        let old = Self::adjust(layout);
+        let Ok(new) = std::alloc::Layout::from_size_align(new_size, layout.align()) else {
+            return std::ptr::null_mut();
+        };
+        let new = Self::adjust(new);
+        unsafe {
+            if new.align() == old.align() {
+                return std::alloc::System.realloc(ptr, old, new_size);
+            }
+            let moved = std::alloc::System.alloc(new);
+            if !moved.is_null() {
+                std::ptr::copy_nonoverlapping(ptr, moved, layout.size().min(new_size));
+                std::alloc::System.dealloc(ptr, old);
+            }
+            moved
+        }
+    }
+}
+
 /// Keep freed memory in the process for reuse (glibc). Tensors are allocated and freed by the
 /// megabyte on every step; glibc's defaults hand large blocks back to the kernel and fault them
 /// in again, which costs ~30 % of a CPU training step (measured: 82 -> 120 img/s on the
@@ -322,4 +380,40 @@ pub fn flush_denormals() {
     }
     set();
     rayon::broadcast(|_| set());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CacheLineAligned;
+    use std::alloc::{GlobalAlloc, Layout};
+
+    #[test]
+    fn cache_line_aligned_allocator_aligns_large_blocks_and_keeps_contents_across_realloc() {
+        let a = CacheLineAligned;
+        let small = Layout::from_size_align(100, 4).unwrap();
+        // SAFETY: each block is freed with the layout (and size) it has at that point.
+        unsafe {
+            let p = a.alloc(small);
+            assert!(!p.is_null());
+            for i in 0..100 {
+                *p.add(i) = i as u8;
+            }
+            // Across the threshold: the block moves to a line and keeps its bytes.
+            let q = a.realloc(p, small, 10_000);
+            assert_eq!(q as usize % 64, 0);
+            assert!((0..100).all(|i| *q.add(i) == i as u8));
+            let large = Layout::from_size_align(10_000, 4).unwrap();
+            let r = a.realloc(q, large, 1 << 20);
+            assert_eq!(r as usize % 64, 0);
+            assert!((0..100).all(|i| *r.add(i) == i as u8));
+            // And back below it.
+            let s = a.realloc(r, Layout::from_size_align(1 << 20, 4).unwrap(), 50);
+            assert!((0..50).all(|i| *s.add(i) == i as u8));
+            a.dealloc(s, Layout::from_size_align(50, 4).unwrap());
+            let z = a.alloc_zeroed(Layout::from_size_align(1 << 16, 4).unwrap());
+            assert_eq!(z as usize % 64, 0);
+            assert!((0..1 << 16).all(|i| *z.add(i) == 0));
+            a.dealloc(z, Layout::from_size_align(1 << 16, 4).unwrap());
+        }
+    }
 }

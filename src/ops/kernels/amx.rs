@@ -21,6 +21,8 @@
 pub mod conv;
 pub mod general;
 mod microkernel;
+#[cfg(test)]
+mod probes;
 
 pub(super) use microkernel::{Init, Step, TileConfig};
 
@@ -387,6 +389,14 @@ impl PackedAmx {
                                 },
                             ),
                         };
+                        if kt0 == 0 && ir < ic + direct {
+                            // The C block this call stores, requested for writing while its
+                            // tile loop runs: tile stores into a large output otherwise wait
+                            // on 32 rows' misses (`amx_kernel_streams`: 0.7 -> 1.0-1.2 TFLOP
+                            // per CPU-second; the QKV shape 1576 x 3072 x 768 +15 %). Not for
+                            // the blocks that go through `sums` (GELU shape 5 % slower).
+                            prefetch_for_write(cp as *const u8, ldc, rows, NP * 4);
+                        }
                         let step = Step {
                             a: apack.as_ptr().add((ir / 16 * ktiles + kt0) * 1024),
                             a_next: ktiles * 1024,
@@ -611,6 +621,24 @@ unsafe fn copy_block<const STREAM: bool>(_: &[f32], _: *mut f32, _: usize, _: us
     unreachable!("AMX is x86_64 only")
 }
 
+/// Request `rows` rows of `bytes` bytes (row stride `stride`) into L1 for writing
+/// (`prefetchw`): a hint, no fault on any address.
+#[inline(always)]
+unsafe fn prefetch_for_write(p: *const u8, stride: usize, rows: usize, bytes: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for r in 0..rows {
+        let row = p.wrapping_add(r * stride);
+        let mut off = 0;
+        while off < bytes {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_ET0};
+            _mm_prefetch::<_MM_HINT_ET0>(row.wrapping_add(off) as *const i8);
+            off += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, stride, rows, bytes);
+}
+
 /// Tiles of depth per micro-kernel call: a 64 KB chunk of the weight panel, mostly in L1.
 /// With the A prefetch, 32 beat 16 (BEiT-base b8 bf16: 234-237 vs 244-253 ms over three
 /// interleaved rounds; 8: 250-255; 24-96 within the noise of 32).
@@ -718,119 +746,6 @@ mod tests {
                     );
                 }
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod kernel_probe {
-    use super::*;
-
-    /// Kernel-only rate with A and B resident in L1/L2: `ktiles` tiles of depth.
-    #[test]
-    #[ignore]
-    fn amx_kernel_peak() {
-        if !available(AmxKind::Bf16) {
-            return;
-        }
-        for ktiles in [2usize, 8, 24, 96] {
-            let a = TileBuf::zeroed(2 * ktiles * 1024);
-            let b = TileBuf::zeroed(ktiles * 2048);
-            let mut c = vec![0f32; 32 * 32];
-            let iters = 20000 / ktiles.max(1) * 8;
-            let flop = 2.0 * 32.0 * 32.0 * 32.0 * (ktiles * iters) as f64;
-            let r = crate::bench::cpu_rate(flop, 1.0, || unsafe {
-                let _t = TileConfig::load();
-                for _ in 0..iters {
-                    Step {
-                        a: a.as_ptr(),
-                        a_next: ktiles * 1024,
-                        a_inc: 1024,
-                        b: b.as_ptr(),
-                        ktiles,
-                        c: c.as_mut_ptr(),
-                        ldc: 128,
-                        init: Init::Zero,
-                    }
-                    .bf16(2);
-                }
-            });
-            eprintln!("ktiles {ktiles}: {r:.0} GFLOP per CPU-second");
-        }
-    }
-}
-
-#[cfg(test)]
-mod split_probe {
-    use super::*;
-    use crate::ops::vmath::TileOp;
-
-    /// Best-of-N wall times (robust to a busy machine) of the parts of one bf16 GEMM.
-    #[test]
-    #[ignore]
-    fn amx_split() {
-        if !available(AmxKind::Bf16) {
-            return;
-        }
-        let best = |f: &mut dyn FnMut()| {
-            (0..30)
-                .map(|_| {
-                    let t = std::time::Instant::now();
-                    f();
-                    t.elapsed().as_secs_f64()
-                })
-                .fold(f64::MAX, f64::min)
-        };
-        for &(m, n, k, op) in &[
-            (1576usize, 3072usize, 768usize, TileOp::Bias),
-            (1576, 768, 3072, TileOp::Bias),
-            (197, 2304, 768, TileOp::Bias),
-            (1576, 3072, 768, TileOp::BiasGeluRational),
-            (1576, 768, 3072, TileOp::BiasScaleResidual),
-        ] {
-            let a = vec![0.5f32; m * k];
-            let w = vec![0.25f32; n * k];
-            let bias = vec![0f32; n];
-            let mut c = vec![0f32; m * n];
-            let gamma = vec![0.1f32; n];
-            let res = vec![1f32; m * n];
-            let residual = op == TileOp::BiasScaleResidual;
-            let epi = Epi {
-                op,
-                bias: &bias,
-                scale: if residual { &gamma } else { &[] },
-                res: if residual { &res } else { &[] },
-            };
-            let packed = PackedAmx::pack(AmxKind::Bf16, &w, k, n, n, 1);
-            let full = best(&mut || packed.gemm(&a, m, &mut c, epi, 1));
-            let two = best(&mut || packed.gemm(&a, m, &mut c, epi, 2));
-            let mut row = vec![0u8; packed.kp * 2];
-            let mut block = TileBuf::zeroed(packed.kp / 32 * 1024);
-            let pack = best(&mut || {
-                for r in 0..m {
-                    unsafe {
-                        pack_row(
-                            AmxKind::Bf16,
-                            &a[r * k..(r + 1) * k],
-                            &mut block,
-                            r % 16,
-                            &mut row,
-                        )
-                    };
-                }
-            });
-            let epi_t = best(&mut || {
-                vmath::tile_epilogue(&mut c, n, m, n, TileOp::Bias, &bias, &[], &[], n)
-            });
-            let gf = 2.0 * (m * n * k) as f64 / 1e9;
-            eprintln!(
-                "{m}x{n}x{k} {op:?}: full {:.2} ms ({:.0} GFLOP/s), 2 threads {:.0} GFLOP/s, row packing {:.2} ms, epilogue {:.2} ms",
-                full * 1e3,
-                gf / full,
-                gf / two,
-                pack * 1e3,
-                epi_t * 1e3
-            );
         }
     }
 }

@@ -1,0 +1,216 @@
+//! Timing probes of the AMX GEMM (`cargo test --release --lib amx_ -- --ignored --nocapture`):
+//! the micro-kernel alone, the micro-kernel against each operand stream, and a whole GEMM's
+//! parts. Ignored tests: they measure, they do not check.
+
+use super::*;
+use crate::ops::vmath::TileOp;
+
+/// Kernel-only rate with A and B resident in L1/L2: `ktiles` tiles of depth.
+#[test]
+#[ignore]
+fn amx_kernel_peak() {
+    if !available(AmxKind::Bf16) {
+        return;
+    }
+    for ktiles in [2usize, 8, 24, 96] {
+        let a = TileBuf::zeroed(2 * ktiles * 1024);
+        let b = TileBuf::zeroed(ktiles * 2048);
+        let mut c = vec![0f32; 32 * 32];
+        let iters = 20000 / ktiles.max(1) * 8;
+        let flop = 2.0 * 32.0 * 32.0 * 32.0 * (ktiles * iters) as f64;
+        let r = crate::bench::cpu_rate(flop, 1.0, || unsafe {
+            let _t = TileConfig::load();
+            for _ in 0..iters {
+                Step {
+                    a: a.as_ptr(),
+                    a_next: ktiles * 1024,
+                    a_inc: 1024,
+                    b: b.as_ptr(),
+                    ktiles,
+                    c: c.as_mut_ptr(),
+                    ldc: 128,
+                    init: Init::Zero,
+                }
+                .bf16(2);
+            }
+        });
+        eprintln!("ktiles {ktiles}: {r:.0} GFLOP per CPU-second");
+    }
+}
+
+/// Which operand stream costs a whole GEMM its rate: the micro-kernel (24 tiles of depth,
+/// as BEiT-base's K = 768) with A, B and C each either resident (one 48 KB block reused)
+/// or streamed through a buffer the size of a BEiT-base b8 GEMM's; ratios within one run.
+#[test]
+#[ignore]
+fn amx_kernel_streams() {
+    if !available(AmxKind::Bf16) {
+        return;
+    }
+    let kt = 24usize;
+    let (a_blocks, b_panels) = (50usize, 96usize); // 1600 rows, 3072 columns
+    let a = TileBuf::zeroed(a_blocks * 2 * kt * 1024);
+    let b = TileBuf::zeroed(b_panels * kt * 2048);
+    // C on a cache line, and 16 bytes past one (where glibc's large blocks start).
+    let mut cbuf = TileBuf::zeroed(a_blocks * 32 * b_panels * 32 * 4 + 64);
+    let calls = 4800usize;
+    let flop = 2.0 * 32.0 * 32.0 * 32.0 * (kt * calls) as f64;
+    // (C's offset from a line, name, A streamed, B streamed, where C goes)
+    let cases = [
+        (0, "all resident", false, false, 0),
+        (0, "A streamed (row blocks)", true, false, 0),
+        (0, "B streamed (panels, 4 row blocks each)", false, true, 0),
+        (0, "A+B streamed, C resident", true, true, 0),
+        (0, "C strided into 19 MB", false, false, 1),
+        (16, "C strided into 19 MB", false, false, 1),
+        (0, "C strided, 32 rows only (L2)", false, false, 2),
+        (0, "C 4 KB blocks, contiguous 19 MB", false, false, 3),
+        (
+            0,
+            "A+B streamed, C strided (the GEMM's order)",
+            true,
+            true,
+            1,
+        ),
+        (
+            16,
+            "A+B streamed, C strided (the GEMM's order)",
+            true,
+            true,
+            1,
+        ),
+        (
+            0,
+            "A+B streamed, C strided, one row block per sweep",
+            true,
+            true,
+            4,
+        ),
+        (
+            0,
+            "A+B streamed, C strided, next C prefetched for writing",
+            true,
+            true,
+            5,
+        ),
+    ];
+    for (off, name, sa, sb, sc) in cases {
+        // SAFETY: `cbuf` has 64 spare bytes past the matrix.
+        let c = unsafe {
+            std::slice::from_raw_parts_mut(
+                cbuf.as_mut_ptr().add(off) as *mut f32,
+                a_blocks * 32 * b_panels * 32,
+            )
+        };
+        let n = b_panels * 32;
+        let r = crate::bench::cpu_rate(flop, 1.0, || unsafe {
+            let _t = TileConfig::load();
+            for i in 0..calls {
+                // The GEMM's order: panel outer, 4 row blocks of 32 inner, MC = 128.
+                let (p, rb) = if sc == 4 {
+                    (i % b_panels, i / b_panels % a_blocks)
+                } else {
+                    (i / 4 % b_panels, (i / 4 / b_panels * 4 + i % 4) % a_blocks)
+                };
+                let ap = if sa { rb * 2 * kt * 1024 } else { 0 };
+                let bp = if sb { p * kt * 2048 } else { 0 };
+                let (cp, ldc) = match sc {
+                    1 | 4 | 5 => (c.as_mut_ptr().add(rb * 32 * n + p * 32), n * 4),
+                    2 => (c.as_mut_ptr().add(p * 32), n * 4),
+                    3 => (c.as_mut_ptr().add((rb * b_panels + p) * 1024), 128),
+                    _ => (c.as_mut_ptr(), 128),
+                };
+                if sc == 5 {
+                    let j = i + 1;
+                    let (p, rb) = (j / 4 % b_panels, (j / 4 / b_panels * 4 + j % 4) % a_blocks);
+                    let next = c.as_ptr().add(rb * 32 * n + p * 32) as *const i8;
+                    for r in 0..32 {
+                        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_ET0};
+                        _mm_prefetch::<_MM_HINT_ET0>(next.add(r * n * 4));
+                        _mm_prefetch::<_MM_HINT_ET0>(next.add(r * n * 4 + 64));
+                    }
+                }
+                Step {
+                    a: a.as_ptr().add(ap),
+                    a_next: kt * 1024,
+                    a_inc: 1024,
+                    b: b.as_ptr().add(bp),
+                    ktiles: kt,
+                    c: cp,
+                    ldc,
+                    init: Init::Zero,
+                }
+                .bf16(2);
+            }
+        });
+        eprintln!("C {off} bytes past a line, {name}: {r:.0} GFLOP per CPU-second");
+    }
+}
+
+/// Best-of-N wall times (robust to a busy machine) of the parts of one bf16 GEMM.
+#[test]
+#[ignore]
+fn amx_split() {
+    if !available(AmxKind::Bf16) {
+        return;
+    }
+    let best = |f: &mut dyn FnMut()| {
+        (0..30)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::MAX, f64::min)
+    };
+    for &(m, n, k, op) in &[
+        (1576usize, 3072usize, 768usize, TileOp::Bias),
+        (1576, 768, 3072, TileOp::Bias),
+        (197, 2304, 768, TileOp::Bias),
+        (1576, 3072, 768, TileOp::BiasGeluRational),
+        (1576, 768, 3072, TileOp::BiasScaleResidual),
+    ] {
+        let a = vec![0.5f32; m * k];
+        let w = vec![0.25f32; n * k];
+        let bias = vec![0f32; n];
+        let mut c = vec![0f32; m * n];
+        let gamma = vec![0.1f32; n];
+        let res = vec![1f32; m * n];
+        let residual = op == TileOp::BiasScaleResidual;
+        let epi = Epi {
+            op,
+            bias: &bias,
+            scale: if residual { &gamma } else { &[] },
+            res: if residual { &res } else { &[] },
+        };
+        let packed = PackedAmx::pack(AmxKind::Bf16, &w, k, n, n, 1);
+        let full = best(&mut || packed.gemm(&a, m, &mut c, epi, 1));
+        let two = best(&mut || packed.gemm(&a, m, &mut c, epi, 2));
+        let mut row = vec![0u8; packed.kp * 2];
+        let mut block = TileBuf::zeroed(packed.kp / 32 * 1024);
+        let pack = best(&mut || {
+            for r in 0..m {
+                unsafe {
+                    pack_row(
+                        AmxKind::Bf16,
+                        &a[r * k..(r + 1) * k],
+                        &mut block,
+                        r % 16,
+                        &mut row,
+                    )
+                };
+            }
+        });
+        let epi_t =
+            best(&mut || vmath::tile_epilogue(&mut c, n, m, n, TileOp::Bias, &bias, &[], &[], n));
+        let gf = 2.0 * (m * n * k) as f64 / 1e9;
+        eprintln!(
+            "{m}x{n}x{k} {op:?}: full {:.2} ms ({:.0} GFLOP/s), 2 threads {:.0} GFLOP/s, row packing {:.2} ms, epilogue {:.2} ms",
+            full * 1e3,
+            gf / full,
+            gf / two,
+            pack * 1e3,
+            epi_t * 1e3
+        );
+    }
+}
