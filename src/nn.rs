@@ -95,11 +95,36 @@ impl Linear {
 }
 
 impl Linear {
+    /// `epilogue(self(norm(x)))` with the LayerNorm applied to each row as it is packed into
+    /// AMX tiles ([`ops::linear::linear_inference_amx_normed`]); `None` unless this layer
+    /// runs on AMX (bf16 or int8).
+    pub fn forward_inference_normed(
+        &self,
+        x: &Tensor,
+        norm: &LayerNorm,
+        epilogue: ops::linear::Epilogue<'_>,
+    ) -> Result<Option<Tensor>> {
+        match self.packed.as_ref().and_then(|p| p.amx()) {
+            Some(w) if x.dtype() == DType::F32 && ops::fast_cpu(x.device()) => {
+                ops::linear::linear_inference_amx_normed(
+                    x,
+                    norm.params(),
+                    w,
+                    self.bias.as_ref(),
+                    epilogue,
+                )
+                .map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// `next(GELU(self(x)))` with the hidden activations kept in bf16 AMX tiles
     /// ([`ops::linear::mlp_inference_amx`]); `None` unless both layers run on AMX bf16.
     pub fn mlp_inference_amx(
         &self,
         x: &Tensor,
+        norm: Option<&LayerNorm>,
         next: &Linear,
         epilogue: ops::linear::Epilogue<'_>,
     ) -> Result<Option<Tensor>> {
@@ -107,6 +132,7 @@ impl Linear {
             (Some(a), Some(b)) if x.dtype() == DType::F32 && ops::fast_cpu(x.device()) => {
                 ops::linear::mlp_inference_amx(
                     x,
+                    norm.map(LayerNorm::params),
                     (a, self.bias.as_ref()),
                     (b, next.bias.as_ref()),
                     epilogue,
@@ -143,6 +169,13 @@ impl LayerNorm {
             bias: vb.get_with_hints(dim, "bias", Init::Const(0.0))?,
             eps,
         })
+    }
+}
+
+impl LayerNorm {
+    /// `(weight, bias, eps)`, for the kernels that fuse the norm into what follows.
+    pub fn params(&self) -> ops::linear::Norm<'_> {
+        (&self.weight, &self.bias, self.eps)
     }
 }
 

@@ -92,10 +92,18 @@ impl BeitLayer {
         })?;
         let att = &self.attention.attention;
         let scale = (att.head_dim as f32).powf(-0.5);
-        let ln1 = profile::time("layernorm", || self.layernorm_before.forward(x))?;
-        let qkv = profile::time("attn.qkv", || {
-            qkv_proj.forward_inference(&ln1, Epilogue::Bias)
-        })?;
+        // On AMX each row is normalised as it is packed into tiles (no f32 LayerNorm output).
+        let qkv = match profile::time("layernorm+attn.qkv", || {
+            qkv_proj.forward_inference_normed(x, &self.layernorm_before, Epilogue::Bias)
+        })? {
+            Some(qkv) => qkv,
+            None => {
+                let ln1 = profile::time("layernorm", || self.layernorm_before.forward(x))?;
+                profile::time("attn.qkv", || {
+                    qkv_proj.forward_inference(&ln1, Epilogue::Bias)
+                })?
+            }
+        };
         let ctx = profile::time("attn.core", || {
             attention_inference(&qkv, att.num_heads, scale, bias, qkv_proj.is_packed())
         })?;
@@ -108,19 +116,19 @@ impl BeitLayer {
                 },
             )
         })?;
-        let ln2 = profile::time("layernorm", || self.layernorm_after.forward(&h))?;
         let fc1 = &self.intermediate;
         let residual = Epilogue::BiasScaleResidual {
             scale: self.lambda_2.as_ref(),
             residual: &h,
         };
         if self.activation == Activation::Gelu {
-            if let Some(out) = profile::time("mlp (amx, bf16 hidden)", || {
-                fc1.mlp_inference_amx(&ln2, &self.output, residual)
+            if let Some(out) = profile::time("layernorm+mlp (amx, bf16 hidden)", || {
+                fc1.mlp_inference_amx(&h, Some(&self.layernorm_after), &self.output, residual)
             })? {
                 return Ok(out);
             }
         }
+        let ln2 = profile::time("layernorm", || self.layernorm_after.forward(&h))?;
         let y = if self.activation == Activation::Gelu {
             profile::time("mlp.fc1+gelu", || {
                 fc1.forward_inference(&ln2, Epilogue::BiasGelu)

@@ -7,6 +7,7 @@
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
+use super::amx::{ActTiles, PackedAmx, RowNorm};
 use super::gemm::{self, View, ViewMut};
 use super::packed::PackedWeight;
 use super::vmath::{self, TileOp};
@@ -219,6 +220,51 @@ pub fn linear_inference_packed(
     )
 }
 
+/// A LayerNorm's parameters as tensors: `(weight, bias, eps)`.
+pub type Norm<'a> = (&'a Tensor, &'a Tensor, f64);
+
+/// `epilogue(LayerNorm(x) · weightᵀ)` on AMX, each row normalised as it is packed into tiles
+/// ([`PackedAmx::pack_layer_norm`]): the same values as [`crate::ops::layer_norm`] then
+/// [`linear_inference_packed`], without the f32 LayerNorm output going through memory.
+pub fn linear_inference_amx_normed(
+    x: &Tensor,
+    norm: Norm<'_>,
+    weight: &PackedAmx,
+    bias: Option<&Tensor>,
+    epilogue: Epilogue<'_>,
+) -> Result<Tensor> {
+    let tiles = pack_layer_norm(x, norm, weight)?;
+    run_linear(x, weight.n(), bias, epilogue, |_, _, _, out, epi| {
+        weight.gemm_from_tiles(&tiles, out, epi, gemm::num_threads());
+        Ok(())
+    })
+}
+
+/// `LayerNorm(x)` in `weight`'s A tiles.
+fn pack_layer_norm(x: &Tensor, norm: Norm<'_>, weight: &PackedAmx) -> Result<ActTiles> {
+    let k = x.dims().last().copied().unwrap_or(1);
+    let (w, b) = (norm.0.contiguous()?, norm.1.contiguous()?);
+    let (wd, bd) = (f32_data(&w)?, f32_data(&b)?);
+    if weight.k() != k || wd.get().len() != k || bd.get().len() != k {
+        candle_core::bail!(
+            "layernorm + linear: input {:?}, norm of {} and {}, weight of depth {}",
+            x.dims(),
+            wd.get().len(),
+            bd.get().len(),
+            weight.k()
+        );
+    }
+    let xc = x.contiguous()?;
+    let xd = f32_data(&xc)?;
+    let norm = RowNorm {
+        weight: wd.get(),
+        bias: bd.get(),
+        eps: norm.2 as f32,
+    };
+    let rows = x.elem_count() / k.max(1);
+    Ok(weight.pack_layer_norm(xd.get(), rows, norm, gemm::num_threads()))
+}
+
 /// Whether [`mlp_inference_amx`] keeps the hidden activations in tiles (default), or the two
 /// layers run apart (`BEIT_MLP_TILES=0`, for comparison).
 fn mlp_tiles() -> bool {
@@ -232,6 +278,7 @@ fn mlp_tiles() -> bool {
 /// f32. `None` unless both weights run on AMX bf16. `epilogue` is fc2's.
 pub fn mlp_inference_amx(
     x: &Tensor,
+    norm: Option<Norm<'_>>,
     fc1: (&PackedWeight, Option<&Tensor>),
     fc2: (&PackedWeight, Option<&Tensor>),
     epilogue: Epilogue<'_>,
@@ -254,8 +301,9 @@ pub fn mlp_inference_amx(
         );
     }
     let threads = gemm::num_threads();
-    // fc1 + GELU into tiles.
+    // (LayerNorm +) fc1 + GELU into tiles.
     let hidden = {
+        let normed = norm.map(|n| pack_layer_norm(x, n, w1)).transpose()?;
         let xc = x.contiguous()?;
         let xd = f32_data(&xc)?;
         let rows = x.elem_count() / k.max(1);
@@ -273,7 +321,10 @@ pub fn mlp_inference_amx(
             scale: &[],
             res: &[],
         };
-        w1.gemm_to_tiles(xd.get(), rows, epi, threads)
+        match &normed {
+            Some(tiles) => w1.gemm_tiles_to_tiles(tiles, epi, threads),
+            None => w1.gemm_to_tiles(xd.get(), rows, epi, threads),
+        }
     };
     // fc2 from the tiles; `x` only lends its shape (rows) to the output.
     let out = run_linear(x, w2.n(), fc2.1, epilogue, |_, rows, _, out, epi| {
@@ -317,13 +368,83 @@ mod tests {
         };
         let y = linear_inference_packed(&x, &p1, Some(&b1), Epilogue::BiasGelu).unwrap();
         let want = linear_inference_packed(&y, &p2, Some(&b2), epi()).unwrap();
-        let got = mlp_inference_amx(&x, (&p1, Some(&b1)), (&p2, Some(&b2)), epi())
+        let got = mlp_inference_amx(&x, None, (&p1, Some(&b1)), (&p2, Some(&b2)), epi())
             .unwrap()
             .expect("both layers are AMX bf16");
         assert_eq!(got.dims(), want.dims());
         // The same bf16 rounding of the hidden activations on both paths.
         let d = crate::ops::max_abs_diff(&got, &want);
         assert!(d < 1e-4, "{d}");
+    }
+
+    #[test]
+    fn amx_layer_norm_packed_into_tiles_equals_layer_norm_then_linear() {
+        use crate::ops::amx::{self, AmxKind, PackedAmx};
+        let dev = Device::Cpu;
+        // Depth and widths off the tile sizes; rows off the 16-row blocks.
+        let (k, hidden, n) = (72, 100, 40);
+        let x = (Tensor::randn(0f32, 2f32, (3, 29, k), &dev).unwrap() + 0.5).unwrap();
+        let (lw, lb) = (
+            Tensor::randn(1f32, 0.3f32, k, &dev).unwrap(),
+            Tensor::randn(0f32, 0.3f32, k, &dev).unwrap(),
+        );
+        let norm = (&lw, &lb, 1e-6);
+        let ln = crate::ops::layer_norm(&x, &lw, &lb, 1e-6).unwrap();
+        let res = Tensor::randn(0f32, 1f32, (3, 29, n), &dev).unwrap();
+        let w1 = Tensor::randn(0f32, 0.3f32, (k, hidden), &dev).unwrap();
+        let b1 = Tensor::randn(0f32, 1f32, hidden, &dev).unwrap();
+        let w2 = Tensor::randn(0f32, 0.3f32, (hidden, n), &dev).unwrap();
+        let b2 = Tensor::randn(0f32, 1f32, n, &dev).unwrap();
+        let epi = || Epilogue::BiasScaleResidual {
+            scale: None,
+            residual: &res,
+        };
+        for kind in [AmxKind::Bf16, AmxKind::Int8] {
+            if !amx::available(kind) {
+                eprintln!("SKIPPED: no AMX {kind:?} here; LayerNorm into tiles was not tested");
+                continue;
+            }
+            let pack = |w: &Tensor, k, n| {
+                let v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                PackedAmx::pack(kind, &v, k, n, n, 1)
+            };
+            let p1 = pack(&w1, k, hidden);
+            let want = linear_inference_packed(
+                &ln,
+                &PackedWeight::Amx(pack(&w1, k, hidden)),
+                Some(&b1),
+                Epilogue::Bias,
+            )
+            .unwrap();
+            let got =
+                linear_inference_amx_normed(&x, norm, &p1, Some(&b1), Epilogue::Bias).unwrap();
+            // The same LayerNorm kernel and the same packing: the same bits.
+            assert_eq!(crate::ops::max_abs_diff(&got, &want), 0.0, "{kind:?}");
+            if kind == AmxKind::Bf16 {
+                let (p1, p2) = (
+                    PackedWeight::Amx(pack(&w1, k, hidden)),
+                    PackedWeight::Amx(pack(&w2, hidden, n)),
+                );
+                let want = mlp_inference_amx(&ln, None, (&p1, Some(&b1)), (&p2, Some(&b2)), epi())
+                    .unwrap()
+                    .unwrap();
+                let got =
+                    mlp_inference_amx(&x, Some(norm), (&p1, Some(&b1)), (&p2, Some(&b2)), epi())
+                        .unwrap()
+                        .unwrap();
+                assert_eq!(crate::ops::max_abs_diff(&got, &want), 0.0);
+            }
+        }
+        // A norm of the wrong width is an error, not a panic.
+        let short = Tensor::ones(k - 1, candle_core::DType::F32, &dev).unwrap();
+        if amx::available(AmxKind::Bf16) {
+            let v = w1.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let p = PackedAmx::pack(AmxKind::Bf16, &v, k, hidden, hidden, 1);
+            assert!(
+                linear_inference_amx_normed(&x, (&short, &lb, 1e-6), &p, None, Epilogue::Bias)
+                    .is_err()
+            );
+        }
     }
 
     #[test]

@@ -210,7 +210,7 @@ impl PackedAmx {
         if m == 0 || self.n == 0 {
             return;
         }
-        let tiles = self.pack_activations(a, m, threads);
+        let tiles = self.pack_activations(a, m, None, threads);
         // SAFETY: `c` holds `m x n` (checked above).
         unsafe { self.run(&tiles, Dest::F32(c.as_mut_ptr()), epi, threads) };
     }
@@ -219,8 +219,17 @@ impl PackedAmx {
     /// tiles for a next bf16 layer of depth `n`, instead of an f32 matrix: between fc1 and fc2
     /// this drops an f32 write and read of the widest activation (19 MB a layer at batch 8).
     pub fn gemm_to_tiles(&self, a: &[f32], m: usize, epi: Epi<'_>, threads: usize) -> ActTiles {
+        let tiles = self.pack_activations(a, m, None, threads);
+        self.gemm_tiles_to_tiles(&tiles, epi, threads)
+    }
+
+    /// As [`PackedAmx::gemm_to_tiles`] for activations already in this weight's tiles
+    /// ([`PackedAmx::pack_layer_norm`]).
+    pub fn gemm_tiles_to_tiles(&self, a: &ActTiles, epi: Epi<'_>, threads: usize) -> ActTiles {
         assert!(available(self.kind), "this CPU/OS does not run AMX");
+        assert!(a.kind == self.kind && a.ktiles * self.kind.kblock() == self.kp);
         assert!(epi.bias.len() >= self.n);
+        let m = a.m;
         let ktiles = self.n.div_ceil(32);
         let blocks = m.div_ceil(16);
         let mut out = ActTiles {
@@ -232,10 +241,9 @@ impl PackedAmx {
             scales: vec![0f32; blocks * 16],
         };
         if m > 0 && self.n > 0 {
-            let tiles = self.pack_activations(a, m, threads);
             let dest = Dest::Tiles(SendPtr(out.data.as_mut_ptr()), ktiles);
             // SAFETY: `out` holds `m` rows of `ktiles` tiles.
-            unsafe { self.run(&tiles, dest, epi, threads) };
+            unsafe { self.run(a, dest, epi, threads) };
         }
         out
     }
@@ -253,8 +261,30 @@ impl PackedAmx {
         unsafe { self.run(a, Dest::F32(c.as_mut_ptr()), epi, threads) };
     }
 
-    /// `a [m x k]` (row-major f32) as A tiles for this weight's kernel.
-    fn pack_activations(&self, a: &[f32], m: usize, threads: usize) -> ActTiles {
+    /// `LayerNorm(x)` for `x [m x k]` (row-major f32), as A tiles for this weight's kernel:
+    /// each row is normalised in L1 and packed right away, so the f32 LayerNorm output (4.8 MB
+    /// for BEiT-base at batch 8) is neither written nor read back. The same values as
+    /// `vmath::layer_norm_rows` then [`PackedAmx::gemm`].
+    pub fn pack_layer_norm(
+        &self,
+        x: &[f32],
+        m: usize,
+        norm: RowNorm<'_>,
+        threads: usize,
+    ) -> ActTiles {
+        assert!(norm.weight.len() == self.k && norm.bias.len() == self.k);
+        self.pack_activations(x, m, Some(norm), threads)
+    }
+
+    /// `a [m x k]` (row-major f32), layer-normalised first when `norm` is given, as A tiles
+    /// for this weight's kernel.
+    pub(super) fn pack_activations(
+        &self,
+        a: &[f32],
+        m: usize,
+        norm: Option<RowNorm<'_>>,
+        threads: usize,
+    ) -> ActTiles {
         let k = self.k;
         assert!(a.len() >= m * k);
         let lda = self.kp * self.kind.elem();
@@ -268,12 +298,22 @@ impl PackedAmx {
         // which the prefetchers follow (rows `lda` bytes apart were 10-20 % slower).
         let pack = |(rb, (block, sc)): (usize, (&mut [u8], &mut [f32]))| {
             let mut row = vec![0u8; lda];
+            let mut normed = vec![0f32; if norm.is_some() { k } else { 0 }];
             for (i, s) in sc.iter_mut().enumerate() {
                 let r = rb * 16 + i;
-                let x = if r < m {
-                    &a[r * k..(r + 1) * k]
-                } else {
-                    &[][..]
+                let x = match norm {
+                    _ if r >= m => &[][..],
+                    Some(ln) => {
+                        vmath::layer_norm_rows(
+                            &a[r * k..(r + 1) * k],
+                            ln.weight,
+                            ln.bias,
+                            &mut normed,
+                            ln.eps,
+                        );
+                        &normed[..]
+                    }
+                    None => &a[r * k..(r + 1) * k],
                 };
                 // SAFETY: `available` checked AVX-512 (BF16) before the weight was packed;
                 // `block` holds `ktiles` tiles of 16 rows.
@@ -465,6 +505,14 @@ impl PackedAmx {
             Dest::Tiles(t, ktiles) => bf16_block_to_tiles(sums, t.get(), ktiles, r0, rows, j0 / 32),
         }
     }
+}
+
+/// A LayerNorm applied to each row as it is packed ([`PackedAmx::pack_layer_norm`]).
+#[derive(Clone, Copy)]
+pub struct RowNorm<'a> {
+    pub weight: &'a [f32],
+    pub bias: &'a [f32],
+    pub eps: f32,
 }
 
 /// Activations in A-tile order for one kind of kernel: `[M/16][ktiles][16 rows][64 bytes]`

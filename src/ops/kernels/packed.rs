@@ -426,6 +426,14 @@ impl PackedWeight {
     }
 
     /// The AMX bf16 weight, where this layer runs on one.
+    /// The AMX weight (bf16 or int8), where this layer runs on AMX tiles.
+    pub fn amx(&self) -> Option<&super::amx::PackedAmx> {
+        match self {
+            Self::Amx(w) => Some(w),
+            _ => None,
+        }
+    }
+
     pub fn amx_bf16(&self) -> Option<&super::amx::PackedAmx> {
         match self {
             Self::Amx(w) if w.kind() == super::amx::AmxKind::Bf16 => Some(w),

@@ -71,7 +71,7 @@ pub fn gemm_bf16(
         BLayout::Rows => pack_b_rows(b, k, n),
     };
     let tiles = match al {
-        ALayout::Rows => w.pack_activations(a, m, threads),
+        ALayout::Rows => w.pack_activations(a, m, None, threads),
         ALayout::Cols => pack_a_cols(a, m, k),
     };
     // SAFETY: `c` holds `m x n` (checked above).
@@ -588,12 +588,12 @@ mod tests {
                     };
                 });
                 let tiles = match al {
-                    ALayout::Rows => w.pack_activations(a, rows, threads),
+                    ALayout::Rows => w.pack_activations(a, rows, None, threads),
                     ALayout::Cols => pack_a_cols(a, rows, depth),
                 };
                 let t_a = time(&mut || {
                     let _ = match al {
-                        ALayout::Rows => w.pack_activations(a, rows, threads),
+                        ALayout::Rows => w.pack_activations(a, rows, None, threads),
                         ALayout::Cols => pack_a_cols(a, rows, depth),
                     };
                 });
