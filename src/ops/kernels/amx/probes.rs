@@ -169,6 +169,8 @@ fn amx_split() {
         (197, 2304, 768, TileOp::Bias),
         (1576, 3072, 768, TileOp::BiasGeluRational),
         (1576, 768, 3072, TileOp::BiasScaleResidual),
+        (1576, 768, 768, TileOp::Bias),
+        (1576, 768, 768, TileOp::BiasScaleResidual),
     ] {
         let a = vec![0.5f32; m * k];
         let w = vec![0.25f32; n * k];
