@@ -126,6 +126,19 @@ def ship_candidates(out):
     return list(best.values())[:2]
 
 
+def ship_long(out):
+    """The best SHIP_EPOCHS candidate's recipe, for run.sh's longer schedule: (side, name, lr,
+    aug). Chosen on validation like --ship-best, among the runs without "-long" in the name."""
+    side = ship_side(out)
+    runs = [(evals(r)[-1]["top1"], r) for r in sorted(glob.glob(os.path.join(out, "ship", "*")))
+            if finished(r) and evals(r) and "-long-" not in os.path.basename(r)]
+    if not runs:
+        raise SystemExit(f"{out}/ship: no finished run")
+    base = os.path.basename(max(runs, key=lambda t: t[0])[1])
+    name = base[len(f"54k-{side}-"):-len("-seed0")]
+    return (side, name, *recipe_fields(name))
+
+
 def ship_best(out):
     """The finished ship run with the best final validation top-1."""
     runs = [(evals(r)[-1]["top1"], r) for r in sorted(glob.glob(os.path.join(out, "ship", "*")))
@@ -288,6 +301,8 @@ def main():
     elif "--ship-candidates" in args:
         for recipe in ship_candidates(out):
             print(recipe, *recipe_fields(recipe))
+    elif "--ship-long" in args:
+        print(*ship_long(out))
     elif "--ship-best" in args:
         print(ship_best(out))
     elif "--extra-epochs" in args:
