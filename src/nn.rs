@@ -170,9 +170,7 @@ impl LayerNorm {
             eps,
         })
     }
-}
 
-impl LayerNorm {
     /// `(weight, bias, eps)`, for the kernels that fuse the norm into what follows.
     pub fn params(&self) -> ops::linear::Norm<'_> {
         (&self.weight, &self.bias, self.eps)
