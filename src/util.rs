@@ -322,6 +322,24 @@ impl CacheLineAligned {
     unsafe fn raw(p: *mut u8) -> *mut u8 {
         unsafe { (p as *mut *mut u8).sub(1).read() }
     }
+
+    /// A block for `layout` from `system` (`System.alloc` or `alloc_zeroed`): as asked for a
+    /// small one, padded and placed for a large one.
+    ///
+    /// # Safety
+    /// As `GlobalAlloc::alloc`.
+    unsafe fn alloc_with(
+        layout: std::alloc::Layout,
+        system: impl FnOnce(std::alloc::Layout) -> *mut u8,
+    ) -> *mut u8 {
+        if !Self::padded(layout) {
+            return system(layout);
+        }
+        match Self::raw_layout(layout.size()) {
+            Some(raw) => unsafe { Self::place(system(raw)) },
+            None => std::ptr::null_mut(),
+        }
+    }
 }
 
 // SAFETY: small blocks go to `System` unchanged; large ones are `System` blocks of `PAD` more
@@ -330,25 +348,11 @@ impl CacheLineAligned {
 // deallocation); realloc moves a block whose treatment changes.
 unsafe impl std::alloc::GlobalAlloc for CacheLineAligned {
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        use std::alloc::System;
-        if !Self::padded(layout) {
-            return unsafe { System.alloc(layout) };
-        }
-        match Self::raw_layout(layout.size()) {
-            Some(raw) => unsafe { Self::place(System.alloc(raw)) },
-            None => std::ptr::null_mut(),
-        }
+        unsafe { Self::alloc_with(layout, |l| std::alloc::System.alloc(l)) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
-        use std::alloc::System;
-        if !Self::padded(layout) {
-            return unsafe { System.alloc_zeroed(layout) };
-        }
-        match Self::raw_layout(layout.size()) {
-            Some(raw) => unsafe { Self::place(System.alloc_zeroed(raw)) },
-            None => std::ptr::null_mut(),
-        }
+        unsafe { Self::alloc_with(layout, |l| std::alloc::System.alloc_zeroed(l)) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
