@@ -126,26 +126,23 @@ def ship_candidates(out):
     return list(best.values())[:2]
 
 
-def ship_long(out):
-    """The best SHIP_EPOCHS candidate's recipe, for run.sh's longer schedule: (side, name, lr,
-    aug). Chosen on validation like --ship-best, among the runs without "-long" in the name."""
-    side = ship_side(out)
+def ship_best(out, long_runs=True):
+    """The finished ship run with the best final validation top-1 (without the "-long" runs
+    when `long_runs` is false)."""
     runs = [(evals(r)[-1]["top1"], r) for r in sorted(glob.glob(os.path.join(out, "ship", "*")))
-            if finished(r) and evals(r) and "-long-" not in os.path.basename(r)]
-    if not runs:
-        raise SystemExit(f"{out}/ship: no finished run")
-    base = os.path.basename(max(runs, key=lambda t: t[0])[1])
-    name = base[len(f"54k-{side}-"):-len("-seed0")]
-    return (side, name, *recipe_fields(name))
-
-
-def ship_best(out):
-    """The finished ship run with the best final validation top-1."""
-    runs = [(evals(r)[-1]["top1"], r) for r in sorted(glob.glob(os.path.join(out, "ship", "*")))
-            if finished(r) and evals(r)]
+            if finished(r) and evals(r) and (long_runs or "-long-" not in os.path.basename(r))]
     if not runs:
         raise SystemExit(f"{out}/ship: no finished run")
     return max(runs, key=lambda t: t[0])[1]
+
+
+def ship_long(out):
+    """The best SHIP_EPOCHS candidate's recipe, for run.sh's longer schedule: (side, name, lr,
+    aug), chosen on validation as --ship-best is."""
+    side = ship_side(out)
+    base = os.path.basename(ship_best(out, long_runs=False))
+    name = base[len(f"54k-{side}-"):-len("-seed0")]
+    return (side, name, *recipe_fields(name))
 
 
 def pretrain_seconds(out, key="seconds"):

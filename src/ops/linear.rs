@@ -304,9 +304,6 @@ pub fn mlp_inference_amx(
     // (LayerNorm +) fc1 + GELU into tiles.
     let hidden = {
         let normed = norm.map(|n| pack_layer_norm(x, n, w1)).transpose()?;
-        let xc = x.contiguous()?;
-        let xd = f32_data(&xc)?;
-        let rows = x.elem_count() / k.max(1);
         let b = fc1.1.map(|b| b.contiguous()).transpose()?;
         let bd = b.as_ref().map(f32_data).transpose()?;
         let zeros = vec![0f32; w1.n()];
@@ -323,7 +320,11 @@ pub fn mlp_inference_amx(
         };
         match &normed {
             Some(tiles) => w1.gemm_tiles_to_tiles(tiles, epi, threads),
-            None => w1.gemm_to_tiles(xd.get(), rows, epi, threads),
+            None => {
+                let xc = x.contiguous()?;
+                let xd = f32_data(&xc)?;
+                w1.gemm_to_tiles(xd.get(), x.elem_count() / k.max(1), epi, threads)
+            }
         }
     };
     // fc2 from the tiles; `x` only lends its shape (rows) to the output.

@@ -123,12 +123,8 @@ fn amx_kernel_streams() {
                 if sc == 5 {
                     let j = i + 1;
                     let (p, rb) = (j / 4 % b_panels, (j / 4 / b_panels * 4 + j % 4) % a_blocks);
-                    let next = c.as_ptr().add(rb * 32 * n + p * 32) as *const i8;
-                    for r in 0..32 {
-                        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_ET0};
-                        _mm_prefetch::<_MM_HINT_ET0>(next.add(r * n * 4));
-                        _mm_prefetch::<_MM_HINT_ET0>(next.add(r * n * 4 + 64));
-                    }
+                    let next = c.as_ptr().add(rb * 32 * n + p * 32) as *const u8;
+                    prefetch_for_write(next, n * 4, 32, 128);
                 }
                 Step {
                     a: a.as_ptr().add(ap),
