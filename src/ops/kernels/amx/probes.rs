@@ -212,3 +212,82 @@ fn amx_split() {
         );
     }
 }
+
+/// The GEMMs of a BEiT-base forward's 12 layers, each with its own packed weight (170 MB of
+/// bf16: the weights come from L3 or memory as in a real forward), 2 threads; per GEMM kind,
+/// the median over forwards. Rows: `PROBE_M` (default 197, one image).
+#[test]
+#[ignore]
+fn amx_layers() {
+    if !available(AmxKind::Bf16) {
+        return;
+    }
+    let m: usize = std::env::var("PROBE_M")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(197);
+    let (h, f) = (768usize, 3072usize);
+    let pack = |k: usize, n: usize| {
+        let w: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 7919) % 13) as f32 * 0.01 - 0.06)
+            .collect();
+        (0..12)
+            .map(|_| PackedAmx::pack(AmxKind::Bf16, &w, k, n, n, 1))
+            .collect::<Vec<_>>()
+    };
+    let (qkv, proj, fc1, fc2) = (pack(h, 3 * h), pack(h, h), pack(h, f), pack(f, h));
+    let x: Vec<f32> = (0..m * h)
+        .map(|i| ((i * 31) % 17) as f32 * 0.05 - 0.4)
+        .collect();
+    let bias = vec![0.01f32; f];
+    let gamma = vec![0.1f32; h];
+    let mut qkv_out = vec![0f32; m * 3 * h];
+    let mut out = vec![0f32; m * h];
+    let bias_only = Epi {
+        op: TileOp::Bias,
+        bias: &bias,
+        scale: &[],
+        res: &[],
+    };
+    let gelu = Epi {
+        op: TileOp::BiasGeluRational,
+        bias: &bias,
+        scale: &[],
+        res: &[],
+    };
+    let mut times = vec![[0f64; 4]; 15];
+    for t in times.iter_mut() {
+        for l in 0..12 {
+            let s = std::time::Instant::now();
+            qkv[l].gemm(&x, m, &mut qkv_out, bias_only, 2);
+            let s1 = std::time::Instant::now();
+            let resid = Epi {
+                op: TileOp::BiasScaleResidual,
+                bias: &bias,
+                scale: &gamma,
+                res: &x,
+            };
+            proj[l].gemm(&qkv_out[..m * h], m, &mut out, resid, 2);
+            let s2 = std::time::Instant::now();
+            let hidden = fc1[l].gemm_to_tiles(&out, m, gelu, 2);
+            let s3 = std::time::Instant::now();
+            fc2[l].gemm_from_tiles(&hidden, &mut out, resid, 2);
+            let s4 = std::time::Instant::now();
+            t[0] += (s1 - s).as_secs_f64();
+            t[1] += (s2 - s1).as_secs_f64();
+            t[2] += (s3 - s2).as_secs_f64();
+            t[3] += (s4 - s3).as_secs_f64();
+        }
+    }
+    let flop = [3 * h * h, h * h, h * f, f * h].map(|x| 2.0 * (m * x * 12) as f64);
+    for (i, name) in ["qkv", "proj", "fc1+gelu", "fc2+res"].iter().enumerate() {
+        let mut v: Vec<f64> = times[3..].iter().map(|t| t[i]).collect();
+        v.sort_by(f64::total_cmp);
+        let med = v[v.len() / 2];
+        eprintln!(
+            "m {m} {name}: {:.2} ms per forward, {:.0} GFLOP/s",
+            med * 1e3,
+            flop[i] / med / 1e9
+        );
+    }
+}
