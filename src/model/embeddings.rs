@@ -4,7 +4,7 @@ use candle_core::{IndexOp, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use crate::config::BeitConfig;
-use crate::nn::Conv2d;
+use crate::nn::{Conv2d, Linear};
 use crate::ops;
 
 /// `embeddings.patch_embeddings`: a `P x P / P` convolution, flattened to `[B, N, D]`.
@@ -13,10 +13,13 @@ pub struct BeitPatchEmbeddings {
     pub projection: Conv2d,
     pub num_channels: usize,
     pub patch_size: usize,
+    /// A frozen model on CPU: the kernel as a frozen [`Linear`] over the unfolded patches, so
+    /// that it runs on the chosen matmul precision's GEMM (AMX bf16 / int8) like the layers.
+    frozen: Option<Linear>,
 }
 
 impl BeitPatchEmbeddings {
-    pub fn new(cfg: &BeitConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &BeitConfig, vb: VarBuilder, frozen: bool) -> Result<Self> {
         let p = cfg.patch();
         let projection = Conv2d::new(
             cfg.num_channels,
@@ -29,10 +32,20 @@ impl BeitPatchEmbeddings {
             cfg.initializer_range,
             vb.pp("projection"),
         )?;
+        let w = &projection.weight;
+        let frozen = if frozen && w.device().is_cpu() && w.dtype() == candle_core::DType::F32 {
+            let (d, cpp) = (w.dim(0)?, w.elem_count() / w.dim(0)?);
+            // `[d, C*P*P]` seen, stored transposed (a copy: the conv keeps its weight).
+            let wt = w.reshape((d, cpp))?.t()?.contiguous()?.t()?;
+            Some(Linear::frozen(wt, projection.bias.clone())?)
+        } else {
+            None
+        };
         Ok(Self {
             projection,
             num_channels: cfg.num_channels,
             patch_size: p,
+            frozen,
         })
     }
 
@@ -59,8 +72,19 @@ impl BeitPatchEmbeddings {
             .contiguous()?
             .reshape((b * gh * gw, c * p * p))?;
         let d = self.projection.weight.dim(0)?;
-        let w = self.projection.weight.reshape((d, c * p * p))?;
-        ops::fused::linear(&patches, &w, self.projection.bias.as_ref())?.reshape((b, gh * gw, d))
+        let y = match &self.frozen {
+            Some(l)
+                if patches.dtype() == candle_core::DType::F32
+                    && ops::fast_cpu(patches.device()) =>
+            {
+                l.forward_inference(&patches, ops::linear::Epilogue::Bias)?
+            }
+            _ => {
+                let w = self.projection.weight.reshape((d, c * p * p))?;
+                ops::fused::linear(&patches, &w, self.projection.bias.as_ref())?
+            }
+        };
+        y.reshape((b, gh * gw, d))
     }
 }
 
@@ -76,7 +100,8 @@ pub struct BeitEmbeddings {
 }
 
 impl BeitEmbeddings {
-    pub fn new(cfg: &BeitConfig, vb: VarBuilder) -> Result<Self> {
+    /// `frozen`: for inference only (see [`BeitPatchEmbeddings::new`]).
+    pub fn new(cfg: &BeitConfig, vb: VarBuilder, frozen: bool) -> Result<Self> {
         let d = cfg.hidden_size;
         let zeros = Init::Const(0.0);
         let cls_token = vb.get_with_hints((1, 1, d), "cls_token", zeros)?;
@@ -94,7 +119,7 @@ impl BeitEmbeddings {
         Ok(Self {
             cls_token,
             mask_token,
-            patch_embeddings: BeitPatchEmbeddings::new(cfg, vb.pp("patch_embeddings"))?,
+            patch_embeddings: BeitPatchEmbeddings::new(cfg, vb.pp("patch_embeddings"), frozen)?,
             position_embeddings,
             patch_size: cfg.patch(),
             dropout: cfg.hidden_dropout_prob,

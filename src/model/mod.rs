@@ -169,7 +169,7 @@ impl BeitModel {
         };
         Ok(Self {
             config: cfg.clone(),
-            embeddings: BeitEmbeddings::new(cfg, vb.pp("embeddings"))?,
+            embeddings: BeitEmbeddings::new(cfg, vb.pp("embeddings"), frozen)?,
             shared_relative_position_bias,
             layers,
             layernorm,
