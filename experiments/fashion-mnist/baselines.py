@@ -136,6 +136,8 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs-1k", type=int, default=50, help="CNN epochs with 1k labels (beit's budget)")
     ap.add_argument("--epochs-54k", type=int, default=2, help="CNN epochs with 54k labels (beit's budget)")
+    ap.add_argument("--regimes", nargs="+", default=["1k", "54k"], choices=["1k", "54k"])
+    ap.add_argument("--models", nargs="+", default=["logistic", "cnn"], choices=["logistic", "cnn"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--output", required=True)
     a = ap.parse_args()
@@ -146,19 +148,21 @@ def main():
     t = lambda v: torch.from_numpy(np.ascontiguousarray(v))
     xv, yv, xt, yt = t(xtr[val]), t(ytr[val]), t(xte), t(yte)
     models = {
-        "logistic regression (raw pixels)": (
+        "logistic": ("logistic regression (raw pixels)",
             "L2 weight decay", [1e-4, 1e-3, 1e-2],
             lambda x, y, s, seed, regime: logistic(x, y, s, seed)),
-        "small CNN (2 conv + 2 FC, 0.42 M params)": (
+        "cnn": ("small CNN (2 conv + 2 FC, 0.42 M params)",
             "peak lr", [1e-3, 3e-3],
             lambda x, y, s, seed, regime: cnn(x, y, s, a.epochs_1k if regime == "1k" else a.epochs_54k, seed)),
     }
+    epochs = {"1k": a.epochs_1k, "54k": a.epochs_54k}
     results = []
-    for regime in ("1k", "54k"):
+    for regime in a.regimes:
         def labels(seed):
             idx = subset(pool, ytr, 100, seed) if regime == "1k" else pool
             return t(xtr[idx]), t(ytr[idx])
-        for name, (knob, grid, fit) in models.items():
+        for key in a.models:
+            name, knob, grid, fit = models[key]
             x0, y0 = labels(0)
             search = []
             for s in grid:
@@ -177,6 +181,7 @@ def main():
                 tests.append(accuracy(m, xt, yt))
                 print(f"{regime} {name} seed {seed}: test {100 * tests[-1]:.2f} %", flush=True)
             results.append({"regime": regime, "model": name, "setting": f"{knob} {best[1]:g}",
+                            "epochs": epochs[regime] if key == "cnn" else None,
                             "search": [{"setting": s, "val": v, "seconds": sec} for v, s, sec in search],
                             "test": tests, "seconds": secs})
     json.dump({"results": results, "torch": torch.__version__, "threads": a.threads},

@@ -237,15 +237,21 @@ def report(out):
             print(f"\n{os.path.basename(run)}, {what}: {ev[-1]['epoch']} epochs, "
                   f"{ev[-1].get('cpu_sec', 0) / 60:.0f} CPU-min; validation {100 * ev[-1]['top1']:.2f} %, "
                   f"test {100 * json.load(open(test_path))['top1']:.2f} %")
-    base = os.path.join(out, "baselines.json")
-    if os.path.exists(base):
-        b = json.load(open(base))
+    rows = []
+    for name in ("baselines.json", "baselines_ship.json"):
+        if os.path.exists(os.path.join(out, name)):
+            b = json.load(open(os.path.join(out, name)))
+            rows += [dict(r, threads=b["threads"]) for r in b["results"]]
+    if rows:
         print("\n## Simple references, trained here (baselines.py; own recipes tuned on a validation split)\n")
-        print("| labels | model | chosen setting | test top-1 | seeds |")
-        print("|---|---|---|---|---|")
-        for row in b["results"]:
-            print(f"| {row['regime']} | {row['model']} | {row['setting']} | {mean_sd(row['test'])} % "
-                  f"| {len(row['test'])} |")
+        print("| labels | model | epochs | chosen setting | test top-1 | seeds | CPU-min / run |")
+        print("|---|---|---|---|---|---|---|")
+        for row in rows:
+            epochs = row.get("epochs") or "-"
+            # Wall-clock seconds of a run times its threads: an upper bound of its CPU time.
+            cpu_min = sum(row["seconds"]) / len(row["seconds"]) * row["threads"] / 60
+            print(f"| {row['regime']} | {row['model']} | {epochs} | {row['setting']} | "
+                  f"{mean_sd(row['test'])} % | {len(row['test'])} | {cpu_min:.1f} |")
     plot(out, finals, pt_sec)
 
 

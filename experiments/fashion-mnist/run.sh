@@ -245,6 +245,12 @@ if has baselines && [ ! -f "$OUT/baselines.json" ]; then
   stamp baselines
   $PY experiments/fashion-mnist/baselines.py --data "$DATA" --seeds $SEEDS --output "$OUT/baselines.json"
 fi
+# The CNN again with the shipped model's 20 epochs of 54k labels (one thread, as the ship runs).
+if has baselines && [ ! -f "$OUT/baselines_ship.json" ]; then
+  stamp "baselines at the shipped model's budget"
+  $PY experiments/fashion-mnist/baselines.py --data "$DATA" --seeds $SEEDS --regimes 54k --models cnn \
+    --epochs-54k 20 --threads 1 --output "$OUT/baselines_ship.json"
+fi
 stamp "done: $PY experiments/fashion-mnist/report.py $OUT"
 # Then: /root/venv/bin/python experiments/fashion-mnist/ship.py "$(report.py "$OUT" --ship-best)" (f16 copy into
 # models/fashion-mnist-beit) and check_with_transformers.py (the examples' expected.json).
