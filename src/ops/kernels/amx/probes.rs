@@ -215,7 +215,8 @@ fn amx_split() {
 
 /// The GEMMs of a BEiT-base forward's 12 layers, each with its own packed weight (170 MB of
 /// bf16: the weights come from L3 or memory as in a real forward), 2 threads; per GEMM kind,
-/// the median over forwards. Rows: `PROBE_M` (default 197, one image).
+/// the median over forwards. Rows: `PROBE_M` (default 197, one image); `PROBE_PAR=2`: two
+/// forwards at once, one thread each (as `beit bench` splits a batch by images).
 #[test]
 #[ignore]
 fn amx_layers() {
@@ -241,8 +242,6 @@ fn amx_layers() {
         .collect();
     let bias = vec![0.01f32; f];
     let gamma = vec![0.1f32; h];
-    let mut qkv_out = vec![0f32; m * 3 * h];
-    let mut out = vec![0f32; m * h];
     let bias_only = Epi {
         op: TileOp::Bias,
         bias: &bias,
@@ -255,30 +254,42 @@ fn amx_layers() {
         scale: &[],
         res: &[],
     };
-    let mut times = vec![[0f64; 4]; 15];
-    for t in times.iter_mut() {
-        for l in 0..12 {
-            let s = std::time::Instant::now();
-            qkv[l].gemm(&x, m, &mut qkv_out, bias_only, 2);
-            let s1 = std::time::Instant::now();
-            let resid = Epi {
-                op: TileOp::BiasScaleResidual,
-                bias: &bias,
-                scale: &gamma,
-                res: &x,
-            };
-            proj[l].gemm(&qkv_out[..m * h], m, &mut out, resid, 2);
-            let s2 = std::time::Instant::now();
-            let hidden = fc1[l].gemm_to_tiles(&out, m, gelu, 2);
-            let s3 = std::time::Instant::now();
-            fc2[l].gemm_from_tiles(&hidden, &mut out, resid, 2);
-            let s4 = std::time::Instant::now();
-            t[0] += (s1 - s).as_secs_f64();
-            t[1] += (s2 - s1).as_secs_f64();
-            t[2] += (s3 - s2).as_secs_f64();
-            t[3] += (s4 - s3).as_secs_f64();
+    let par: usize = std::env::var("PROBE_PAR")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let threads = 2 / par;
+    let run = |_: usize| {
+        let mut qkv_out = vec![0f32; m * 3 * h];
+        let mut out = vec![0f32; m * h];
+        let mut times = vec![[0f64; 4]; 15];
+        for t in times.iter_mut() {
+            for l in 0..12 {
+                let s = std::time::Instant::now();
+                qkv[l].gemm(&x, m, &mut qkv_out, bias_only, threads);
+                let s1 = std::time::Instant::now();
+                let resid = Epi {
+                    op: TileOp::BiasScaleResidual,
+                    bias: &bias,
+                    scale: &gamma,
+                    res: &x,
+                };
+                proj[l].gemm(&qkv_out[..m * h], m, &mut out, resid, threads);
+                let s2 = std::time::Instant::now();
+                let hidden = fc1[l].gemm_to_tiles(&out, m, gelu, threads);
+                let s3 = std::time::Instant::now();
+                fc2[l].gemm_from_tiles(&hidden, &mut out, resid, threads);
+                let s4 = std::time::Instant::now();
+                t[0] += (s1 - s).as_secs_f64();
+                t[1] += (s2 - s1).as_secs_f64();
+                t[2] += (s3 - s2).as_secs_f64();
+                t[3] += (s4 - s3).as_secs_f64();
+            }
         }
-    }
+        times
+    };
+    let all: Vec<_> = (0..par).into_par_iter().map(run).collect();
+    let times = &all[0];
     let flop = [3 * h * h, h * h, h * f, f * h].map(|x| 2.0 * (m * x * 12) as f64);
     for (i, name) in ["qkv", "proj", "fc1+gelu", "fc2+res"].iter().enumerate() {
         let mut v: Vec<f64> = times[3..].iter().map(|t| t[i]).collect();
