@@ -467,7 +467,7 @@ impl PackedAmx {
     }
 
     /// Rows per block for `m` rows: all of them when they are few (a batch of one image) and
-    /// their activations fit in half an L2, so that each weight panel is read once, not once
+    /// their activations fit in 1.25 MB (of a 2 MB L2), so that each weight panel is read once, not once
     /// per 128 rows (BEiT-base b1 bf16, 197 rows: 35.2-36.8 -> 32.8-37.2 ms over four
     /// interleaved rounds, 3 of them faster; the 12 layers' GEMMs in `amx_layers` 8-15 %).
     fn row_block(&self, m: usize) -> usize {
