@@ -431,13 +431,26 @@ impl PackedAmx {
                                 },
                             ),
                         };
-                        if kt0 == 0 && ir < ic + direct {
-                            // The C block this call stores, requested for writing while its
-                            // tile loop runs: tile stores into a large output otherwise wait
-                            // on 32 rows' misses (`amx_kernel_streams`: 0.7 -> 1.0-1.2 TFLOP
-                            // per CPU-second; the QKV shape 1576 x 3072 x 768 +15 %). Not for
-                            // the blocks that go through `sums` (GELU shape 5 % slower).
-                            prefetch_for_write(cp as *const u8, ldc, rows, NP * 4);
+                        // The C block this call stores (or `finish` will write), requested
+                        // for writing while the tile loop runs: stores into a large output
+                        // otherwise wait on 32 rows' misses (`amx_kernel_streams`: 0.7 ->
+                        // 1.0-1.2 TFLOP per CPU-second). Direct blocks: at their first call
+                        // (QKV shape +15 %); blocks through `sums`: in the last depth chunk,
+                        // just before `finish` (b8 forwards, 4 interleaved rounds: int8
+                        // 179-200 -> 155-177 ms, bf16 217-235 -> 205-219). Earlier, at the
+                        // block's first chunk, it had made the GELU shape 5 % slower.
+                        if ir < ic + direct {
+                            if kt0 == 0 {
+                                prefetch_for_write(cp as *const u8, ldc, rows, NP * 4);
+                            }
+                        } else if let (Dest::F32(cd), true) = (c, kt0 + kc >= ktiles) {
+                            let bytes = NP.min(n - j0) * 4;
+                            prefetch_for_write(
+                                cd.add(ir * n + j0) as *const u8,
+                                n * 4,
+                                rows,
+                                bytes,
+                            );
                         }
                         let step = Step {
                             a: apack.as_ptr().add((ir / 16 * ktiles + kt0) * 1024),
