@@ -245,11 +245,11 @@ if has baselines && [ ! -f "$OUT/baselines.json" ]; then
   stamp baselines
   $PY experiments/fashion-mnist/baselines.py --data "$DATA" --seeds $SEEDS --output "$OUT/baselines.json"
 fi
-# The CNN again with the shipped model's 20 epochs of 54k labels (one thread, as the ship runs).
+# The CNN again with the ship runs' SHIP_EPOCHS of 54k labels (one thread, as the ship runs).
 if has baselines && [ ! -f "$OUT/baselines_ship.json" ]; then
   stamp "baselines at the shipped model's budget"
   $PY experiments/fashion-mnist/baselines.py --data "$DATA" --seeds $SEEDS --regimes 54k --models cnn \
-    --epochs-54k 20 --threads 1 --output "$OUT/baselines_ship.json"
+    --epochs-54k "$SHIP_EPOCHS" --threads 1 --output "$OUT/baselines_ship.json"
 fi
 stamp "done: $PY experiments/fashion-mnist/report.py $OUT"
 # Then: /root/venv/bin/python experiments/fashion-mnist/ship.py "$(report.py "$OUT" --ship-best)" (f16 copy into
