@@ -443,14 +443,11 @@ impl PackedAmx {
                             if kt0 == 0 {
                                 prefetch_for_write(cp as *const u8, ldc, rows, NP * 4);
                             }
-                        } else if let (Dest::F32(cd), true) = (c, kt0 + kc >= ktiles) {
-                            let bytes = NP.min(n - j0) * 4;
-                            prefetch_for_write(
-                                cd.add(ir * n + j0) as *const u8,
-                                n * 4,
-                                rows,
-                                bytes,
-                            );
+                        } else if kt0 + kc >= ktiles {
+                            if let Dest::F32(cd) = c {
+                                let at = cd.add(ir * n + j0) as *const u8;
+                                prefetch_for_write(at, n * 4, rows, NP.min(n - j0) * 4);
+                            }
                         }
                         let step = Step {
                             a: apack.as_ptr().add((ir / 16 * ktiles + kt0) * 1024),
@@ -480,9 +477,10 @@ impl PackedAmx {
     }
 
     /// Rows per block for `m` rows: all of them when they are few (a batch of one image) and
-    /// their activations fit in 1.25 MB (of a 2 MB L2), so that each weight panel is read once, not once
-    /// per 128 rows (BEiT-base b1 bf16, 197 rows: 35.2-36.8 -> 32.8-37.2 ms over four
-    /// interleaved rounds, 3 of them faster; the 12 layers' GEMMs in `amx_layers` 8-15 %).
+    /// their activations fit in 1.25 MB (of a 2 MB L2), so that each weight panel is read
+    /// once, not once per 128 rows (BEiT-base b1 bf16, 197 rows: 35.2-36.8 -> 32.8-37.2 ms
+    /// over four interleaved rounds, 3 of them faster; the 12 layers' GEMMs in `amx_layers`
+    /// 8-15 %).
     fn row_block(&self, m: usize) -> usize {
         if m <= MC_WHOLE && m * self.kp * self.kind.elem() <= 1280 << 10 {
             m

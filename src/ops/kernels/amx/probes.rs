@@ -223,10 +223,14 @@ fn amx_layers() {
     if !available(AmxKind::Bf16) {
         return;
     }
-    let m: usize = std::env::var("PROBE_M")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(197);
+    let env = |name: &str, default: usize| -> usize {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (m, par) = (env("PROBE_M", 197), env("PROBE_PAR", 1).clamp(1, 2));
+    let threads = 2 / par;
     let (h, f) = (768usize, 3072usize);
     let pack = |k: usize, n: usize| {
         let w: Vec<f32> = (0..k * n)
@@ -254,11 +258,12 @@ fn amx_layers() {
         scale: &[],
         res: &[],
     };
-    let par: usize = std::env::var("PROBE_PAR")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
-    let threads = 2 / par;
+    let resid = Epi {
+        op: TileOp::BiasScaleResidual,
+        bias: &bias,
+        scale: &gamma,
+        res: &x,
+    };
     let run = |_: usize| {
         let mut qkv_out = vec![0f32; m * 3 * h];
         let mut out = vec![0f32; m * h];
@@ -268,12 +273,6 @@ fn amx_layers() {
                 let s = std::time::Instant::now();
                 qkv[l].gemm(&x, m, &mut qkv_out, bias_only, threads);
                 let s1 = std::time::Instant::now();
-                let resid = Epi {
-                    op: TileOp::BiasScaleResidual,
-                    bias: &bias,
-                    scale: &gamma,
-                    res: &x,
-                };
                 proj[l].gemm(&qkv_out[..m * h], m, &mut out, resid, threads);
                 let s2 = std::time::Instant::now();
                 let hidden = fc1[l].gemm_to_tiles(&out, m, gelu, threads);
