@@ -212,7 +212,7 @@ impl PackedAmx {
         }
         let tiles = self.pack_activations(a, m, None, threads);
         // SAFETY: `c` holds `m x n` (checked above).
-        unsafe { self.run(&tiles, Dest::F32(c.as_mut_ptr()), epi, threads) };
+        unsafe { self.run(&tiles, Dest::F32(c.as_mut_ptr(), self.n), epi, threads) };
     }
 
     /// As [`PackedAmx::gemm`], with the output (after the epilogue) written as bf16 activation
@@ -258,7 +258,7 @@ impl PackedAmx {
             return;
         }
         // SAFETY: `c` holds `m x n` (checked above).
-        unsafe { self.run(a, Dest::F32(c.as_mut_ptr()), epi, threads) };
+        unsafe { self.run(a, Dest::F32(c.as_mut_ptr(), self.n), epi, threads) };
     }
 
     /// `LayerNorm(x)` for `x [m x k]` (row-major f32), as A tiles for this weight's kernel:
@@ -391,7 +391,9 @@ impl PackedAmx {
         // blocks; the rest go through `sums` and `finish`. (The fused QKV projection: the
         // epilogue and copy were ~30 % of its time.)
         let direct_to = match c {
-            Dest::F32(c) if self.kind == AmxKind::Bf16 && epi.op == vmath::TileOp::Bias => Some(c),
+            Dest::F32(c, ld) if self.kind == AmxKind::Bf16 && epi.op == vmath::TileOp::Bias => {
+                Some((c, ld))
+            }
             _ => None,
         };
         let n = self.n;
@@ -412,9 +414,9 @@ impl PackedAmx {
                     while ir < ic + mcur {
                         let rows = 32.min(ic + mcur - ir);
                         let (cp, ldc, init) = match direct_to {
-                            Some(cd) if ir < ic + direct => (
-                                cd.add(ir * n + j0),
-                                n * 4,
+                            Some((cd, ld)) if ir < ic + direct => (
+                                cd.add(ir * ld + j0),
+                                ld * 4,
                                 if kt0 > 0 {
                                     Init::Accumulate
                                 } else {
@@ -444,9 +446,9 @@ impl PackedAmx {
                                 prefetch_for_write(cp as *const u8, ldc, rows, NP * 4);
                             }
                         } else if kt0 + kc >= ktiles {
-                            if let Dest::F32(cd) = c {
-                                let at = cd.add(ir * n + j0) as *const u8;
-                                prefetch_for_write(at, n * 4, rows, NP.min(n - j0) * 4);
+                            if let Dest::F32(cd, ld) = c {
+                                let at = cd.add(ir * ld + j0) as *const u8;
+                                prefetch_for_write(at, ld * 4, rows, NP.min(n - j0) * 4);
                             }
                         }
                         let step = Step {
@@ -525,7 +527,7 @@ impl PackedAmx {
         };
         vmath::tile_epilogue(sums, NP, rows, cols, epi.op, &epi.bias[j0..], scale, res, n);
         match c {
-            Dest::F32(c) => copy_block::<false>(sums, c.add(r0 * n + j0), n, rows, cols),
+            Dest::F32(c, ld) => copy_block::<false>(sums, c.add(r0 * ld + j0), ld, rows, cols),
             Dest::F32Stream(c) => copy_block::<true>(sums, c.add(r0 * n + j0), n, rows, cols),
             Dest::Tiles(t, ktiles) => bf16_block_to_tiles(sums, t.get(), ktiles, r0, rows, j0 / 32),
         }
@@ -560,8 +562,9 @@ impl ActTiles {
 /// Where a GEMM's finished blocks go.
 #[derive(Clone, Copy)]
 enum Dest {
-    /// Row-major f32, row stride `n`.
-    F32(*mut f32),
+    /// Row-major f32 with this row stride (`n`, or wider: one head's columns of a wider
+    /// matrix).
+    F32(*mut f32, usize),
     /// The same, written with non-temporal stores where a row's 32 columns fill a whole,
     /// aligned cache-line pair.
     F32Stream(*mut f32),

@@ -11,6 +11,7 @@
 use rayon::prelude::*;
 
 use super::{available, ActTiles, AmxKind, Dest, PackedAmx, NP};
+use crate::ops::kernels::gemm::{View, ViewMut};
 use crate::ops::kernels::packed::Epi;
 use crate::ops::kernels::vmath::TileOp;
 use crate::ops::kernels::TileBuf;
@@ -78,6 +79,86 @@ pub fn gemm_bf16(
     unsafe { run_f32(&w, &tiles, c, bias, threads) };
 }
 
+/// `C = A · B` for one small product of many that run side by side (the attention's
+/// per-head products in bf16 training), on the calling thread: bf16 operands and f32 sums as
+/// [`gemm_bf16`], each operand a strided view of `[m, k]`, `[k, n]` (row- or column-major: one
+/// of its strides is 1) and C `[m, n]` with unit column stride.
+///
+/// # Safety
+/// The views must cover their elements; C must not overlap A or B.
+pub unsafe fn gemm_bf16_view(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: ViewMut<f32>,
+    a: View<f32>,
+    b: View<f32>,
+) {
+    assert!(available(AmxKind::Bf16), "this CPU/OS does not run AMX");
+    assert!(
+        c.cs == 1 && c.rs >= 0,
+        "gemm_bf16_view: C must be row-major"
+    );
+    assert!(
+        a.rs >= 0 && a.cs >= 0 && (a.rs == 1 || a.cs == 1),
+        "gemm_bf16_view: A layout"
+    );
+    assert!(
+        b.rs >= 0 && b.cs >= 0 && (b.rs == 1 || b.cs == 1),
+        "gemm_bf16_view: B layout"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    let ldc = c.rs as usize;
+    if k == 0 {
+        for r in 0..m {
+            std::ptr::write_bytes(c.ptr.add(r * ldc), 0, n);
+        }
+        return;
+    }
+    let ktiles = k.div_ceil(32);
+    let mut v = [0u32; 256];
+    let vp = v.as_mut_ptr() as *mut u8;
+    // B in `PackedAmx`'s panel layout: panel p, depth tile kt, half h at (p, kt, h).
+    let panels = n.div_ceil(NP);
+    // SAFETY: every tile is written below.
+    let mut bdata = TileBuf::uninit(panels * ktiles * 2048);
+    for p in 0..panels {
+        for kt in 0..ktiles {
+            for h in 0..2 {
+                let dst = bdata.as_mut_ptr().add(((p * ktiles + kt) * 2 + h) * 1024);
+                let j0 = p * NP + h * 16;
+                if b.cs == 1 {
+                    vnni_tile(b.ptr, b.rs as usize, k, n, kt * 32, j0, dst);
+                } else {
+                    // Stored transposed (rows of B's columns): A-layout rows, transposed.
+                    row_tile(b.ptr, b.cs as usize, n, k, j0, kt * 32, vp);
+                    transpose_tile(&v, std::slice::from_raw_parts_mut(dst, 1024));
+                }
+            }
+        }
+    }
+    // A in tile order, `[m/16][ktiles][16 rows][64 bytes]`.
+    let blocks = m.div_ceil(16);
+    // SAFETY: every tile is written below.
+    let mut adata = TileBuf::uninit(blocks * ktiles * 1024);
+    for rb in 0..blocks {
+        for kt in 0..ktiles {
+            let dst = adata.as_mut_ptr().add((rb * ktiles + kt) * 1024);
+            if a.cs == 1 {
+                row_tile(a.ptr, a.rs as usize, m, k, rb * 16, kt * 32, dst);
+            } else {
+                vnni_tile(a.ptr, a.cs as usize, k, m, kt * 32, rb * 16, vp);
+                transpose_tile(&v, std::slice::from_raw_parts_mut(dst, 1024));
+            }
+        }
+    }
+    let w = PackedAmx::from_parts(AmxKind::Bf16, k, n, ktiles * 32, bdata);
+    let tiles = bf16_tiles(m, ktiles, adata);
+    run_f32_strided(&w, &tiles, c.ptr, ldc, None, 1);
+}
+
 /// `c = A · w (+ bias)` for A already in tiles, `c` row-major `a.m x w.n`.
 ///
 /// # Safety
@@ -86,6 +167,21 @@ unsafe fn run_f32(
     w: &PackedAmx,
     a: &ActTiles,
     c: &mut [f32],
+    bias: Option<&[f32]>,
+    threads: usize,
+) {
+    run_f32_strided(w, a, c.as_mut_ptr(), w.n(), bias, threads)
+}
+
+/// [`run_f32`] into C with row stride `ldc` (>= `w.n`).
+///
+/// # Safety
+/// `c` must hold `a.m` rows of `ldc` floats and `bias` (when given) `w.n`.
+unsafe fn run_f32_strided(
+    w: &PackedAmx,
+    a: &ActTiles,
+    c: *mut f32,
+    ldc: usize,
     bias: Option<&[f32]>,
     threads: usize,
 ) {
@@ -107,10 +203,10 @@ unsafe fn run_f32(
     // An output much larger than the caches (a training activation or its gradient: nothing
     // reads it before the next layer's GEMM) is written with non-temporal stores, which skip
     // reading the old lines: 6400 x 768 (19.7 MB) went from 3.1-3.9 to 2.4-2.7 ms.
-    let dest = if a.m * n * 4 >= STREAM_BYTES {
-        Dest::F32Stream(c.as_mut_ptr())
+    let dest = if ldc == n && a.m * n * 4 >= STREAM_BYTES {
+        Dest::F32Stream(c)
     } else {
-        Dest::F32(c.as_mut_ptr())
+        Dest::F32(c, ldc)
     };
     w.run(a, dest, epi, threads);
 }
@@ -172,7 +268,7 @@ fn pack_grad_both(g: &[f32], m: usize, n: usize) -> (ActTiles, ActTiles) {
                     }
                     let dst = rows_chunk[(half * kt_rows + kt) * 1024..].as_mut_ptr();
                     // SAFETY: `available` checked AVX-512 BF16; the tile is inside the chunk.
-                    unsafe { row_tile(g, m, n, r0 + half * 16, c0, dst) };
+                    unsafe { row_tile(g.as_ptr(), n, m, n, r0 + half * 16, c0, dst) };
                 }
                 for half in 0..2 {
                     let cb = c0 / 16 + half;
@@ -182,7 +278,15 @@ fn pack_grad_both(g: &[f32], m: usize, n: usize) -> (ActTiles, ActTiles) {
                     // SAFETY: as above; tile (cb, r0 / 32) of the transpose belongs to this
                     // row group alone.
                     unsafe {
-                        vnni_tile(g, m, n, r0, c0 + half * 16, v.as_mut_ptr() as *mut u8);
+                        vnni_tile(
+                            g.as_ptr(),
+                            n,
+                            m,
+                            n,
+                            r0,
+                            c0 + half * 16,
+                            v.as_mut_ptr() as *mut u8,
+                        );
                         let at = (cb * kt_cols + r0 / 32) * 1024;
                         let tile = std::slice::from_raw_parts_mut(cols_ptr.get().add(at), 1024);
                         transpose_tile(&v, tile);
@@ -223,27 +327,39 @@ fn lanes(left: usize) -> u16 {
     ((1u32 << left.min(16)) - 1) as u16
 }
 
-/// Rows `2q, 2q+1` (q < 16) of a `[k, cols]` row-major source from depth `k0`, columns
-/// `[j0, j0 + 16)`, as the 16 rows of a VNNI tile (`dst`, 1 KB): row q, lane jj =
-/// `(src[k0 + 2q][j0 + jj], src[k0 + 2q + 1][j0 + jj])`, zero past `k` and `cols`.
+/// Rows `2q, 2q+1` (q < 16) of a `[k, cols]` source (row `r` at `src + r * ld`) from depth
+/// `k0`, columns `[j0, j0 + 16)`, as the 16 rows of a VNNI tile (`dst`, 1 KB): row q, lane jj
+/// = `(src[k0 + 2q][j0 + jj], src[k0 + 2q + 1][j0 + jj])`, zero past `k` and `cols`.
+///
+/// # Safety
+/// The `k x cols` elements must be readable; `dst` writable for 1 KB; AVX-512 BF16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn vnni_tile(src: &[f32], k: usize, cols: usize, k0: usize, j0: usize, dst: *mut u8) {
+unsafe fn vnni_tile(
+    src: *const f32,
+    ld: usize,
+    k: usize,
+    cols: usize,
+    k0: usize,
+    j0: usize,
+    dst: *mut u8,
+) {
     use std::arch::x86_64::*;
     let cm = lanes(cols.saturating_sub(j0));
     for q in 0..16 {
         let (r0, r1) = (k0 + 2 * q, k0 + 2 * q + 1);
         let m0 = if r0 < k { cm } else { 0 };
         let m1 = if r1 < k { cm } else { 0 };
-        let p0 = src.as_ptr().wrapping_add(r0 * cols + j0);
-        let p1 = src.as_ptr().wrapping_add(r1 * cols + j0);
+        // Lanes past the edges are masked off: their addresses are never read.
+        let p0 = src.wrapping_add(r0 * ld + j0);
+        let p1 = src.wrapping_add(r1 * ld + j0);
         let v = pair_row(p0, p1, m0, m1);
         _mm512_storeu_si512(dst.add(q * 64) as *mut _, v);
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn vnni_tile(_: &[f32], _: usize, _: usize, _: usize, _: usize, _: *mut u8) {
+unsafe fn vnni_tile(_: *const f32, _: usize, _: usize, _: usize, _: usize, _: usize, _: *mut u8) {
     unreachable!("AMX is x86_64 only")
 }
 
@@ -272,16 +388,37 @@ fn pack_panels(
 fn pack_b_rows(b: &[f32], k: usize, n: usize) -> PackedAmx {
     pack_panels(k, n, |p, kt, h, dst| {
         // SAFETY: `available` checked AVX-512 BF16; `dst` is 1 KB.
-        unsafe { vnni_tile(b, k, n, kt * 32, p * NP + h * 16, dst.as_mut_ptr()) }
+        unsafe {
+            vnni_tile(
+                b.as_ptr(),
+                n,
+                k,
+                n,
+                kt * 32,
+                p * NP + h * 16,
+                dst.as_mut_ptr(),
+            )
+        }
     })
 }
 
-/// Rows `[r0, r0 + 16)` of a `[rows, k]` row-major source, depth `[k0, k0 + 32)`, as bf16:
-/// the A-tile layout (row r, 32-bit pair q = depth `k0 + 2q, k0 + 2q + 1`), zero past the
-/// edges, into `dst` (1 KB).
+/// Rows `[r0, r0 + 16)` of a `[rows, k]` source (row `r` at `src + r * ld`), depth
+/// `[k0, k0 + 32)`, as bf16: the A-tile layout (row r, 32-bit pair q = depth `k0 + 2q,
+/// k0 + 2q + 1`), zero past the edges, into `dst` (1 KB).
+///
+/// # Safety
+/// The `rows x k` elements must be readable; `dst` writable for 1 KB; AVX-512 BF16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn row_tile(src: &[f32], rows: usize, k: usize, r0: usize, k0: usize, dst: *mut u8) {
+unsafe fn row_tile(
+    src: *const f32,
+    ld: usize,
+    rows: usize,
+    k: usize,
+    r0: usize,
+    k0: usize,
+    dst: *mut u8,
+) {
     use std::arch::x86_64::*;
     let (m0, m1) = (
         lanes(k.saturating_sub(k0)),
@@ -289,7 +426,8 @@ unsafe fn row_tile(src: &[f32], rows: usize, k: usize, r0: usize, k0: usize, dst
     );
     for r in 0..16 {
         let (ma, mb) = if r0 + r < rows { (m0, m1) } else { (0, 0) };
-        let p = src.as_ptr().wrapping_add((r0 + r) * k + k0);
+        // Lanes past the edges are masked off: their addresses are never read.
+        let p = src.wrapping_add((r0 + r) * ld + k0);
         let lo = _mm512_maskz_loadu_ps(ma, p);
         let hi = _mm512_maskz_loadu_ps(mb, p.wrapping_add(16));
         let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
@@ -298,7 +436,7 @@ unsafe fn row_tile(src: &[f32], rows: usize, k: usize, r0: usize, k0: usize, dst
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn row_tile(_: &[f32], _: usize, _: usize, _: usize, _: usize, _: *mut u8) {
+unsafe fn row_tile(_: *const f32, _: usize, _: usize, _: usize, _: usize, _: usize, _: *mut u8) {
     unreachable!("AMX is x86_64 only")
 }
 
@@ -318,7 +456,17 @@ fn pack_b_cols(b: &[f32], k: usize, n: usize) -> PackedAmx {
     pack_panels(k, n, |p, kt, h, dst| {
         let mut v = [0u32; 256];
         // SAFETY: `available` checked AVX-512 BF16; `v` is 1 KB.
-        unsafe { row_tile(b, n, k, p * NP + h * 16, kt * 32, v.as_mut_ptr() as *mut u8) };
+        unsafe {
+            row_tile(
+                b.as_ptr(),
+                k,
+                n,
+                k,
+                p * NP + h * 16,
+                kt * 32,
+                v.as_mut_ptr() as *mut u8,
+            )
+        };
         transpose_tile(&v, dst);
     })
 }
@@ -337,7 +485,17 @@ fn pack_a_cols(a: &[f32], m: usize, k: usize) -> ActTiles {
             let mut v = [0u32; 256];
             for kt in 0..ktiles {
                 // SAFETY: as in `pack_b_rows`; `v` is 1 KB.
-                unsafe { vnni_tile(a, k, m, kt * 32, rb * 16, v.as_mut_ptr() as *mut u8) };
+                unsafe {
+                    vnni_tile(
+                        a.as_ptr(),
+                        m,
+                        k,
+                        m,
+                        kt * 32,
+                        rb * 16,
+                        v.as_mut_ptr() as *mut u8,
+                    )
+                };
                 transpose_tile(&v, &mut block[kt * 1024..(kt + 1) * 1024]);
             }
         });
@@ -412,6 +570,80 @@ mod tests {
                             "{m}x{n}x{k} {al:?} {bl:?}: [{i}] {} vs {}",
                             c[i],
                             want[i]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The strided single-thread GEMM against the f64 product of the rounded operands: every
+    /// layout pair, operands at an offset with row strides wider than the matrix (one head's
+    /// columns of a fused QKV), C with a wider row stride whose gaps stay untouched.
+    #[test]
+    fn amx_view_gemm_matches_rounded_product() {
+        if !available(AmxKind::Bf16) {
+            eprintln!("SKIPPED: this CPU/OS has no AMX-BF16; the strided AMX GEMM was not tested");
+            return;
+        }
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (37, 37, 40),
+            (50, 64, 50),
+            (197, 33, 70),
+            (5, 3, 0),
+        ] {
+            let (off, pad) = (3, 11);
+            let src = |len: usize, seed: usize| -> Vec<f32> {
+                (0..len)
+                    .map(|i| (((i + seed) * 7919 % 211) as f32 - 105.0) / 37.0)
+                    .collect()
+            };
+            // A [m, k] stored as rows (ld k + pad) or transposed (ld m + pad); B likewise.
+            let (a_rows, a_cols) = (src(off + m * (k + pad), 1), src(off + k * (m + pad), 2));
+            let (b_rows, b_cols) = (src(off + k * (n + pad), 3), src(off + n * (k + pad), 4));
+            for (at, bt) in [(false, false), (false, true), (true, false), (true, true)] {
+                let a_at = |r: usize, kk: usize| {
+                    if at {
+                        a_cols[off + kk * (m + pad) + r]
+                    } else {
+                        a_rows[off + r * (k + pad) + kk]
+                    }
+                };
+                let b_at = |kk: usize, j: usize| {
+                    if bt {
+                        b_cols[off + j * (k + pad) + kk]
+                    } else {
+                        b_rows[off + kk * (n + pad) + j]
+                    }
+                };
+                let av = if at {
+                    View::transposed(&a_cols, off, m + pad)
+                } else {
+                    View::row_major(&a_rows, off, k + pad)
+                };
+                let bv = if bt {
+                    View::transposed(&b_cols, off, k + pad)
+                } else {
+                    View::row_major(&b_rows, off, n + pad)
+                };
+                let ldc = n + 5;
+                let mut c = vec![f32::NAN; m * ldc];
+                // SAFETY: the views cover their matrices; `c` holds m rows of `ldc`.
+                unsafe { gemm_bf16_view(m, n, k, ViewMut::row_major(&mut c, 0, ldc), av, bv) };
+                for r in 0..m {
+                    for j in 0..ldc {
+                        let got = c[r * ldc + j];
+                        if j >= n {
+                            assert!(got.is_nan(), "{m}x{n}x{k}: gap [{r}, {j}] written");
+                            continue;
+                        }
+                        let want: f64 = (0..k)
+                            .map(|kk| round(a_at(r, kk)) * round(b_at(kk, j)))
+                            .sum();
+                        assert!(
+                            (got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                            "{m}x{n}x{k} A^T {at} B^T {bt}: [{r}, {j}] {got} vs {want}"
                         );
                     }
                 }
