@@ -114,3 +114,45 @@ fn bf16_autocast_attention_and_gradients_match_f32() {
         );
     }
 }
+
+/// Timing probe (not a check): the attention core's forward and backward at BEiT-small's
+/// training shape (batch 32, 197 tokens, 6 heads of 64), f32 and bf16 autocast, best of 5.
+/// `cargo test --release --test autocast attention_rates -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn attention_rates() {
+    if !autocast::cpu_bf16_available() {
+        eprintln!("SKIPPED: no AMX-BF16");
+        return;
+    }
+    let dev = Device::Cpu;
+    let (b, s, heads, hd) = (32, 197, 6, 64);
+    let d = heads * hd;
+    let qkv = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, s, 3 * d), &dev).unwrap()).unwrap();
+    let bias =
+        Var::from_tensor(&Tensor::randn(0f32, 0.5, (1, heads, s, s), &dev).unwrap()).unwrap();
+    let r = Tensor::randn(0f32, 1.0, (b, s, d), &dev).unwrap();
+    for on in [false, true] {
+        autocast::set_cpu_bf16(on);
+        let (mut fwd, mut bwd) = (f64::MAX, f64::MAX);
+        for _ in 0..6 {
+            let t = std::time::Instant::now();
+            let y =
+                beit::ops::fused::attention(qkv.as_tensor(), Some(bias.as_tensor()), heads, 0.125)
+                    .unwrap()
+                    .unwrap();
+            let t1 = t.elapsed().as_secs_f64();
+            let loss = (&y * &r).unwrap().sum_all().unwrap();
+            let t2 = std::time::Instant::now();
+            let _g = loss.backward().unwrap();
+            fwd = fwd.min(t1);
+            bwd = bwd.min(t2.elapsed().as_secs_f64());
+        }
+        autocast::set_cpu_bf16(false);
+        println!(
+            "bf16 {on}: forward {:.1} ms, backward {:.1} ms (incl. the product and sum)",
+            fwd * 1e3,
+            bwd * 1e3
+        );
+    }
+}
