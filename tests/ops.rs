@@ -275,3 +275,38 @@ fn fused_training_ops_match_finite_differences_and_the_composition() {
         Ok(fused::attention(&qkv, Some(b), heads, scale)?.unwrap())
     });
 }
+
+/// LayerNorm's f32 backward (the vectorised kernel) against the f64 one, on row lengths with
+/// and without whole 16-lane chunks and more rows than one parallel block (256): dx, dw, db
+/// within f32 rounding of the f64 values.
+#[test]
+fn layer_norm_f32_gradients_match_f64() {
+    let dev = Device::Cpu;
+    for &(rows, d) in &[(3, 9), (300, 40), (520, 384)] {
+        let x64 = Tensor::randn(0f64, 1.0, (rows, d), &dev)
+            .unwrap()
+            .affine(3.0, 0.5)
+            .unwrap();
+        let w64 = Tensor::randn(1f64, 0.3, d, &dev).unwrap();
+        let b64 = Tensor::randn(0f64, 0.3, d, &dev).unwrap();
+        let r64 = Tensor::randn(0f64, 1.0, (rows, d), &dev).unwrap();
+        let grads = |dt: DType| {
+            let x = Var::from_tensor(&x64.to_dtype(dt).unwrap()).unwrap();
+            let w = Var::from_tensor(&w64.to_dtype(dt).unwrap()).unwrap();
+            let b = Var::from_tensor(&b64.to_dtype(dt).unwrap()).unwrap();
+            let y = ops::layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-6).unwrap();
+            let r = r64.to_dtype(dt).unwrap();
+            let g = (y * r).unwrap().sum_all().unwrap().backward().unwrap();
+            [&x, &w, &b].map(|v| g.get(v.as_tensor()).unwrap().to_dtype(DType::F64).unwrap())
+        };
+        let (got, want) = (grads(DType::F32), grads(DType::F64));
+        for (name, (a, e)) in ["dx", "dw", "db"].iter().zip(got.iter().zip(&want)) {
+            let scale = common::max_abs(e);
+            let d_ = max_diff(a, e);
+            assert!(
+                d_ <= 2e-5 * (1.0 + scale),
+                "{rows}x{d} {name}: f32 vs f64 {d_} (values up to {scale})"
+            );
+        }
+    }
+}

@@ -532,18 +532,63 @@ fn ln_stats<T: Elem + Into<f64>>(row: &[T], eps: f64) -> (f64, f64) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
-trait FromF64 {
+trait FromF64: Sized {
     fn from_f64(v: f64) -> Self;
+    /// `[dx ; dw ; db]` of LayerNorm by the vectorised f32 kernel (`None`: not f32).
+    fn ln_grads_f32(_eps: f64, _x: &[Self], _w: &[Self], _g: &[Self]) -> Option<Vec<Self>> {
+        None
+    }
 }
 impl FromF64 for f32 {
     fn from_f64(v: f64) -> Self {
         v as f32
+    }
+    fn ln_grads_f32(eps: f64, x: &[f32], w: &[f32], g: &[f32]) -> Option<Vec<f32>> {
+        Some(ln_grads_f32(eps as f32, x, w, g))
     }
 }
 impl FromF64 for f64 {
     fn from_f64(v: f64) -> Self {
         v
     }
+}
+
+/// LayerNorm's gradients in f32 (`vmath::layer_norm_grad_rows`; the generic kernel above
+/// works in f64 per element, ~2.6 ns an element: 156 ms of a BEiT-small b32 training step):
+/// each block of rows sums its `dw`, `db` in f32, the blocks are added in f64, in order.
+fn ln_grads_f32(eps: f32, xs: &[f32], ws: &[f32], gs: &[f32]) -> Vec<f32> {
+    let d = ws.len();
+    // SAFETY: `dx` is written row by row by the kernel; `dw`, `db` below.
+    let mut out = unsafe { super::uninit_buffer::<f32>(xs.len() + 2 * d) };
+    let (dx, params) = out.split_at_mut(xs.len());
+    if d == 0 {
+        return out;
+    }
+    let partials: Vec<Vec<f32>> = dx
+        .par_chunks_mut(d * ROW_BLOCK)
+        .zip(
+            xs.par_chunks(d * ROW_BLOCK)
+                .zip(gs.par_chunks(d * ROW_BLOCK)),
+        )
+        .map(|(o, (x, g))| {
+            let mut acc = vec![0f32; 3 * d];
+            let (dw, rest) = acc.split_at_mut(d);
+            let (db, xhat) = rest.split_at_mut(d);
+            super::vmath::layer_norm_grad_rows(x, g, ws, eps, o, dw, db, xhat);
+            acc.truncate(2 * d);
+            acc
+        })
+        .collect();
+    let mut sums = vec![0f64; 2 * d];
+    for p in partials {
+        for (o, v) in sums.iter_mut().zip(p) {
+            *o += v as f64;
+        }
+    }
+    for (o, v) in params.iter_mut().zip(sums) {
+        *o = v as f32;
+    }
+    out
 }
 
 fn ln_grads_kernel<T: Elem + Into<f64> + FromF64>(
@@ -558,6 +603,10 @@ fn ln_grads_kernel<T: Elem + Into<f64> + FromF64>(
         T::slice(g.0, g.1)?,
     );
     let d = ws.len();
+    if let Some(out) = T::ln_grads_f32(eps, xs, ws, gs) {
+        let n = out.len();
+        return Ok((T::wrap(out), Shape::from(n)));
+    }
     let mut out = vec![T::ZERO; xs.len() + 2 * d];
     let (dx, params) = out.split_at_mut(xs.len());
     let partials: Vec<Vec<f64>> = dx

@@ -525,6 +525,85 @@ fn layer_norm_rows_body<const F: bool>(x: &[f32], w: &[f32], b: &[f32], out: &mu
     }
 }
 
+/// Lane sums folded pairwise (a fixed order), plus a scalar remainder.
+#[inline(always)]
+fn fold_lanes(mut acc: [f32; LANES], rest: f32) -> f32 {
+    let mut wd = LANES;
+    while wd > 1 {
+        wd /= 2;
+        for i in 0..wd {
+            acc[i] += acc[i + wd];
+        }
+    }
+    acc[0] + rest
+}
+
+/// LayerNorm backward of rows of `x` (length `w.len()`) for output gradient `g`: `dx = rstd ·
+/// (ĝ − mean(ĝ) − x̂ · mean(ĝ ⊙ x̂))` with `ĝ = g ⊙ w`, and `dw += g ⊙ x̂`, `db += g` summed over
+/// the rows into `dw`, `db`. The row statistics as the forward's (`layer_norm_rows`); `xhat`
+/// is a row of scratch.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn layer_norm_grad_rows_body<const F: bool>(
+    x: &[f32],
+    g: &[f32],
+    w: &[f32],
+    eps: f32,
+    dx: &mut [f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+    xhat: &mut [f32],
+) {
+    let d = w.len();
+    let n = d as f32;
+    let body = d / LANES * LANES;
+    let (dw, db, xhat) = (&mut dw[..d], &mut db[..d], &mut xhat[..d]);
+    for ((xr, gr), dr) in x
+        .chunks_exact(d)
+        .zip(g.chunks_exact(d))
+        .zip(dx.chunks_exact_mut(d))
+    {
+        let mean = sum_lanes(xr) / n;
+        let mut acc = [0f32; LANES];
+        for j in (0..body).step_by(LANES) {
+            for i in 0..LANES {
+                let t = xr[j + i] - mean;
+                acc[i] = madd::<F>(t, t, acc[i]);
+            }
+        }
+        let mut rest = 0f32;
+        for &v in &xr[body..] {
+            let t = v - mean;
+            rest = madd::<F>(t, t, rest);
+        }
+        let rstd = 1.0 / (fold_lanes(acc, rest) / n + eps).sqrt();
+        let (mut a1, mut a2) = ([0f32; LANES], [0f32; LANES]);
+        let (mut r1, mut r2) = (0f32, 0f32);
+        for j in 0..d {
+            let xh = (xr[j] - mean) * rstd;
+            xhat[j] = xh;
+            dw[j] = madd::<F>(gr[j], xh, dw[j]);
+            db[j] += gr[j];
+        }
+        for j in (0..body).step_by(LANES) {
+            for i in 0..LANES {
+                let gw = gr[j + i] * w[j + i];
+                a1[i] += gw;
+                a2[i] = madd::<F>(gw, xhat[j + i], a2[i]);
+            }
+        }
+        for j in body..d {
+            let gw = gr[j] * w[j];
+            r1 += gw;
+            r2 = madd::<F>(gw, xhat[j], r2);
+        }
+        let (m1, m2) = (fold_lanes(a1, r1) / n, fold_lanes(a2, r2) / n);
+        for j in 0..d {
+            dr[j] = rstd * (gr[j] * w[j] - m1 - xhat[j] * m2);
+        }
+    }
+}
+
 /// Softmax backward of rows: `dx = y * (g - sum(g * y))`.
 #[inline(always)]
 fn softmax_backward_rows_body<const F: bool>(y: &[f32], g: &[f32], dx: &mut [f32], dim: usize) {
@@ -671,6 +750,12 @@ multiversion! {
     pub fn scaled_biased_exp_row / scaled_biased_exp_row_with(
         row: &mut [f32], scale: f32, table: &[f32], index: &[u32]) -> f32 = scaled_biased_softmax_row_body,
         avx512 = scaled_biased_exp_row_v4
+}
+multiversion! {
+    /// LayerNorm backward of rows: `dx`, with `g ⊙ x̂` and `g` added into `dw`, `db`.
+    pub fn layer_norm_grad_rows / layer_norm_grad_rows_with(
+        x: &[f32], g: &[f32], w: &[f32], eps: f32, dx: &mut [f32], dw: &mut [f32],
+        db: &mut [f32], xhat: &mut [f32]) = layer_norm_grad_rows_body
 }
 multiversion! {
     /// LayerNorm of each row (length `w.len()`) of `x` into `out`.
