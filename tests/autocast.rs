@@ -156,3 +156,100 @@ fn attention_rates() {
         );
     }
 }
+
+/// fc1 + GELU as one node under bf16 autocast against the two nodes under bf16 autocast: the
+/// output and the input and weight gradients bit for bit, the bias gradient to f32 rounding
+/// (summed in another order). Off autocast it is not offered.
+#[test]
+fn bf16_autocast_linear_gelu_equals_linear_then_gelu() {
+    if !autocast::cpu_bf16_available() {
+        eprintln!("SKIPPED: this CPU/OS has no AMX-BF16; the fused fc1 + GELU was not tested");
+        return;
+    }
+    let dev = Device::Cpu;
+    let (inp, out) = (70, 150);
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 77, inp), &dev).unwrap()).unwrap();
+    let w = Var::from_tensor(&Tensor::randn(0f32, 0.2, (out, inp), &dev).unwrap()).unwrap();
+    let b = Var::from_tensor(&Tensor::randn(0f32, 0.5, out, &dev).unwrap()).unwrap();
+    let r = Tensor::randn(0f32, 1.0, (3, 77, out), &dev).unwrap();
+    assert!(
+        beit::ops::fused::linear_gelu(x.as_tensor(), w.as_tensor(), b.as_tensor())
+            .unwrap()
+            .is_none(),
+        "offered without autocast"
+    );
+    let run = |fused: bool| {
+        assert!(autocast::set_cpu_bf16(true));
+        let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+        let y = if fused {
+            beit::ops::fused::linear_gelu(xt, wt, bt)
+                .unwrap()
+                .expect("fused under autocast")
+        } else {
+            beit::ops::gelu_erf(&beit::ops::fused::linear(xt, wt, Some(bt)).unwrap()).unwrap()
+        };
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        autocast::set_cpu_bf16(false);
+        [
+            y,
+            g.get(xt).unwrap().clone(),
+            g.get(wt).unwrap().clone(),
+            g.get(bt).unwrap().clone(),
+        ]
+    };
+    let (got, want) = (run(true), run(false));
+    for (name, (a, e)) in ["y", "dx", "dw", "db"].iter().zip(got.iter().zip(&want)) {
+        let d = max_abs(&(a - e).unwrap());
+        if *name == "db" {
+            assert!(d <= 1e-5 * (1.0 + max_abs(e)), "db: {d}");
+        } else {
+            assert_eq!(d, 0.0, "{name}: fused differs from the two nodes by {d}");
+        }
+    }
+}
+
+/// Timing probe (not a check): fc1 + GELU at BEiT-small's training shape (6304 x 384 -> 1536)
+/// under bf16 autocast, as one node and as two, forward + backward, best of 5.
+/// `cargo test --release --test autocast linear_gelu_rates -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn linear_gelu_rates() {
+    if !autocast::cpu_bf16_available() {
+        eprintln!("SKIPPED: no AMX-BF16");
+        return;
+    }
+    let dev = Device::Cpu;
+    let (rows, inp, out) = (6304, 384, 1536);
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, inp), &dev).unwrap()).unwrap();
+    let w = Var::from_tensor(&Tensor::randn(0f32, 0.05, (out, inp), &dev).unwrap()).unwrap();
+    let b = Var::from_tensor(&Tensor::randn(0f32, 0.1, out, &dev).unwrap()).unwrap();
+    let r = Tensor::randn(0f32, 1.0, (rows, out), &dev).unwrap();
+    autocast::set_cpu_bf16(true);
+    for round in 0..2 {
+        for fused in [false, true] {
+            let (mut fwd, mut bwd) = (f64::MAX, f64::MAX);
+            for _ in 0..5 {
+                let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+                let t = std::time::Instant::now();
+                let y = if fused {
+                    beit::ops::fused::linear_gelu(xt, wt, bt).unwrap().unwrap()
+                } else {
+                    beit::ops::gelu_erf(&beit::ops::fused::linear(xt, wt, Some(bt)).unwrap())
+                        .unwrap()
+                };
+                let t1 = t.elapsed().as_secs_f64();
+                let loss = (&y * &r).unwrap().sum_all().unwrap();
+                let t2 = std::time::Instant::now();
+                let _g = loss.backward().unwrap();
+                fwd = fwd.min(t1);
+                bwd = bwd.min(t2.elapsed().as_secs_f64());
+            }
+            println!(
+                "round {round} fused {fused}: forward {:.2} ms, backward {:.2} ms (incl. the product and sum)",
+                fwd * 1e3,
+                bwd * 1e3
+            );
+        }
+    }
+    autocast::set_cpu_bf16(false);
+}

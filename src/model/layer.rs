@@ -168,8 +168,23 @@ impl BeitLayer {
             ops::fused::scaled_residual(x, &attn, self.lambda_1.as_ref())
         })?;
         let ln2 = profile::time("layernorm", || self.layernorm_after.forward(&h))?;
-        let y = profile::time("mlp.fc1", || self.intermediate.forward(&ln2))?;
-        let y = profile::time("mlp.gelu", || self.activation.forward(&y))?;
+        // Under CPU bf16 autocast fc1 and an exact GELU are one node (its backward does not
+        // write out the pre-activation's gradient).
+        let fused = match (&self.activation, &self.intermediate.bias) {
+            (Activation::Gelu, Some(b)) if !self.intermediate.is_packed() => {
+                profile::time("mlp.fc1+gelu", || {
+                    ops::fused::linear_gelu(&ln2, &self.intermediate.weight, b)
+                })?
+            }
+            _ => None,
+        };
+        let y = match fused {
+            Some(y) => y,
+            None => {
+                let y = profile::time("mlp.fc1", || self.intermediate.forward(&ln2))?;
+                profile::time("mlp.gelu", || self.activation.forward(&y))?
+            }
+        };
         let y = profile::time("mlp.fc2", || self.output.forward(&y))?;
         let out = profile::time("scale+residual", || {
             let y = ops::dropout(&y, self.hidden_dropout, train)?;

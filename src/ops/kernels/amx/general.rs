@@ -14,7 +14,7 @@ use super::{available, ActTiles, AmxKind, Dest, PackedAmx, NP};
 use crate::ops::kernels::gemm::{View, ViewMut};
 use crate::ops::kernels::packed::Epi;
 use crate::ops::kernels::vmath::TileOp;
-use crate::ops::kernels::TileBuf;
+use crate::ops::kernels::{vmath, TileBuf};
 
 /// Outputs from this size on are written with non-temporal stores.
 const STREAM_BYTES: usize = 8 << 20;
@@ -244,9 +244,61 @@ pub fn linear_backward_bf16(
     }
 }
 
+/// [`linear_backward_bf16`] for `y = GELU(x · wᵀ + b)` given the output gradient `g` and the
+/// pre-activation `pre` (both `[rows, out]`): the pre-activation's gradient `g ⊙ GELU'(pre)`
+/// is formed a 32 x 32 block at a time while packing, never written out (at BEiT-small b32 it
+/// is a 39 MB tensor written by the GELU backward and read back by this one); its column sums
+/// (the bias gradient) come out in `db`. The same values as the GELU backward
+/// (`vmath::gelu_grad_mul`) then [`linear_backward_bf16`], bit for bit for `dx` and `dw`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_gelu_backward_bf16(
+    rows: usize,
+    inp: usize,
+    out: usize,
+    g: &[f32],
+    pre: &[f32],
+    x: &[f32],
+    w: &[f32],
+    dx: &mut [f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+    threads: usize,
+) {
+    assert!(available(AmxKind::Bf16), "this CPU/OS does not run AMX");
+    assert!(g.len() >= rows * out && pre.len() >= rows * out && x.len() >= rows * inp);
+    assert!(w.len() >= out * inp && dx.len() >= rows * inp && dw.len() >= out * inp);
+    assert!(db.len() >= out);
+    if rows == 0 || out == 0 || inp == 0 {
+        dx[..rows * inp].fill(0.0);
+        dw[..out * inp].fill(0.0);
+        db[..out].fill(0.0);
+        return;
+    }
+    let (g_rows, g_cols, sums) = pack_grad_both_with(g, Some(pre), rows, out);
+    db[..out].copy_from_slice(&sums[..out]);
+    // SAFETY: `dx` holds `rows x inp`, `dw` `out x inp` (checked above).
+    unsafe {
+        run_f32(&pack_b_rows(w, out, inp), &g_rows, dx, None, threads);
+        run_f32(&pack_b_rows(x, rows, inp), &g_cols, dw, None, threads);
+    }
+}
+
 /// `g [m, n]` row-major as A tiles of itself (`[m, n]`, depth `n`) and of its transpose
 /// (`[n, m]`, depth `m`), in one pass over 32 x 32 blocks.
 fn pack_grad_both(g: &[f32], m: usize, n: usize) -> (ActTiles, ActTiles) {
+    let (rows, cols, _) = pack_grad_both_with(g, None, m, n);
+    (rows, cols)
+}
+
+/// [`pack_grad_both`] of `g ⊙ GELU'(pre)` when `pre` is given (each 32 x 32 block formed in L1
+/// first), with that matrix's column sums (empty without `pre`): summed per 32-row group, the
+/// groups added in order.
+fn pack_grad_both_with(
+    g: &[f32],
+    pre: Option<&[f32]>,
+    m: usize,
+    n: usize,
+) -> (ActTiles, ActTiles, Vec<f32>) {
     let (kt_rows, blocks_rows) = (n.div_ceil(32), m.div_ceil(16));
     let (kt_cols, blocks_cols) = (m.div_ceil(32), n.div_ceil(16));
     // SAFETY: every tile of both is written below: for each 32-row group r0 and 32-column
@@ -254,12 +306,32 @@ fn pack_grad_both(g: &[f32], m: usize, n: usize) -> (ActTiles, ActTiles) {
     let mut rows_data = unsafe { TileBuf::uninit(blocks_rows * kt_rows * 1024) };
     let mut cols_data = unsafe { TileBuf::uninit(blocks_cols * kt_cols * 1024) };
     let cols_ptr = crate::ops::kernels::SendPtr(cols_data.as_mut_ptr());
-    rows_data
+    let group_sums: Vec<Vec<f32>> = rows_data
         .par_chunks_mut(2 * kt_rows * 1024)
         .enumerate()
-        .for_each(|(group, rows_chunk)| {
+        .map(|(group, rows_chunk)| {
             let r0 = group * 32;
             let mut v = [0u32; 256];
+            let mut sums = vec![0f32; if pre.is_some() { n } else { 0 }];
+            // The group's rows of `g ⊙ GELU'(pre)`, formed whole (rows of `n`: the vector
+            // loop needs long rows; 32 x 32 blocks ran it 4x slower), kept in L2 for packing.
+            let grp_rows = 32.min(m - r0);
+            let mut grp = Vec::new();
+            if let Some(pre) = pre {
+                grp = vec![0f32; grp_rows * n];
+                let at = r0 * n..(r0 + grp_rows) * n;
+                vmath::gelu_grad_mul(&pre[at.clone()], &g[at], &mut grp);
+                for row in grp.chunks_exact(n) {
+                    for (s, &d) in sums.iter_mut().zip(row) {
+                        *s += d;
+                    }
+                }
+            }
+            // The packers' source: `g` itself, or the formed rows (row 0 = row r0).
+            let (src, sm, br) = match pre {
+                None => (g.as_ptr(), m, r0),
+                Some(_) => (grp.as_ptr(), grp_rows, 0),
+            };
             for kt in 0..kt_rows {
                 let c0 = kt * 32;
                 for half in 0..2 {
@@ -267,8 +339,9 @@ fn pack_grad_both(g: &[f32], m: usize, n: usize) -> (ActTiles, ActTiles) {
                         break;
                     }
                     let dst = rows_chunk[(half * kt_rows + kt) * 1024..].as_mut_ptr();
-                    // SAFETY: `available` checked AVX-512 BF16; the tile is inside the chunk.
-                    unsafe { row_tile(g.as_ptr(), n, m, n, r0 + half * 16, c0, dst) };
+                    // SAFETY: `available` checked AVX-512 BF16; the tile is inside the chunk;
+                    // `src` covers its `sm x n` elements.
+                    unsafe { row_tile(src, n, sm, n, br + half * 16, c0, dst) };
                 }
                 for half in 0..2 {
                     let cb = c0 / 16 + half;
@@ -278,25 +351,26 @@ fn pack_grad_both(g: &[f32], m: usize, n: usize) -> (ActTiles, ActTiles) {
                     // SAFETY: as above; tile (cb, r0 / 32) of the transpose belongs to this
                     // row group alone.
                     unsafe {
-                        vnni_tile(
-                            g.as_ptr(),
-                            n,
-                            m,
-                            n,
-                            r0,
-                            c0 + half * 16,
-                            v.as_mut_ptr() as *mut u8,
-                        );
+                        vnni_tile(src, n, sm, n, br, c0 + half * 16, v.as_mut_ptr() as *mut u8);
                         let at = (cb * kt_cols + r0 / 32) * 1024;
                         let tile = std::slice::from_raw_parts_mut(cols_ptr.get().add(at), 1024);
                         transpose_tile(&v, tile);
                     }
                 }
             }
-        });
+            sums
+        })
+        .collect();
+    let mut sums = vec![0f32; if pre.is_some() { n } else { 0 }];
+    for part in group_sums {
+        for (s, p) in sums.iter_mut().zip(part) {
+            *s += p;
+        }
+    }
     (
         bf16_tiles(m, kt_rows, rows_data),
         bf16_tiles(n, kt_cols, cols_data),
+        sums,
     )
 }
 
@@ -649,6 +723,102 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The GELU-fused backward equals the GELU backward then the linear backward: `dx`, `dw`
+    /// bit for bit, `db` the column sums of the pre-activation's gradient.
+    #[test]
+    fn amx_linear_gelu_backward_equals_the_two_passes() {
+        if !available(AmxKind::Bf16) {
+            eprintln!("SKIPPED: no AMX-BF16; the GELU-fused AMX linear backward was not tested");
+            return;
+        }
+        for &(rows, inp, out) in &[(1, 1, 1), (45, 70, 37), (77, 33, 130), (300, 64, 96)] {
+            let val = |len: usize, a: usize, b: usize, c: f32| -> Vec<f32> {
+                (0..len)
+                    .map(|i| ((i * a % b) as f32 - (b / 2) as f32) / c)
+                    .collect()
+            };
+            let g = val(rows * out, 37, 113, 31.0);
+            let pre = val(rows * out, 17, 89, 13.0);
+            let x = val(rows * inp, 13, 71, 19.0);
+            let w = val(out * inp, 7, 53, 41.0);
+            let (mut dx, mut dw, mut db) = (
+                vec![f32::NAN; rows * inp],
+                vec![f32::NAN; out * inp],
+                vec![f32::NAN; out],
+            );
+            linear_gelu_backward_bf16(
+                rows, inp, out, &g, &pre, &x, &w, &mut dx, &mut dw, &mut db, 2,
+            );
+            let mut dy = vec![0f32; rows * out];
+            for r in 0..rows {
+                let at = r * out..(r + 1) * out;
+                vmath::gelu_grad_mul(&pre[at.clone()], &g[at.clone()], &mut dy[at]);
+            }
+            let (mut dx2, mut dw2) = (vec![0f32; rows * inp], vec![0f32; out * inp]);
+            linear_backward_bf16(rows, inp, out, &dy, &x, &w, &mut dx2, &mut dw2, 2);
+            assert_eq!(dx, dx2, "{rows}x{inp}x{out} dx");
+            assert_eq!(dw, dw2, "{rows}x{inp}x{out} dw");
+            for j in 0..out {
+                let want: f64 = (0..rows).map(|r| dy[r * out + j] as f64).sum();
+                assert!(
+                    (db[j] as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "{rows}x{inp}x{out} db[{j}] {} vs {want}",
+                    db[j]
+                );
+            }
+        }
+    }
+
+    /// Timing probe (not a check): the GELU-fused linear backward against the GELU backward
+    /// then the linear backward, BEiT-small's fc1 at b32 (6304 x 384 -> 1536), interleaved,
+    /// best of 7. `cargo test --release --lib amx_linear_gelu_rates -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn amx_linear_gelu_rates() {
+        if !available(AmxKind::Bf16) {
+            eprintln!("SKIPPED: no AMX-BF16");
+            return;
+        }
+        let (rows, inp, out) = (6304, 384, 1536);
+        let val = |len: usize, a: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| ((i * a % 97) as f32 - 48.0) / 40.0)
+                .collect()
+        };
+        let (g, pre, x, w) = (
+            val(rows * out, 7),
+            val(rows * out, 11),
+            val(rows * inp, 13),
+            val(out * inp, 17),
+        );
+        let (mut dx, mut dw, mut db) = (
+            vec![0f32; rows * inp],
+            vec![0f32; out * inp],
+            vec![0f32; out],
+        );
+        let (mut two, mut one) = (f64::MAX, f64::MAX);
+        for _ in 0..7 {
+            let t = std::time::Instant::now();
+            let mut dy = unsafe { crate::ops::kernels::uninit_buffer::<f32>(rows * out) };
+            dy.par_chunks_mut(1 << 15)
+                .zip(pre.par_chunks(1 << 15).zip(g.par_chunks(1 << 15)))
+                .for_each(|(o, (p, g))| vmath::gelu_grad_mul(p, g, o));
+            linear_backward_bf16(rows, inp, out, &dy, &x, &w, &mut dx, &mut dw, 2);
+            drop(dy);
+            two = two.min(t.elapsed().as_secs_f64());
+            let t = std::time::Instant::now();
+            linear_gelu_backward_bf16(
+                rows, inp, out, &g, &pre, &x, &w, &mut dx, &mut dw, &mut db, 2,
+            );
+            one = one.min(t.elapsed().as_secs_f64());
+        }
+        println!(
+            "GELU backward + linear backward {:.2} ms; fused {:.2} ms",
+            two * 1e3,
+            one * 1e3
+        );
     }
 
     /// The fused backward equals two separate GEMMs, bit for bit, on ragged shapes.
