@@ -66,6 +66,21 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Exact GELU of `x` into a new buffer, copied a chunk at a time by the threads and activated
+/// while in cache (a `to_vec` of the whole input first was one thread's copy of 39 MB at
+/// BEiT-small b32's fc1 output, most of the op's time in a training step).
+pub(crate) fn gelu_erf_f32(x: &[f32]) -> Vec<f32> {
+    // SAFETY: every chunk is written by its copy.
+    let mut out = unsafe { super::uninit_buffer::<f32>(x.len()) };
+    out.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(o, x)| {
+            o.copy_from_slice(x);
+            vmath::gelu_inplace(o)
+        });
+    out
+}
+
 /// Elements per parallel task of the element-wise kernels.
 pub(crate) const CHUNK: usize = 1 << 15;
 
@@ -78,18 +93,7 @@ impl CustomOp1 for GeluErf {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = super::cpu_f32(s, l, "gelu_erf")?;
-        // Copied a chunk at a time by the threads and activated while in cache: a `to_vec` of
-        // the whole input first was one thread's copy of 39 MB (BEiT-small's fc1 output at
-        // batch 32), most of this op's time in a training step.
-        // SAFETY: every chunk is written by its copy.
-        let mut out = unsafe { super::uninit_buffer::<f32>(x.len()) };
-        out.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(o, x)| {
-                o.copy_from_slice(x);
-                vmath::gelu_inplace(o)
-            });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
+        Ok((CpuStorage::F32(gelu_erf_f32(x)), l.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]

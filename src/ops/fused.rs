@@ -468,14 +468,7 @@ impl CustomOp3 for LinearGeluOp {
         let CpuStorage::F32(y) = y else {
             candle_core::bail!("linear_gelu: not f32")
         };
-        // SAFETY: every chunk is written by its copy.
-        let mut h = unsafe { super::kernels::uninit_buffer::<f32>(y.len()) };
-        h.par_chunks_mut(super::activation::CHUNK)
-            .zip(y.par_chunks(super::activation::CHUNK))
-            .for_each(|(o, y)| {
-                o.copy_from_slice(y);
-                super::vmath::gelu_inplace(o)
-            });
+        let h = super::activation::gelu_erf_f32(&y);
         if let Ok(mut slot) = self.pre.lock() {
             *slot = Some(y);
         }
@@ -664,6 +657,17 @@ impl FromF64 for f64 {
     }
 }
 
+/// The blocks' partial column sums added in f64, in block order (deterministic).
+fn add_partials<P: Into<f64>>(partials: Vec<Vec<P>>, len: usize) -> Vec<f64> {
+    let mut sums = vec![0f64; len];
+    for p in partials {
+        for (o, v) in sums.iter_mut().zip(p) {
+            *o += v.into();
+        }
+    }
+    sums
+}
+
 /// LayerNorm's gradients in f32 (`vmath::layer_norm_grad_rows`; the generic kernel above
 /// works in f64 per element, ~2.6 ns an element: 156 ms of a BEiT-small b32 training step):
 /// each block of rows sums its `dw`, `db` in f32, the blocks are added in f64, in order.
@@ -690,13 +694,7 @@ fn ln_grads_f32(eps: f32, xs: &[f32], ws: &[f32], gs: &[f32]) -> Vec<f32> {
             acc
         })
         .collect();
-    let mut sums = vec![0f64; 2 * d];
-    for p in partials {
-        for (o, v) in sums.iter_mut().zip(p) {
-            *o += v as f64;
-        }
-    }
-    for (o, v) in params.iter_mut().zip(sums) {
+    for (o, v) in params.iter_mut().zip(add_partials(partials, 2 * d)) {
         *o = v as f32;
     }
     out
@@ -752,13 +750,7 @@ fn ln_grads_kernel<T: Elem + Into<f64> + FromF64>(
             acc
         })
         .collect();
-    let mut sums = vec![0f64; 2 * d];
-    for p in partials {
-        for (o, v) in sums.iter_mut().zip(p) {
-            *o += v;
-        }
-    }
-    for (o, v) in params.iter_mut().zip(sums) {
+    for (o, v) in params.iter_mut().zip(add_partials(partials, 2 * d)) {
         *o = T::from_f64(v);
     }
     let n = out.len();

@@ -312,15 +312,7 @@ fn sum_lanes(x: &[f32]) -> f32 {
     for &v in chunks.remainder() {
         s += v;
     }
-    // pairwise, for a deterministic order
-    let mut w = LANES;
-    while w > 1 {
-        w /= 2;
-        for i in 0..w {
-            acc[i] += acc[i + w];
-        }
-    }
-    acc[0] + s
+    fold_lanes(acc, s)
 }
 
 /// `e^(x - max)` in place, returning the sum.
