@@ -771,56 +771,6 @@ mod tests {
         }
     }
 
-    /// Timing probe (not a check): the GELU-fused linear backward against the GELU backward
-    /// then the linear backward, BEiT-small's fc1 at b32 (6304 x 384 -> 1536), interleaved,
-    /// best of 7. `cargo test --release --lib amx_linear_gelu_rates -- --ignored --nocapture`
-    #[test]
-    #[ignore]
-    fn amx_linear_gelu_rates() {
-        if !available(AmxKind::Bf16) {
-            eprintln!("SKIPPED: no AMX-BF16");
-            return;
-        }
-        let (rows, inp, out) = (6304, 384, 1536);
-        let val = |len: usize, a: usize| -> Vec<f32> {
-            (0..len)
-                .map(|i| ((i * a % 97) as f32 - 48.0) / 40.0)
-                .collect()
-        };
-        let (g, pre, x, w) = (
-            val(rows * out, 7),
-            val(rows * out, 11),
-            val(rows * inp, 13),
-            val(out * inp, 17),
-        );
-        let (mut dx, mut dw, mut db) = (
-            vec![0f32; rows * inp],
-            vec![0f32; out * inp],
-            vec![0f32; out],
-        );
-        let (mut two, mut one) = (f64::MAX, f64::MAX);
-        for _ in 0..7 {
-            let t = std::time::Instant::now();
-            let mut dy = unsafe { crate::ops::kernels::uninit_buffer::<f32>(rows * out) };
-            dy.par_chunks_mut(1 << 15)
-                .zip(pre.par_chunks(1 << 15).zip(g.par_chunks(1 << 15)))
-                .for_each(|(o, (p, g))| vmath::gelu_grad_mul(p, g, o));
-            linear_backward_bf16(rows, inp, out, &dy, &x, &w, &mut dx, &mut dw, 2);
-            drop(dy);
-            two = two.min(t.elapsed().as_secs_f64());
-            let t = std::time::Instant::now();
-            linear_gelu_backward_bf16(
-                rows, inp, out, &g, &pre, &x, &w, &mut dx, &mut dw, &mut db, 2,
-            );
-            one = one.min(t.elapsed().as_secs_f64());
-        }
-        println!(
-            "GELU backward + linear backward {:.2} ms; fused {:.2} ms",
-            two * 1e3,
-            one * 1e3
-        );
-    }
-
     /// The fused backward equals two separate GEMMs, bit for bit, on ragged shapes.
     #[test]
     fn amx_linear_backward_equals_two_gemms() {
