@@ -117,45 +117,8 @@ pub unsafe fn gemm_bf16_view(
         }
         return;
     }
-    let ktiles = k.div_ceil(32);
-    let mut v = [0u32; 256];
-    let vp = v.as_mut_ptr() as *mut u8;
-    // B in `PackedAmx`'s panel layout: panel p, depth tile kt, half h at (p, kt, h).
-    let panels = n.div_ceil(NP);
-    // SAFETY: every tile is written below.
-    let mut bdata = TileBuf::uninit(panels * ktiles * 2048);
-    for p in 0..panels {
-        for kt in 0..ktiles {
-            for h in 0..2 {
-                let dst = bdata.as_mut_ptr().add(((p * ktiles + kt) * 2 + h) * 1024);
-                let j0 = p * NP + h * 16;
-                if b.cs == 1 {
-                    vnni_tile(b.ptr, b.rs as usize, k, n, kt * 32, j0, dst);
-                } else {
-                    // Stored transposed (rows of B's columns): A-layout rows, transposed.
-                    row_tile(b.ptr, b.cs as usize, n, k, j0, kt * 32, vp);
-                    transpose_tile(&v, std::slice::from_raw_parts_mut(dst, 1024));
-                }
-            }
-        }
-    }
-    // A in tile order, `[m/16][ktiles][16 rows][64 bytes]`.
-    let blocks = m.div_ceil(16);
-    // SAFETY: every tile is written below.
-    let mut adata = TileBuf::uninit(blocks * ktiles * 1024);
-    for rb in 0..blocks {
-        for kt in 0..ktiles {
-            let dst = adata.as_mut_ptr().add((rb * ktiles + kt) * 1024);
-            if a.cs == 1 {
-                row_tile(a.ptr, a.rs as usize, m, k, rb * 16, kt * 32, dst);
-            } else {
-                vnni_tile(a.ptr, a.cs as usize, k, m, kt * 32, rb * 16, vp);
-                transpose_tile(&v, std::slice::from_raw_parts_mut(dst, 1024));
-            }
-        }
-    }
-    let w = PackedAmx::from_parts(AmxKind::Bf16, k, n, ktiles * 32, bdata);
-    let tiles = bf16_tiles(m, ktiles, adata);
+    let w = pack_b_view(b, k, n, false);
+    let tiles = pack_a_view(a, m, k, false);
     run_f32_strided(&w, &tiles, c.ptr, ldc, None, 1);
 }
 
@@ -228,25 +191,12 @@ pub fn linear_backward_bf16(
     dw: &mut [f32],
     threads: usize,
 ) {
-    assert!(available(AmxKind::Bf16), "this CPU/OS does not run AMX");
-    assert!(g.len() >= rows * out && x.len() >= rows * inp && w.len() >= out * inp);
-    assert!(dx.len() >= rows * inp && dw.len() >= out * inp);
-    if rows == 0 || out == 0 || inp == 0 {
-        dx[..rows * inp].fill(0.0);
-        dw[..out * inp].fill(0.0);
-        return;
-    }
-    let (g_rows, g_cols) = pack_grad_both(g, rows, out);
-    // SAFETY: `dx` holds `rows x inp`, `dw` `out x inp` (checked above).
-    unsafe {
-        run_f32(&pack_b_rows(w, out, inp), &g_rows, dx, None, threads);
-        run_f32(&pack_b_rows(x, rows, inp), &g_cols, dw, None, threads);
-    }
+    linear_backward(rows, inp, out, g, None, x, w, dx, dw, threads);
 }
 
 /// [`linear_backward_bf16`] for `y = GELU(x · wᵀ + b)` given the output gradient `g` and the
 /// pre-activation `pre` (both `[rows, out]`): the pre-activation's gradient `g ⊙ GELU'(pre)`
-/// is formed a 32 x 32 block at a time while packing, never written out (at BEiT-small b32 it
+/// is formed 32 rows at a time while packing, never written out (at BEiT-small b32 it
 /// is a 39 MB tensor written by the GELU backward and read back by this one); its column sums
 /// (the bias gradient) come out in `db`. The same values as the GELU backward
 /// (`vmath::gelu_grad_mul`) then [`linear_backward_bf16`], bit for bit for `dx` and `dw`.
@@ -264,36 +214,48 @@ pub fn linear_gelu_backward_bf16(
     db: &mut [f32],
     threads: usize,
 ) {
+    assert!(pre.len() >= rows * out && db.len() >= out);
+    let sums = linear_backward(rows, inp, out, g, Some(pre), x, w, dx, dw, threads);
+    db[..out].copy_from_slice(&sums[..out]);
+}
+
+/// The two linear backwards: `(dx, dw)` for the gradient `g`, or `g ⊙ GELU'(pre)`, whose
+/// column sums it returns (`out` zeros when a dimension is 0; empty without `pre`).
+#[allow(clippy::too_many_arguments)]
+fn linear_backward(
+    rows: usize,
+    inp: usize,
+    out: usize,
+    g: &[f32],
+    pre: Option<&[f32]>,
+    x: &[f32],
+    w: &[f32],
+    dx: &mut [f32],
+    dw: &mut [f32],
+    threads: usize,
+) -> Vec<f32> {
     assert!(available(AmxKind::Bf16), "this CPU/OS does not run AMX");
-    assert!(g.len() >= rows * out && pre.len() >= rows * out && x.len() >= rows * inp);
-    assert!(w.len() >= out * inp && dx.len() >= rows * inp && dw.len() >= out * inp);
-    assert!(db.len() >= out);
+    assert!(g.len() >= rows * out && x.len() >= rows * inp && w.len() >= out * inp);
+    assert!(dx.len() >= rows * inp && dw.len() >= out * inp);
     if rows == 0 || out == 0 || inp == 0 {
         dx[..rows * inp].fill(0.0);
         dw[..out * inp].fill(0.0);
-        db[..out].fill(0.0);
-        return;
+        return vec![0f32; if pre.is_some() { out } else { 0 }];
     }
-    let (g_rows, g_cols, sums) = pack_grad_both_with(g, Some(pre), rows, out);
-    db[..out].copy_from_slice(&sums[..out]);
+    let (g_rows, g_cols, sums) = pack_grad_both(g, pre, rows, out);
     // SAFETY: `dx` holds `rows x inp`, `dw` `out x inp` (checked above).
     unsafe {
         run_f32(&pack_b_rows(w, out, inp), &g_rows, dx, None, threads);
         run_f32(&pack_b_rows(x, rows, inp), &g_cols, dw, None, threads);
     }
+    sums
 }
 
-/// `g [m, n]` row-major as A tiles of itself (`[m, n]`, depth `n`) and of its transpose
-/// (`[n, m]`, depth `m`), in one pass over 32 x 32 blocks.
-fn pack_grad_both(g: &[f32], m: usize, n: usize) -> (ActTiles, ActTiles) {
-    let (rows, cols, _) = pack_grad_both_with(g, None, m, n);
-    (rows, cols)
-}
-
-/// [`pack_grad_both`] of `g ⊙ GELU'(pre)` when `pre` is given (each 32 x 32 block formed in L1
-/// first), with that matrix's column sums (empty without `pre`): summed per 32-row group, the
-/// groups added in order.
-fn pack_grad_both_with(
+/// `g [m, n]` row-major (or `g ⊙ GELU'(pre)` when `pre` is given, formed a 32-row group at a
+/// time in L2) as A tiles of itself (`[m, n]`, depth `n`) and of its transpose (`[n, m]`,
+/// depth `m`), in one pass over 32 x 32 blocks; with `pre`, also that matrix's column sums
+/// (summed per 32-row group, the groups added in order; empty without `pre`).
+fn pack_grad_both(
     g: &[f32],
     pre: Option<&[f32]>,
     m: usize,
@@ -437,43 +399,95 @@ unsafe fn vnni_tile(_: *const f32, _: usize, _: usize, _: usize, _: usize, _: us
     unreachable!("AMX is x86_64 only")
 }
 
-/// B panels (`PackedAmx`'s layout) for a `[k, n]` operand, each 1 KB tile (depth tile `kt`,
-/// columns `p * 32 + h * 16 ..`) filled by `tile(p, kt, h, dst)`, panels in parallel.
-fn pack_panels(
-    k: usize,
-    n: usize,
-    tile: impl Fn(usize, usize, usize, &mut [u8]) + Sync,
-) -> PackedAmx {
+/// B panels (`PackedAmx`'s layout) of the `[k, n]` operand seen through `b` (row- or
+/// column-major: one stride is 1), panels in parallel when `parallel`. Row-major rows pair up
+/// into VNNI tiles directly; a column-major operand (a weight `[n, k]`) is read as A-layout
+/// rows and each tile transposed.
+///
+/// # Safety
+/// `b` must cover its `k x n` elements; AVX-512 BF16 (`available`).
+unsafe fn pack_b_view(b: View<f32>, k: usize, n: usize, parallel: bool) -> PackedAmx {
     let kp = k.div_ceil(32) * 32;
     // SAFETY: every tile of every panel is written below.
     let mut data = unsafe { TileBuf::uninit(n.div_ceil(NP) * kp * NP * 2) };
-    data.par_chunks_mut(kp * NP * 2)
-        .enumerate()
-        .for_each(|(p, panel)| {
-            for (i, dst) in panel.chunks_exact_mut(1024).enumerate() {
-                tile(p, i / 2, i % 2, dst);
+    let panel = |(p, panel): (usize, &mut [u8])| {
+        // The whole view (`Sync`), not its pointer field alone.
+        let b = &b;
+        let mut v = [0u32; 256];
+        for (i, dst) in panel.chunks_exact_mut(1024).enumerate() {
+            let (kt, j0) = (i / 2, p * NP + (i % 2) * 16);
+            // SAFETY: the caller's view covers the operand; `dst` and `v` are 1 KB.
+            unsafe {
+                if b.cs == 1 {
+                    vnni_tile(b.ptr, b.rs as usize, k, n, kt * 32, j0, dst.as_mut_ptr());
+                } else {
+                    let vp = v.as_mut_ptr() as *mut u8;
+                    row_tile(b.ptr, b.cs as usize, n, k, j0, kt * 32, vp);
+                    transpose_tile(&v, dst);
+                }
             }
-        });
+        }
+    };
+    if parallel {
+        data.par_chunks_mut(kp * NP * 2).enumerate().for_each(panel);
+    } else {
+        data.chunks_mut(kp * NP * 2).enumerate().for_each(panel);
+    }
     PackedAmx::from_parts(AmxKind::Bf16, k, n, kp, data)
 }
 
-/// `b [k, n]` row-major into B panels, vectorised: the per-call packing of an activation-sized
-/// operand (the weight gradient's `x`, the input gradient's `W`).
-fn pack_b_rows(b: &[f32], k: usize, n: usize) -> PackedAmx {
-    pack_panels(k, n, |p, kt, h, dst| {
-        // SAFETY: `available` checked AVX-512 BF16; `dst` is 1 KB.
-        unsafe {
-            vnni_tile(
-                b.as_ptr(),
-                n,
-                k,
-                n,
-                kt * 32,
-                p * NP + h * 16,
-                dst.as_mut_ptr(),
-            )
+/// A tiles of the `[m, k]` operand seen through `a`, row blocks in parallel when `parallel`:
+/// row-major rows go straight into tiles; a column-major operand (stored `[k, m]`) is built as
+/// the VNNI tile of its stored rows (pairs of depth) and transposed as a 16 x 16 matrix of
+/// 32-bit pairs, which is the A layout (row r, pair q).
+///
+/// # Safety
+/// `a` must cover its `m x k` elements; AVX-512 BF16 (`available`).
+unsafe fn pack_a_view(a: View<f32>, m: usize, k: usize, parallel: bool) -> ActTiles {
+    let ktiles = k.div_ceil(32);
+    // SAFETY: every tile is written below.
+    let mut data = unsafe { TileBuf::uninit(m.div_ceil(16) * ktiles * 1024) };
+    let block = |(rb, block): (usize, &mut [u8])| {
+        // The whole view (`Sync`), not its pointer field alone.
+        let a = &a;
+        let mut v = [0u32; 256];
+        for (kt, dst) in block.chunks_exact_mut(1024).enumerate() {
+            // SAFETY: the caller's view covers the operand; `dst` and `v` are 1 KB.
+            unsafe {
+                if a.cs == 1 {
+                    row_tile(
+                        a.ptr,
+                        a.rs as usize,
+                        m,
+                        k,
+                        rb * 16,
+                        kt * 32,
+                        dst.as_mut_ptr(),
+                    );
+                } else {
+                    let vp = v.as_mut_ptr() as *mut u8;
+                    vnni_tile(a.ptr, a.cs as usize, k, m, kt * 32, rb * 16, vp);
+                    transpose_tile(&v, dst);
+                }
+            }
         }
-    })
+    };
+    if parallel {
+        data.par_chunks_mut(ktiles * 1024)
+            .enumerate()
+            .for_each(block);
+    } else {
+        data.chunks_mut(ktiles * 1024).enumerate().for_each(block);
+    }
+    bf16_tiles(m, ktiles, data)
+}
+
+/// `b [k, n]` row-major into B panels: the per-call packing of an activation-sized operand
+/// (the weight gradient's `x`, the input gradient's `W`). Panics if `b` is short.
+fn pack_b_rows(b: &[f32], k: usize, n: usize) -> PackedAmx {
+    assert!(b.len() >= k * n);
+    // SAFETY: `b` holds `k x n`; `available` was checked by the public entry points.
+    unsafe { pack_b_view(View::row_major(b, 0, n), k, n, true) }
 }
 
 /// Rows `[r0, r0 + 16)` of a `[rows, k]` source (row `r` at `src + r * ld`), depth
@@ -524,56 +538,18 @@ fn transpose_tile(v: &[u32; 256], dst: &mut [u8]) {
     }
 }
 
-/// `b` stored as a weight `[n, k]` (the `[k, n]` operand transposed) into B panels: each
-/// tile read as A-layout rows of the weight, then transposed.
+/// `b` stored as a weight `[n, k]` (the `[k, n]` operand transposed) into B panels.
 fn pack_b_cols(b: &[f32], k: usize, n: usize) -> PackedAmx {
-    pack_panels(k, n, |p, kt, h, dst| {
-        let mut v = [0u32; 256];
-        // SAFETY: `available` checked AVX-512 BF16; `v` is 1 KB.
-        unsafe {
-            row_tile(
-                b.as_ptr(),
-                k,
-                n,
-                k,
-                p * NP + h * 16,
-                kt * 32,
-                v.as_mut_ptr() as *mut u8,
-            )
-        };
-        transpose_tile(&v, dst);
-    })
+    assert!(b.len() >= k * n);
+    // SAFETY: `b` holds `n x k`; `available` was checked by the public entry points.
+    unsafe { pack_b_view(View::transposed(b, 0, k), k, n, true) }
 }
 
-/// `a` stored transposed (`[k, m]` row-major) as A tiles of the `[m, k]` operand: each 1 KB
-/// tile is built as the VNNI tile of the stored rows (pairs of depth) and transposed as a
-/// 16 x 16 matrix of 32-bit pairs, which is the A layout (row r, pair q).
+/// `a` stored transposed (`[k, m]` row-major) as A tiles of the `[m, k]` operand.
 fn pack_a_cols(a: &[f32], m: usize, k: usize) -> ActTiles {
-    let ktiles = k.div_ceil(32);
-    let blocks = m.div_ceil(16);
-    // SAFETY: every tile is written below.
-    let mut data = unsafe { TileBuf::uninit(blocks * ktiles * 1024) };
-    data.par_chunks_mut(ktiles * 1024)
-        .enumerate()
-        .for_each(|(rb, block)| {
-            let mut v = [0u32; 256];
-            for kt in 0..ktiles {
-                // SAFETY: as in `pack_b_rows`; `v` is 1 KB.
-                unsafe {
-                    vnni_tile(
-                        a.as_ptr(),
-                        m,
-                        k,
-                        m,
-                        kt * 32,
-                        rb * 16,
-                        v.as_mut_ptr() as *mut u8,
-                    )
-                };
-                transpose_tile(&v, &mut block[kt * 1024..(kt + 1) * 1024]);
-            }
-        });
-    bf16_tiles(m, ktiles, data)
+    assert!(a.len() >= m * k);
+    // SAFETY: `a` holds `k x m`; `available` was checked by the public entry points.
+    unsafe { pack_a_view(View::transposed(a, 0, m), m, k, true) }
 }
 
 /// bf16 A tiles of `m` rows and `ktiles` tiles of depth (bf16 has no per-row scales).
