@@ -157,9 +157,11 @@ fn attention_rates() {
     }
 }
 
-/// fc1 + GELU as one node under bf16 autocast against the two nodes under bf16 autocast: the
-/// output and the input and weight gradients bit for bit, the bias gradient to f32 rounding
-/// (summed in another order). Off autocast it is not offered.
+/// fc1 + GELU as one node under bf16 autocast, followed by fc2 (the MLP as the model runs
+/// it), against the two nodes then fc2 under bf16 autocast: the fused node hands fc2 its hidden
+/// activation in bf16 (the rounding fc2's GEMM applies anyway), so the output and the input and
+/// weight gradients agree bit for bit and the bias gradients to f32 rounding (summed in another
+/// order). Off autocast it is not offered.
 #[test]
 fn bf16_autocast_linear_gelu_equals_linear_then_gelu() {
     if !autocast::cpu_bf16_available() {
@@ -167,41 +169,58 @@ fn bf16_autocast_linear_gelu_equals_linear_then_gelu() {
         return;
     }
     let dev = Device::Cpu;
-    let (inp, out) = (70, 150);
-    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 77, inp), &dev).unwrap()).unwrap();
-    let w = Var::from_tensor(&Tensor::randn(0f32, 0.2, (out, inp), &dev).unwrap()).unwrap();
-    let b = Var::from_tensor(&Tensor::randn(0f32, 0.5, out, &dev).unwrap()).unwrap();
+    let (inp, hid, out) = (70, 150, 45);
+    let var = |std: f32, shape: &[usize]| {
+        Var::from_tensor(&Tensor::randn(0f32, std, shape, &dev).unwrap()).unwrap()
+    };
+    let x = var(1.0, &[3, 77, inp]);
+    let (w1, b1) = (var(0.2, &[hid, inp]), var(0.5, &[hid]));
+    let (w2, b2) = (var(0.1, &[out, hid]), var(0.5, &[out]));
     let r = Tensor::randn(0f32, 1.0, (3, 77, out), &dev).unwrap();
+    let (xt, w1t, b1t) = (x.as_tensor(), w1.as_tensor(), b1.as_tensor());
     assert!(
-        beit::ops::fused::linear_gelu(x.as_tensor(), w.as_tensor(), b.as_tensor())
+        beit::ops::fused::linear_gelu(xt, w1t, b1t)
             .unwrap()
             .is_none(),
         "offered without autocast"
     );
     let run = |fused: bool| {
         assert!(autocast::set_cpu_bf16(true));
-        let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
-        let y = if fused {
-            beit::ops::fused::linear_gelu(xt, wt, bt)
+        let h = if fused {
+            beit::ops::fused::linear_gelu(xt, w1t, b1t)
                 .unwrap()
                 .expect("fused under autocast")
         } else {
-            beit::ops::gelu_erf(&beit::ops::fused::linear(xt, wt, Some(bt)).unwrap()).unwrap()
+            beit::ops::gelu_erf(&beit::ops::fused::linear(xt, w1t, Some(b1t)).unwrap()).unwrap()
         };
+        let y = beit::ops::fused::linear(&h, w2.as_tensor(), Some(b2.as_tensor())).unwrap();
         let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
         autocast::set_cpu_bf16(false);
-        [
-            y,
-            g.get(xt).unwrap().clone(),
-            g.get(wt).unwrap().clone(),
-            g.get(bt).unwrap().clone(),
-        ]
+        let mut out = vec![h, y];
+        for v in [&x, &w1, &b1, &w2, &b2] {
+            out.push(g.get(v.as_tensor()).unwrap().clone());
+        }
+        out
     };
     let (got, want) = (run(true), run(false));
-    for (name, (a, e)) in ["y", "dx", "dw", "db"].iter().zip(got.iter().zip(&want)) {
+    assert_eq!(
+        got[0].dtype(),
+        candle_core::DType::BF16,
+        "hidden stored in bf16"
+    );
+    let rounded = want[0].to_dtype(candle_core::DType::BF16).unwrap();
+    let d = max_abs(
+        &(got[0].to_dtype(candle_core::DType::F32).unwrap()
+            - rounded.to_dtype(candle_core::DType::F32).unwrap())
+        .unwrap(),
+    );
+    assert_eq!(d, 0.0, "hidden: not the f32 GELU rounded to bf16 ({d})");
+    let names = ["y", "dx", "dw1", "db1", "dw2", "db2"];
+    for (name, (a, e)) in names.iter().zip(got[1..].iter().zip(&want[1..])) {
+        assert_eq!(a.dtype(), candle_core::DType::F32, "{name}");
         let d = max_abs(&(a - e).unwrap());
-        if *name == "db" {
-            assert!(d <= 1e-5 * (1.0 + max_abs(e)), "db: {d}");
+        if *name == "db1" {
+            assert!(d <= 1e-5 * (1.0 + max_abs(e)), "db1: {d}");
         } else {
             assert_eq!(d, 0.0, "{name}: fused differs from the two nodes by {d}");
         }

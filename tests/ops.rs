@@ -230,13 +230,48 @@ fn fused_training_ops_match_finite_differences_and_the_composition() {
 
     let (r, h, l) = (randn(&[2, 3, 4]), randn(&[2, 3, 4]), randn(&[4]));
     check_grad("scaled residual (r)", &r, &|r| {
-        fused::scaled_residual(r, &h, Some(&l))
+        fused::scaled_residual(r, &h, Some(&l), 0.0, true)
     });
     check_grad("scaled residual (h)", &h, &|h| {
-        fused::scaled_residual(&r, h, Some(&l))
+        fused::scaled_residual(&r, h, Some(&l), 0.0, true)
     });
     check_grad("scaled residual (lambda)", &l, &|l| {
-        fused::scaled_residual(&r, &h, Some(l))
+        fused::scaled_residual(&r, &h, Some(l), 0.0, true)
+    });
+    // With the drop path inside the node: 6 samples of 300 rows (blocks of 256 rows straddle
+    // samples), against the composition with the same draws, and its gradients.
+    let (r, h, l) = (randn(&[6, 300, 3]), randn(&[6, 300, 3]), randn(&[3]));
+    let with_drop = |r: &Tensor, h: &Tensor, l: &Tensor| {
+        ops::rng::seed(13); // the same draws for every evaluation
+        fused::scaled_residual(r, h, Some(l), 0.5, true)
+    };
+    ops::rng::seed(13);
+    let want = (&r
+        + ops::drop_path(&h, 0.5, true)
+            .unwrap()
+            .broadcast_mul(&l)
+            .unwrap())
+    .unwrap();
+    let got = with_drop(&r, &h, &l).unwrap();
+    assert!(max_diff(&got, &want) < 1e-12, "drop path inside the node");
+    let dropped = (&got - &r).unwrap().abs().unwrap().sum((1, 2)).unwrap();
+    let dropped = dropped.to_vec1::<f64>().unwrap();
+    assert!(
+        dropped.contains(&0.0) && dropped.iter().any(|&v| v > 0.0),
+        "p = 0.5 over 6 samples should drop some and keep some: {dropped:?}"
+    );
+    let inference = fused::scaled_residual(&r, &h, Some(&l), 0.5, false).unwrap();
+    let plain = (&r + h.broadcast_mul(&l).unwrap()).unwrap();
+    assert!(
+        max_diff(&inference, &plain) < 1e-12,
+        "no drop path outside training"
+    );
+    let (rs, hs) = (r.narrow(1, 0, 2).unwrap(), h.narrow(1, 0, 2).unwrap());
+    check_grad("scaled residual + drop path (h)", &hs, &|h| {
+        with_drop(&rs, h, &l)
+    });
+    check_grad("scaled residual + drop path (lambda)", &l, &|l| {
+        with_drop(&rs, &hs, l)
     });
 
     // Attention core: against the composition, and its gradients.

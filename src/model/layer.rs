@@ -162,10 +162,10 @@ impl BeitLayer {
             self.attention
                 .forward(&ln1, bias, head_mask, train, output_attentions)?;
         // h = x + drop_path(lambda_1 * attn); drop path (a per-sample 0 or 1/keep) commutes
-        // with the per-channel scale, so the scale and the residual fuse into one node.
+        // with the per-channel scale, so the scale, drop path and residual are one node.
         let h = profile::time("scale+residual", || {
-            let attn = ops::drop_path(&attn, self.drop_path, train)?;
-            ops::fused::scaled_residual(x, &attn, self.lambda_1.as_ref())
+            let l1 = self.lambda_1.as_ref();
+            ops::fused::scaled_residual(x, &attn, l1, self.drop_path, train)
         })?;
         let ln2 = profile::time("layernorm", || self.layernorm_after.forward(&h))?;
         // Under CPU bf16 autocast fc1 and an exact GELU are one node (its backward does not
@@ -188,8 +188,8 @@ impl BeitLayer {
         let y = profile::time("mlp.fc2", || self.output.forward(&y))?;
         let out = profile::time("scale+residual", || {
             let y = ops::dropout(&y, self.hidden_dropout, train)?;
-            let y = ops::drop_path(&y, self.drop_path, train)?;
-            ops::fused::scaled_residual(&h, &y, self.lambda_2.as_ref())
+            let l2 = self.lambda_2.as_ref();
+            ops::fused::scaled_residual(&h, &y, l2, self.drop_path, train)
         })?;
         Ok((out, probs))
     }

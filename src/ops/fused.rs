@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use super::gemm::{gemm, num_threads, GemmElem, View, ViewMut};
 use super::kernels::amx::general::{
     gemm_bf16 as amx_gemm, linear_backward_bf16 as amx_linear_backward,
-    linear_gelu_backward_bf16 as amx_linear_gelu_backward, ALayout, BLayout,
+    linear_gelu_backward_bf16 as amx_linear_gelu_backward, ALayout, BLayout, Operand as AmxOperand,
 };
 
 /// Rows per parallel task of the column sums (fixed, so results do not depend on threads).
@@ -26,6 +26,7 @@ trait Elem:
 {
     fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [Self]>;
     fn wrap(v: Vec<Self>) -> CpuStorage;
+    fn from_f32(v: f32) -> Self;
 }
 
 macro_rules! elem {
@@ -42,6 +43,9 @@ macro_rules! elem {
             }
             fn wrap(v: Vec<Self>) -> CpuStorage {
                 CpuStorage::$variant(v)
+            }
+            fn from_f32(v: f32) -> Self {
+                v as $t
             }
         }
     };
@@ -60,32 +64,27 @@ macro_rules! dispatch {
     };
 }
 
-/// Column sums of a row-major `[rows, cols]` matrix (optionally of the product of two).
-fn col_sum<T: Elem>(a: &[T], b: Option<&[T]>, cols: usize) -> Vec<T> {
+/// Column sums of a row-major `[rows, cols]` matrix.
+fn col_sum<T: Elem>(a: &[T], cols: usize) -> Vec<T> {
     let rows = a.len() / cols.max(1);
     let partials: Vec<Vec<T>> = (0..rows.div_ceil(ROW_BLOCK))
         .into_par_iter()
         .map(|blk| {
             let mut acc = vec![T::ZERO; cols];
             for r in blk * ROW_BLOCK..((blk + 1) * ROW_BLOCK).min(rows) {
-                let row = &a[r * cols..(r + 1) * cols];
-                match b {
-                    Some(b) => {
-                        let brow = &b[r * cols..(r + 1) * cols];
-                        for ((s, &x), &y) in acc.iter_mut().zip(row).zip(brow) {
-                            *s = *s + x * y;
-                        }
-                    }
-                    None => {
-                        for (s, &x) in acc.iter_mut().zip(row) {
-                            *s = *s + x;
-                        }
-                    }
+                for (s, &x) in acc.iter_mut().zip(&a[r * cols..(r + 1) * cols]) {
+                    *s = *s + x;
                 }
             }
             acc
         })
         .collect();
+    add_in_order(partials, cols)
+}
+
+/// The sum of per-block partial column sums, in block order (so that results do not depend on
+/// the number of threads).
+fn add_in_order<T: Elem>(partials: Vec<Vec<T>>, cols: usize) -> Vec<T> {
     let mut out = vec![T::ZERO; cols];
     for p in partials {
         for (o, v) in out.iter_mut().zip(p) {
@@ -175,21 +174,13 @@ fn matmul_t(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
         .apply_op2_no_bwd(&b.contiguous()?, &Gemm { ta, tb })
 }
 
-/// Column sums of `x` viewed as `[rows, last_dim]`, optionally of `x * y` (no autograd).
+/// Column sums of `x` viewed as `[rows, last_dim]` (no autograd).
 struct ColSum;
 
-fn col_sum_kernel<T: Elem>(
-    s1: &CpuStorage,
-    l1: &Layout,
-    s2: Option<(&CpuStorage, &Layout)>,
-) -> Result<(CpuStorage, Shape)> {
+fn col_sum_kernel<T: Elem>(s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
     let a = T::slice(s1, l1)?;
     let cols = *l1.dims().last().unwrap_or(&1);
-    let b = match s2 {
-        Some((s, l)) => Some(T::slice(s, l)?),
-        None => None,
-    };
-    Ok((T::wrap(col_sum(a, b, cols)), Shape::from(cols)))
+    Ok((T::wrap(col_sum(a, cols)), Shape::from(cols)))
 }
 
 impl candle_core::CustomOp1 for ColSum {
@@ -197,22 +188,7 @@ impl candle_core::CustomOp1 for ColSum {
         "beit-col-sum"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        dispatch!(s, col_sum_kernel, s, l, None)
-    }
-}
-
-impl CustomOp2 for ColSum {
-    fn name(&self) -> &'static str {
-        "beit-col-sum-prod"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        dispatch!(s1, col_sum_kernel, s1, l1, Some((s2, l2)))
+        dispatch!(s, col_sum_kernel, s, l)
     }
 }
 
@@ -223,14 +199,6 @@ pub fn sum_to_last_dim(x: &Tensor) -> Result<Tensor> {
     } else {
         let d = x.dim(D::Minus1)?;
         x.reshape(((), d))?.sum(0)
-    }
-}
-
-fn sum_prod_to_last_dim(x: &Tensor, y: &Tensor) -> Result<Tensor> {
-    if cpu_ok(&[x, y]) {
-        x.contiguous()?.apply_op2_no_bwd(&y.contiguous()?, &ColSum)
-    } else {
-        sum_to_last_dim(&(x * y)?)
     }
 }
 
@@ -295,14 +263,35 @@ fn linear_out_shape(x: &Layout, out: usize) -> Shape {
     Shape::from(dims)
 }
 
-/// [`linear_kernel`] under bf16 autocast: the GEMM on AMX tiles, bias in its epilogue.
+/// [`linear_kernel`] under bf16 autocast: the GEMM on AMX tiles, bias in its epilogue. The
+/// input is f32, or bf16 (the hidden activation of an MLP under autocast, [`linear_gelu`]).
 fn linear_bf16(
     x: (&CpuStorage, &Layout),
     w: (&CpuStorage, &Layout),
     b: Option<(&CpuStorage, &Layout)>,
 ) -> Result<(CpuStorage, Shape)> {
-    let (xs, ws) = (f32::slice(x.0, x.1)?, f32::slice(w.0, w.1)?);
+    match x.0 {
+        CpuStorage::BF16(v) => {
+            let Some((start, end)) = x.1.contiguous_offsets() else {
+                candle_core::bail!("linear: operand not contiguous")
+            };
+            linear_bf16_from(&v[start..end], x.1, w, b)
+        }
+        _ => linear_bf16_from(f32::slice(x.0, x.1)?, x.1, w, b),
+    }
+}
+
+fn linear_bf16_from<T: AmxOperand>(
+    xs: &[T],
+    x: &Layout,
+    w: (&CpuStorage, &Layout),
+    b: Option<(&CpuStorage, &Layout)>,
+) -> Result<(CpuStorage, Shape)> {
+    let ws = f32::slice(w.0, w.1)?;
     let (out, inp) = w.1.shape().dims2()?;
+    if *x.dims().last().unwrap_or(&0) != inp {
+        candle_core::bail!("linear: input last dim {:?} != weight in {inp}", x.dims());
+    }
     let rows = xs.len() / inp.max(1);
     let bs = b.map(|b| f32::slice(b.0, b.1)).transpose()?;
     // SAFETY: the GEMM writes every element.
@@ -319,27 +308,32 @@ fn linear_bf16(
         &mut y,
         num_threads(),
     );
-    Ok((CpuStorage::F32(y), linear_out_shape(x.1, out)))
+    Ok((CpuStorage::F32(y), linear_out_shape(x, out)))
 }
 
-/// `(dx, dw)` of `y = x · wᵀ` for output gradient `g`.
+/// `(dx, dw)` of `y = x · wᵀ` for output gradient `g` (`dx` in f32 also for a bf16 `x`: the
+/// gradient fc1 + GELU's backward reads, as exact as the GEMM made it).
 fn linear_grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
     let (out, inp) = w.dims2()?;
     let rows = x.elem_count() / inp.max(1);
     let g2 = g.contiguous()?.reshape((rows, out))?;
-    if super::autocast::cpu_bf16() && cpu_ok(&[x, w, g]) && x.dtype() == DType::F32 {
+    let amx = (super::autocast::cpu_bf16() && cpu_ok(&[x, w, g]) && x.dtype() == DType::F32)
+        || amx_mixed(x, &[w, g]);
+    if amx {
         let (x2, w2) = (x.contiguous()?, w.contiguous()?);
-        let (gd, xd, wd) = (
-            super::f32_data(&g2)?,
-            super::f32_data(&x2)?,
-            super::f32_data(&w2)?,
-        );
-        let (gs, xs, ws) = (gd.get(), xd.get(), wd.get());
+        let (gd, wd) = (super::f32_data(&g2)?, super::f32_data(&w2)?);
+        let (gs, ws) = (gd.get(), wd.get());
         let threads = num_threads();
         // SAFETY: the backward writes every element of both.
         let mut dx = unsafe { super::kernels::uninit_buffer::<f32>(rows * inp) };
         let mut dw = unsafe { super::kernels::uninit_buffer::<f32>(out * inp) };
-        amx_linear_backward(rows, inp, out, gs, xs, ws, &mut dx, &mut dw, threads);
+        if x.dtype() == DType::BF16 {
+            let xd = super::cpu_data::<half::bf16>(&x2)?;
+            amx_linear_backward(rows, inp, out, gs, xd.get(), ws, &mut dx, &mut dw, threads);
+        } else {
+            let xd = super::f32_data(&x2)?;
+            amx_linear_backward(rows, inp, out, gs, xd.get(), ws, &mut dx, &mut dw, threads);
+        }
         let dev = x.device();
         return Ok((
             Tensor::from_vec(dx, x.shape(), dev)?,
@@ -362,7 +356,12 @@ impl CustomOp2 for LinearOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if matches!(s1, CpuStorage::F32(_)) && super::autocast::cpu_bf16() {
+        let amx_input = match s1 {
+            CpuStorage::F32(_) => super::autocast::cpu_bf16(),
+            CpuStorage::BF16(_) => true,
+            _ => false,
+        };
+        if amx_input {
             return linear_bf16((s1, l1), (s2, l2), None);
         }
         dispatch!(s1, linear_kernel, (s1, l1), (s2, l2), None)
@@ -393,7 +392,12 @@ impl CustomOp3 for LinearOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if matches!(s1, CpuStorage::F32(_)) && super::autocast::cpu_bf16() {
+        let amx_input = match s1 {
+            CpuStorage::F32(_) => super::autocast::cpu_bf16(),
+            CpuStorage::BF16(_) => true,
+            _ => false,
+        };
+        if amx_input {
             return linear_bf16((s1, l1), (s2, l2), Some((s3, l3)));
         }
         dispatch!(s1, linear_kernel, (s1, l1), (s2, l2), Some((s3, l3)))
@@ -416,7 +420,7 @@ impl CustomOp3 for LinearOp {
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let mut all = vec![x, w];
     all.extend(b);
-    if cpu_ok(&all) {
+    if cpu_ok(&all) || amx_mixed(x, &all[1..]) {
         let x = x.contiguous()?;
         let w = w.contiguous()?;
         return match b {
@@ -440,6 +444,17 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         *l = w.dim(0)?;
     }
     y.reshape(out)
+}
+
+/// Whether `x` is a bf16 activation (written by [`linear_gelu`]) for AMX ops whose other
+/// operands (`rest`) are f32 CPU tensors.
+fn amx_mixed(x: &Tensor, rest: &[&Tensor]) -> bool {
+    x.dtype() == DType::BF16
+        && super::fast_cpu(x.device())
+        && super::autocast::cpu_bf16_available()
+        && rest
+            .iter()
+            .all(|t| t.dtype() == DType::F32 && super::fast_cpu(t.device()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -468,11 +483,13 @@ impl CustomOp3 for LinearGeluOp {
         let CpuStorage::F32(y) = y else {
             candle_core::bail!("linear_gelu: not f32")
         };
-        let h = super::activation::gelu_erf_f32(&y);
+        // Stored in bf16: fc2 (its one reader, on AMX) rounds it to bf16 as it packs it, so
+        // this gives the same tiles at half the bytes written, read and kept.
+        let h = super::activation::gelu_erf_bf16(&y);
         if let Ok(mut slot) = self.pre.lock() {
             *slot = Some(y);
         }
-        Ok((CpuStorage::F32(h), shape))
+        Ok((CpuStorage::BF16(h), shape))
     }
     fn bwd(
         &self,
@@ -546,11 +563,23 @@ pub fn linear_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option<Tensor>>
 }
 
 // ---------------------------------------------------------------------------------------------
-// Scaled residual: r + λ ⊙ h (layer scale), λ over the last dim.
+// Scaled residual: r + λ ⊙ drop_path(h) (layer scale, stochastic depth), λ over the last dim.
 
-struct ScaledResidual;
+/// The op, with the drop path's per-sample scales (0 or 1/keep) when it drops.
+struct ScaledResidual {
+    sample_scales: Option<Vec<f32>>,
+}
+
+impl ScaledResidual {
+    /// The scale of each row of a `[samples, ...]` tensor with `rows` rows of the last dim.
+    fn row_scales(&self, rows: usize) -> Option<(&[f32], usize)> {
+        let s = self.sample_scales.as_deref()?;
+        Some((s, rows / s.len().max(1)))
+    }
+}
 
 fn scaled_residual_kernel<T: Elem>(
+    op: &ScaledResidual,
     r: (&CpuStorage, &Layout),
     h: (&CpuStorage, &Layout),
     l: (&CpuStorage, &Layout),
@@ -561,20 +590,101 @@ fn scaled_residual_kernel<T: Elem>(
         T::slice(l.0, l.1)?,
     );
     let d = ls.len();
+    let scales = op.row_scales(rs.len() / d.max(1));
     let mut out = vec![T::ZERO; rs.len()];
     out.par_chunks_mut(d * ROW_BLOCK)
         .zip(
             rs.par_chunks(d * ROW_BLOCK)
                 .zip(hs.par_chunks(d * ROW_BLOCK)),
         )
-        .for_each(|(o, (r, h))| {
-            for ((orow, rrow), hrow) in o.chunks_mut(d).zip(r.chunks(d)).zip(h.chunks(d)) {
+        .enumerate()
+        .for_each(|(blk, (o, (r, h)))| {
+            let rows = o.chunks_mut(d).zip(r.chunks(d)).zip(h.chunks(d));
+            for (i, ((orow, rrow), hrow)) in rows.enumerate() {
+                // The drop path's scale first, then λ: the composition's roundings.
+                let s = scales.map(|(s, per)| T::from_f32(s[(blk * ROW_BLOCK + i) / per]));
                 for (((ov, &rv), &hv), &lv) in orow.iter_mut().zip(rrow).zip(hrow).zip(ls) {
+                    let hv = match s {
+                        Some(s) => hv * s,
+                        None => hv,
+                    };
                     *ov = rv + lv * hv;
                 }
             }
         });
     Ok((T::wrap(out), r.1.shape().clone()))
+}
+
+/// `dh = s ⊙ λ ⊙ g` and `dλ = Σ_rows g ⊙ s h` in one pass over `g` and `h` (s = the row's drop
+/// path scale, or 1): the column sums by blocks of [`ROW_BLOCK`] rows, added in order, as
+/// [`col_sum`] forms them.
+fn scaled_residual_grads<T: Elem>(
+    op: &ScaledResidual,
+    g: &[T],
+    h: &[T],
+    l: &[T],
+) -> (Vec<T>, Vec<T>) {
+    let d = l.len();
+    let scales = op.row_scales(g.len() / d.max(1));
+    let mut dh = vec![T::ZERO; g.len()];
+    let partials: Vec<Vec<T>> = dh
+        .par_chunks_mut(d * ROW_BLOCK)
+        .zip(g.par_chunks(d * ROW_BLOCK).zip(h.par_chunks(d * ROW_BLOCK)))
+        .enumerate()
+        .map(|(blk, (dh, (g, h)))| {
+            let mut acc = vec![T::ZERO; d];
+            let rows = dh.chunks_mut(d).zip(g.chunks(d)).zip(h.chunks(d));
+            for (i, ((dhrow, grow), hrow)) in rows.enumerate() {
+                let s = scales.map(|(s, per)| T::from_f32(s[(blk * ROW_BLOCK + i) / per]));
+                let cols = dhrow
+                    .iter_mut()
+                    .zip(grow)
+                    .zip(hrow)
+                    .zip(l)
+                    .zip(acc.iter_mut());
+                for ((((dv, &gv), &hv), &lv), a) in cols {
+                    let (gl, hv) = match s {
+                        Some(s) => (gv * lv * s, hv * s),
+                        None => (gv * lv, hv),
+                    };
+                    *dv = gl;
+                    *a = *a + gv * hv;
+                }
+            }
+            acc
+        })
+        .collect();
+    (dh, add_in_order(partials, d))
+}
+
+/// [`scaled_residual_grads`] of contiguous CPU tensors of `T`: `(dh, dλ)`.
+fn scaled_residual_bwd<T: Elem + candle_core::WithDType>(
+    op: &ScaledResidual,
+    g: &Tensor,
+    h: &Tensor,
+    l: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    fn cpu<'a, T: Elem>(st: &'a candle_core::Storage, layout: &Layout) -> Result<&'a [T]> {
+        let candle_core::Storage::Cpu(c) = st else {
+            candle_core::bail!("scaled residual: not on the CPU")
+        };
+        T::slice(c, layout)
+    }
+    let ((gst, gl), (hst, hl), (lst, ll)) = (
+        g.storage_and_layout(),
+        h.storage_and_layout(),
+        l.storage_and_layout(),
+    );
+    let (gs, hs, ls) = (
+        cpu::<T>(&gst, gl)?,
+        cpu::<T>(&hst, hl)?,
+        cpu::<T>(&lst, ll)?,
+    );
+    let (dh, dl) = scaled_residual_grads(op, gs, hs, ls);
+    Ok((
+        Tensor::from_vec(dh, g.shape(), g.device())?,
+        Tensor::from_vec(dl, l.shape(), l.device())?,
+    ))
 }
 
 impl CustomOp3 for ScaledResidual {
@@ -590,7 +700,14 @@ impl CustomOp3 for ScaledResidual {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        dispatch!(s1, scaled_residual_kernel, (s1, l1), (s2, l2), (s3, l3))
+        dispatch!(
+            s1,
+            scaled_residual_kernel,
+            self,
+            (s1, l1),
+            (s2, l2),
+            (s3, l3)
+        )
     }
     fn bwd(
         &self,
@@ -602,20 +719,46 @@ impl CustomOp3 for ScaledResidual {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let _p = crate::profile::scope("bwd.scale+residual");
         let g = g.contiguous()?;
-        let dh = g.broadcast_mul(&lambda.detach())?;
-        let dl = sum_prod_to_last_dim(&g, h)?;
+        let (h, l) = (h.contiguous()?, lambda.contiguous()?);
+        let (dh, dl) = match g.dtype() {
+            DType::F64 => scaled_residual_bwd::<f64>(self, &g, &h, &l)?,
+            _ => scaled_residual_bwd::<f32>(self, &g, &h, &l)?,
+        };
         Ok((Some(g), Some(dh), Some(dl)))
     }
 }
 
-/// `residual + lambda ⊙ h` (`lambda` over the last dim; `None` = 1), one autograd node on CPU.
-pub fn scaled_residual(residual: &Tensor, h: &Tensor, lambda: Option<&Tensor>) -> Result<Tensor> {
+/// `residual + lambda ⊙ drop_path(h)` (`lambda` over the last dim, `None` = 1; stochastic
+/// depth with rate `drop_path` while `train`), one autograd node on CPU: the drop path's
+/// per-sample scale is applied inside it, not as a mask tensor whose product's backward would
+/// also form a gradient for the mask.
+pub fn scaled_residual(
+    residual: &Tensor,
+    h: &Tensor,
+    lambda: Option<&Tensor>,
+    drop_path: f64,
+    train: bool,
+) -> Result<Tensor> {
+    let scales = (train && drop_path > 0.0).then(|| super::drop_path_scales(h.dim(0), drop_path));
     match lambda {
-        None => residual + h,
-        Some(l) if cpu_ok(&[residual, h, l]) && residual.shape() == h.shape() => residual
-            .contiguous()?
-            .apply_op3(&h.contiguous()?, &l.contiguous()?, ScaledResidual),
-        Some(l) => residual + h.broadcast_mul(l)?,
+        Some(l) if cpu_ok(&[residual, h, l]) && residual.shape() == h.shape() => {
+            let op = ScaledResidual {
+                sample_scales: scales.transpose()?,
+            };
+            residual
+                .contiguous()?
+                .apply_op3(&h.contiguous()?, &l.contiguous()?, op)
+        }
+        _ => {
+            let h = match scales {
+                Some(s) => super::apply_drop_path(h, s?)?,
+                None => h.clone(),
+            };
+            match lambda {
+                Some(l) => residual + h.broadcast_mul(l)?,
+                None => residual + h,
+            }
+        }
     }
 }
 

@@ -171,15 +171,24 @@ pub fn drop_path(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
     if !train || p == 0.0 {
         return Ok(x.clone());
     }
+    apply_drop_path(x, drop_path_scales(x.dim(0), p)?)
+}
+
+/// The drop path's scale of each of `samples` (a `Result`: the dim that gave their count),
+/// 0 or `1 / (1 - p)`, drawn from [`rng`].
+pub(crate) fn drop_path_scales(samples: Result<usize>, p: f64) -> Result<Vec<f32>> {
     let keep = 1.0 - p;
-    let b = x.dim(0)?;
-    let mask: Vec<f32> = rng::uniform(b)
+    Ok(rng::uniform(samples?)
         .into_iter()
         .map(|r| ((r as f64 + keep).floor() / keep) as f32)
-        .collect();
+        .collect())
+}
+
+/// `x` with sample `i` (dim 0) multiplied by `scales[i]`.
+pub(crate) fn apply_drop_path(x: &Tensor, scales: Vec<f32>) -> Result<Tensor> {
     let mut shape = vec![1usize; x.rank()];
-    shape[0] = b;
-    let mask = Tensor::from_vec(mask, shape, x.device())?.to_dtype(x.dtype())?;
+    shape[0] = scales.len();
+    let mask = Tensor::from_vec(scales, shape, x.device())?.to_dtype(x.dtype())?;
     x.broadcast_mul(&mask)
 }
 
@@ -195,24 +204,6 @@ pub fn dropout(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
         .collect();
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     x.mul(&mask)
-}
-
-/// Read access to the f32 data of a contiguous CPU tensor.
-pub(crate) struct F32Data<'a> {
-    guard: Box<dyn std::ops::Deref<Target = candle_core::Storage> + 'a>,
-    start: usize,
-    len: usize,
-}
-
-impl F32Data<'_> {
-    pub(crate) fn get(&self) -> &[f32] {
-        match &**self.guard {
-            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
-                &v[self.start..self.start + self.len]
-            }
-            _ => unreachable!("checked in f32_data"),
-        }
-    }
 }
 
 /// The f32 elements a CPU custom op reads (`op` names it in the error otherwise).
@@ -234,7 +225,12 @@ pub(crate) fn cpu_f32<'a>(
 }
 
 /// The data of `t`, which must be a contiguous f32 tensor on the CPU.
-pub(crate) fn f32_data(t: &Tensor) -> Result<F32Data<'_>> {
+pub(crate) fn f32_data(t: &Tensor) -> Result<CpuData<'_, f32>> {
+    cpu_data(t)
+}
+
+/// The data of `t`, which must be a contiguous CPU tensor of `T`.
+pub(crate) fn cpu_data<T: CpuElem>(t: &Tensor) -> Result<CpuData<'_, T>> {
     let (guard, layout) = t.storage_and_layout();
     let Some((start, end)) = layout.contiguous_offsets() else {
         candle_core::bail!(
@@ -242,17 +238,63 @@ pub(crate) fn f32_data(t: &Tensor) -> Result<F32Data<'_>> {
             layout.stride()
         )
     };
-    if !matches!(
-        &*guard,
-        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(_))
-    ) {
-        candle_core::bail!("expected an f32 CPU tensor, got {:?}", t.dtype())
+    let candle_core::Storage::Cpu(s) = &*guard else {
+        candle_core::bail!("expected a CPU tensor, got {:?}", t.device())
+    };
+    if T::of(s).is_none() {
+        candle_core::bail!("expected a {:?} CPU tensor, got {:?}", T::DTYPE, t.dtype())
     }
-    Ok(F32Data {
+    Ok(CpuData {
         guard: Box::new(guard),
         start,
         len: end - start,
+        _elem: std::marker::PhantomData,
     })
+}
+
+/// An element type a CPU storage can hold.
+pub(crate) trait CpuElem: Sized {
+    const DTYPE: DType;
+    fn of(s: &candle_core::CpuStorage) -> Option<&[Self]>;
+}
+
+impl CpuElem for f32 {
+    const DTYPE: DType = DType::F32;
+    fn of(s: &candle_core::CpuStorage) -> Option<&[f32]> {
+        match s {
+            candle_core::CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+impl CpuElem for half::bf16 {
+    const DTYPE: DType = DType::BF16;
+    fn of(s: &candle_core::CpuStorage) -> Option<&[half::bf16]> {
+        match s {
+            candle_core::CpuStorage::BF16(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+/// Read access to the data of a contiguous CPU tensor.
+pub(crate) struct CpuData<'a, T> {
+    guard: Box<dyn std::ops::Deref<Target = candle_core::Storage> + 'a>,
+    start: usize,
+    len: usize,
+    _elem: std::marker::PhantomData<T>,
+}
+
+impl<T: CpuElem> CpuData<'_, T> {
+    pub(crate) fn get(&self) -> &[T] {
+        match &**self.guard {
+            candle_core::Storage::Cpu(s) => {
+                &T::of(s).expect("checked in cpu_data")[self.start..self.start + self.len]
+            }
+            _ => unreachable!("checked in cpu_data"),
+        }
+    }
 }
 
 /// Blocked transpose of the row-major `r x c` matrix `src` into `dst` (`c x r`), in parallel.

@@ -35,6 +35,47 @@ fn to_bf16(v: f32) -> u16 {
     (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
 
+/// `src` rounded to bf16 (nearest, ties to even) into `dst` (as long as `src`). On AVX512-BF16
+/// with the instruction the AMX packers use (`vcvtneps2bf16`), so a value stored here packs
+/// into the same tile bits as the f32 it came from.
+pub fn round_into(src: &[f32], dst: &mut [half::bf16]) {
+    assert_eq!(src.len(), dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: AVX512-BF16 checked; equal lengths.
+        unsafe { round_into_avx512(src, dst) };
+        return;
+    }
+    for (d, &v) in dst.iter_mut().zip(src) {
+        *d = half::bf16::from_bits(to_bf16(v));
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn round_into_avx512(src: &[f32], dst: &mut [half::bf16]) {
+    use std::arch::x86_64::*;
+    let mut chunks = src.chunks_exact(16);
+    let mut out = dst.chunks_exact_mut(16);
+    for (s, d) in (&mut chunks).zip(&mut out) {
+        let v = _mm512_cvtneps_pbh(_mm512_loadu_ps(s.as_ptr()));
+        _mm256_storeu_si256(
+            d.as_mut_ptr() as *mut __m256i,
+            std::mem::transmute::<__m256bh, __m256i>(v),
+        );
+    }
+    let (s, d) = (chunks.remainder(), out.into_remainder());
+    if !s.is_empty() {
+        let mut tmp = [half::bf16::ZERO; 16];
+        let v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps((1u16 << s.len()) - 1, s.as_ptr()));
+        _mm256_storeu_si256(
+            tmp.as_mut_ptr() as *mut __m256i,
+            std::mem::transmute::<__m256bh, __m256i>(v),
+        );
+        d.copy_from_slice(&tmp[..s.len()]);
+    }
+}
+
 /// A `[K, N]` weight (`y = x · W`) in bf16 k-pair panels.
 #[derive(Debug)]
 pub struct PackedBf16 {

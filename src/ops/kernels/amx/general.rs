@@ -16,6 +16,29 @@ use crate::ops::kernels::packed::Epi;
 use crate::ops::kernels::vmath::TileOp;
 use crate::ops::kernels::{vmath, TileBuf};
 
+/// How an activation operand is stored: f32, rounded to bf16 as it is packed, or bf16
+/// already (written rounded by the op before, so packing it is a copy and gives the same
+/// tiles as packing the f32 values would have).
+pub trait Operand: Copy + Send + Sync + 'static {
+    const BF16: bool;
+    /// The slice as f32, when it is.
+    fn as_f32(s: &[Self]) -> Option<&[f32]>;
+}
+
+impl Operand for f32 {
+    const BF16: bool = false;
+    fn as_f32(s: &[f32]) -> Option<&[f32]> {
+        Some(s)
+    }
+}
+
+impl Operand for half::bf16 {
+    const BF16: bool = true;
+    fn as_f32(_: &[half::bf16]) -> Option<&[f32]> {
+        None
+    }
+}
+
 /// Outputs from this size on are written with non-temporal stores.
 const STREAM_BYTES: usize = 8 << 20;
 
@@ -37,14 +60,14 @@ pub enum BLayout {
     Cols,
 }
 
-/// `c [m, n] (row-major) = A · B (+ bias [n])` with bf16 operands and f32 sums. Panics
-/// unless [`available`]`(Bf16)` or when a slice is too short.
+/// `c [m, n] (row-major) = A · B (+ bias [n])` with bf16 operands and f32 sums (A stored in
+/// f32 or bf16, B in f32). Panics unless [`available`]`(Bf16)` or when a slice is too short.
 #[allow(clippy::too_many_arguments)]
-pub fn gemm_bf16(
+pub fn gemm_bf16<T: Operand>(
     m: usize,
     n: usize,
     k: usize,
-    a: &[f32],
+    a: &[T],
     al: ALayout,
     b: &[f32],
     bl: BLayout,
@@ -71,9 +94,11 @@ pub fn gemm_bf16(
         BLayout::Cols => pack_b_cols(b, k, n),
         BLayout::Rows => pack_b_rows(b, k, n),
     };
-    let tiles = match al {
-        ALayout::Rows => w.pack_activations(a, m, None, threads),
-        ALayout::Cols => pack_a_cols(a, m, k),
+    let tiles = match (al, T::as_f32(a)) {
+        (ALayout::Rows, Some(a)) => w.pack_activations(a, m, None, threads),
+        // SAFETY: `a` holds `m x k` (checked above).
+        (ALayout::Rows, None) => unsafe { pack_a_view(View::row_major(a, 0, k), m, k, true) },
+        (ALayout::Cols, _) => pack_a_cols(a, m, k),
     };
     // SAFETY: `c` holds `m x n` (checked above).
     unsafe { run_f32(&w, &tiles, c, bias, threads) };
@@ -86,13 +111,13 @@ pub fn gemm_bf16(
 ///
 /// # Safety
 /// The views must cover their elements; C must not overlap A or B.
-pub unsafe fn gemm_bf16_view(
+pub unsafe fn gemm_bf16_view<A: Operand, B: Operand>(
     m: usize,
     n: usize,
     k: usize,
     c: ViewMut<f32>,
-    a: View<f32>,
-    b: View<f32>,
+    a: View<A>,
+    b: View<B>,
 ) {
     assert!(available(AmxKind::Bf16), "this CPU/OS does not run AMX");
     assert!(
@@ -180,12 +205,12 @@ unsafe fn run_f32_strided(
 /// packed into both A layouts while it is in L1 (on BEiT-small's fc1, packing g twice cost
 /// 3.7 + 2.3 ms of the backward's 12.4).
 #[allow(clippy::too_many_arguments)]
-pub fn linear_backward_bf16(
+pub fn linear_backward_bf16<T: Operand>(
     rows: usize,
     inp: usize,
     out: usize,
     g: &[f32],
-    x: &[f32],
+    x: &[T],
     w: &[f32],
     dx: &mut [f32],
     dw: &mut [f32],
@@ -201,13 +226,13 @@ pub fn linear_backward_bf16(
 /// (the bias gradient) come out in `db`. The same values as the GELU backward
 /// (`vmath::gelu_grad_mul`) then [`linear_backward_bf16`], bit for bit for `dx` and `dw`.
 #[allow(clippy::too_many_arguments)]
-pub fn linear_gelu_backward_bf16(
+pub fn linear_gelu_backward_bf16<T: Operand>(
     rows: usize,
     inp: usize,
     out: usize,
     g: &[f32],
     pre: &[f32],
-    x: &[f32],
+    x: &[T],
     w: &[f32],
     dx: &mut [f32],
     dw: &mut [f32],
@@ -222,13 +247,13 @@ pub fn linear_gelu_backward_bf16(
 /// The two linear backwards: `(dx, dw)` for the gradient `g`, or `g ⊙ GELU'(pre)`, whose
 /// column sums it returns (`out` zeros when a dimension is 0; empty without `pre`).
 #[allow(clippy::too_many_arguments)]
-fn linear_backward(
+fn linear_backward<T: Operand>(
     rows: usize,
     inp: usize,
     out: usize,
     g: &[f32],
     pre: Option<&[f32]>,
-    x: &[f32],
+    x: &[T],
     w: &[f32],
     dx: &mut [f32],
     dw: &mut [f32],
@@ -340,16 +365,22 @@ fn pack_grad_both(
 /// into 16 pairs `(lo[j], hi[j])`: one 64-byte row of a VNNI-layout tile.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn pair_row(
-    lo: *const f32,
-    hi: *const f32,
+unsafe fn pair_row<T: Operand>(
+    lo: *const T,
+    hi: *const T,
     lo_mask: u16,
     hi_mask: u16,
 ) -> std::arch::x86_64::__m512i {
     use std::arch::x86_64::*;
-    let a = _mm512_maskz_loadu_ps(lo_mask, lo);
-    let b = _mm512_maskz_loadu_ps(hi_mask, hi);
-    let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(b, a));
+    let v: __m512i = if T::BF16 {
+        let a = _mm512_maskz_loadu_epi16(lo_mask as u32, lo as *const i16);
+        let b = _mm512_maskz_loadu_epi16(hi_mask as u32, hi as *const i16);
+        _mm512_inserti64x4::<1>(a, _mm512_castsi512_si256(b))
+    } else {
+        let a = _mm512_maskz_loadu_ps(lo_mask, lo as *const f32);
+        let b = _mm512_maskz_loadu_ps(hi_mask, hi as *const f32);
+        std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(b, a))
+    };
     // v = [a0..a15, b0..b15] as bf16; want [a0, b0, a1, b1, ...].
     let idx = _mm512_set_epi16(
         31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
@@ -371,8 +402,8 @@ fn lanes(left: usize) -> u16 {
 /// The `k x cols` elements must be readable; `dst` writable for 1 KB; AVX-512 BF16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn vnni_tile(
-    src: *const f32,
+unsafe fn vnni_tile<T: Operand>(
+    src: *const T,
     ld: usize,
     k: usize,
     cols: usize,
@@ -395,7 +426,15 @@ unsafe fn vnni_tile(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn vnni_tile(_: *const f32, _: usize, _: usize, _: usize, _: usize, _: usize, _: *mut u8) {
+unsafe fn vnni_tile<T: Operand>(
+    _: *const T,
+    _: usize,
+    _: usize,
+    _: usize,
+    _: usize,
+    _: usize,
+    _: *mut u8,
+) {
     unreachable!("AMX is x86_64 only")
 }
 
@@ -406,7 +445,7 @@ unsafe fn vnni_tile(_: *const f32, _: usize, _: usize, _: usize, _: usize, _: us
 ///
 /// # Safety
 /// `b` must cover its `k x n` elements; AVX-512 BF16 (`available`).
-unsafe fn pack_b_view(b: View<f32>, k: usize, n: usize, parallel: bool) -> PackedAmx {
+unsafe fn pack_b_view<T: Operand>(b: View<T>, k: usize, n: usize, parallel: bool) -> PackedAmx {
     let kp = k.div_ceil(32) * 32;
     // SAFETY: every tile of every panel is written below.
     let mut data = unsafe { TileBuf::uninit(n.div_ceil(NP) * kp * NP * 2) };
@@ -443,7 +482,7 @@ unsafe fn pack_b_view(b: View<f32>, k: usize, n: usize, parallel: bool) -> Packe
 ///
 /// # Safety
 /// `a` must cover its `m x k` elements; AVX-512 BF16 (`available`).
-unsafe fn pack_a_view(a: View<f32>, m: usize, k: usize, parallel: bool) -> ActTiles {
+unsafe fn pack_a_view<T: Operand>(a: View<T>, m: usize, k: usize, parallel: bool) -> ActTiles {
     let ktiles = k.div_ceil(32);
     // SAFETY: every tile is written below.
     let mut data = unsafe { TileBuf::uninit(m.div_ceil(16) * ktiles * 1024) };
@@ -484,7 +523,7 @@ unsafe fn pack_a_view(a: View<f32>, m: usize, k: usize, parallel: bool) -> ActTi
 
 /// `b [k, n]` row-major into B panels: the per-call packing of an activation-sized operand
 /// (the weight gradient's `x`, the input gradient's `W`). Panics if `b` is short.
-fn pack_b_rows(b: &[f32], k: usize, n: usize) -> PackedAmx {
+fn pack_b_rows<T: Operand>(b: &[T], k: usize, n: usize) -> PackedAmx {
     assert!(b.len() >= k * n);
     // SAFETY: `b` holds `k x n`; `available` was checked by the public entry points.
     unsafe { pack_b_view(View::row_major(b, 0, n), k, n, true) }
@@ -498,8 +537,8 @@ fn pack_b_rows(b: &[f32], k: usize, n: usize) -> PackedAmx {
 /// The `rows x k` elements must be readable; `dst` writable for 1 KB; AVX-512 BF16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn row_tile(
-    src: *const f32,
+unsafe fn row_tile<T: Operand>(
+    src: *const T,
     ld: usize,
     rows: usize,
     k: usize,
@@ -516,15 +555,27 @@ unsafe fn row_tile(
         let (ma, mb) = if r0 + r < rows { (m0, m1) } else { (0, 0) };
         // Lanes past the edges are masked off: their addresses are never read.
         let p = src.wrapping_add((r0 + r) * ld + k0);
-        let lo = _mm512_maskz_loadu_ps(ma, p);
-        let hi = _mm512_maskz_loadu_ps(mb, p.wrapping_add(16));
-        let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+        let v: __m512i = if T::BF16 {
+            _mm512_maskz_loadu_epi16(ma as u32 | (mb as u32) << 16, p as *const i16)
+        } else {
+            let lo = _mm512_maskz_loadu_ps(ma, p as *const f32);
+            let hi = _mm512_maskz_loadu_ps(mb, p.wrapping_add(16) as *const f32);
+            std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
+        };
         _mm512_storeu_si512(dst.add(r * 64) as *mut _, v);
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn row_tile(_: *const f32, _: usize, _: usize, _: usize, _: usize, _: usize, _: *mut u8) {
+unsafe fn row_tile<T: Operand>(
+    _: *const T,
+    _: usize,
+    _: usize,
+    _: usize,
+    _: usize,
+    _: usize,
+    _: *mut u8,
+) {
     unreachable!("AMX is x86_64 only")
 }
 
@@ -546,7 +597,7 @@ fn pack_b_cols(b: &[f32], k: usize, n: usize) -> PackedAmx {
 }
 
 /// `a` stored transposed (`[k, m]` row-major) as A tiles of the `[m, k]` operand.
-fn pack_a_cols(a: &[f32], m: usize, k: usize) -> ActTiles {
+fn pack_a_cols<T: Operand>(a: &[T], m: usize, k: usize) -> ActTiles {
     assert!(a.len() >= m * k);
     // SAFETY: `a` holds `k x m`; `available` was checked by the public entry points.
     unsafe { pack_a_view(View::transposed(a, 0, m), m, k, true) }
@@ -697,6 +748,76 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// Operands stored in bf16 (rounded by `bf16::round_into`, as the ops that write them do)
+    /// give the products of their f32 originals bit for bit, in every entry point and layout.
+    #[test]
+    fn amx_bf16_operands_give_the_f32_results() {
+        if !available(AmxKind::Bf16) {
+            eprintln!("SKIPPED: this CPU/OS has no AMX-BF16; bf16-stored operands were not tested");
+            return;
+        }
+        let src = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| (((i + seed) * 7919 % 211) as f32 - 105.0) / 37.0)
+                .collect()
+        };
+        let to_bf16 = |v: &[f32]| {
+            let mut o = vec![half::bf16::ZERO; v.len()];
+            crate::ops::kernels::bf16::round_into(v, &mut o);
+            o
+        };
+        let same = |a: &[f32], b: &[f32], what: &str| {
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert!(
+                bits(a) == bits(b),
+                "{what}: bf16-stored operand changed the result"
+            );
+        };
+        for &(m, n, k) in &[(1, 1, 1), (17, 33, 65), (45, 70, 37), (130, 40, 300)] {
+            let (a, w) = (src(m * k, 1), src(n * k, 2));
+            let ab = to_bf16(&a);
+            for al in [ALayout::Rows, ALayout::Cols] {
+                let (mut c32, mut c16) = (vec![0f32; m * n], vec![0f32; m * n]);
+                gemm_bf16(m, n, k, &a, al, &w, BLayout::Cols, None, &mut c32, 2);
+                gemm_bf16(m, n, k, &ab, al, &w, BLayout::Cols, None, &mut c16, 2);
+                same(&c32, &c16, &format!("gemm_bf16 {m}x{n}x{k} {al:?}"));
+            }
+            // The linear backward with a bf16 input x [m, k] and g [m, n].
+            let g = src(m * n, 3);
+            let (mut dx32, mut dw32) = (vec![0f32; m * k], vec![0f32; n * k]);
+            let (mut dx16, mut dw16) = (vec![0f32; m * k], vec![0f32; n * k]);
+            linear_backward_bf16(m, k, n, &g, &a, &w, &mut dx32, &mut dw32, 2);
+            linear_backward_bf16(m, k, n, &g, &ab, &w, &mut dx16, &mut dw16, 2);
+            same(&dx32, &dx16, &format!("linear dx {m}x{n}x{k}"));
+            same(&dw32, &dw16, &format!("linear dw {m}x{n}x{k}"));
+            // Strided views, A rows or transposed, B rows or transposed.
+            let b = src(k * n, 4);
+            let bb = to_bf16(&b);
+            for (at, bt) in [(false, false), (false, true), (true, false), (true, true)] {
+                let view = |s32: &[f32], s16: &[half::bf16], t: bool, ld_r: usize, ld_c: usize| {
+                    if t {
+                        (
+                            View::transposed(s32, 0, ld_c),
+                            View::transposed(s16, 0, ld_c),
+                        )
+                    } else {
+                        (View::row_major(s32, 0, ld_r), View::row_major(s16, 0, ld_r))
+                    }
+                };
+                let (a32, a16) = view(&a, &ab, at, k, m);
+                let (b32, b16) = view(&b, &bb, bt, n, k);
+                let (mut c32, mut c16) = (vec![0f32; m * n], vec![0f32; m * n]);
+                // SAFETY: `a` is read as `[m, k]` rows or `[k, m]` rows (its transpose), both
+                // m * k elements; `b` likewise; C holds m x n.
+                unsafe {
+                    gemm_bf16_view(m, n, k, ViewMut::row_major(&mut c32, 0, n), a32, b32);
+                    gemm_bf16_view(m, n, k, ViewMut::row_major(&mut c16, 0, n), a16, b16);
+                }
+                same(&c32, &c16, &format!("view {m}x{n}x{k} A^T {at} B^T {bt}"));
             }
         }
     }

@@ -351,3 +351,72 @@ fn amx_linear_gelu_rates() {
         one * 1e3
     );
 }
+
+/// Timing probe (not a check): BEiT-small's fc2 at b32 (6304 x 1536 -> 384) with its input
+/// (the MLP's hidden activation) stored in f32 or in bf16, as GELU's output under autocast:
+/// the forward and the backward, interleaved, best of 7.
+/// `cargo test --release --lib amx_bf16_input_rates -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn amx_bf16_input_rates() {
+    if !available(AmxKind::Bf16) {
+        eprintln!("SKIPPED: no AMX-BF16");
+        return;
+    }
+    let (rows, inp, out) = (6304, 1536, 384);
+    let val = |len: usize, a: usize| -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * a % 97) as f32 - 48.0) / 40.0)
+            .collect()
+    };
+    let (x, w, g) = (val(rows * inp, 13), val(out * inp, 17), val(rows * out, 7));
+    let mut xb = vec![half::bf16::ZERO; x.len()];
+    crate::ops::kernels::bf16::round_into(&x, &mut xb);
+    let mut y = vec![0f32; rows * out];
+    let (mut dx, mut dw) = (vec![0f32; rows * inp], vec![0f32; out * inp]);
+    let best = |t: &mut f64, s: std::time::Instant| *t = t.min(s.elapsed().as_secs_f64());
+    let mut t = [f64::MAX; 4];
+    for _ in 0..7 {
+        let s = std::time::Instant::now();
+        general::gemm_bf16(
+            rows,
+            out,
+            inp,
+            &x,
+            general::ALayout::Rows,
+            &w,
+            general::BLayout::Cols,
+            None,
+            &mut y,
+            2,
+        );
+        best(&mut t[0], s);
+        let s = std::time::Instant::now();
+        general::gemm_bf16(
+            rows,
+            out,
+            inp,
+            &xb,
+            general::ALayout::Rows,
+            &w,
+            general::BLayout::Cols,
+            None,
+            &mut y,
+            2,
+        );
+        best(&mut t[1], s);
+        let s = std::time::Instant::now();
+        general::linear_backward_bf16(rows, inp, out, &g, &x, &w, &mut dx, &mut dw, 2);
+        best(&mut t[2], s);
+        let s = std::time::Instant::now();
+        general::linear_backward_bf16(rows, inp, out, &g, &xb, &w, &mut dx, &mut dw, 2);
+        best(&mut t[3], s);
+    }
+    println!(
+        "fc2 forward: input f32 {:.2} ms, bf16 {:.2} ms; backward: f32 {:.2} ms, bf16 {:.2} ms",
+        t[0] * 1e3,
+        t[1] * 1e3,
+        t[2] * 1e3,
+        t[3] * 1e3
+    );
+}
