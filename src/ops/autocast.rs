@@ -1,6 +1,8 @@
-//! bf16 mixed precision on CPU, as torch's `autocast("cpu", torch.bfloat16)`: tensors, weights
-//! and every element-wise op stay f32; the linear layers' GEMMs (forward and both gradients)
-//! round their operands to bf16 and sum in f32 on AMX tiles. Per thread, as torch's autocast
+//! bf16 mixed precision on CPU, as torch's `autocast("cpu", torch.bfloat16)`: weights and every
+//! element-wise op stay f32; the linear layers' GEMMs (forward and both gradients) and the
+//! attention's products round their operands to bf16 and sum in f32 on AMX tiles. The one
+//! activation stored in bf16 is the MLP's hidden one (GELU's output), which fc2 would round to
+//! bf16 anyway (`ops::fused::linear_gelu`). Per thread, as torch's autocast
 //! state is: the trainer turns it on for its own thread (the one running forward and backward)
 //! for `--precision bf16` where AMX is there (where it is not, bf16 has no CPU kernel faster
 //! than f32 and training stays f32); other threads' models are not affected.

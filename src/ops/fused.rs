@@ -546,8 +546,10 @@ impl CustomOp3 for LinearGeluOp {
 /// `GELU(x · wᵀ + b)` (exact GELU) as one autograd node where the linear layer runs under CPU
 /// bf16 autocast (AMX; f32 CPU tensors): the backward forms the pre-activation's gradient
 /// while packing it for the two GEMMs instead of writing it out and reading it back (BEiT-small
-/// b32: 39 MB a layer each way). The same values as `linear` then `gelu_erf` (the bias
-/// gradient summed in another order). `None` elsewhere: compose the two.
+/// b32: 39 MB a layer each way). The output is stored in bf16, for a linear layer under
+/// autocast (fc2) to read: `linear` then `gelu_erf` rounded to bf16, and to that reader the same
+/// values and gradients (the bias gradient summed in another order). `None` elsewhere: compose
+/// the two.
 pub fn linear_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
     if !(super::autocast::cpu_bf16() && cpu_ok(&[x, w, b]) && x.dtype() == DType::F32) {
         return Ok(None);
