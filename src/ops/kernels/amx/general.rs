@@ -151,7 +151,7 @@ pub unsafe fn gemm_bf16_view<A: Operand, B: Operand>(
 ///
 /// # Safety
 /// `c` must hold `a.m * w.n` floats and `bias` (when given) `w.n`.
-unsafe fn run_f32(
+pub(super) unsafe fn run_f32(
     w: &PackedAmx,
     a: &ActTiles,
     c: &mut [f32],
@@ -523,7 +523,7 @@ unsafe fn pack_a_view<T: Operand>(a: View<T>, m: usize, k: usize, parallel: bool
 
 /// `b [k, n]` row-major into B panels: the per-call packing of an activation-sized operand
 /// (the weight gradient's `x`, the input gradient's `W`). Panics if `b` is short.
-fn pack_b_rows<T: Operand>(b: &[T], k: usize, n: usize) -> PackedAmx {
+pub(super) fn pack_b_rows<T: Operand>(b: &[T], k: usize, n: usize) -> PackedAmx {
     assert!(b.len() >= k * n);
     // SAFETY: `b` holds `k x n`; `available` was checked by the public entry points.
     unsafe { pack_b_view(View::row_major(b, 0, n), k, n, true) }
@@ -590,14 +590,14 @@ fn transpose_tile(v: &[u32; 256], dst: &mut [u8]) {
 }
 
 /// `b` stored as a weight `[n, k]` (the `[k, n]` operand transposed) into B panels.
-fn pack_b_cols(b: &[f32], k: usize, n: usize) -> PackedAmx {
+pub(super) fn pack_b_cols(b: &[f32], k: usize, n: usize) -> PackedAmx {
     assert!(b.len() >= k * n);
     // SAFETY: `b` holds `n x k`; `available` was checked by the public entry points.
     unsafe { pack_b_view(View::transposed(b, 0, k), k, n, true) }
 }
 
 /// `a` stored transposed (`[k, m]` row-major) as A tiles of the `[m, k]` operand.
-fn pack_a_cols<T: Operand>(a: &[T], m: usize, k: usize) -> ActTiles {
+pub(super) fn pack_a_cols<T: Operand>(a: &[T], m: usize, k: usize) -> ActTiles {
     assert!(a.len() >= m * k);
     // SAFETY: `a` holds `k x m`; `available` was checked by the public entry points.
     unsafe { pack_a_view(View::transposed(a, 0, m), m, k, true) }
@@ -959,108 +959,6 @@ mod tests {
                 assert!(
                     (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
                     "[{r}, {j}] {got} vs {want}"
-                );
-            }
-        }
-    }
-
-    /// The three products of a linear layer in training against the f32 GEMM (`cargo test
-    /// --release --lib amx_general_rates -- --ignored --nocapture`): fc1 of the Fashion-MNIST
-    /// config at batch 128 (6400 x 192 -> 768) and BEiT-base's at batch 8 (1576 x 768 -> 3072).
-    #[test]
-    #[ignore]
-    fn amx_general_rates() {
-        use crate::ops::kernels::gemm::{gemm, num_threads, View, ViewMut};
-        if !available(AmxKind::Bf16) {
-            eprintln!("SKIPPED: no AMX-BF16");
-            return;
-        }
-        let threads = num_threads();
-        for &(m, k, n) in &[
-            (6400usize, 192usize, 768usize),
-            (6304, 384, 1536),
-            (1576, 768, 3072),
-        ] {
-            let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.1).collect();
-            let w: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32 * 0.1).collect();
-            let g: Vec<f32> = (0..m * n).map(|i| (i % 11) as f32 * 0.1).collect();
-            // (name, rows, cols, depth, A, A layout, B, B layout)
-            let cases = [
-                ("y = x·Wᵀ", m, n, k, &x, ALayout::Rows, &w, BLayout::Cols),
-                ("dx = g·W", m, k, n, &g, ALayout::Rows, &w, BLayout::Rows),
-                ("dW = gᵀ·x", n, k, m, &g, ALayout::Cols, &x, BLayout::Rows),
-            ];
-            for (name, rows, cols, depth, a, al, b, bl) in cases {
-                let flop = 2.0 * (rows * cols * depth) as f64;
-                let mut c = vec![0f32; rows * cols];
-                let time = |f: &mut dyn FnMut()| {
-                    f();
-                    let mut best = f64::MAX;
-                    for _ in 0..5 {
-                        let t = std::time::Instant::now();
-                        f();
-                        best = best.min(t.elapsed().as_secs_f64());
-                    }
-                    best
-                };
-                let t_amx =
-                    time(&mut || gemm_bf16(rows, cols, depth, a, al, b, bl, None, &mut c, threads));
-                let av = match al {
-                    ALayout::Rows => View::row_major(a, 0, depth),
-                    ALayout::Cols => View::transposed(a, 0, rows),
-                };
-                let bv = match bl {
-                    BLayout::Rows => View::row_major(b, 0, cols),
-                    BLayout::Cols => View::transposed(b, 0, depth),
-                };
-                let t_f32 = time(&mut || unsafe {
-                    gemm(
-                        rows,
-                        cols,
-                        depth,
-                        ViewMut::row_major(&mut c, 0, cols),
-                        false,
-                        av,
-                        bv,
-                        threads,
-                    )
-                });
-                // The phases alone: packing B, packing A, the tiles (+ epilogue and C writes).
-                let w = match bl {
-                    BLayout::Cols => pack_b_cols(b, depth, cols),
-                    BLayout::Rows => pack_b_rows(b, depth, cols),
-                };
-                let t_b = time(&mut || {
-                    let _ = match bl {
-                        BLayout::Cols => pack_b_cols(b, depth, cols),
-                        BLayout::Rows => pack_b_rows(b, depth, cols),
-                    };
-                });
-                let tiles = match al {
-                    ALayout::Rows => w.pack_activations(a, rows, None, threads),
-                    ALayout::Cols => pack_a_cols(a, rows, depth),
-                };
-                let t_a = time(&mut || {
-                    let _ = match al {
-                        ALayout::Rows => w.pack_activations(a, rows, None, threads),
-                        ALayout::Cols => pack_a_cols(a, rows, depth),
-                    };
-                });
-                let t_run = time(&mut || unsafe { run_f32(&w, &tiles, &mut c, None, threads) });
-                println!(
-                    "  pack B {:.2} ms, pack A {:.2} ms, tiles + C {:.2} ms ({:.0} GFLOP/s)",
-                    t_b * 1e3,
-                    t_a * 1e3,
-                    t_run * 1e3,
-                    flop / t_run / 1e9
-                );
-                println!(
-                    "{m}x{k}->{n} {name}: amx bf16 {:.2} ms ({:.0} GFLOP/s), f32 {:.2} ms ({:.0} GFLOP/s), {:.2}x",
-                    t_amx * 1e3,
-                    flop / t_amx / 1e9,
-                    t_f32 * 1e3,
-                    flop / t_f32 / 1e9,
-                    t_f32 / t_amx
                 );
             }
         }

@@ -420,3 +420,134 @@ fn amx_bf16_input_rates() {
         t[3] * 1e3
     );
 }
+
+/// The three products of a linear layer in training against the f32 GEMM (`cargo test
+/// --release --lib amx_general_rates -- --ignored --nocapture`): fc1 of the Fashion-MNIST
+/// config at batch 128 (6400 x 192 -> 768) and BEiT-base's at batch 8 (1576 x 768 -> 3072).
+#[test]
+#[ignore]
+fn amx_general_rates() {
+    use crate::ops::kernels::gemm::{gemm, num_threads, View, ViewMut};
+    if !available(AmxKind::Bf16) {
+        eprintln!("SKIPPED: no AMX-BF16");
+        return;
+    }
+    let threads = num_threads();
+    for &(m, k, n) in &[
+        (6400usize, 192usize, 768usize),
+        (6304, 384, 1536),
+        (1576, 768, 3072),
+    ] {
+        let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.1).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32 * 0.1).collect();
+        let g: Vec<f32> = (0..m * n).map(|i| (i % 11) as f32 * 0.1).collect();
+        // (name, rows, cols, depth, A, A layout, B, B layout)
+        let cases = [
+            (
+                "y = x·Wᵀ",
+                m,
+                n,
+                k,
+                &x,
+                general::ALayout::Rows,
+                &w,
+                general::BLayout::Cols,
+            ),
+            (
+                "dx = g·W",
+                m,
+                k,
+                n,
+                &g,
+                general::ALayout::Rows,
+                &w,
+                general::BLayout::Rows,
+            ),
+            (
+                "dW = gᵀ·x",
+                n,
+                k,
+                m,
+                &g,
+                general::ALayout::Cols,
+                &x,
+                general::BLayout::Rows,
+            ),
+        ];
+        for (name, rows, cols, depth, a, al, b, bl) in cases {
+            let flop = 2.0 * (rows * cols * depth) as f64;
+            let mut c = vec![0f32; rows * cols];
+            let time = |f: &mut dyn FnMut()| {
+                f();
+                let mut best = f64::MAX;
+                for _ in 0..5 {
+                    let t = std::time::Instant::now();
+                    f();
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                best
+            };
+            let t_amx = time(&mut || {
+                general::gemm_bf16(rows, cols, depth, a, al, b, bl, None, &mut c, threads)
+            });
+            let av = match al {
+                general::ALayout::Rows => View::row_major(a, 0, depth),
+                general::ALayout::Cols => View::transposed(a, 0, rows),
+            };
+            let bv = match bl {
+                general::BLayout::Rows => View::row_major(b, 0, cols),
+                general::BLayout::Cols => View::transposed(b, 0, depth),
+            };
+            let t_f32 = time(&mut || unsafe {
+                gemm(
+                    rows,
+                    cols,
+                    depth,
+                    ViewMut::row_major(&mut c, 0, cols),
+                    false,
+                    av,
+                    bv,
+                    threads,
+                )
+            });
+            // The phases alone: packing B, packing A, the tiles (+ epilogue and C writes).
+            let w = match bl {
+                general::BLayout::Cols => general::pack_b_cols(b, depth, cols),
+                general::BLayout::Rows => general::pack_b_rows(b, depth, cols),
+            };
+            let t_b = time(&mut || {
+                let _ = match bl {
+                    general::BLayout::Cols => general::pack_b_cols(b, depth, cols),
+                    general::BLayout::Rows => general::pack_b_rows(b, depth, cols),
+                };
+            });
+            let tiles = match al {
+                general::ALayout::Rows => w.pack_activations(a, rows, None, threads),
+                general::ALayout::Cols => general::pack_a_cols(a, rows, depth),
+            };
+            let t_a = time(&mut || {
+                let _ = match al {
+                    general::ALayout::Rows => w.pack_activations(a, rows, None, threads),
+                    general::ALayout::Cols => general::pack_a_cols(a, rows, depth),
+                };
+            });
+            let t_run =
+                time(&mut || unsafe { general::run_f32(&w, &tiles, &mut c, None, threads) });
+            println!(
+                "  pack B {:.2} ms, pack A {:.2} ms, tiles + C {:.2} ms ({:.0} GFLOP/s)",
+                t_b * 1e3,
+                t_a * 1e3,
+                t_run * 1e3,
+                flop / t_run / 1e9
+            );
+            println!(
+                "{m}x{k}->{n} {name}: amx bf16 {:.2} ms ({:.0} GFLOP/s), f32 {:.2} ms ({:.0} GFLOP/s), {:.2}x",
+                t_amx * 1e3,
+                flop / t_amx / 1e9,
+                t_f32 * 1e3,
+                flop / t_f32 / 1e9,
+                t_f32 / t_amx
+            );
+        }
+    }
+}
