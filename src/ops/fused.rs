@@ -311,6 +311,16 @@ fn linear_bf16_from<T: AmxOperand>(
     Ok((CpuStorage::F32(y), linear_out_shape(x, out)))
 }
 
+/// Whether a linear layer's input runs on the AMX kernel: f32 under bf16 autocast, or stored in
+/// bf16 ([`linear_gelu`]'s output, only ever made where AMX is).
+fn runs_on_amx(x: &CpuStorage) -> bool {
+    match x {
+        CpuStorage::F32(_) => super::autocast::cpu_bf16(),
+        CpuStorage::BF16(_) => super::autocast::cpu_bf16_available(),
+        _ => false,
+    }
+}
+
 /// `(dx, dw)` of `y = x · wᵀ` for output gradient `g` (`dx` in f32 also for a bf16 `x`: the
 /// gradient fc1 + GELU's backward reads, as exact as the GEMM made it).
 fn linear_grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -356,12 +366,7 @@ impl CustomOp2 for LinearOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let amx_input = match s1 {
-            CpuStorage::F32(_) => super::autocast::cpu_bf16(),
-            CpuStorage::BF16(_) => true,
-            _ => false,
-        };
-        if amx_input {
+        if runs_on_amx(s1) {
             return linear_bf16((s1, l1), (s2, l2), None);
         }
         dispatch!(s1, linear_kernel, (s1, l1), (s2, l2), None)
@@ -392,12 +397,7 @@ impl CustomOp3 for LinearOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let amx_input = match s1 {
-            CpuStorage::F32(_) => super::autocast::cpu_bf16(),
-            CpuStorage::BF16(_) => true,
-            _ => false,
-        };
-        if amx_input {
+        if runs_on_amx(s1) {
             return linear_bf16((s1, l1), (s2, l2), Some((s3, l3)));
         }
         dispatch!(s1, linear_kernel, (s1, l1), (s2, l2), Some((s3, l3)))
@@ -741,11 +741,14 @@ pub fn scaled_residual(
     drop_path: f64,
     train: bool,
 ) -> Result<Tensor> {
-    let scales = (train && drop_path > 0.0).then(|| super::drop_path_scales(h.dim(0), drop_path));
+    let scales = match train && drop_path > 0.0 {
+        true => Some(super::drop_path_scales(h.dim(0)?, drop_path)),
+        false => None,
+    };
     match lambda {
         Some(l) if cpu_ok(&[residual, h, l]) && residual.shape() == h.shape() => {
             let op = ScaledResidual {
-                sample_scales: scales.transpose()?,
+                sample_scales: scales,
             };
             residual
                 .contiguous()?
@@ -753,7 +756,7 @@ pub fn scaled_residual(
         }
         _ => {
             let h = match scales {
-                Some(s) => super::apply_drop_path(h, s?)?,
+                Some(s) => super::apply_drop_path(h, s)?,
                 None => h.clone(),
             };
             match lambda {

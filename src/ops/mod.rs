@@ -171,17 +171,16 @@ pub fn drop_path(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
     if !train || p == 0.0 {
         return Ok(x.clone());
     }
-    apply_drop_path(x, drop_path_scales(x.dim(0), p)?)
+    apply_drop_path(x, drop_path_scales(x.dim(0)?, p))
 }
 
-/// The drop path's scale of each of `samples` (a `Result`: the dim that gave their count),
-/// 0 or `1 / (1 - p)`, drawn from [`rng`].
-pub(crate) fn drop_path_scales(samples: Result<usize>, p: f64) -> Result<Vec<f32>> {
+/// The drop path's scale of each of `samples`: 0 or `1 / (1 - p)`, drawn from [`rng`].
+pub(crate) fn drop_path_scales(samples: usize, p: f64) -> Vec<f32> {
     let keep = 1.0 - p;
-    Ok(rng::uniform(samples?)
+    rng::uniform(samples)
         .into_iter()
         .map(|r| ((r as f64 + keep).floor() / keep) as f32)
-        .collect())
+        .collect()
 }
 
 /// `x` with sample `i` (dim 0) multiplied by `scales[i]`.
