@@ -361,8 +361,8 @@ fn pack_grad_both(
     )
 }
 
-/// Round 16 + 16 f32 (`lo`, `hi`, masked loads past the edges) to bf16 and interleave them
-/// into 16 pairs `(lo[j], hi[j])`: one 64-byte row of a VNNI-layout tile.
+/// 16 + 16 values (`lo`, `hi`, masked loads past the edges), f32 rounded to bf16 or bf16 as
+/// they are, interleaved into 16 pairs `(lo[j], hi[j])`: one 64-byte row of a VNNI-layout tile.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn pair_row<T: Operand>(
@@ -530,7 +530,7 @@ pub(super) fn pack_b_rows<T: Operand>(b: &[T], k: usize, n: usize) -> PackedAmx 
 }
 
 /// Rows `[r0, r0 + 16)` of a `[rows, k]` source (row `r` at `src + r * ld`), depth
-/// `[k0, k0 + 32)`, as bf16: the A-tile layout (row r, 32-bit pair q = depth `k0 + 2q,
+/// `[k0, k0 + 32)`, as bf16 (f32 rounded, bf16 copied): the A-tile layout (row r, 32-bit pair q = depth `k0 + 2q,
 /// k0 + 2q + 1`), zero past the edges, into `dst` (1 KB).
 ///
 /// # Safety
