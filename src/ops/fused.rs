@@ -330,29 +330,68 @@ fn linear_grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> 
     let amx = (super::autocast::cpu_bf16() && cpu_ok(&[x, w, g]) && x.dtype() == DType::F32)
         || amx_mixed(x, &[w, g]);
     if amx {
-        let (x2, w2) = (x.contiguous()?, w.contiguous()?);
-        let (gd, wd) = (super::f32_data(&g2)?, super::f32_data(&w2)?);
-        let (gs, ws) = (gd.get(), wd.get());
-        let threads = num_threads();
-        // SAFETY: the backward writes every element of both.
-        let mut dx = unsafe { super::kernels::uninit_buffer::<f32>(rows * inp) };
-        let mut dw = unsafe { super::kernels::uninit_buffer::<f32>(out * inp) };
-        if x.dtype() == DType::BF16 {
-            let xd = super::cpu_data::<half::bf16>(&x2)?;
-            amx_linear_backward(rows, inp, out, gs, xd.get(), ws, &mut dx, &mut dw, threads);
-        } else {
-            let xd = super::f32_data(&x2)?;
-            amx_linear_backward(rows, inp, out, gs, xd.get(), ws, &mut dx, &mut dw, threads);
-        }
-        let dev = x.device();
-        return Ok((
-            Tensor::from_vec(dx, x.shape(), dev)?,
-            Tensor::from_vec(dw, (out, inp), dev)?,
-        ));
+        let (dx, dw, _) = amx_linear_grads(x, w, &g2, None)?;
+        return Ok((dx, dw));
     }
     let dx = matmul_t(&g2, w, false, false)?.reshape(x.shape())?;
     let dw = matmul_t(&g2, &x.reshape((rows, inp))?, true, false)?;
     Ok((dx, dw))
+}
+
+/// The AMX backward of `y = x · wᵀ` (`x` f32 or bf16, `g2` the `[rows, out]` output gradient):
+/// `(dx, dw)`, or with the pre-activation `pre` of `y = GELU(x · wᵀ + b)` the gradients through
+/// the GELU and `Some(db)` too (`linear_gelu_backward_bf16`).
+fn amx_linear_grads(
+    x: &Tensor,
+    w: &Tensor,
+    g2: &Tensor,
+    pre: Option<&[f32]>,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    let (out, inp) = w.dims2()?;
+    let rows = x.elem_count() / inp.max(1);
+    let (x2, w2) = (x.contiguous()?, w.contiguous()?);
+    let (gd, wd) = (super::f32_data(g2)?, super::f32_data(&w2)?);
+    let (gs, ws) = (gd.get(), wd.get());
+    // SAFETY: the backward writes every element of the three.
+    let mut dx = unsafe { super::kernels::uninit_buffer::<f32>(rows * inp) };
+    let mut dw = unsafe { super::kernels::uninit_buffer::<f32>(out * inp) };
+    let mut db = unsafe { super::kernels::uninit_buffer::<f32>(out) };
+    // One call for either input type (the backward is generic over how `x` is stored).
+    #[allow(clippy::too_many_arguments)]
+    fn run<T: AmxOperand>(
+        (rows, inp, out): (usize, usize, usize),
+        gs: &[f32],
+        xs: &[T],
+        ws: &[f32],
+        pre: Option<&[f32]>,
+        dx: &mut [f32],
+        dw: &mut [f32],
+        db: &mut [f32],
+    ) {
+        let t = num_threads();
+        match pre {
+            Some(p) => amx_linear_gelu_backward(rows, inp, out, gs, p, xs, ws, dx, dw, db, t),
+            None => amx_linear_backward(rows, inp, out, gs, xs, ws, dx, dw, t),
+        }
+    }
+    let dims = (rows, inp, out);
+    if x.dtype() == DType::BF16 {
+        let xd = super::cpu_data::<half::bf16>(&x2)?;
+        run(dims, gs, xd.get(), ws, pre, &mut dx, &mut dw, &mut db);
+    } else {
+        let xd = super::f32_data(&x2)?;
+        run(dims, gs, xd.get(), ws, pre, &mut dx, &mut dw, &mut db);
+    }
+    let dev = x.device();
+    let db = match pre {
+        Some(_) => Some(Tensor::from_vec(db, out, dev)?),
+        None => None,
+    };
+    Ok((
+        Tensor::from_vec(dx, x.shape(), dev)?,
+        Tensor::from_vec(dw, (out, inp), dev)?,
+        db,
+    ))
 }
 
 impl CustomOp2 for LinearOp {
@@ -512,34 +551,8 @@ impl CustomOp3 for LinearGeluOp {
                 .get()
                 .to_vec(),
         };
-        let (gd, xd, wd) = (
-            super::f32_data(&g2)?,
-            super::f32_data(&x2)?,
-            super::f32_data(&w2)?,
-        );
-        // SAFETY: the backward writes every element of the three.
-        let mut dx = unsafe { super::kernels::uninit_buffer::<f32>(rows * inp) };
-        let mut dw = unsafe { super::kernels::uninit_buffer::<f32>(out * inp) };
-        let mut db = unsafe { super::kernels::uninit_buffer::<f32>(out) };
-        amx_linear_gelu_backward(
-            rows,
-            inp,
-            out,
-            gd.get(),
-            &pre,
-            xd.get(),
-            wd.get(),
-            &mut dx,
-            &mut dw,
-            &mut db,
-            num_threads(),
-        );
-        let dev = x.device();
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(Tensor::from_vec(dw, (out, inp), dev)?),
-            Some(Tensor::from_vec(db, out, dev)?),
-        ))
+        let (dx, dw, db) = amx_linear_grads(&x2, &w2, &g2, Some(&pre))?;
+        Ok((Some(dx), Some(dw), db))
     }
 }
 
