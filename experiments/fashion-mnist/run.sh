@@ -49,6 +49,8 @@ SHIP_EPOCHS=${SHIP_EPOCHS:-20}
 # still rising at the end of 20: 91.12 % at epoch 10, 92.45 % at 20); the better final
 # validation top-1 of all ship runs ships.
 SHIP_LONG_EPOCHS=${SHIP_LONG_EPOCHS:-40}
+# The same-compute arm's regimes (stage 5b), in order.
+COMPUTE_REGIMES=${COMPUTE_REGIMES:-"1k 54k"}
 PARALLEL=${PARALLEL:-2}
 THREADS=$(( $(nproc) / PARALLEL > 0 ? $(nproc) / PARALLEL : 1 ))
 mkdir -p "$OUT"
@@ -220,9 +222,11 @@ fi
 # tokenizer + pre-training time, converted to epochs at the scratch run's own speed.
 if has compute; then
   dirs=()
-  for regime in 1k 54k; do
+  for regime in $COMPUTE_REGIMES; do
     read -r name lr augm <<< "$(selected scratch "$regime")"
-    extra=$($PY experiments/fashion-mnist/report.py "$OUT" --extra-epochs "$regime")
+    # EXTRA_EPOCHS_1K / _54K override report.py's count (for when the search's records are gone).
+    var=EXTRA_EPOCHS_${regime^^}
+    extra=${!var:-$($PY experiments/fashion-mnist/report.py "$OUT" --extra-epochs "$regime")}
     for seed in $SEEDS; do
       dirs+=("$OUT/final/$regime-scratch_compute-seed$seed")
       launch finetune "${dirs[-1]}" scratch "$regime" "$lr" "$augm" "$seed" $(( $(epochs_of $regime) + extra ))
