@@ -46,7 +46,9 @@ def evals(run):
 
 
 def finished(run):
-    return os.path.exists(os.path.join(run, "model.safetensors"))
+    """A run that saved its model; in a records tree (run.sh's `records` stage: no weights), a
+    final run whose test set was read (only ever after it finished)."""
+    return any(os.path.exists(os.path.join(run, f)) for f in ("model.safetensors", "test.json"))
 
 
 def tune_runs(out):

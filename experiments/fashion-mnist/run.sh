@@ -33,7 +33,10 @@ OUT=${OUT:-runs/fashion-mnist}
 PY=${PY:-python3}
 CFG=experiments/fashion-mnist/config.json
 SEEDS=${SEEDS:-"0 1 2"}
-STAGES=${STAGES:-"tokenizer pretrain tune select ship final shiplong compute test baselines"}
+STAGES=${STAGES:-"tokenizer pretrain tune select ship final shiplong compute test baselines records"}
+# Where the `records` stage copies what the runs printed (everything under $OUT but weights
+# and checkpoints): committed, so the tables survive the machine that trained them.
+RECORDS=${RECORDS:-experiments/fashion-mnist/records}
 PT_EPOCHS=${PT_EPOCHS:-5}
 PRECISION=${PRECISION:-bf16}   # bf16 autocast on AMX CPUs; f32 elsewhere (the trainer says so)
 # Fine-tuning budgets, epochs per regime (the same for both sides).
@@ -254,6 +257,15 @@ if has baselines && [ ! -f "$OUT/baselines_ship.json" ]; then
   stamp "baselines at the shipped model's budget"
   $PY experiments/fashion-mnist/baselines.py --data "$DATA" --seeds $SEEDS --regimes 54k --models cnn \
     --epochs-54k "$SHIP_EPOCHS" --threads 1 --output "$OUT/baselines_ship.json"
+fi
+# 8. The records: metrics, logs, summaries and test results (the small text files) of every run.
+if has records; then
+  (cd "$OUT" && find . -type f \( -name '*.json' -o -name '*.jsonl' -o -name '*.log' \) \
+    -not -path '*/checkpoint*' -not -path '*/.checkpoint*' -print0) |
+    while IFS= read -r -d '' f; do
+      mkdir -p "$RECORDS/$(dirname "$f")" && cp "$OUT/$f" "$RECORDS/$f"
+    done
+  stamp "records in $RECORDS"
 fi
 stamp "done: $PY experiments/fashion-mnist/report.py $OUT"
 # Then: /root/venv/bin/python experiments/fashion-mnist/ship.py "$(report.py "$OUT" --ship-best)" (f16 copy into
