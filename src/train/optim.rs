@@ -1,9 +1,10 @@
 //! AdamW with per-parameter learning-rate scale and weight decay (layer-wise lr decay), the
 //! warm-up + cosine schedule, and gradient clipping, as in unilm's BEiT recipe.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 
-use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp1, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 use rayon::prelude::*;
 
 use crate::error::{BeitError, Result};
@@ -81,8 +82,21 @@ impl AdamW {
             let step = st.step + 1;
             let bias_c1 = 1.0 - b1.powi(step as i32);
             let bias_c2 = 1.0 - b2.powi(step as i32);
+            let param_update = ParamUpdate {
+                decay: 1.0 - lr_p * p.weight_decay,
+                step_size: lr_p / bias_c1,
+                sqrt_bias_c2: bias_c2.sqrt(),
+                eps,
+            };
+            if fused_ok(p.var.as_tensor(), &g, &st) && g.device().is_cpu() {
+                // f32 on CPU: one pass over θ, g and both moments (7 streams of memory; the
+                // three passes below make 10, and the update is bound by memory).
+                adamw_cpu_one_pass(p.var.as_tensor(), &g, &st, (b1, b2), &param_update)?;
+                self.state.insert(p.name.clone(), Moments { step, ..st });
+                continue;
+            }
             if fused_ok(p.var.as_tensor(), &g, &st) {
-                // f32 on CPU or CUDA: three in-place passes, no temporaries (the composition below
+                // f32 on CUDA: three in-place passes, no temporaries (the composition below
                 // makes ~12 full-size tensors per parameter).
                 st.exp_avg.inplace_op2(
                     &g,
@@ -98,16 +112,9 @@ impl AdamW {
                         square: true,
                     },
                 )?;
-                p.var.as_tensor().inplace_op3(
-                    &st.exp_avg,
-                    &st.exp_avg_sq,
-                    &ParamUpdate {
-                        decay: 1.0 - lr_p * p.weight_decay,
-                        step_size: lr_p / bias_c1,
-                        sqrt_bias_c2: bias_c2.sqrt(),
-                        eps,
-                    },
-                )?;
+                p.var
+                    .as_tensor()
+                    .inplace_op3(&st.exp_avg, &st.exp_avg_sq, &param_update)?;
                 self.state.insert(p.name.clone(), Moments { step, ..st });
                 continue;
             }
@@ -211,6 +218,73 @@ fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&
         (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
         _ => candle_core::bail!("adamw: expected a contiguous f32 tensor"),
     }
+}
+
+/// Candle lends a tensor's storage mutably only to an in-place op: this runs `f` on the data
+/// of a contiguous f32 CPU tensor through one.
+fn with_f32_mut<R>(
+    t: &Tensor,
+    f: impl FnOnce(&mut [f32]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    struct Lend<F, R> {
+        f: Cell<Option<F>>,
+        out: Cell<Option<R>>,
+    }
+    impl<F: FnOnce(&mut [f32]) -> candle_core::Result<R>, R> InplaceOp1 for Lend<F, R> {
+        fn name(&self) -> &'static str {
+            "beit-adamw-lend"
+        }
+        fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+            let f = self.f.take().expect("an in-place op runs once");
+            self.out.set(Some(f(f32_slice_mut(s, l)?)?));
+            Ok(())
+        }
+    }
+    let lend = Lend {
+        f: Cell::new(Some(f)),
+        out: Cell::new(None),
+    };
+    t.inplace_op1(&lend)?;
+    lend.out
+        .take()
+        .ok_or_else(|| candle_core::Error::Msg("adamw: expected a CPU tensor".into()))
+}
+
+/// AdamW's update of one f32 CPU parameter in one pass: the moments as [`MomentUpdate`], then θ
+/// as [`ParamUpdate`], element by element with the same f32 operations (so the same bits).
+fn adamw_cpu_one_pass(
+    theta: &Tensor,
+    g: &Tensor,
+    st: &Moments,
+    (beta1, beta2): (f64, f64),
+    u: &ParamUpdate,
+) -> candle_core::Result<()> {
+    let (b1, c1) = (beta1 as f32, (1.0 - beta1) as f32);
+    let (b2, c2) = (beta2 as f32, (1.0 - beta2) as f32);
+    let (decay, step) = (u.decay as f32, u.step_size as f32);
+    let (sqrt_bc2, eps) = (u.sqrt_bias_c2 as f32, u.eps as f32);
+    let (g_storage, g_layout) = g.storage_and_layout();
+    let candle_core::Storage::Cpu(g_cpu) = &*g_storage else {
+        candle_core::bail!("adamw: expected a CPU gradient");
+    };
+    let g = f32_slice(g_cpu, g_layout)?;
+    with_f32_mut(&st.exp_avg, |m| {
+        with_f32_mut(&st.exp_avg_sq, |v| {
+            with_f32_mut(theta, |t| {
+                t.par_chunks_mut(CHUNK)
+                    .zip(g.par_chunks(CHUNK))
+                    .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+                    .for_each(|((t, g), (m, v))| {
+                        for (((t, &g), m), v) in t.iter_mut().zip(g).zip(m).zip(v) {
+                            *m = *m * b1 + g * c1;
+                            *v = *v * b2 + g * g * c2;
+                            *t = *t * decay - step * (*m / (v.sqrt() / sqrt_bc2 + eps));
+                        }
+                    });
+                Ok(())
+            })
+        })
+    })
 }
 
 /// `m = beta·m + (1 − beta)·g` (or `g²`), in place.
@@ -448,6 +522,50 @@ mod tests {
             let d = crate::ops::max_abs_diff(a, b);
             assert!(d < 1e-6, "in-place vs composition: {d}");
         }
+    }
+
+    #[test]
+    fn one_pass_update_equals_the_three_passes() {
+        // The CPU's one-pass update against the three in-place kernels CUDA runs, bit for bit,
+        // on a parameter longer than one parallel chunk.
+        let dev = candle_core::Device::Cpu;
+        let n = 3 * CHUNK + 77;
+        let [theta, g, m, v] = [1.0, 2.0, 3.0, 4.0].map(|phase: f64| {
+            Tensor::arange(0f32, n as f32, &dev)
+                .unwrap()
+                .affine(0.37, phase)
+                .unwrap()
+                .sin()
+                .unwrap()
+        });
+        let v = v.sqr().unwrap();
+        let update = ParamUpdate {
+            decay: 0.999,
+            step_size: 0.01 / 0.19,
+            sqrt_bias_c2: 0.002f64.sqrt(),
+            eps: 1e-8,
+        };
+        let copies = || [&theta, &m, &v].map(|t| t.copy().unwrap());
+        let [t1, m1, v1] = copies();
+        let st = Moments {
+            exp_avg: m1,
+            exp_avg_sq: v1,
+            step: 2,
+        };
+        adamw_cpu_one_pass(&t1, &g, &st, (0.9, 0.999), &update).unwrap();
+        let [t3, m3, v3] = copies();
+        for (t, beta, square) in [(&m3, 0.9, false), (&v3, 0.999, true)] {
+            t.inplace_op2(&g, &MomentUpdate { beta, square }).unwrap();
+        }
+        t3.inplace_op3(&m3, &v3, &update).unwrap();
+        for (a, b) in [(&t1, &t3), (&st.exp_avg, &m3), (&st.exp_avg_sq, &v3)] {
+            let (a, b) = (a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+        }
+        assert_ne!(
+            t1.to_vec1::<f32>().unwrap(),
+            theta.to_vec1::<f32>().unwrap()
+        );
     }
 
     #[test]
