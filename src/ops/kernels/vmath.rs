@@ -247,12 +247,32 @@ pub fn gelu<const F: bool>(x: f32) -> f32 {
     0.5 * x * (1.0 + erf::<F>(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
-/// d GELU / dx = Φ(x) + x φ(x).
+/// d GELU / dx = Φ(x) + x φ(x), with one `exp`: Φ through Abramowitz & Stegun's erfc
+/// 7.1.26 (`t·poly(t)·e^{-z²}`, `t = 1 / (1 + p z)`, |error| <= 1.5e-7), whose `e^{-z²}` at
+/// `z = |x| / √2` is φ's exponential too. [`erf`] needs an `exp` of its own, and the
+/// gradient was ~10 % of a bf16 training step.
 #[inline(always)]
 pub fn gelu_grad<const F: bool>(x: f32) -> f32 {
     const INV_SQRT_2PI: f32 = 0.398_942_3;
-    let cdf = 0.5 * (1.0 + erf::<F>(x * std::f32::consts::FRAC_1_SQRT_2));
-    cdf + x * INV_SQRT_2PI * exp::<F>(-0.5 * x * x)
+    const P: f32 = 0.327_591_1;
+    #[allow(clippy::excessive_precision)]
+    const A: [f32; 5] = [
+        0.254_829_592,
+        -0.284_496_736,
+        1.421_413_741,
+        -1.453_152_027,
+        1.061_405_429,
+    ];
+    let e = exp::<F>(-0.5 * x * x);
+    let t = 1.0 / madd::<F>(P, x.abs() * std::f32::consts::FRAC_1_SQRT_2, 1.0);
+    let mut p = A[4];
+    for &c in A[..4].iter().rev() {
+        p = madd::<F>(p, t, c);
+    }
+    // erfc(|x| / √2); Φ(x) is half of it below 0 (no cancellation there), 1 minus half above.
+    let half_erfc = 0.5 * (p * t * e);
+    let cdf = if x < 0.0 { half_erfc } else { 1.0 - half_erfc };
+    madd::<F>(x * INV_SQRT_2PI, e, cdf)
 }
 
 #[inline(always)]

@@ -341,3 +341,42 @@ mod attention_row_probe {
         }
     }
 }
+
+/// Rate of the GELU gradient (the bf16 training step's fc1 backward forms it per element)
+/// against `exp`'s, 1 thread: `cargo test --release --lib gelu_grad_rate -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn gelu_grad_rate() {
+    for (name, n, reps) in [
+        ("L1 4k", 4096usize, 20000usize),
+        ("stream 19M", 4_840_000, 10),
+    ] {
+        let x: Vec<f32> = (0..n).map(|i| ((i % 97) as f32 - 48.0) * 0.07).collect();
+        let g: Vec<f32> = (0..n).map(|i| ((i % 13) as f32) * 0.1).collect();
+        let mut o = vec![0f32; n];
+        let mut best = f64::MAX;
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                gelu_grad_mul(&x, &g, &mut o);
+            }
+            best = best.min(t.elapsed().as_secs_f64() / (reps * n) as f64);
+        }
+        let mut best_exp = f64::MAX;
+        for _ in 0..3 {
+            let mut y = x.clone();
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                exp_inplace(&mut y[..]);
+                y.copy_from_slice(&x);
+            }
+            best_exp = best_exp.min(t.elapsed().as_secs_f64() / (reps * n) as f64);
+        }
+        eprintln!(
+            "{name}: gelu_grad_mul {:.3} ns/elem, exp+copy {:.3} ns/elem, sum {}",
+            best * 1e9,
+            best_exp * 1e9,
+            o.iter().sum::<f32>()
+        );
+    }
+}
