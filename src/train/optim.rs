@@ -88,33 +88,22 @@ impl AdamW {
                 sqrt_bias_c2: bias_c2.sqrt(),
                 eps,
             };
-            if fused_ok(p.var.as_tensor(), &g, &st) && g.device().is_cpu() {
-                // f32 on CPU: one pass over θ, g and both moments (7 streams of memory; the
-                // three passes below make 10, and the update is bound by memory).
-                adamw_cpu_one_pass(p.var.as_tensor(), &g, &st, (b1, b2), &param_update)?;
-                self.state.insert(p.name.clone(), Moments { step, ..st });
-                continue;
-            }
             if fused_ok(p.var.as_tensor(), &g, &st) {
-                // f32 on CUDA: three in-place passes, no temporaries (the composition below
-                // makes ~12 full-size tensors per parameter).
-                st.exp_avg.inplace_op2(
-                    &g,
-                    &MomentUpdate {
-                        beta: b1,
-                        square: false,
-                    },
-                )?;
-                st.exp_avg_sq.inplace_op2(
-                    &g,
-                    &MomentUpdate {
-                        beta: b2,
-                        square: true,
-                    },
-                )?;
-                p.var
-                    .as_tensor()
-                    .inplace_op3(&st.exp_avg, &st.exp_avg_sq, &param_update)?;
+                if g.device().is_cpu() {
+                    // f32 on CPU: one pass over θ, g and both moments (7 streams of memory;
+                    // the three passes below make 10, and the update is bound by memory).
+                    adamw_cpu_one_pass(p.var.as_tensor(), &g, &st, (b1, b2), &param_update)?;
+                } else {
+                    // f32 on CUDA: three in-place passes, no temporaries (the composition
+                    // below makes ~12 full-size tensors per parameter).
+                    for (m, beta, square) in [(&st.exp_avg, b1, false), (&st.exp_avg_sq, b2, true)]
+                    {
+                        m.inplace_op2(&g, &MomentUpdate { beta, square })?;
+                    }
+                    p.var
+                        .as_tensor()
+                        .inplace_op3(&st.exp_avg, &st.exp_avg_sq, &param_update)?;
+                }
                 self.state.insert(p.name.clone(), Moments { step, ..st });
                 continue;
             }
@@ -261,8 +250,7 @@ fn adamw_cpu_one_pass(
 ) -> candle_core::Result<()> {
     let (b1, c1) = (beta1 as f32, (1.0 - beta1) as f32);
     let (b2, c2) = (beta2 as f32, (1.0 - beta2) as f32);
-    let (decay, step) = (u.decay as f32, u.step_size as f32);
-    let (sqrt_bc2, eps) = (u.sqrt_bias_c2 as f32, u.eps as f32);
+    let u = u.f32();
     let (g_storage, g_layout) = g.storage_and_layout();
     let candle_core::Storage::Cpu(g_cpu) = &*g_storage else {
         candle_core::bail!("adamw: expected a CPU gradient");
@@ -276,15 +264,21 @@ fn adamw_cpu_one_pass(
                     .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
                     .for_each(|((t, g), (m, v))| {
                         for (((t, &g), m), v) in t.iter_mut().zip(g).zip(m).zip(v) {
-                            *m = *m * b1 + g * c1;
-                            *v = *v * b2 + g * g * c2;
-                            *t = *t * decay - step * (*m / (v.sqrt() / sqrt_bc2 + eps));
+                            *m = moment(*m, g, b1, c1);
+                            *v = moment(*v, g * g, b2, c2);
+                            *t = u.apply(*t, *m, *v);
                         }
                     });
                 Ok(())
             })
         })
     })
+}
+
+/// One moment's update, `m·b + x·c` (`x` = `g` or `g²`, `c` = 1 − `b`), for both CPU kernels.
+#[inline(always)]
+fn moment(m: f32, x: f32, b: f32, c: f32) -> f32 {
+    m * b + x * c
 }
 
 /// `m = beta·m + (1 − beta)·g` (or `g²`), in place.
@@ -314,9 +308,11 @@ impl InplaceOp2 for MomentUpdate {
                 if square {
                     m.iter_mut()
                         .zip(g)
-                        .for_each(|(m, &g)| *m = *m * b + g * g * c);
+                        .for_each(|(m, &g)| *m = moment(*m, g * g, b, c));
                 } else {
-                    m.iter_mut().zip(g).for_each(|(m, &g)| *m = *m * b + g * c);
+                    m.iter_mut()
+                        .zip(g)
+                        .for_each(|(m, &g)| *m = moment(*m, g, b, c));
                 }
             });
         Ok(())
@@ -341,6 +337,32 @@ struct ParamUpdate {
     eps: f64,
 }
 
+/// [`ParamUpdate`]'s constants in f32, and its rule for one element (both CPU kernels).
+struct ParamRule {
+    decay: f32,
+    step_size: f32,
+    sqrt_bias_c2: f32,
+    eps: f32,
+}
+
+impl ParamRule {
+    #[inline(always)]
+    fn apply(&self, t: f32, m: f32, v: f32) -> f32 {
+        t * self.decay - self.step_size * (m / (v.sqrt() / self.sqrt_bias_c2 + self.eps))
+    }
+}
+
+impl ParamUpdate {
+    fn f32(&self) -> ParamRule {
+        ParamRule {
+            decay: self.decay as f32,
+            step_size: self.step_size as f32,
+            sqrt_bias_c2: self.sqrt_bias_c2 as f32,
+            eps: self.eps as f32,
+        }
+    }
+}
+
 impl InplaceOp3 for ParamUpdate {
     fn name(&self) -> &'static str {
         "beit-adamw-param"
@@ -356,16 +378,13 @@ impl InplaceOp3 for ParamUpdate {
     ) -> candle_core::Result<()> {
         let theta = f32_slice_mut(s1, l1)?;
         let (m, v) = (f32_slice(s2, l2)?, f32_slice(s3, l3)?);
-        let decay = self.decay as f32;
-        let step = self.step_size as f32;
-        let sqrt_bc2 = self.sqrt_bias_c2 as f32;
-        let eps = self.eps as f32;
+        let u = self.f32();
         theta
             .par_chunks_mut(CHUNK)
             .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
             .for_each(|(t, (m, v))| {
                 for ((t, &m), &v) in t.iter_mut().zip(m).zip(v) {
-                    *t = *t * decay - step * (m / (v.sqrt() / sqrt_bc2 + eps));
+                    *t = u.apply(*t, m, v);
                 }
             });
         Ok(())
