@@ -425,7 +425,7 @@ fn train_step(
     )?;
     let opts = ForwardOptions::default().train(true).with_labels(labels);
     // `--matmul-precision bf16`: the step `beit train --precision bf16` runs on a CPU (bf16
-    // autocast of the linear layers on AMX, where there is AMX).
+    // autocast of the linear layers, where a bf16 kernel beats f32).
     let autocast = crate::ops::packed::f32_matmul_precision() == MatmulPrecision::Bf16
         && device.is_cpu()
         && crate::ops::autocast::cpu_bf16_available();

@@ -30,7 +30,7 @@ fn max_abs(t: &Tensor) -> f32 {
 #[test]
 fn bf16_autocast_linear_and_gradients_match_f32() {
     if !autocast::cpu_bf16_available() {
-        eprintln!("SKIPPED: this CPU/OS has no AMX-BF16; bf16 autocast was not tested");
+        eprintln!("SKIPPED: no bf16 GEMM beats f32 here (AMX-BF16 or AVX512-BF16); bf16 autocast was not tested");
         return;
     }
     let dev = Device::Cpu;
@@ -69,7 +69,7 @@ fn bf16_autocast_linear_and_gradients_match_f32() {
 #[test]
 fn bf16_autocast_attention_and_gradients_match_f32() {
     if !autocast::cpu_bf16_available() {
-        eprintln!("SKIPPED: this CPU/OS has no AMX-BF16; bf16 autocast attention was not tested");
+        eprintln!("SKIPPED: no bf16 GEMM beats f32 here (AMX-BF16 or AVX512-BF16); bf16 autocast attention was not tested");
         return;
     }
     let dev = Device::Cpu;
@@ -122,7 +122,7 @@ fn bf16_autocast_attention_and_gradients_match_f32() {
 #[ignore]
 fn attention_rates() {
     if !autocast::cpu_bf16_available() {
-        eprintln!("SKIPPED: no AMX-BF16");
+        eprintln!("SKIPPED: no bf16 GEMM beats f32 here");
         return;
     }
     let dev = Device::Cpu;
@@ -165,7 +165,7 @@ fn attention_rates() {
 #[test]
 fn bf16_autocast_linear_gelu_equals_linear_then_gelu() {
     if !autocast::cpu_bf16_available() {
-        eprintln!("SKIPPED: this CPU/OS has no AMX-BF16; the fused fc1 + GELU was not tested");
+        eprintln!("SKIPPED: no bf16 GEMM beats f32 here (AMX-BF16 or AVX512-BF16); the fused fc1 + GELU was not tested");
         return;
     }
     let dev = Device::Cpu;

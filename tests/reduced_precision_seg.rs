@@ -14,7 +14,7 @@ use common::max_abs;
 
 #[test]
 fn segmentation_in_bf16_runs_the_convolutions_on_amx_and_stays_close() {
-    if !beit::ops::amx::available(beit::ops::amx::AmxKind::Bf16) {
+    if !beit::ops::amx::native(beit::ops::amx::AmxKind::Bf16) {
         eprintln!("SKIPPED: this CPU/OS has no AMX bf16; the AMX convolutions were not tested");
         return;
     }

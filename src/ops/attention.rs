@@ -216,7 +216,7 @@ mod tests {
             (2, 40, 3, 48),
         ] {
             if !crate::ops::amx_attention::available() {
-                eprintln!("SKIPPED (bf16 half): no AMX here; the bf16 products ran in f32");
+                eprintln!("SKIPPED (bf16 half): no AMX tiles here; the bf16 products ran in f32");
             }
             let d = heads * hd;
             let qkv = Tensor::randn(0f32, 1f32, (b, s, 3 * d), &dev).unwrap();

@@ -345,7 +345,7 @@ mod tests {
     fn amx_mlp_with_bf16_hidden_tiles_matches_two_packed_layers() {
         use crate::ops::amx::{self, AmxKind, PackedAmx};
         if !amx::available(AmxKind::Bf16) {
-            eprintln!("SKIPPED: no AMX here; the fused bf16 MLP was not tested");
+            eprintln!("SKIPPED: no AMX or AVX512-BF16 here; the fused bf16 MLP was not tested");
             return;
         }
         let dev = Device::Cpu;
@@ -402,7 +402,7 @@ mod tests {
         };
         for kind in [AmxKind::Bf16, AmxKind::Int8] {
             if !amx::available(kind) {
-                eprintln!("SKIPPED: no AMX {kind:?} here; LayerNorm into tiles was not tested");
+                eprintln!("SKIPPED: no AMX or AVX-512 tile kernel ({kind:?}) here; LayerNorm into tiles was not tested");
                 continue;
             }
             let pack = |w: &Tensor, k, n| {

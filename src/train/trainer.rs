@@ -35,17 +35,18 @@ pub enum Precision {
 }
 
 /// `--precision bf16` on a CPU, as torch's CPU autocast: the model stays f32, its linear
-/// layers' GEMMs (forward and backward) run in bf16 on AMX tiles (`ops::autocast`). A bf16
-/// copy of the model would run every element-wise op in bf16 through candle's CPU kernels,
-/// measured 7x slower than f32; without AMX no bf16 GEMM beats f32, so training stays f32.
+/// layers' GEMMs (forward and backward) run in bf16 on AMX tiles or, on AVX512-BF16 CPUs
+/// without them, on the tiles' AVX-512 emulation (`ops::autocast`). A bf16 copy of the model
+/// would run every element-wise op in bf16 through candle's CPU kernels, measured 7x slower
+/// than f32; where no bf16 GEMM beats f32, training stays f32.
 struct CpuAutocast;
 
 impl CpuAutocast {
     fn on() -> Self {
         if !ops::autocast::set_cpu_bf16(true) {
             tracing::warn!(
-                "--precision bf16: this CPU has no AMX-BF16, where bf16 GEMMs are not faster \
-                 than f32; training in f32"
+                "--precision bf16: no bf16 GEMM is faster than f32 on this CPU (AMX-BF16 or \
+                 AVX512-BF16); training in f32"
             );
         }
         CpuAutocast

@@ -16,9 +16,11 @@
 //!
 //! Linux hands the tile state out per process on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`);
 //! [`available`] asks once and reports AMX only where CPUID has it and the kernel granted it.
-//! `BEIT_NO_AMX=1` turns these kernels off (for comparisons).
+//! `BEIT_NO_AMX=1` turns the tiles off (for comparisons); where the CPU has AVX512-BF16, the
+//! same layouts then run on the AVX-512 micro-kernel ([`available`]).
 
 pub mod conv;
+mod emulated;
 pub mod general;
 mod microkernel;
 #[cfg(test)]
@@ -57,13 +59,43 @@ impl AmxKind {
     }
 }
 
-/// Whether this CPU and OS run the AMX kernel of `kind`.
+/// Whether this CPU runs the tile kernels of `kind`: on AMX tiles ([`native`]), or, on a CPU
+/// without them but with AVX512-BF16 (and VNNI for int8: AMD Zen 4 and later, Intel Cooper
+/// Lake), on an AVX-512 micro-kernel that reads the same tile layouts (`vdpbf16ps` /
+/// `vpdpbusd` per 64-byte tile row), so the packing, blocking, epilogues and training GEMMs
+/// are one implementation on both. `BEIT_NO_TILE_EMULATION=1` turns the AVX-512 one off.
 pub fn available(kind: AmxKind) -> bool {
+    native(kind) || emulated(kind)
+}
+
+/// Whether `kind` runs on AMX tiles (CPUID and the OS's grant).
+pub fn native(kind: AmxKind) -> bool {
     let (bf16, int8) = *DETECTED.get_or_init(detect);
     match kind {
         AmxKind::Bf16 => bf16,
         AmxKind::Int8 => int8,
     }
+}
+
+/// Whether `kind`'s tile kernels run on the AVX-512 micro-kernel (no AMX, see [`available`]).
+pub fn emulated(kind: AmxKind) -> bool {
+    static EMULATED: OnceLock<(bool, bool)> = OnceLock::new();
+    let (bf16, int8) = *EMULATED.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            let on = !std::env::var("BEIT_NO_TILE_EMULATION").is_ok_and(|v| v == "1");
+            let bf16 = on && has!("avx512f") && has!("avx512bw") && has!("avx512bf16");
+            (bf16, bf16 && has!("avx512vnni"))
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        (false, false)
+    });
+    !native(kind)
+        && match kind {
+            AmxKind::Bf16 => bf16,
+            AmxKind::Int8 => int8,
+        }
 }
 
 static DETECTED: OnceLock<(bool, bool)> = OnceLock::new();
@@ -776,7 +808,7 @@ mod tests {
 
     fn skip(kind: AmxKind) -> bool {
         if !available(kind) {
-            eprintln!("SKIPPED: this CPU/OS has no AMX ({kind:?}); the AMX kernel was not tested");
+            eprintln!("SKIPPED: this CPU runs neither AMX nor its AVX-512 emulation ({kind:?}); the tile kernel was not tested");
             return true;
         }
         false

@@ -1,10 +1,12 @@
 //! The AMX micro-kernel: the tile configuration and one call of the 2 x 2-tile product
 //! (`Step`), shared by the GEMMs (`amx`), the convolutions (`amx::conv`) and the attention
-//! products (`amx_attention`).
+//! products (`amx_attention`); on a CPU without AMX, the same product on AVX-512 from the same
+//! tile layouts (`super::emulated`).
 
 /// `ldtilecfg` with all eight tiles at 16 rows x 64 bytes; released on drop (`tilerelease`),
-/// so the tile state is handed back to the OS between GEMMs.
-pub(in crate::ops::kernels) struct TileConfig;
+/// so the tile state is handed back to the OS between GEMMs. Nothing where the tiles are
+/// emulated (the field: whether it was loaded).
+pub(in crate::ops::kernels) struct TileConfig(bool);
 
 #[repr(C, align(64))]
 struct TileCfgBytes {
@@ -17,6 +19,9 @@ struct TileCfgBytes {
 
 impl TileConfig {
     pub(in crate::ops::kernels) unsafe fn load() -> Self {
+        if !super::native(super::AmxKind::Bf16) && !super::native(super::AmxKind::Int8) {
+            return TileConfig(false);
+        }
         let mut cfg = TileCfgBytes {
             palette: 1,
             start_row: 0,
@@ -30,13 +35,16 @@ impl TileConfig {
         }
         #[cfg(target_arch = "x86_64")]
         std::arch::asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly));
-        TileConfig
+        TileConfig(true)
     }
 }
 
 impl Drop for TileConfig {
     fn drop(&mut self) {
-        // SAFETY: only built by `load` on an AMX CPU.
+        if !self.0 {
+            return;
+        }
+        // SAFETY: loaded by `load` on an AMX CPU.
         #[cfg(target_arch = "x86_64")]
         unsafe {
             std::arch::asm!("tilerelease", options(nostack, nomem))
@@ -103,11 +111,14 @@ macro_rules! prefetch_next_a_tile {
 /// each) while its products run: BEiT-base b8 bf16 forward 289-346 -> 245-296 ms, b1 49-51 ->
 /// 47 ms in interleaved A/B runs (512 bytes ahead: half the gain, 2048: about the same).
 macro_rules! amx_step {
-    ($fn:ident, $op:literal) => {
+    ($fn:ident, $op:literal, $kind:expr) => {
         impl Step {
             #[cfg(target_arch = "x86_64")]
             pub(in crate::ops::kernels) unsafe fn $fn(&self, tiles: usize) {
                 use std::arch::asm;
+                if !super::native($kind) {
+                    return super::emulated::step(self, tiles, $kind);
+                }
                 let (c, c2, ldc) = (self.c, (self.c as *mut u8).add(16 * self.ldc), self.ldc);
                 let from = match self.init {
                     Init::Zero => None,
@@ -203,5 +214,5 @@ macro_rules! amx_step {
     };
 }
 
-amx_step!(bf16, "tdpbf16ps");
-amx_step!(int8, "tdpbusd");
+amx_step!(bf16, "tdpbf16ps", super::AmxKind::Bf16);
+amx_step!(int8, "tdpbusd", super::AmxKind::Int8);
