@@ -38,7 +38,7 @@ STAGES=${STAGES:-"tokenizer pretrain tune select ship final shiplong compute tes
 # and checkpoints): committed, so the tables survive the machine that trained them.
 RECORDS=${RECORDS:-experiments/fashion-mnist/records}
 PT_EPOCHS=${PT_EPOCHS:-5}
-PRECISION=${PRECISION:-bf16}   # bf16 autocast on AMX CPUs; f32 elsewhere (the trainer says so)
+PRECISION=${PRECISION:-bf16}   # bf16 autocast on AMX or AVX512-BF16 CPUs; f32 elsewhere (the trainer says so)
 # Fine-tuning budgets, epochs per regime (the same for both sides).
 EPOCHS_1K=${EPOCHS_1K:-50}
 EPOCHS_54K=${EPOCHS_54K:-2}

@@ -32,6 +32,20 @@ pub(crate) unsafe fn uninit_buffer<T: Copy>(n: usize) -> Vec<T> {
     v
 }
 
+/// The shortest of 5 timed runs of `f`, after one untimed: the one-off kernel races that pick
+/// a kernel by measured speed (a minimum, so that a busy moment does not decide them).
+pub(crate) fn best_of(f: &mut dyn FnMut()) -> std::time::Duration {
+    f();
+    (0..5)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            f();
+            t.elapsed()
+        })
+        .min()
+        .unwrap_or_default()
+}
+
 /// A raw pointer that rayon tasks may share; each task writes a disjoint part.
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr<T>(pub *mut T);

@@ -311,18 +311,7 @@ fn fastest_kernel(precision: MatmulPrecision) -> Option<Kernel> {
             scale: &[],
             res: &[],
         };
-        let best_of = |f: &mut dyn FnMut()| {
-            f();
-            (0..5)
-                .map(|_| {
-                    let t = std::time::Instant::now();
-                    f();
-                    t.elapsed()
-                })
-                .min()
-                .unwrap_or_default()
-        };
-        let f32_time = best_of(&mut || unsafe {
+        let f32_time = super::best_of(&mut || unsafe {
             // SAFETY: the views address the m x k, k x n and m x n buffers above.
             super::gemm::gemm(
                 m,
@@ -348,7 +337,7 @@ fn fastest_kernel(precision: MatmulPrecision) -> Option<Kernel> {
                     PackedWeight::Int8(super::int8::PackedInt8::pack(&w, k, n, n, 1))
                 }
             };
-            let t = best_of(&mut || packed.gemm(&a, m, &mut c, epi, 1));
+            let t = super::best_of(&mut || packed.gemm(&a, m, &mut c, epi, 1));
             tracing::debug!(
                 "{} GEMM {m}x{n}x{k}: {t:?} (f32 {f32_time:?})",
                 precision.name()

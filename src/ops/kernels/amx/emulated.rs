@@ -68,11 +68,9 @@ unsafe fn rows8<const INT8: bool>(s: &Step, tiles: usize) {
                         acc_r[0] = _mm512_castsi512_ps(_mm512_dpbusd_epi32(c0, av, b0));
                         acc_r[1] = _mm512_castsi512_ps(_mm512_dpbusd_epi32(c1, av, b1));
                     } else {
-                        let av: __m512bh = std::mem::transmute(av);
-                        let (b0, b1): (__m512bh, __m512bh) =
-                            (std::mem::transmute(b0), std::mem::transmute(b1));
-                        acc_r[0] = _mm512_dpbf16_ps(acc_r[0], av, b0);
-                        acc_r[1] = _mm512_dpbf16_ps(acc_r[1], av, b1);
+                        let bh = |v: __m512i| std::mem::transmute::<__m512i, __m512bh>(v);
+                        acc_r[0] = _mm512_dpbf16_ps(acc_r[0], bh(av), bh(b0));
+                        acc_r[1] = _mm512_dpbf16_ps(acc_r[1], bh(av), bh(b1));
                     }
                 }
             }

@@ -75,7 +75,10 @@ pub fn gemm_bf16<T: Operand>(
     c: &mut [f32],
     threads: usize,
 ) {
-    assert!(available(AmxKind::Bf16), "this CPU/OS does not run AMX");
+    assert!(
+        available(AmxKind::Bf16),
+        "this CPU runs neither AMX nor AVX512-BF16"
+    );
     assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
     assert!(bias.is_none_or(|b| b.len() >= n));
     if m == 0 || n == 0 {
@@ -104,70 +107,6 @@ pub fn gemm_bf16<T: Operand>(
     unsafe { run_f32(&w, &tiles, c, bias, threads) };
 }
 
-/// Whether bf16 training GEMMs ([`gemm_bf16`], both operands converted per call) beat the f32
-/// GEMM here: always on AMX tiles; on their AVX-512 emulation, timed once per process on a
-/// training-sized product (the forward of a BEiT-small fc1 over 256 rows), so that bf16 mixed
-/// precision never makes a step slower. `BEIT_TRUST_KERNELS=1` skips the timing.
-pub fn bf16_beats_f32() -> bool {
-    use std::sync::OnceLock;
-    static FASTER: OnceLock<bool> = OnceLock::new();
-    if super::native(AmxKind::Bf16) {
-        return true;
-    }
-    if !available(AmxKind::Bf16) {
-        return false;
-    }
-    *FASTER.get_or_init(|| {
-        if std::env::var("BEIT_TRUST_KERNELS").is_ok_and(|v| v == "1") {
-            return true;
-        }
-        let (m, k, n) = (256, 384, 1536);
-        let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
-        let w: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32 * 0.01 - 0.03).collect();
-        let mut c = vec![0f32; m * n];
-        let best_of = |f: &mut dyn FnMut()| {
-            f();
-            (0..5)
-                .map(|_| {
-                    let t = std::time::Instant::now();
-                    f();
-                    t.elapsed()
-                })
-                .min()
-                .unwrap_or_default()
-        };
-        let f32_time = best_of(&mut || unsafe {
-            // SAFETY: the views address the m x k, n x k and m x n buffers above.
-            crate::ops::kernels::gemm::gemm(
-                m,
-                n,
-                k,
-                ViewMut::row_major(&mut c, 0, n),
-                false,
-                View::row_major(&a, 0, k),
-                View::transposed(&w, 0, k),
-                1,
-            )
-        });
-        let bf16_time = best_of(&mut || {
-            gemm_bf16(
-                m,
-                n,
-                k,
-                &a,
-                ALayout::Rows,
-                &w,
-                BLayout::Cols,
-                None,
-                &mut c,
-                1,
-            )
-        });
-        tracing::debug!("bf16 training GEMM {m}x{n}x{k}: {bf16_time:?} (f32 {f32_time:?})");
-        bf16_time < f32_time
-    })
-}
-
 /// `C = A · B` for one small product of many that run side by side (the attention's
 /// per-head products in bf16 training), on the calling thread: bf16 operands and f32 sums as
 /// [`gemm_bf16`], each operand a strided view of `[m, k]`, `[k, n]` (row- or column-major: one
@@ -183,7 +122,10 @@ pub unsafe fn gemm_bf16_view<A: Operand, B: Operand>(
     a: View<A>,
     b: View<B>,
 ) {
-    assert!(available(AmxKind::Bf16), "this CPU/OS does not run AMX");
+    assert!(
+        available(AmxKind::Bf16),
+        "this CPU runs neither AMX nor AVX512-BF16"
+    );
     assert!(
         c.cs == 1 && c.rs >= 0,
         "gemm_bf16_view: C must be row-major"
@@ -323,7 +265,10 @@ fn linear_backward<T: Operand>(
     dw: &mut [f32],
     threads: usize,
 ) -> Vec<f32> {
-    assert!(available(AmxKind::Bf16), "this CPU/OS does not run AMX");
+    assert!(
+        available(AmxKind::Bf16),
+        "this CPU runs neither AMX nor AVX512-BF16"
+    );
     assert!(g.len() >= rows * out && x.len() >= rows * inp && w.len() >= out * inp);
     assert!(dx.len() >= rows * inp && dw.len() >= out * inp);
     if rows == 0 || out == 0 || inp == 0 {
