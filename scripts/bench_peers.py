@@ -202,18 +202,26 @@ def child_ov(a, precision):
 
 def cpu_description():
     """The CPU model and the flags that decide which kernels run (for every table)."""
-    model, flags = "unknown CPU", []
+    # A VM's model name can be as bare as "AMD EPYC": family and model tell Zen 4 from Zen 5.
+    model, family, number, flags = "unknown CPU", "?", "?", []
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name") and model == "unknown CPU":
-                    model = line.split(":", 1)[1].strip()
-                if line.startswith("flags") and not flags:
-                    flags = line.split(":", 1)[1].split()
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "model name" and model == "unknown CPU":
+                    model = value
+                elif key == "cpu family" and family == "?":
+                    family = value
+                elif key == "model" and number == "?":
+                    number = value
+                elif key == "flags" and not flags:
+                    flags = value.split()
     except OSError:
         pass
     keep = [f for f in flags if f.startswith(("avx512", "amx", "avx_vnni", "avx2", "fma"))]
-    return f"{model}, {os.cpu_count()} CPUs; flags: {' '.join(sorted(keep))}"
+    return (f"{model} (family {family}, model {number}), {os.cpu_count()} CPUs; "
+            f"flags: {' '.join(sorted(keep))}")
 
 
 def timed(fn, a):
