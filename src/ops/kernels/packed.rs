@@ -180,11 +180,23 @@ pub(super) fn gemm_packed<W: PanelWeight>(
     // SAFETY: `pack_rows` writes every lane and scale of its panel (zeros past `m`).
     let mut apack = unsafe { super::uninit_buffer::<u32>(m.div_ceil(MR) * MR * g) };
     let mut scales = unsafe { super::uninit_buffer::<f32>(m.div_ceil(MR) * MR) };
-    apack
-        .par_chunks_mut(MR * g)
-        .zip(scales.par_chunks_mut(MR))
-        .enumerate()
-        .for_each(|(p, (panel, sc))| w.pack_rows(a, m, p * MR, panel, sc));
+    let pack =
+        |(p, (panel, sc)): (usize, (&mut [u32], &mut [f32]))| w.pack_rows(a, m, p * MR, panel, sc);
+    // One thread packs on the calling thread: `fastest_kernel`'s timing waited on a busy
+    // pool and once chose f32 for bf16 while tests ran beside it.
+    if threads > 1 {
+        apack
+            .par_chunks_mut(MR * g)
+            .zip(scales.par_chunks_mut(MR))
+            .enumerate()
+            .for_each(pack);
+    } else {
+        apack
+            .chunks_mut(MR * g)
+            .zip(scales.chunks_mut(MR))
+            .enumerate()
+            .for_each(pack);
+    }
     let (apack, scales) = (&apack, &scales);
     let panels = n.div_ceil(NR);
     let parts = threads.clamp(1, panels);

@@ -93,15 +93,18 @@ pub fn gemm_bf16<T: Operand>(
         }
         return;
     }
+    // One thread packs on the calling thread too: the timing in `ops::autocast` must not wait
+    // for a busy pool.
+    let parallel = threads > 1;
     let w = match bl {
-        BLayout::Cols => pack_b_cols(b, k, n),
-        BLayout::Rows => pack_b_rows(b, k, n),
+        BLayout::Cols => pack_b_cols(b, k, n, parallel),
+        BLayout::Rows => pack_b_rows(b, k, n, parallel),
     };
     let tiles = match (al, T::as_f32(a)) {
         (ALayout::Rows, Some(a)) => w.pack_activations(a, m, None, threads),
         // SAFETY: `a` holds `m x k` (checked above).
-        (ALayout::Rows, None) => unsafe { pack_a_view(View::row_major(a, 0, k), m, k, true) },
-        (ALayout::Cols, _) => pack_a_cols(a, m, k),
+        (ALayout::Rows, None) => unsafe { pack_a_view(View::row_major(a, 0, k), m, k, parallel) },
+        (ALayout::Cols, _) => pack_a_cols(a, m, k, parallel),
     };
     // SAFETY: `c` holds `m x n` (checked above).
     unsafe { run_f32(&w, &tiles, c, bias, threads) };
@@ -279,8 +282,20 @@ fn linear_backward<T: Operand>(
     let (g_rows, g_cols, sums) = pack_grad_both(g, pre, rows, out);
     // SAFETY: `dx` holds `rows x inp`, `dw` `out x inp` (checked above).
     unsafe {
-        run_f32(&pack_b_rows(w, out, inp), &g_rows, dx, None, threads);
-        run_f32(&pack_b_rows(x, rows, inp), &g_cols, dw, None, threads);
+        run_f32(
+            &pack_b_rows(w, out, inp, threads > 1),
+            &g_rows,
+            dx,
+            None,
+            threads,
+        );
+        run_f32(
+            &pack_b_rows(x, rows, inp, threads > 1),
+            &g_cols,
+            dw,
+            None,
+            threads,
+        );
     }
     sums
 }
@@ -570,11 +585,12 @@ unsafe fn pack_a_view<T: Operand>(a: View<T>, m: usize, k: usize, parallel: bool
 }
 
 /// `b [k, n]` row-major into B panels: the per-call packing of an activation-sized operand
-/// (the weight gradient's `x`, the input gradient's `W`). Panics if `b` is short.
-pub(super) fn pack_b_rows<T: Operand>(b: &[T], k: usize, n: usize) -> PackedAmx {
+/// (the weight gradient's `x`, the input gradient's `W`), panels in parallel when `parallel`.
+/// Panics if `b` is short.
+pub(super) fn pack_b_rows<T: Operand>(b: &[T], k: usize, n: usize, parallel: bool) -> PackedAmx {
     assert!(b.len() >= k * n);
     // SAFETY: `b` holds `k x n`; `available` was checked by the public entry points.
-    unsafe { pack_b_view(View::row_major(b, 0, n), k, n, true) }
+    unsafe { pack_b_view(View::row_major(b, 0, n), k, n, parallel) }
 }
 
 /// Rows `[r0, r0 + 16)` of a `[rows, k]` source (row `r` at `src + r * ld`), depth
@@ -637,18 +653,20 @@ fn transpose_tile(v: &[u32; 256], dst: &mut [u8]) {
     }
 }
 
-/// `b` stored as a weight `[n, k]` (the `[k, n]` operand transposed) into B panels.
-pub(super) fn pack_b_cols(b: &[f32], k: usize, n: usize) -> PackedAmx {
+/// `b` stored as a weight `[n, k]` (the `[k, n]` operand transposed) into B panels (in
+/// parallel when `parallel`).
+pub(super) fn pack_b_cols(b: &[f32], k: usize, n: usize, parallel: bool) -> PackedAmx {
     assert!(b.len() >= k * n);
     // SAFETY: `b` holds `n x k`; `available` was checked by the public entry points.
-    unsafe { pack_b_view(View::transposed(b, 0, k), k, n, true) }
+    unsafe { pack_b_view(View::transposed(b, 0, k), k, n, parallel) }
 }
 
-/// `a` stored transposed (`[k, m]` row-major) as A tiles of the `[m, k]` operand.
-pub(super) fn pack_a_cols<T: Operand>(a: &[T], m: usize, k: usize) -> ActTiles {
+/// `a` stored transposed (`[k, m]` row-major) as A tiles of the `[m, k]` operand (row blocks
+/// in parallel when `parallel`).
+pub(super) fn pack_a_cols<T: Operand>(a: &[T], m: usize, k: usize, parallel: bool) -> ActTiles {
     assert!(a.len() >= m * k);
     // SAFETY: `a` holds `k x m`; `available` was checked by the public entry points.
-    unsafe { pack_a_view(View::transposed(a, 0, m), m, k, true) }
+    unsafe { pack_a_view(View::transposed(a, 0, m), m, k, parallel) }
 }
 
 /// bf16 A tiles of `m` rows and `ktiles` tiles of depth (bf16 has no per-row scales).

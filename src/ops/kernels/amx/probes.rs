@@ -512,23 +512,23 @@ fn amx_general_rates() {
             });
             // The phases alone: packing B, packing A, the tiles (+ epilogue and C writes).
             let w = match bl {
-                general::BLayout::Cols => general::pack_b_cols(b, depth, cols),
-                general::BLayout::Rows => general::pack_b_rows(b, depth, cols),
+                general::BLayout::Cols => general::pack_b_cols(b, depth, cols, true),
+                general::BLayout::Rows => general::pack_b_rows(b, depth, cols, true),
             };
             let t_b = time(&mut || {
                 let _ = match bl {
-                    general::BLayout::Cols => general::pack_b_cols(b, depth, cols),
-                    general::BLayout::Rows => general::pack_b_rows(b, depth, cols),
+                    general::BLayout::Cols => general::pack_b_cols(b, depth, cols, true),
+                    general::BLayout::Rows => general::pack_b_rows(b, depth, cols, true),
                 };
             });
             let tiles = match al {
                 general::ALayout::Rows => w.pack_activations(a, rows, None, threads),
-                general::ALayout::Cols => general::pack_a_cols(a, rows, depth),
+                general::ALayout::Cols => general::pack_a_cols(a, rows, depth, true),
             };
             let t_a = time(&mut || {
                 let _ = match al {
                     general::ALayout::Rows => w.pack_activations(a, rows, None, threads),
-                    general::ALayout::Cols => general::pack_a_cols(a, rows, depth),
+                    general::ALayout::Cols => general::pack_a_cols(a, rows, depth, true),
                 };
             });
             let t_run =
