@@ -138,14 +138,16 @@ impl PanelWeight for PackedBf16 {
         cols: usize,
     ) {
         #[cfg(target_arch = "x86_64")]
-        kernel(
-            self.kp / 2,
-            ap,
-            self.data.as_ptr().add(p * self.kp * NR),
-            c,
-            ldc,
+        super::packed::by_rows!(
             rows,
-            cols,
+            kernel(
+                self.kp / 2,
+                ap,
+                self.data.as_ptr().add(p * self.kp * NR),
+                c,
+                ldc,
+                cols,
+            )
         );
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("{p} {ap:?} {c:?} {ldc} {rows} {cols}");
@@ -174,22 +176,21 @@ fn pack_a(a: &[f32], k: usize, m: usize, r0: usize, panel: &mut [u32]) {
     }
 }
 
-/// `C[rows x cols] = Apairs[kq x 14] · Bpanel[kq x 32 pairs]`.
+/// `C[R x cols] = Apairs[kq x 14] (its first R rows) · Bpanel[kq x 32 pairs]`.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn kernel(
+unsafe fn kernel<const R: usize>(
     kq: usize,
     ap: *const u32,
     bp: *const u16,
     c: *mut f32,
     ldc: usize,
-    rows: usize,
     cols: usize,
 ) {
     use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
     for q in 0..kq {
         let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(q * 64) as *const _));
         let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(q * 64 + 32) as *const _));
@@ -201,7 +202,7 @@ unsafe fn kernel(
         }
     }
     let (m0, m1) = super::packed::col_masks(cols);
-    for (i, acc_i) in acc.iter().enumerate().take(rows) {
+    for (i, acc_i) in acc.iter().enumerate() {
         let cr = c.add(i * ldc);
         _mm512_mask_storeu_ps(cr, m0, acc_i[0]);
         _mm512_mask_storeu_ps(cr.add(16), m1, acc_i[1]);

@@ -246,30 +246,32 @@ impl PanelWeight for PackedInt8 {
         cols: usize,
     ) {
         #[cfg(target_arch = "x86_64")]
-        kernel(
-            self.g,
-            ap,
-            self.data.as_ptr().add(p * self.g * NR * 4),
-            row_scales,
-            self.col_scale.as_ptr().add(p * NR),
-            self.col_offset.as_ptr().add(p * NR),
-            c,
-            ldc,
+        super::packed::by_rows!(
             rows,
-            cols,
+            kernel(
+                self.g,
+                ap,
+                self.data.as_ptr().add(p * self.g * NR * 4),
+                row_scales,
+                self.col_scale.as_ptr().add(p * NR),
+                self.col_offset.as_ptr().add(p * NR),
+                c,
+                ldc,
+                cols,
+            )
         );
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("{p} {ap:?} {row_scales:?} {c:?} {ldc} {rows} {cols}");
     }
 }
 
-/// `C[rows x cols] = s_m s_n (Aquads[gc x 14] · Bpanel[gc x 32 quads] - offset_n)` (the
+/// `C[R x cols] = s_m s_n (Aquads[gc x 14] (its first R rows) · Bpanel[gc x 32 quads] - offset_n)` (the
 /// `+ 128` of the unsigned activations taken back through the column sums).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn kernel(
+unsafe fn kernel<const R: usize>(
     gc: usize,
     ap: *const u32,
     bp: *const i8,
@@ -278,11 +280,10 @@ unsafe fn kernel(
     col_offset: *const f32,
     c: *mut f32,
     ldc: usize,
-    rows: usize,
     cols: usize,
 ) {
     use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_si512(); 2]; MR];
+    let mut acc = [[_mm512_setzero_si512(); 2]; R];
     for q in 0..gc {
         let b0 = _mm512_loadu_si512(bp.add(q * 128) as *const _);
         let b1 = _mm512_loadu_si512(bp.add(q * 128 + 64) as *const _);
@@ -302,7 +303,7 @@ unsafe fn kernel(
         _mm512_loadu_ps(col_offset),
         _mm512_loadu_ps(col_offset.add(16)),
     );
-    for (i, acc_i) in acc.iter().enumerate().take(rows) {
+    for (i, acc_i) in acc.iter().enumerate() {
         let cr = c.add(i * ldc);
         let rs = _mm512_set1_ps(*row_scales.add(i));
         let v0 = _mm512_mul_ps(

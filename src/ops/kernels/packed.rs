@@ -104,6 +104,32 @@ pub fn f32_matmul_precision() -> MatmulPrecision {
 pub(super) const MR: usize = 14;
 /// Columns of the micro-tile / of a weight panel.
 pub(super) const NR: usize = 32;
+/// `$kernel::<R>(args..)` for a tile of `$rows` rows: the micro-kernels are generic in their
+/// row count, so the last tile of a block computes only the rows that exist (a batch-1
+/// forward's 197 tokens are 14 tiles of 14 and one of 1: the full-height last tile was 6 %
+/// of its GEMM work).
+macro_rules! by_rows {
+    ($rows:expr, $kernel:ident($($arg:expr),* $(,)?)) => {
+        match $rows {
+            1 => $kernel::<1>($($arg),*),
+            2 => $kernel::<2>($($arg),*),
+            3 => $kernel::<3>($($arg),*),
+            4 => $kernel::<4>($($arg),*),
+            5 => $kernel::<5>($($arg),*),
+            6 => $kernel::<6>($($arg),*),
+            7 => $kernel::<7>($($arg),*),
+            8 => $kernel::<8>($($arg),*),
+            9 => $kernel::<9>($($arg),*),
+            10 => $kernel::<10>($($arg),*),
+            11 => $kernel::<11>($($arg),*),
+            12 => $kernel::<12>($($arg),*),
+            13 => $kernel::<13>($($arg),*),
+            _ => $kernel::<{ $crate::ops::kernels::packed::MR }>($($arg),*),
+        }
+    };
+}
+pub(super) use by_rows;
+
 /// Rows of an activation block.
 const MC: usize = MR * 16;
 
