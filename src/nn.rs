@@ -119,9 +119,9 @@ impl Linear {
         }
     }
 
-    /// `next(GELU(self(x)))` with the hidden activations kept in bf16 AMX tiles
-    /// ([`ops::linear::mlp_inference_amx`]); `None` unless both layers run on AMX bf16.
-    pub fn mlp_inference_amx(
+    /// `next(GELU(self(x)))` with the hidden activations kept in bf16
+    /// ([`ops::linear::mlp_inference_bf16_hidden`]); `None` unless both layers run in bf16.
+    pub fn mlp_inference_bf16_hidden(
         &self,
         x: &Tensor,
         norm: Option<&LayerNorm>,
@@ -130,7 +130,7 @@ impl Linear {
     ) -> Result<Option<Tensor>> {
         match (&self.packed, &next.packed) {
             (Some(a), Some(b)) if x.dtype() == DType::F32 && ops::fast_cpu(x.device()) => {
-                ops::linear::mlp_inference_amx(
+                ops::linear::mlp_inference_bf16_hidden(
                     x,
                     norm.map(LayerNorm::params),
                     (a, self.bias.as_ref()),

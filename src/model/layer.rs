@@ -122,8 +122,13 @@ impl BeitLayer {
             residual: &h,
         };
         if self.activation == Activation::Gelu {
-            if let Some(out) = profile::time("layernorm+mlp (amx, bf16 hidden)", || {
-                fc1.mlp_inference_amx(&h, Some(&self.layernorm_after), &self.output, residual)
+            if let Some(out) = profile::time("layernorm+mlp (bf16 hidden)", || {
+                fc1.mlp_inference_bf16_hidden(
+                    &h,
+                    Some(&self.layernorm_after),
+                    &self.output,
+                    residual,
+                )
             })? {
                 return Ok(out);
             }

@@ -265,31 +265,31 @@ fn pack_layer_norm(x: &Tensor, norm: Norm<'_>, weight: &PackedAmx) -> Result<Act
     Ok(weight.pack_layer_norm(xd.get(), rows, norm, gemm::num_threads()))
 }
 
-/// Whether [`mlp_inference_amx`] keeps the hidden activations in tiles (default), or the two
-/// layers run apart (`BEIT_MLP_TILES=0`, for comparison).
+/// Whether [`mlp_inference_bf16_hidden`] keeps the hidden activations in bf16 (default), or
+/// the two layers run apart (`BEIT_MLP_TILES=0`, for comparison).
 fn mlp_tiles() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("BEIT_MLP_TILES").map_or(true, |v| v != "0"))
 }
 
-/// `fc2(GELU(fc1(x)))` with the hidden activations kept in bf16 AMX tiles between the two
-/// layers (fc1's epilogue writes fc2's input tiles): the same sums as
-/// [`linear_inference_packed`] twice, without the widest activation going through memory in
-/// f32. `None` unless both weights run on AMX bf16. `epilogue` is fc2's.
-pub fn mlp_inference_amx(
+/// `fc2(GELU(fc1(x)))` with the hidden activations kept in bf16, in fc2's input layout, between
+/// the two layers: fc1's epilogue writes them as AMX tiles, or as the panels of the AVX512-BF16
+/// kernel. The same sums as [`linear_inference_packed`] twice, without the widest activation
+/// going through memory in f32 or through fc2's packing pass. `None` unless both weights run
+/// in bf16 on the same kernel. `epilogue` is fc2's.
+pub fn mlp_inference_bf16_hidden(
     x: &Tensor,
     norm: Option<Norm<'_>>,
     fc1: (&PackedWeight, Option<&Tensor>),
     fc2: (&PackedWeight, Option<&Tensor>),
     epilogue: Epilogue<'_>,
 ) -> Result<Option<Tensor>> {
-    let (Some(w1), Some(w2)) = (fc1.0.amx_bf16(), fc2.0.amx_bf16()) else {
-        return Ok(None);
-    };
     if !mlp_tiles() {
         return Ok(None);
     }
     let k = x.dims().last().copied().unwrap_or(1);
+    let rows = x.elem_count() / k.max(1);
+    let (w1, w2) = (fc1.0, fc2.0);
     if w1.k() != k || w2.k() != w1.n() {
         candle_core::bail!(
             "mlp: input {:?} does not fit weights [{}, {}] and [{}, {}]",
@@ -301,36 +301,51 @@ pub fn mlp_inference_amx(
         );
     }
     let threads = gemm::num_threads();
-    // (LayerNorm +) fc1 + GELU into tiles.
-    let hidden = {
-        let normed = norm.map(|n| pack_layer_norm(x, n, w1)).transpose()?;
-        let b = fc1.1.map(|b| b.contiguous()).transpose()?;
-        let bd = b.as_ref().map(f32_data).transpose()?;
-        let zeros = vec![0f32; w1.n()];
-        let bias = bd.as_ref().map(|d| d.get()).unwrap_or(&zeros);
-        if bias.len() != w1.n() {
-            candle_core::bail!("mlp: fc1 bias of {} for {} outputs", bias.len(), w1.n());
-        }
-        let epi = EpilogueData {
-            // The hidden layer is rounded to bf16 right after: the rational erf is enough.
-            op: TileOp::BiasGeluRational,
-            bias,
-            scale: &[],
-            res: &[],
-        };
-        match &normed {
-            Some(tiles) => w1.gemm_tiles_to_tiles(tiles, epi, threads),
+    let b = fc1.1.map(|b| b.contiguous()).transpose()?;
+    let bd = b.as_ref().map(f32_data).transpose()?;
+    let zeros = vec![0f32; w1.n()];
+    let bias = bd.as_ref().map(|d| d.get()).unwrap_or(&zeros);
+    if bias.len() != w1.n() {
+        candle_core::bail!("mlp: fc1 bias of {} for {} outputs", bias.len(), w1.n());
+    }
+    let epi1 = EpilogueData {
+        // The hidden layer is rounded to bf16 right after: the rational erf is enough.
+        op: TileOp::BiasGeluRational,
+        bias,
+        scale: &[],
+        res: &[],
+    };
+    // (LayerNorm +) fc1 + GELU, then fc2; `x` only lends its shape (rows) to the output.
+    if let (Some(a1), Some(a2)) = (w1.amx_bf16(), w2.amx_bf16()) {
+        let hidden = match norm {
+            Some(n) => a1.gemm_tiles_to_tiles(&pack_layer_norm(x, n, a1)?, epi1, threads),
             None => {
                 let xc = x.contiguous()?;
                 let xd = f32_data(&xc)?;
-                w1.gemm_to_tiles(xd.get(), x.elem_count() / k.max(1), epi, threads)
+                a1.gemm_to_tiles(xd.get(), rows, epi1, threads)
             }
-        }
+        };
+        let out = run_linear(x, w2.n(), fc2.1, epilogue, |_, rows, _, out, epi| {
+            debug_assert_eq!(rows, hidden.rows());
+            a2.gemm_from_tiles(&hidden, out, epi, threads);
+            Ok(())
+        })?;
+        return Ok(Some(out));
+    }
+    if !matches!((w1, w2), (PackedWeight::Bf16(_), PackedWeight::Bf16(_))) {
+        return Ok(None);
+    }
+    let xc = match norm {
+        Some((w, b, eps)) => super::layer_norm(x, w, b, eps)?,
+        None => x.contiguous()?,
     };
-    // fc2 from the tiles; `x` only lends its shape (rows) to the output.
+    let xd = f32_data(&xc)?;
+    let Some(hidden) = w1.gemm_to_panels(xd.get(), rows, w2, epi1, threads) else {
+        return Ok(None);
+    };
     let out = run_linear(x, w2.n(), fc2.1, epilogue, |_, rows, _, out, epi| {
         debug_assert_eq!(rows, hidden.rows());
-        w2.gemm_from_tiles(&hidden, out, epi, threads);
+        w2.gemm_from_panels(&hidden, out, epi, threads);
         Ok(())
     })?;
     Ok(Some(out))
@@ -369,13 +384,69 @@ mod tests {
         };
         let y = linear_inference_packed(&x, &p1, Some(&b1), Epilogue::BiasGelu).unwrap();
         let want = linear_inference_packed(&y, &p2, Some(&b2), epi()).unwrap();
-        let got = mlp_inference_amx(&x, None, (&p1, Some(&b1)), (&p2, Some(&b2)), epi())
+        let got = mlp_inference_bf16_hidden(&x, None, (&p1, Some(&b1)), (&p2, Some(&b2)), epi())
             .unwrap()
             .expect("both layers are AMX bf16");
         assert_eq!(got.dims(), want.dims());
         // The same bf16 rounding of the hidden activations on both paths.
         let d = crate::ops::max_abs_diff(&got, &want);
         assert!(d < 1e-4, "{d}");
+    }
+
+    #[test]
+    fn panel_mlp_with_bf16_hidden_matches_two_packed_layers() {
+        use crate::ops::bf16::{self, PackedBf16};
+        if !bf16::available() {
+            eprintln!("SKIPPED: no AVX512-BF16 here; the fused bf16 MLP on panels was not tested");
+            return;
+        }
+        let dev = Device::Cpu;
+        // An odd hidden width (its last pair half empty), widths off the 32-column panels,
+        // rows off the 14-row tiles.
+        let (k, hidden, n) = (64, 201, 48);
+        let x = Tensor::randn(0f32, 1f32, (2, 37, k), &dev).unwrap();
+        let res = Tensor::randn(0f32, 1f32, (2, 37, n), &dev).unwrap();
+        let lam = Tensor::randn(0f32, 1f32, n, &dev).unwrap();
+        let (lw, lb) = (
+            Tensor::randn(1f32, 0.3f32, k, &dev).unwrap(),
+            Tensor::randn(0f32, 0.3f32, k, &dev).unwrap(),
+        );
+        let w1 = Tensor::randn(0f32, 0.3f32, (k, hidden), &dev).unwrap();
+        let b1 = Tensor::randn(0f32, 1f32, hidden, &dev).unwrap();
+        let w2 = Tensor::randn(0f32, 0.3f32, (hidden, n), &dev).unwrap();
+        let b2 = Tensor::randn(0f32, 1f32, n, &dev).unwrap();
+        let pack = |w: &Tensor, k, n| {
+            let v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            PackedWeight::Bf16(PackedBf16::pack(&v, k, n, n, 1))
+        };
+        let (p1, p2) = (pack(&w1, k, hidden), pack(&w2, hidden, n));
+        let epi = || Epilogue::BiasScaleResidual {
+            scale: Some(&lam),
+            residual: &res,
+        };
+        for norm in [None, Some((&lw, &lb, 1e-6))] {
+            let input = match norm {
+                Some((w, b, eps)) => crate::ops::layer_norm(&x, w, b, eps).unwrap(),
+                None => x.clone(),
+            };
+            let y = linear_inference_packed(&input, &p1, Some(&b1), Epilogue::BiasGelu).unwrap();
+            let want = linear_inference_packed(&y, &p2, Some(&b2), epi()).unwrap();
+            let got =
+                mlp_inference_bf16_hidden(&x, norm, (&p1, Some(&b1)), (&p2, Some(&b2)), epi())
+                    .unwrap()
+                    .expect("both layers are bf16 panels");
+            assert_eq!(got.dims(), want.dims());
+            // The same bf16 rounding of the hidden activations on both paths.
+            let d = crate::ops::max_abs_diff(&got, &want);
+            assert!(d < 1e-5, "norm {}: {d}", norm.is_some());
+        }
+        // Layers on different kernels are not fused.
+        let v2 = w2.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        if crate::ops::int8::available() {
+            let int8 = PackedWeight::Int8(crate::ops::int8::PackedInt8::pack(&v2, hidden, n, n, 1));
+            let r = mlp_inference_bf16_hidden(&x, None, (&p1, None), (&int8, None), epi());
+            assert!(r.unwrap().is_none());
+        }
     }
 
     #[test]
@@ -426,13 +497,19 @@ mod tests {
                     PackedWeight::Amx(pack(&w1, k, hidden)),
                     PackedWeight::Amx(pack(&w2, hidden, n)),
                 );
-                let want = mlp_inference_amx(&ln, None, (&p1, Some(&b1)), (&p2, Some(&b2)), epi())
-                    .unwrap()
-                    .unwrap();
-                let got =
-                    mlp_inference_amx(&x, Some(norm), (&p1, Some(&b1)), (&p2, Some(&b2)), epi())
+                let want =
+                    mlp_inference_bf16_hidden(&ln, None, (&p1, Some(&b1)), (&p2, Some(&b2)), epi())
                         .unwrap()
                         .unwrap();
+                let got = mlp_inference_bf16_hidden(
+                    &x,
+                    Some(norm),
+                    (&p1, Some(&b1)),
+                    (&p2, Some(&b2)),
+                    epi(),
+                )
+                .unwrap()
+                .unwrap();
                 assert_eq!(crate::ops::max_abs_diff(&got, &want), 0.0);
             }
         }

@@ -76,6 +76,29 @@ unsafe fn round_into_avx512(src: &[f32], dst: &mut [half::bf16]) {
     }
 }
 
+/// 32 values as 16 bf16 pairs (round to nearest even): lane `t` holds `v[2t]` in its low half
+/// and `v[2t + 1]` in its high half, the lanes of the panel layout.
+pub(super) fn pairs(v: &[f32; 32]) -> [u32; 16] {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: AVX512-BF16 checked.
+        return unsafe { pairs_avx512(v) };
+    }
+    std::array::from_fn(|t| to_bf16(v[2 * t]) as u32 | (to_bf16(v[2 * t + 1]) as u32) << 16)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn pairs_avx512(v: &[f32; 32]) -> [u32; 16] {
+    use std::arch::x86_64::*;
+    // `vcvtne2ps2bf16`: the second operand fills the low 16 bf16 values.
+    let b = _mm512_cvtne2ps_pbh(
+        _mm512_loadu_ps(v.as_ptr().add(16)),
+        _mm512_loadu_ps(v.as_ptr()),
+    );
+    std::mem::transmute::<__m512bh, [u32; 16]>(b)
+}
+
 /// A `[K, N]` weight (`y = x · W`) in bf16 k-pair panels.
 #[derive(Debug)]
 pub struct PackedBf16 {

@@ -25,7 +25,6 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use rayon::prelude::*;
 
 use super::vmath;
-use super::SendPtr;
 
 /// Precision of the f32 inference GEMMs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -194,15 +193,28 @@ pub(super) fn gemm_packed<W: PanelWeight>(
     epi: Epi<'_>,
     threads: usize,
 ) {
-    assert!(
-        w.cpu_ok(),
-        "this CPU lacks the reduced-precision kernel's instructions"
+    assert!(a.len() >= m * w.k() && c.len() >= m * w.n());
+    let (apack, scales) = pack_activations(a, m, w, threads);
+    run_panels(
+        w,
+        &apack,
+        &scales,
+        m,
+        Out::Rows(c.as_mut_ptr()),
+        epi,
+        threads,
     );
-    let (k, n, g) = (w.k(), w.n(), w.groups());
-    assert!(a.len() >= m * k && c.len() >= m * n && epi.bias.len() >= n);
-    if m == 0 || n == 0 {
-        return;
-    }
+}
+
+/// `A` (`m x k`, row stride `k`) converted for `w`'s kernel: `[⌈m/MR⌉][groups][MR]` lanes (zero
+/// past `m`) and, for int8, each row's scale.
+fn pack_activations<W: PanelWeight>(
+    a: &[f32],
+    m: usize,
+    w: &W,
+    threads: usize,
+) -> (Vec<u32>, Vec<f32>) {
+    let g = w.groups();
     // SAFETY: `pack_rows` writes every lane and scale of its panel (zeros past `m`).
     let mut apack = unsafe { super::uninit_buffer::<u32>(m.div_ceil(MR) * MR * g) };
     let mut scales = unsafe { super::uninit_buffer::<f32>(m.div_ceil(MR) * MR) };
@@ -223,17 +235,68 @@ pub(super) fn gemm_packed<W: PanelWeight>(
             .enumerate()
             .for_each(pack);
     }
-    let (apack, scales) = (&apack, &scales);
+    (apack, scales)
+}
+
+/// Activations held as bf16 pairs in the panel layout the bf16 micro-kernel reads
+/// (`[⌈rows/MR⌉][groups][MR]` lanes, zero past `rows`): one layer's output written straight
+/// as the next layer's input (the MLP's hidden layer), so that it never goes through memory
+/// in f32 nor through a packing pass.
+pub struct ActPanels {
+    lanes: Vec<u32>,
+    rows: usize,
+    groups: usize,
+}
+
+impl ActPanels {
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+}
+
+/// Where [`run_panels`] writes: `C` rows (stride `n`), or bf16 pairs into [`ActPanels`]
+/// lanes of `groups` pairs per row (the f32 tile goes through a per-thread scratch block).
+#[derive(Clone, Copy)]
+enum Out {
+    Rows(*mut f32),
+    Panels { lanes: *mut u32, groups: usize },
+}
+// SAFETY: pointers into the caller's output, of which each thread writes its own columns.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+/// The panels of `w` split between the threads, each running [`gemm_panels`] on its range.
+fn run_panels<W: PanelWeight>(
+    w: &W,
+    apack: &[u32],
+    scales: &[f32],
+    m: usize,
+    out: Out,
+    epi: Epi<'_>,
+    threads: usize,
+) {
+    assert!(
+        w.cpu_ok(),
+        "this CPU lacks the reduced-precision kernel's instructions"
+    );
+    let (n, g) = (w.n(), w.groups());
+    assert!(
+        apack.len() >= m.div_ceil(MR) * MR * g
+            && scales.len() >= m.div_ceil(MR) * MR
+            && epi.bias.len() >= n
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
     let panels = n.div_ceil(NR);
     let parts = threads.clamp(1, panels);
-    let cptr = SendPtr(c.as_mut_ptr());
     let run = |t: usize| {
         let p0 = panels * t / parts;
         let p1 = panels * (t + 1) / parts;
         if p0 < p1 {
             // SAFETY: the kernel's CPU features were checked above; each part writes its own
             // panels' columns.
-            unsafe { gemm_panels(w, apack, scales, m, cptr.get(), p0, p1, epi) };
+            unsafe { gemm_panels(w, apack, scales, m, out, p0, p1, epi) };
         }
     };
     if parts == 1 {
@@ -243,6 +306,60 @@ pub(super) fn gemm_packed<W: PanelWeight>(
     }
 }
 
+/// `epilogue(A · W)` into [`ActPanels`] of `next_groups` pairs per row (the next layer's depth
+/// `n` in pairs), for a bf16 weight that feeds another.
+pub(super) fn gemm_packed_to_panels<W: PanelWeight>(
+    a: &[f32],
+    m: usize,
+    w: &W,
+    epi: Epi<'_>,
+    threads: usize,
+) -> ActPanels {
+    assert!(a.len() >= m * w.k());
+    let groups = w.n().div_ceil(2);
+    let (apack, scales) = pack_activations(a, m, w, threads);
+    // SAFETY: the tiles write every pair of every row below `m`; the rows past `m` in the last
+    // panel are zeroed here.
+    let mut lanes = unsafe { super::uninit_buffer::<u32>(m.div_ceil(MR) * MR * groups) };
+    if !m.is_multiple_of(MR) {
+        let last = m / MR * MR * groups;
+        lanes[last..].fill(0);
+    }
+    let out = Out::Panels {
+        lanes: lanes.as_mut_ptr(),
+        groups,
+    };
+    run_panels(w, &apack, &scales, m, out, epi, threads);
+    ActPanels {
+        lanes,
+        rows: m,
+        groups,
+    }
+}
+
+/// `C [rows x n] = epilogue(act · W)` for activations already in `w`'s panel layout.
+pub(super) fn gemm_packed_from_panels<W: PanelWeight>(
+    act: &ActPanels,
+    w: &W,
+    c: &mut [f32],
+    epi: Epi<'_>,
+    threads: usize,
+) {
+    assert_eq!(act.groups, w.groups(), "activation panels of another depth");
+    assert!(c.len() >= act.rows * w.n());
+    // The bf16 kernel reads no row scales; the driver still passes a pointer per row.
+    let scales = vec![0f32; act.rows.div_ceil(MR) * MR];
+    run_panels(
+        w,
+        &act.lanes,
+        &scales,
+        act.rows,
+        Out::Rows(c.as_mut_ptr()),
+        epi,
+        threads,
+    );
+}
+
 /// Column panels `[p0, p1)` of `C`, in blocks of MC rows.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_panels<W: PanelWeight>(
@@ -250,32 +367,40 @@ unsafe fn gemm_panels<W: PanelWeight>(
     apack: &[u32],
     scales: &[f32],
     m: usize,
-    c: *mut f32,
+    out: Out,
     p0: usize,
     p1: usize,
     epi: Epi<'_>,
 ) {
     let (n, g) = (w.n(), w.groups());
+    let mut scratch = match out {
+        Out::Rows(_) => Vec::new(),
+        Out::Panels { .. } => vec![0f32; MC * NR],
+    };
     let mut ic = 0;
     while ic < m {
         let mc = MC.min(m - ic);
         for p in p0..p1 {
             let j0 = p * NR;
             let cols = NR.min(n - j0);
+            let (c, ldc) = match out {
+                Out::Rows(c) => (c.add(ic * n + j0), n),
+                Out::Panels { .. } => (scratch.as_mut_ptr(), NR),
+            };
             let mut ir = 0;
             while ir < mc {
                 w.tile(
                     p,
                     apack.as_ptr().add((ic + ir) * g),
                     scales.as_ptr().add(ic + ir),
-                    c.add((ic + ir) * n + j0),
-                    n,
+                    c.add(ir * ldc),
+                    ldc,
                     MR.min(mc - ir),
                     cols,
                 );
                 ir += MR;
             }
-            let tile = std::slice::from_raw_parts_mut(c.add(ic * n + j0), (mc - 1) * n + cols);
+            let tile = std::slice::from_raw_parts_mut(c, (mc - 1) * ldc + cols);
             let res = if epi.res.is_empty() {
                 epi.res
             } else {
@@ -286,9 +411,40 @@ unsafe fn gemm_panels<W: PanelWeight>(
             } else {
                 &epi.scale[j0..]
             };
-            vmath::tile_epilogue(tile, n, mc, cols, epi.op, &epi.bias[j0..], scale, res, n);
+            vmath::tile_epilogue(tile, ldc, mc, cols, epi.op, &epi.bias[j0..], scale, res, n);
+            if let Out::Panels { lanes, groups } = out {
+                store_pairs(tile, mc, cols, ic, j0 / 2, lanes, groups);
+            }
         }
         ic += mc;
+    }
+}
+
+/// Rows `[r0, r0 + rows)` of a finished f32 tile (`cols` columns, row stride NR) as bf16 pairs
+/// (round to nearest even) into pair columns `[q0, q0 + ⌈cols/2⌉)` of panel lanes with
+/// `groups` pairs per row.
+///
+/// # Safety
+/// `lanes` must address `⌈(r0 + rows)/MR⌉ * MR * groups` lanes and `q0 + ⌈cols/2⌉ <= groups`.
+unsafe fn store_pairs(
+    tile: &[f32],
+    rows: usize,
+    cols: usize,
+    r0: usize,
+    q0: usize,
+    lanes: *mut u32,
+    groups: usize,
+) {
+    let mut row = [0f32; NR];
+    for i in 0..rows {
+        let r = r0 + i;
+        let base = lanes.add((r / MR) * groups * MR + r % MR);
+        row[..cols].copy_from_slice(&tile[i * NR..i * NR + cols]);
+        row[cols..].fill(0.0);
+        let pairs = super::bf16::pairs(&row);
+        for (t, &pair) in pairs.iter().take(cols.div_ceil(2)).enumerate() {
+            *base.add((q0 + t) * MR) = pair;
+        }
     }
 }
 
@@ -467,6 +623,33 @@ impl PackedWeight {
         match self {
             Self::Amx(w) if w.kind() == super::amx::AmxKind::Bf16 => Some(w),
             _ => None,
+        }
+    }
+
+    /// `epilogue(A [m x k] · W)` kept as bf16 [`ActPanels`] for `next`, where both layers run
+    /// on the bf16 panel kernel; `None` otherwise.
+    pub fn gemm_to_panels(
+        &self,
+        a: &[f32],
+        m: usize,
+        next: &PackedWeight,
+        epi: Epi<'_>,
+        threads: usize,
+    ) -> Option<ActPanels> {
+        match (self, next) {
+            (Self::Bf16(w), Self::Bf16(n)) if n.k() == w.n() => {
+                Some(gemm_packed_to_panels(a, m, w, epi, threads))
+            }
+            _ => None,
+        }
+    }
+
+    /// `C [rows x n] = epilogue(act · W)` for activations from [`PackedWeight::gemm_to_panels`];
+    /// panics unless this weight is the bf16 one they were made for.
+    pub fn gemm_from_panels(&self, act: &ActPanels, c: &mut [f32], epi: Epi<'_>, threads: usize) {
+        match self {
+            Self::Bf16(w) => gemm_packed_from_panels(act, w, c, epi, threads),
+            _ => panic!("bf16 activation panels for a {self:?}"),
         }
     }
 
