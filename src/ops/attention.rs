@@ -27,10 +27,18 @@ pub struct RelBias<'a> {
 /// the attention 10 % slower; 768 KB to 1.5 MB were the same).
 const BLOCK: usize = 196_608;
 
+/// Whether reduced-precision models run the products in bf16 on AVX512-BF16 where there is
+/// no AMX (default), or in f32 (`BEIT_BF16_ATTENTION=0`, for comparison).
+fn bf16_products() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("BEIT_BF16_ATTENTION").map_or(true, |v| v != "0"))
+}
+
 /// `softmax(Q Kᵀ · scale + bias) V` for `qkv [B, S, 3D]` (query, key, value projections side by
 /// side, heads `h` of `D / h` each) -> `[B, S, D]` with the heads merged. With `reduced`
 /// (a model whose linear layers run in bf16 or int8), the two products run in bf16 on AMX
-/// where the CPU has it (`ops::amx_attention`); otherwise f32.
+/// where the CPU has it (`ops::amx_attention`), else on AVX512-BF16 (`ops::bf16_attention`);
+/// otherwise f32.
 pub fn attention_inference(
     qkv: &Tensor,
     heads: usize,
@@ -96,25 +104,32 @@ pub fn attention_inference(
     let mut out = unsafe { super::uninit_buffer::<f32>(b * s * d) };
     let out_ptr = SendPtr(out.as_mut_ptr());
     let amx = reduced && super::amx_attention::available();
+    let bf16 = reduced && !amx && super::bf16_attention::available() && bf16_products();
     (0..b * heads * blocks).into_par_iter().for_each_init(
         || {
-            if amx {
+            if amx || bf16 {
                 (
                     Vec::new(),
                     Vec::new(),
                     super::amx_attention::Scratch::default(),
+                    super::bf16_attention::Scratch::default(),
                 )
             } else {
-                (vec![0f32; rows * s1], vec![0f32; rows], Default::default())
+                (
+                    vec![0f32; rows * s1],
+                    vec![0f32; rows],
+                    Default::default(),
+                    Default::default(),
+                )
             }
         },
-        |(scores, inv, scratch), task| {
+        |(scores, inv, scratch, scratch_bf16), task| {
             let (bh, blk) = (task / blocks, task % blocks);
             let (bi, h) = (bh / heads, bh % heads);
             let i0 = blk * rows;
             let r = rows.min(s - i0);
             let base = bi * s * d3;
-            if amx {
+            if amx || bf16 {
                 let head = super::amx_attention::Head {
                     qkv: &q[base..base + s * d3],
                     ld: d3,
@@ -136,11 +151,15 @@ pub fn attention_inference(
                         &index[i0 * s..(i0 + r) * s]
                     },
                 };
-                // SAFETY: AMX checked above; rows [i0, i0 + r) and columns [h*hd, (h+1)*hd)
-                // of image bi belong to this task only.
+                // SAFETY: AMX / AVX512-BF16 checked above; rows [i0, i0 + r) and columns
+                // [h*hd, (h+1)*hd) of image bi belong to this task only.
                 unsafe {
                     let dst = out_ptr.get().add((bi * s + i0) * d + h * hd);
-                    super::amx_attention::attention_block(&head, dst, d, scratch);
+                    if amx {
+                        super::amx_attention::attention_block(&head, dst, d, scratch);
+                    } else {
+                        super::bf16_attention::attention_block(&head, dst, d, scratch_bf16);
+                    }
                 }
                 return;
             }
@@ -215,8 +234,10 @@ mod tests {
             (1, 197, 2, 64),
             (2, 40, 3, 48),
         ] {
-            if !crate::ops::amx_attention::available() {
-                eprintln!("SKIPPED (bf16 half): no AMX tiles here; the bf16 products ran in f32");
+            if !crate::ops::amx_attention::available() && !crate::ops::bf16_attention::available() {
+                eprintln!(
+                    "SKIPPED (bf16 half): no AMX or AVX512-BF16 here; the bf16 products ran in f32"
+                );
             }
             let d = heads * hd;
             let qkv = Tensor::randn(0f32, 1f32, (b, s, 3 * d), &dev).unwrap();

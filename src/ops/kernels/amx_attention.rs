@@ -30,7 +30,8 @@ pub struct Scratch {
 
 /// Whether inference runs its reduced-precision attention products here ([`attention_block`]):
 /// on AMX tiles only. On their AVX-512 emulation the products were slower than f32 ones in a
-/// Zen 5 forward (BEiT-base b8 bf16 `attn.core` 67-90 against 51-59 ms).
+/// Zen 5 forward (BEiT-base b8 bf16 `attn.core` 67-90 against 51-59 ms); CPUs without AMX
+/// take `ops::bf16_attention` instead.
 pub fn available() -> bool {
     amx::native(AmxKind::Bf16)
 }

@@ -5,13 +5,15 @@
 //! * [`gemm`]: the f32 GEMM (the `gemm` crate behind strided views).
 //! * [`packed`]: the reduced-precision linear layers (bf16 / int8): weight packing, the kernel
 //!   chosen by timing, the panel driver; [`bf16`] and [`int8`] are its AVX-512 micro-kernels,
-//!   [`amx`] the AMX tile GEMM, [`amx_attention`] the attention products on AMX.
+//!   [`amx`] the AMX tile GEMM, [`amx_attention`] the attention products on AMX,
+//!   [`bf16_attention`] on AVX512-BF16.
 //! * [`vmath`]: vectorised element-wise maths (GELU, exp, softmax rows, LayerNorm rows, GEMM
 //!   epilogues), AVX-512 / AVX2 / scalar chosen at run time.
 
 pub mod amx;
 pub mod amx_attention;
 pub mod bf16;
+pub mod bf16_attention;
 pub mod gemm;
 pub mod int8;
 pub mod packed;

@@ -413,6 +413,7 @@ unsafe fn gemm_panels<W: PanelWeight>(
             };
             vmath::tile_epilogue(tile, ldc, mc, cols, epi.op, &epi.bias[j0..], scale, res, n);
             if let Out::Panels { lanes, groups } = out {
+                debug_assert!(mc <= MC);
                 store_pairs(tile, mc, cols, ic, j0 / 2, lanes, groups);
             }
         }
@@ -435,13 +436,19 @@ unsafe fn store_pairs(
     lanes: *mut u32,
     groups: usize,
 ) {
+    // All rows are converted before any lane is read back: a lane read right after the
+    // vector store that wrote it waited for the store (no forwarding into a narrower load),
+    // which cost ~2 % of a Zen 5 bf16 forward.
+    let mut converted = [[0u32; NR / 2]; MC];
     let mut row = [0f32; NR];
-    for i in 0..rows {
-        let r = r0 + i;
-        let base = lanes.add((r / MR) * groups * MR + r % MR);
+    for (i, out) in converted.iter_mut().take(rows).enumerate() {
         row[..cols].copy_from_slice(&tile[i * NR..i * NR + cols]);
         row[cols..].fill(0.0);
-        let pairs = super::bf16::pairs(&row);
+        *out = super::bf16::pairs(&row);
+    }
+    for (i, pairs) in converted.iter().take(rows).enumerate() {
+        let r = r0 + i;
+        let base = lanes.add((r / MR) * groups * MR + r % MR);
         for (t, &pair) in pairs.iter().take(cols.div_ceil(2)).enumerate() {
             *base.add((q0 + t) * MR) = pair;
         }
