@@ -711,3 +711,38 @@ mod probe {
         }
     }
 }
+
+#[cfg(test)]
+mod pack_probe {
+    use super::*;
+    /// `cargo test --release --lib pack_rate -- --ignored --nocapture`: the activation packing
+    /// of the bf16 and int8 panels, 1 thread.
+    #[test]
+    #[ignore]
+    fn pack_rate() {
+        for &(m, k) in &[(1576usize, 3072usize), (1576, 768), (197, 768)] {
+            let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.1).collect();
+            let w = vec![0.1f32; k * 32];
+            let mut line = format!("pack {m}x{k}:");
+            for p in [MatmulPrecision::Bf16, MatmulPrecision::Int8] {
+                let Some(packed) = PackedWeight::pack(p, &w, k, 32, 32, 1) else {
+                    continue;
+                };
+                let mut ts: Vec<f64> = (0..21)
+                    .map(|_| {
+                        let t = std::time::Instant::now();
+                        match &packed {
+                            PackedWeight::Bf16(w) => drop(pack_activations(&a, m, w, 1)),
+                            PackedWeight::Int8(w) => drop(pack_activations(&a, m, w, 1)),
+                            PackedWeight::Amx(_) => {}
+                        }
+                        t.elapsed().as_secs_f64()
+                    })
+                    .collect();
+                ts.sort_by(f64::total_cmp);
+                line += &format!(" {p:?} {:.2} ns per value", ts[10] * 1e9 / (m * k) as f64);
+            }
+            eprintln!("{line}");
+        }
+    }
+}

@@ -469,16 +469,99 @@ unsafe fn scaled_biased_exp_row_v4(
             ((1u32 << (n - i)) - 1) as __mmask16
         };
         let at = row.as_mut_ptr().add(i);
-        let idx = _mm512_maskz_loadu_epi32(k, index.as_ptr().add(i) as *const i32);
-        // SAFETY: every index was checked against the table length by the caller.
-        let bias = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), k, idx, table.as_ptr());
-        let v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, at), vs, bias);
-        _mm512_mask_storeu_ps(at, k, v);
+        let v = if k == 0xffff {
+            let idx = _mm512_loadu_epi32(index.as_ptr().add(i) as *const i32);
+            // SAFETY: every index was checked against the table length by the caller.
+            let bias = _mm512_i32gather_ps::<4>(idx, table.as_ptr());
+            let v = _mm512_fmadd_ps(_mm512_loadu_ps(at), vs, bias);
+            _mm512_storeu_ps(at, v);
+            v
+        } else {
+            let idx = _mm512_maskz_loadu_epi32(k, index.as_ptr().add(i) as *const i32);
+            let bias = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), k, idx, table.as_ptr());
+            let v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, at), vs, bias);
+            _mm512_mask_storeu_ps(at, k, v);
+            v
+        };
         // `vmaxps` returns its second operand where either is NaN: NaN scores are skipped.
         vm = _mm512_mask_max_ps(vm, k, v, vm);
         i += 16;
     }
-    exp_shift_sum::<true>(row, _mm512_reduce_max_ps(vm))
+    exp_shift_sum_v4(row, _mm512_reduce_max_ps(vm))
+}
+
+/// [`exp_shift_sum`] with F = true on AVX-512, the same bits: the tail through masked loads
+/// and stores instead of a copy into a padded buffer, which the vector load then read back
+/// before the copy's stores had left (no store forwarding into a wider load). With plain
+/// stores for the whole chunks of the gather pass, the row ran in 0.64-0.66 ns per score
+/// against 0.76-0.78 (Zen 5, `attention_row_rate`, interleaved).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")]
+unsafe fn exp_shift_sum_v4(x: &mut [f32], max: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let vmax = _mm512_set1_ps(max);
+    let mut acc = _mm512_setzero_ps();
+    let n = x.len();
+    let mut i = 0;
+    while i + 16 <= n {
+        let at = x.as_mut_ptr().add(i);
+        let e = exp_v4(_mm512_sub_ps(_mm512_loadu_ps(at), vmax));
+        _mm512_storeu_ps(at, e);
+        acc = _mm512_add_ps(acc, e);
+        i += 16;
+    }
+    if i < n {
+        let k = ((1u32 << (n - i)) - 1) as __mmask16;
+        let at = x.as_mut_ptr().add(i);
+        let e = exp_v4(_mm512_sub_ps(_mm512_mask_loadu_ps(vmax, k, at), vmax));
+        _mm512_mask_storeu_ps(at, k, e);
+        acc = _mm512_mask_add_ps(acc, k, acc, e);
+    }
+    // The portable code's pairwise order: lanes i and i + 8, then i + 4, i + 2, i + 1.
+    let mut lanes = [0f32; 16];
+    _mm512_storeu_ps(lanes.as_mut_ptr(), acc);
+    let mut w = 16;
+    while w > 1 {
+        w /= 2;
+        for j in 0..w {
+            lanes[j] += lanes[j + w];
+        }
+    }
+    lanes[0]
+}
+
+/// [`exp`] with F = true on 16 lanes: the same operations, so the same bits (NaN stays NaN).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")]
+unsafe fn exp_v4(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const MAGIC: f32 = 12_582_912.0;
+    let set = _mm512_set1_ps;
+    // `f32::clamp`: `vmaxps` / `vminps` return their second operand where either is NaN.
+    let x = _mm512_min_ps(set(88.0), _mm512_max_ps(set(-87.0), x));
+    let z = _mm512_fmadd_ps(x, set(LOG2E), set(MAGIC));
+    let n = _mm512_sub_ps(z, set(MAGIC));
+    let r = _mm512_fmadd_ps(n, set(-LN2_HI), x);
+    let r = _mm512_fmadd_ps(n, set(-LN2_LO), r);
+    let ni = _mm512_sub_epi32(
+        _mm512_castps_si512(z),
+        _mm512_set1_epi32(MAGIC.to_bits() as i32),
+    );
+    let mut p = set(1.987_569_1e-4);
+    p = _mm512_fmadd_ps(p, r, set(1.398_199_9e-3));
+    p = _mm512_fmadd_ps(p, r, set(8.333_452e-3));
+    p = _mm512_fmadd_ps(p, r, set(4.166_579_6e-2));
+    p = _mm512_fmadd_ps(p, r, set(0.166_666_65));
+    p = _mm512_fmadd_ps(p, r, set(0.5));
+    let y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), set(1.0));
+    let two_n = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
+        ni,
+        _mm512_set1_epi32(127),
+    )));
+    _mm512_mul_ps(y, two_n)
 }
 
 #[cfg(target_arch = "x86_64")]
