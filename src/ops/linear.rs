@@ -284,12 +284,14 @@ pub fn mlp_inference_bf16_hidden(
     fc2: (&PackedWeight, Option<&Tensor>),
     epilogue: Epilogue<'_>,
 ) -> Result<Option<Tensor>> {
-    if !mlp_tiles() {
+    let (w1, w2) = (fc1.0, fc2.0);
+    let amx = w1.amx_bf16().is_some() && w2.amx_bf16().is_some();
+    let panels = matches!((w1, w2), (PackedWeight::Bf16(_), PackedWeight::Bf16(_)));
+    if !mlp_tiles() || !(amx || panels) {
         return Ok(None);
     }
     let k = x.dims().last().copied().unwrap_or(1);
     let rows = x.elem_count() / k.max(1);
-    let (w1, w2) = (fc1.0, fc2.0);
     if w1.k() != k || w2.k() != w1.n() {
         candle_core::bail!(
             "mlp: input {:?} does not fit weights [{}, {}] and [{}, {}]",
@@ -331,9 +333,6 @@ pub fn mlp_inference_bf16_hidden(
             Ok(())
         })?;
         return Ok(Some(out));
-    }
-    if !matches!((w1, w2), (PackedWeight::Bf16(_), PackedWeight::Bf16(_))) {
-        return Ok(None);
     }
     let xc = match norm {
         Some((w, b, eps)) => super::layer_norm(x, w, b, eps)?,
