@@ -355,53 +355,15 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// The MLP with its hidden layer kept in bf16 (AMX tiles, or the AVX512-BF16 panels) against
+    /// the two packed layers apart, with and without the LayerNorm before fc1.
     #[test]
-    fn amx_mlp_with_bf16_hidden_tiles_matches_two_packed_layers() {
+    fn mlp_with_bf16_hidden_matches_two_packed_layers() {
         use crate::ops::amx::{self, AmxKind, PackedAmx};
-        if !amx::available(AmxKind::Bf16) {
-            eprintln!("SKIPPED: no AMX or AVX512-BF16 here; the fused bf16 MLP was not tested");
-            return;
-        }
-        let dev = Device::Cpu;
-        // Widths that are not multiples of the 32-column panels / 16-row blocks.
-        let (k, hidden, n) = (64, 200, 48);
-        let x = Tensor::randn(0f32, 1f32, (2, 37, k), &dev).unwrap();
-        let res = Tensor::randn(0f32, 1f32, (2, 37, n), &dev).unwrap();
-        let lam = Tensor::randn(0f32, 1f32, n, &dev).unwrap();
-        let w1 = Tensor::randn(0f32, 0.3f32, (k, hidden), &dev).unwrap();
-        let b1 = Tensor::randn(0f32, 1f32, hidden, &dev).unwrap();
-        let w2 = Tensor::randn(0f32, 0.3f32, (hidden, n), &dev).unwrap();
-        let b2 = Tensor::randn(0f32, 1f32, n, &dev).unwrap();
-        let pack = |w: &Tensor, k, n| {
-            let v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            PackedWeight::Amx(PackedAmx::pack(AmxKind::Bf16, &v, k, n, n, 1))
-        };
-        let (p1, p2) = (pack(&w1, k, hidden), pack(&w2, hidden, n));
-        let epi = || Epilogue::BiasScaleResidual {
-            scale: Some(&lam),
-            residual: &res,
-        };
-        let y = linear_inference_packed(&x, &p1, Some(&b1), Epilogue::BiasGelu).unwrap();
-        let want = linear_inference_packed(&y, &p2, Some(&b2), epi()).unwrap();
-        let got = mlp_inference_bf16_hidden(&x, None, (&p1, Some(&b1)), (&p2, Some(&b2)), epi())
-            .unwrap()
-            .expect("both layers are AMX bf16");
-        assert_eq!(got.dims(), want.dims());
-        // The same bf16 rounding of the hidden activations on both paths.
-        let d = crate::ops::max_abs_diff(&got, &want);
-        assert!(d < 1e-4, "{d}");
-    }
-
-    #[test]
-    fn panel_mlp_with_bf16_hidden_matches_two_packed_layers() {
         use crate::ops::bf16::{self, PackedBf16};
-        if !bf16::available() {
-            eprintln!("SKIPPED: no AVX512-BF16 here; the fused bf16 MLP on panels was not tested");
-            return;
-        }
         let dev = Device::Cpu;
-        // An odd hidden width (its last pair half empty), widths off the 32-column panels,
-        // rows off the 14-row tiles.
+        // An odd hidden width (its last bf16 pair half empty), widths off the 32-column panels,
+        // rows off the 14-row tiles and 16-row blocks.
         let (k, hidden, n) = (64, 201, 48);
         let x = Tensor::randn(0f32, 1f32, (2, 37, k), &dev).unwrap();
         let res = Tensor::randn(0f32, 1f32, (2, 37, n), &dev).unwrap();
@@ -414,34 +376,48 @@ mod tests {
         let b1 = Tensor::randn(0f32, 1f32, hidden, &dev).unwrap();
         let w2 = Tensor::randn(0f32, 0.3f32, (hidden, n), &dev).unwrap();
         let b2 = Tensor::randn(0f32, 1f32, n, &dev).unwrap();
-        let pack = |w: &Tensor, k, n| {
-            let v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            PackedWeight::Bf16(PackedBf16::pack(&v, k, n, n, 1))
-        };
-        let (p1, p2) = (pack(&w1, k, hidden), pack(&w2, hidden, n));
         let epi = || Epilogue::BiasScaleResidual {
             scale: Some(&lam),
             residual: &res,
         };
-        for norm in [None, Some((&lw, &lb, 1e-6))] {
-            let input = match norm {
-                Some((w, b, eps)) => crate::ops::layer_norm(&x, w, b, eps).unwrap(),
-                None => x.clone(),
+        for amx_tiles in [true, false] {
+            let pack = |w: &Tensor, k, n| {
+                let v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                if amx_tiles {
+                    PackedWeight::Amx(PackedAmx::pack(AmxKind::Bf16, &v, k, n, n, 1))
+                } else {
+                    PackedWeight::Bf16(PackedBf16::pack(&v, k, n, n, 1))
+                }
             };
-            let y = linear_inference_packed(&input, &p1, Some(&b1), Epilogue::BiasGelu).unwrap();
-            let want = linear_inference_packed(&y, &p2, Some(&b2), epi()).unwrap();
-            let got =
-                mlp_inference_bf16_hidden(&x, norm, (&p1, Some(&b1)), (&p2, Some(&b2)), epi())
-                    .unwrap()
-                    .expect("both layers are bf16 panels");
-            assert_eq!(got.dims(), want.dims());
-            // The same bf16 rounding of the hidden activations on both paths.
-            let d = crate::ops::max_abs_diff(&got, &want);
-            assert!(d < 1e-5, "norm {}: {d}", norm.is_some());
+            if amx_tiles && !amx::available(AmxKind::Bf16) || !amx_tiles && !bf16::available() {
+                eprintln!("SKIPPED: no AMX or AVX512-BF16 here; the fused bf16 MLP (amx {amx_tiles}) was not tested");
+                continue;
+            }
+            let (p1, p2) = (pack(&w1, k, hidden), pack(&w2, hidden, n));
+            for norm in [None, Some((&lw, &lb, 1e-6))] {
+                let input = match norm {
+                    Some((w, b, eps)) => crate::ops::layer_norm(&x, w, b, eps).unwrap(),
+                    None => x.clone(),
+                };
+                let y =
+                    linear_inference_packed(&input, &p1, Some(&b1), Epilogue::BiasGelu).unwrap();
+                let want = linear_inference_packed(&y, &p2, Some(&b2), epi()).unwrap();
+                let got =
+                    mlp_inference_bf16_hidden(&x, norm, (&p1, Some(&b1)), (&p2, Some(&b2)), epi())
+                        .unwrap()
+                        .expect("both layers run in bf16 on one kernel");
+                assert_eq!(got.dims(), want.dims());
+                // The same bf16 rounding of the hidden activations on both paths (the AMX
+                // LayerNorm is applied as rows are packed: ~1e-6 apart).
+                let d = crate::ops::max_abs_diff(&got, &want);
+                assert!(d < 1e-4, "amx {amx_tiles} norm {}: {d}", norm.is_some());
+            }
         }
         // Layers on different kernels are not fused.
         let v2 = w2.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        if crate::ops::int8::available() {
+        if bf16::available() && crate::ops::int8::available() {
+            let v1 = w1.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let p1 = PackedWeight::Bf16(PackedBf16::pack(&v1, k, hidden, hidden, 1));
             let int8 = PackedWeight::Int8(crate::ops::int8::PackedInt8::pack(&v2, hidden, n, n, 1));
             let r = mlp_inference_bf16_hidden(&x, None, (&p1, None), (&int8, None), epi());
             assert!(r.unwrap().is_none());

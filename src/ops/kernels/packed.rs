@@ -306,8 +306,8 @@ fn run_panels<W: PanelWeight>(
     }
 }
 
-/// `epilogue(A · W)` into [`ActPanels`] of `next_groups` pairs per row (the next layer's depth
-/// `n` in pairs), for a bf16 weight that feeds another.
+/// `epilogue(A · W)` into [`ActPanels`] of `⌈n/2⌉` pairs per row: the input of a bf16 layer of
+/// depth `n` that follows this one.
 pub(super) fn gemm_packed_to_panels<W: PanelWeight>(
     a: &[f32],
     m: usize,
@@ -373,9 +373,10 @@ unsafe fn gemm_panels<W: PanelWeight>(
     epi: Epi<'_>,
 ) {
     let (n, g) = (w.n(), w.groups());
-    let mut scratch = match out {
-        Out::Rows(_) => Vec::new(),
-        Out::Panels { .. } => vec![0f32; MC * NR],
+    // Panels: each block's f32 tile, then its rows as pairs.
+    let (mut scratch, mut pairs) = match out {
+        Out::Rows(_) => (Vec::new(), Vec::new()),
+        Out::Panels { .. } => (vec![0f32; MC * NR], vec![[0u32; NR / 2]; MC]),
     };
     let mut ic = 0;
     while ic < m {
@@ -414,7 +415,7 @@ unsafe fn gemm_panels<W: PanelWeight>(
             vmath::tile_epilogue(tile, ldc, mc, cols, epi.op, &epi.bias[j0..], scale, res, n);
             if let Out::Panels { lanes, groups } = out {
                 debug_assert!(mc <= MC);
-                store_pairs(tile, mc, cols, ic, j0 / 2, lanes, groups);
+                store_pairs(tile, mc, cols, ic, j0 / 2, lanes, groups, &mut pairs);
             }
         }
         ic += mc;
@@ -427,6 +428,7 @@ unsafe fn gemm_panels<W: PanelWeight>(
 ///
 /// # Safety
 /// `lanes` must address `⌈(r0 + rows)/MR⌉ * MR * groups` lanes and `q0 + ⌈cols/2⌉ <= groups`.
+#[allow(clippy::too_many_arguments)]
 unsafe fn store_pairs(
     tile: &[f32],
     rows: usize,
@@ -435,11 +437,12 @@ unsafe fn store_pairs(
     q0: usize,
     lanes: *mut u32,
     groups: usize,
+    converted: &mut [[u32; NR / 2]],
 ) {
     // All rows are converted before any lane is read back: a lane read right after the
     // vector store that wrote it waited for the store (no forwarding into a narrower load),
     // which cost ~2 % of a Zen 5 bf16 forward.
-    let mut converted = [[0u32; NR / 2]; MC];
+    assert!(converted.len() >= rows);
     let mut row = [0f32; NR];
     for (i, out) in converted.iter_mut().take(rows).enumerate() {
         row[..cols].copy_from_slice(&tile[i * NR..i * NR + cols]);
