@@ -659,25 +659,7 @@ pub(super) unsafe fn pack_row(
     match kind {
         AmxKind::Bf16 => {
             for kt in 0..ktiles {
-                let k0 = kt * 32;
-                let mask = |from: usize| -> __mmask16 {
-                    let left = k.saturating_sub(from).min(16);
-                    ((1u32 << left) - 1) as __mmask16
-                };
-                // Plain loads where the 32 values exist: a store is forwarded to a load of
-                // its own width, not to a masked one.
-                let (lo, hi) = if k0 + 32 <= k {
-                    (
-                        _mm512_loadu_ps(x.as_ptr().add(k0)),
-                        _mm512_loadu_ps(x.as_ptr().add(k0 + 16)),
-                    )
-                } else {
-                    (
-                        _mm512_maskz_loadu_ps(mask(k0), x.as_ptr().wrapping_add(k0)),
-                        _mm512_maskz_loadu_ps(mask(k0 + 16), x.as_ptr().wrapping_add(k0 + 16)),
-                    )
-                };
-                let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                let v = super::bf16::pairs_at(x, (kt * 32).min(k));
                 _mm512_storeu_si512(dst(kt), v);
             }
             0.0

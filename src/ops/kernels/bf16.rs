@@ -90,13 +90,36 @@ pub(super) fn pairs(v: &[f32; 32]) -> [u32; 16] {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn pairs_avx512(v: &[f32; 32]) -> [u32; 16] {
+    std::mem::transmute::<std::arch::x86_64::__m512i, [u32; 16]>(pairs_at(v, 0))
+}
+
+/// `x[c..c + 32]` (zero past the end of `x`) as 16 bf16 pairs (round to nearest even), lane `t`
+/// = (`x[c + 2t]`, `x[c + 2t + 1]`): the layout of every bf16 operand here and in the AMX
+/// tiles. Plain loads where the 32 values exist: a store is forwarded to a load of its own
+/// width, not to a masked one, and the rows converted here were often just written.
+///
+/// # Safety
+/// AVX512-BF16 (with AVX512BW); `c <= x.len()`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub(super) unsafe fn pairs_at(x: &[f32], c: usize) -> std::arch::x86_64::__m512i {
     use std::arch::x86_64::*;
+    let n = x.len();
+    let (lo, hi) = if c + 32 <= n {
+        (
+            _mm512_loadu_ps(x.as_ptr().add(c)),
+            _mm512_loadu_ps(x.as_ptr().add(c + 16)),
+        )
+    } else {
+        let mask = |from: usize| ((1u32 << n.saturating_sub(from).min(16)) - 1) as __mmask16;
+        (
+            _mm512_maskz_loadu_ps(mask(c), x.as_ptr().wrapping_add(c)),
+            _mm512_maskz_loadu_ps(mask(c + 16), x.as_ptr().wrapping_add(c + 16)),
+        )
+    };
     // `vcvtne2ps2bf16`: the second operand fills the low 16 bf16 values.
-    let b = _mm512_cvtne2ps_pbh(
-        _mm512_loadu_ps(v.as_ptr().add(16)),
-        _mm512_loadu_ps(v.as_ptr()),
-    );
-    std::mem::transmute::<__m512bh, [u32; 16]>(b)
+    std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
 }
 
 /// A `[K, N]` weight (`y = x · W`) in bf16 k-pair panels.

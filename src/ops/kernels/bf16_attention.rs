@@ -119,26 +119,12 @@ fn row_to_pairs(x: &[f32], dst: &mut [u32]) {
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn row_to_pairs_avx512(x: &[f32], dst: &mut [u32]) {
     use std::arch::x86_64::*;
-    let n = x.len();
-    let mask = |from: usize| ((1u32 << n.saturating_sub(from).min(16)) - 1) as __mmask16;
-    for c in (0..n).step_by(32) {
-        let (lo, hi) = if c + 32 <= n {
-            (
-                _mm512_loadu_ps(x.as_ptr().add(c)),
-                _mm512_loadu_ps(x.as_ptr().add(c + 16)),
-            )
-        } else {
-            (
-                _mm512_maskz_loadu_ps(mask(c), x.as_ptr().wrapping_add(c)),
-                _mm512_maskz_loadu_ps(mask(c + 16), x.as_ptr().wrapping_add(c + 16)),
-            )
-        };
-        let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+    for c in (0..x.len()).step_by(32) {
         let lanes = (dst.len() - c / 2).min(16);
         _mm512_mask_storeu_epi32(
             dst.as_mut_ptr().add(c / 2) as *mut _,
             ((1u32 << lanes) - 1) as __mmask16,
-            v,
+            super::bf16::pairs_at(x, c),
         );
     }
 }
