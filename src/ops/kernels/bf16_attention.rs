@@ -48,10 +48,17 @@ pub unsafe fn attention_block(h: &Head<'_>, out: *mut f32, ldo: usize, sc: &mut 
         sc.keys.resize(s.div_ceil(NR) * hq * NR, 0);
         sc.values.clear();
         sc.values.resize(sq * vw, 0);
-        for j in 0..s {
-            let key = &h.qkv[j * h.ld + h.col + h.d..][..hd];
+        // Each key as a row of pairs, then the rows interleaved into panels: a second pass,
+        // so that no lane is read back right after the vector store that wrote it.
+        sc.q.resize(s * hq, 0);
+        for (j, row) in sc.q.chunks_exact_mut(hq).enumerate() {
+            row_to_pairs(&h.qkv[j * h.ld + h.col + h.d..][..hd], row);
+        }
+        for (j, row) in sc.q.chunks_exact(hq).enumerate() {
             let panel = &mut sc.keys[j / NR * hq * NR..];
-            for_pairs(key, |q, pair| panel[q * NR + j % NR] = pair);
+            for (q, &pair) in row.iter().enumerate() {
+                panel[q * NR + j % NR] = pair;
+            }
         }
         for t in 0..sq {
             let even = &h.qkv[2 * t * h.ld + h.col + 2 * h.d..][..hd];
@@ -60,7 +67,7 @@ pub unsafe fn attention_block(h: &Head<'_>, out: *mut f32, ldo: usize, sc: &mut 
         }
         sc.kv_for = kv_for;
     }
-    // Q rows as pairs.
+    // Q rows as pairs (`q` held the keys' rows above).
     sc.q.resize(r * hq, 0);
     for i in 0..r {
         let x = &h.qkv[(h.i0 + i) * h.ld + h.col..][..hd];
@@ -87,19 +94,6 @@ pub unsafe fn attention_block(h: &Head<'_>, out: *mut f32, ldo: usize, sc: &mut 
     }
     // O = diag(inv) · P·V.
     context(&sc.p, sq, r, &sc.values, vw, hd, &sc.inv, out, ldo);
-}
-
-/// `f(q, lane)` for the bf16 pairs `(x[2q], x[2q + 1])` of `x` (a missing last value is 0).
-#[inline]
-fn for_pairs(x: &[f32], mut f: impl FnMut(usize, u32)) {
-    let mut lanes = [0u32; 16];
-    for c in (0..x.len()).step_by(32) {
-        let n = (x.len() - c).div_ceil(2).min(16);
-        row_to_pairs(&x[c..(c + 32).min(x.len())], &mut lanes[..n]);
-        for (t, &lane) in lanes[..n].iter().enumerate() {
-            f(c / 2 + t, lane);
-        }
-    }
 }
 
 /// `dst[q] = (bf16(x[2q]), bf16(x[2q + 1]))` for `q < ⌈x.len()/2⌉ = dst.len()` (a missing last
