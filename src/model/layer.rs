@@ -134,6 +134,13 @@ impl BeitLayer {
             }
         }
         let ln2 = profile::time("layernorm", || self.layernorm_after.forward(&h))?;
+        if self.activation == Activation::Gelu {
+            if let Some(out) = profile::time("mlp (f32 panels)", || {
+                fc1.mlp_inference_f32_panels(&ln2, &self.output, residual)
+            })? {
+                return Ok(out);
+            }
+        }
         let y = if self.activation == Activation::Gelu {
             profile::time("mlp.fc1+gelu", || {
                 fc1.forward_inference(&ln2, Epilogue::BiasGelu)

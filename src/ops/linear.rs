@@ -8,6 +8,7 @@ use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 use super::amx::{ActTiles, PackedAmx, RowNorm};
+use super::f32_panels::{self, PackedF32};
 use super::gemm::{self, View, ViewMut};
 use super::packed::PackedWeight;
 use super::vmath::{self, TileOp};
@@ -38,6 +39,29 @@ fn run_linear(
     epilogue: Epilogue<'_>,
     gemm: impl FnOnce(&[f32], usize, usize, &mut [f32], EpilogueData<'_>) -> Result<()>,
 ) -> Result<Tensor> {
+    let out = with_epilogue(x, n, bias, epilogue, |xd, rows, k, epi| {
+        // SAFETY: both GEMM paths (`gemm` crate without accumulation, the packed drivers)
+        // write every element of the output before the epilogue reads it.
+        let mut out = unsafe { super::uninit_buffer::<f32>(rows * n) };
+        gemm(xd, rows, k, &mut out, epi)?;
+        Ok(out)
+    })?;
+    let mut out_dims = x.dims().to_vec();
+    if let Some(last) = out_dims.last_mut() {
+        *last = n;
+    }
+    Tensor::from_vec(out, out_dims, x.device())
+}
+
+/// `f(x, rows, k, epilogue)` with `x` and the epilogue's tensors (for an output `[rows, n]`)
+/// resolved to slices.
+fn with_epilogue<R>(
+    x: &Tensor,
+    n: usize,
+    bias: Option<&Tensor>,
+    epilogue: Epilogue<'_>,
+    f: impl FnOnce(&[f32], usize, usize, EpilogueData<'_>) -> Result<R>,
+) -> Result<R> {
     let dims = x.dims().to_vec();
     let k = *dims.last().unwrap_or(&1);
     let rows = x.elem_count() / k.max(1);
@@ -78,15 +102,7 @@ fn run_linear(
     if !epi.scale.is_empty() && epi.scale.len() != n {
         candle_core::bail!("linear: layer scale of {} for {n} outputs", epi.scale.len());
     }
-    // SAFETY: both GEMM paths (`gemm` crate without accumulation, the packed driver) write
-    // every element of the output before the epilogue reads it.
-    let mut out = unsafe { super::uninit_buffer::<f32>(rows * n) };
-    gemm(xd.get(), rows, k, &mut out, epi)?;
-    let mut out_dims = dims;
-    if let Some(last) = out_dims.last_mut() {
-        *last = n;
-    }
-    Tensor::from_vec(out, out_dims, x.device())
+    f(xd.get(), rows, k, epi)
 }
 
 /// Whether the inference GEMMs split their columns between threads (default), or let the
@@ -184,6 +200,27 @@ pub fn linear_inference(
         } else {
             task(0);
         }
+        Ok(())
+    })
+}
+
+/// As [`linear_inference`] with the f32 weight packed in panels at load ([`PackedF32`]).
+pub fn linear_inference_f32_panels(
+    x: &Tensor,
+    weight: &PackedF32,
+    bias: Option<&Tensor>,
+    epilogue: Epilogue<'_>,
+) -> Result<Tensor> {
+    let k = x.dims().last().copied().unwrap_or(1);
+    if weight.k() != k {
+        candle_core::bail!(
+            "linear: input {:?} does not fit a weight of depth {}",
+            x.dims(),
+            weight.k()
+        );
+    }
+    run_linear(x, weight.n(), bias, epilogue, |xs, rows, _, out, epi| {
+        weight.gemm(xs, rows, out, epi, gemm::num_threads());
         Ok(())
     })
 }
@@ -350,10 +387,92 @@ pub fn mlp_inference_bf16_hidden(
     Ok(Some(out))
 }
 
+/// `fc2(GELU(fc1(x)))` on f32 panels with the hidden layer written where fc2 reads it best:
+/// rows padded by a cache line when its width is a multiple of 4 KB (3072 in BEiT-base), so
+/// that fc2 needs no copy of it ([`f32_panels::padded_stride`]). The same values as the two
+/// layers apart. `epilogue` is fc2's.
+pub fn mlp_inference_f32_panels(
+    x: &Tensor,
+    fc1: (&PackedF32, Option<&Tensor>),
+    fc2: (&PackedF32, Option<&Tensor>),
+    epilogue: Epilogue<'_>,
+) -> Result<Tensor> {
+    let (w1, w2) = (fc1.0, fc2.0);
+    let k = x.dims().last().copied().unwrap_or(1);
+    if w1.k() != k || w2.k() != w1.n() {
+        candle_core::bail!(
+            "mlp: input {:?} does not fit weights [{}, {}] and [{}, {}]",
+            x.dims(),
+            w1.k(),
+            w1.n(),
+            w2.k(),
+            w2.n()
+        );
+    }
+    let threads = gemm::num_threads();
+    let (h, stride) = (w1.n(), f32_panels::padded_stride(w1.n()));
+    let hidden = with_epilogue(x, h, fc1.1, Epilogue::BiasGelu, |xs, rows, _, epi| {
+        // SAFETY: fc1 writes the first `h` values of every row; the padding is never read.
+        let mut hidden = unsafe { super::uninit_buffer::<f32>(rows * stride) };
+        w1.gemm_into(xs, rows, &mut hidden, stride, epi, threads);
+        Ok(hidden)
+    })?;
+    run_linear(x, w2.n(), fc2.1, epilogue, |_, rows, _, out, epi| {
+        w2.gemm_strided(&hidden, stride, rows, out, w2.n(), epi, threads);
+        Ok(())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The f32-panel MLP (its hidden layer 1024 wide: rows padded for fc2) against the two
+    /// layers on the `gemm` crate, through the frozen layers' own entry points.
+    #[test]
+    fn mlp_on_f32_panels_matches_two_crate_layers() {
+        if !f32_panels::available() {
+            eprintln!("SKIPPED: no AVX-512 on this CPU; the f32-panel MLP was not tested");
+            return;
+        }
+        let dev = Device::Cpu;
+        let (k, hidden, n) = (64, 1024, 48);
+        let x = Tensor::randn(0f32, 1f32, (2, 37, k), &dev).unwrap();
+        let res = Tensor::randn(0f32, 1f32, (2, 37, n), &dev).unwrap();
+        let lam = Tensor::randn(0f32, 1f32, n, &dev).unwrap();
+        // Weights [out, in] as nn::Linear holds them.
+        let w1 = Tensor::randn(0f32, 0.3f32, (hidden, k), &dev).unwrap();
+        let b1 = Tensor::randn(0f32, 1f32, hidden, &dev).unwrap();
+        let w2 = Tensor::randn(0f32, 0.05f32, (n, hidden), &dev).unwrap();
+        let b2 = Tensor::randn(0f32, 1f32, n, &dev).unwrap();
+        let epi = Epilogue::BiasScaleResidual {
+            scale: Some(&lam),
+            residual: &res,
+        };
+        let h = linear_inference(&x, &w1, Some(&b1), Epilogue::BiasGelu).unwrap();
+        let want = linear_inference(&h, &w2, Some(&b2), epi).unwrap();
+        let pack = |w: &Tensor| {
+            let (o, i) = w.dims2().unwrap();
+            let d = f32_data(w).unwrap();
+            PackedF32::pack(d.get(), i, o, 1, i)
+        };
+        let (p1, p2) = (pack(&w1), pack(&w2));
+        let got = mlp_inference_f32_panels(&x, (&p1, Some(&b1)), (&p2, Some(&b2)), epi).unwrap();
+        assert_eq!(got.dims(), want.dims());
+        let (g, w) = (
+            got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{i}: {a} vs {b}");
+        }
+        let one = linear_inference_f32_panels(&h, &p2, Some(&b2), epi).unwrap();
+        let one = one.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (a, b) in one.iter().zip(&w) {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()));
+        }
+    }
 
     /// The MLP with its hidden layer kept in bf16 (AMX tiles, or the AVX512-BF16 panels) against
     /// the two packed layers apart, with and without the LayerNorm before fc1.

@@ -21,7 +21,9 @@ pub mod softmax;
 pub mod winograd;
 
 // The raw CPU kernels keep their old paths (`ops::packed`, `ops::vmath`, ...) for callers.
-pub use kernels::{amx, amx_attention, bf16, bf16_attention, gemm, int8, packed, vmath};
+pub use kernels::{
+    amx, amx_attention, bf16, bf16_attention, f32_panels, gemm, int8, packed, vmath,
+};
 pub(crate) use kernels::{uninit_buffer, SendPtr};
 
 pub use activation::{gelu_erf, Activation};

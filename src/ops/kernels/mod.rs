@@ -2,7 +2,8 @@
 //! level up (`ops::linear`, `ops::attention`, `ops::conv`, `ops::fused`, ...) resolve tensors to
 //! slices and call these; nothing here calls back up.
 //!
-//! * [`gemm`]: the f32 GEMM (the `gemm` crate behind strided views).
+//! * [`gemm`]: the f32 GEMM (the `gemm` crate behind strided views); [`f32_panels`] the f32
+//!   linear layers of frozen models on weights packed at load (AVX-512).
 //! * [`packed`]: the reduced-precision linear layers (bf16 / int8): weight packing, the kernel
 //!   chosen by timing, the panel driver; [`bf16`] and [`int8`] are its AVX-512 micro-kernels,
 //!   [`amx`] the AMX tile GEMM, [`amx_attention`] the attention products on AMX,
@@ -14,6 +15,7 @@ pub mod amx;
 pub mod amx_attention;
 pub mod bf16;
 pub mod bf16_attention;
+pub mod f32_panels;
 pub mod gemm;
 pub mod int8;
 pub mod packed;

@@ -859,4 +859,4 @@ multiversion! {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -4,7 +4,7 @@ use super::*;
 
 /// erf in f64: Taylor series for |x| <= 3 (terms peak near 1e4: ~1e-12 absolute), else
 /// 1 - erfc by its continued fraction.
-fn erf64(x: f64) -> f64 {
+pub(crate) fn erf64(x: f64) -> f64 {
     if x.abs() > 3.0 {
         let a = x.abs();
         let mut k = a;
