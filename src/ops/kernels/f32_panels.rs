@@ -29,11 +29,51 @@ pub fn available() -> bool {
     }
 }
 
-/// Whether frozen f32 layers are packed for this kernel: the CPU has AVX-512 and
-/// `BEIT_F32_PANELS` is not `0` (then the `gemm` crate runs them, for comparison).
+/// Whether frozen f32 layers are packed for this kernel: the CPU has AVX-512, `BEIT_F32_PANELS`
+/// is not `0` (then the `gemm` crate runs them, for comparison), and the crate was not clearly
+/// faster (by more than 10 %) on a BEiT-sized layer, timed once per process on one thread.
+/// The margin is wide because a warm race does not see the forward's gain: on Zen 5 the race
+/// is 2-8 % in the panels' favour, the forward 12-14 % (the crate packs every weight on every
+/// call, and at batch 1 that copy is where the weights stream from DRAM).
+/// `BEIT_TRUST_KERNELS=1` skips the timing.
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| available() && std::env::var("BEIT_F32_PANELS").map_or(true, |v| v != "0"))
+    *ON.get_or_init(|| {
+        if !available() || std::env::var("BEIT_F32_PANELS").is_ok_and(|v| v == "0") {
+            return false;
+        }
+        if std::env::var("BEIT_TRUST_KERNELS").is_ok_and(|v| v == "1") {
+            return true;
+        }
+        let (m, k, n) = (197, 768, 768);
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
+        let w: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32 * 0.01 - 0.03).collect();
+        let bias = vec![0f32; n];
+        let mut c = vec![0f32; m * n];
+        let epi = Epi {
+            op: vmath::TileOp::Bias,
+            bias: &bias,
+            scale: &[],
+            res: &[],
+        };
+        let crate_time = super::best_of(&mut || unsafe {
+            // SAFETY: the views address the m x k, k x n and m x n buffers above.
+            super::gemm::gemm(
+                m,
+                n,
+                k,
+                super::gemm::ViewMut::row_major(&mut c, 0, n),
+                false,
+                super::gemm::View::row_major(&a, 0, k),
+                super::gemm::View::row_major(&w, 0, n),
+                1,
+            )
+        });
+        let packed = PackedF32::pack(&w, k, n, n, 1);
+        let panel_time = super::best_of(&mut || packed.gemm(&a, m, &mut c, epi, 1));
+        tracing::debug!("f32 GEMM {m}x{n}x{k}: panels {panel_time:?}, gemm crate {crate_time:?}");
+        panel_time.as_secs_f64() <= 1.1 * crate_time.as_secs_f64()
+    })
 }
 
 /// The row stride at which an `A` of depth `k` is read: rows a multiple of 4 KB apart put the
