@@ -515,19 +515,25 @@ fn fastest_kernel(precision: MatmulPrecision) -> Option<Kernel> {
             scale: &[],
             res: &[],
         };
-        let f32_time = super::best_of(&mut || unsafe {
-            // SAFETY: the views address the m x k, k x n and m x n buffers above.
-            super::gemm::gemm(
-                m,
-                n,
-                k,
-                super::gemm::ViewMut::row_major(&mut c, 0, n),
-                false,
-                super::gemm::View::row_major(&a, 0, k),
-                super::gemm::View::row_major(&w, 0, n),
-                1,
-            )
-        });
+        // Against the f32 kernel the layers would run on instead: the f32 panels where chosen.
+        let f32_time = if super::f32_panels::enabled() {
+            let panels = super::f32_panels::PackedF32::pack(&w, k, n, n, 1);
+            super::best_of(&mut || panels.gemm(&a, m, &mut c, epi, 1))
+        } else {
+            super::best_of(&mut || unsafe {
+                // SAFETY: the views address the m x k, k x n and m x n buffers above.
+                super::gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    super::gemm::ViewMut::row_major(&mut c, 0, n),
+                    false,
+                    super::gemm::View::row_major(&a, 0, k),
+                    super::gemm::View::row_major(&w, 0, n),
+                    1,
+                )
+            })
+        };
         let mut best: Option<(Kernel, std::time::Duration)> = None;
         for kernel in candidates {
             let packed = match kernel {
