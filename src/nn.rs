@@ -156,27 +156,38 @@ impl Linear {
 }
 
 impl Linear {
-    /// `next(GELU(self(x)))` on the f32 panels, the hidden layer written in the row stride
-    /// `next` reads best ([`ops::linear::mlp_inference_f32_panels`]); `None` unless both
-    /// layers have f32 panels.
-    pub fn mlp_inference_f32_panels(
+    /// `next(GELU(self(x)))` on panel kernels, the hidden layer written at the row stride both
+    /// layers work best with ([`ops::linear::mlp_inference_padded_hidden`]); `None` unless both
+    /// layers have f32 panels, or both a bf16 / int8 weight on the AVX-512 panels.
+    pub fn mlp_inference_padded_hidden(
         &self,
         x: &Tensor,
         next: &Linear,
         epilogue: ops::linear::Epilogue<'_>,
     ) -> Result<Option<Tensor>> {
-        match (&self.f32_panels, &next.f32_panels) {
-            (Some(a), Some(b)) if x.dtype() == DType::F32 && ops::fast_cpu(x.device()) => {
-                ops::linear::mlp_inference_f32_panels(
-                    x,
-                    (a, self.bias.as_ref()),
-                    (b, next.bias.as_ref()),
-                    epilogue,
-                )
-                .map(Some)
-            }
-            _ => Ok(None),
+        use ops::linear::PanelLayer;
+        if x.dtype() != DType::F32 || !ops::fast_cpu(x.device()) {
+            return Ok(None);
         }
+        let (a, b) = match (
+            &self.packed,
+            &next.packed,
+            &self.f32_panels,
+            &next.f32_panels,
+        ) {
+            (Some(a), Some(b), ..) if a.on_panels() && b.on_panels() => {
+                (PanelLayer::Packed(a), PanelLayer::Packed(b))
+            }
+            (None, None, Some(a), Some(b)) => (PanelLayer::F32(a), PanelLayer::F32(b)),
+            _ => return Ok(None),
+        };
+        ops::linear::mlp_inference_padded_hidden(
+            x,
+            (a, self.bias.as_ref()),
+            (b, next.bias.as_ref()),
+            epilogue,
+        )
+        .map(Some)
     }
 }
 

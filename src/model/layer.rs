@@ -135,8 +135,8 @@ impl BeitLayer {
         }
         let ln2 = profile::time("layernorm", || self.layernorm_after.forward(&h))?;
         if self.activation == Activation::Gelu {
-            if let Some(out) = profile::time("mlp (f32 panels)", || {
-                fc1.mlp_inference_f32_panels(&ln2, &self.output, residual)
+            if let Some(out) = profile::time("mlp (padded hidden)", || {
+                fc1.mlp_inference_padded_hidden(&ln2, &self.output, residual)
             })? {
                 return Ok(out);
             }

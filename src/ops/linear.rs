@@ -387,14 +387,65 @@ pub fn mlp_inference_bf16_hidden(
     Ok(Some(out))
 }
 
-/// `fc2(GELU(fc1(x)))` on f32 panels with the hidden layer written where fc2 reads it best:
-/// rows padded by a cache line when its width is a multiple of 4 KB (3072 in BEiT-base), so
-/// that fc2 needs no copy of it ([`f32_panels::padded_stride`]). The same values as the two
-/// layers apart. `epilogue` is fc2's.
-pub fn mlp_inference_f32_panels(
+/// A frozen layer's weight on a panel kernel that reads and writes strided rows: the f32
+/// panels, or a bf16 / int8 weight on the AVX-512 panels (not AMX tiles).
+#[derive(Clone, Copy)]
+pub enum PanelLayer<'a> {
+    F32(&'a PackedF32),
+    Packed(&'a PackedWeight),
+}
+
+impl PanelLayer<'_> {
+    fn k(&self) -> usize {
+        match self {
+            Self::F32(w) => w.k(),
+            Self::Packed(w) => w.k(),
+        }
+    }
+
+    fn n(&self) -> usize {
+        match self {
+            Self::F32(w) => w.n(),
+            Self::Packed(w) => w.n(),
+        }
+    }
+
+    /// `C = epilogue(A · W)`, `A`'s rows `lda` apart, `C`'s `ldc` apart.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        a: &[f32],
+        lda: usize,
+        rows: usize,
+        c: &mut [f32],
+        ldc: usize,
+        mut epi: EpilogueData<'_>,
+        threads: usize,
+    ) {
+        match self {
+            // (`gemm_into` pads an `A` whose rows are a multiple of 4 KB apart.)
+            Self::F32(w) if lda == w.k() => w.gemm_into(a, rows, c, ldc, epi, threads),
+            Self::F32(w) => w.gemm_strided(a, lda, rows, c, ldc, epi, threads),
+            Self::Packed(w) => {
+                // Rounded to bf16 / int8 by the next layer: the rational erf is enough.
+                if epi.op == TileOp::BiasGelu {
+                    epi.op = TileOp::BiasGeluRational;
+                }
+                w.gemm_strided(a, lda, rows, c, ldc, epi, threads)
+            }
+        }
+    }
+}
+
+/// `fc2(GELU(fc1(x)))` on panel kernels with the hidden layer written where both layers work
+/// best: rows padded by a cache line when its width is a multiple of 4 KB (3072 in BEiT-base;
+/// [`f32_panels::padded_stride`]), so that neither fc1's stores nor fc2's reads of 14 rows
+/// fall in one L1 set, and fc2 needs no copy of it. The same values as the two layers apart.
+/// `epilogue` is fc2's.
+pub fn mlp_inference_padded_hidden(
     x: &Tensor,
-    fc1: (&PackedF32, Option<&Tensor>),
-    fc2: (&PackedF32, Option<&Tensor>),
+    fc1: (PanelLayer<'_>, Option<&Tensor>),
+    fc2: (PanelLayer<'_>, Option<&Tensor>),
     epilogue: Epilogue<'_>,
 ) -> Result<Tensor> {
     let (w1, w2) = (fc1.0, fc2.0);
@@ -414,11 +465,11 @@ pub fn mlp_inference_f32_panels(
     let hidden = with_epilogue(x, h, fc1.1, Epilogue::BiasGelu, |xs, rows, _, epi| {
         // SAFETY: fc1 writes the first `h` values of every row; the padding is never read.
         let mut hidden = unsafe { super::uninit_buffer::<f32>(rows * stride) };
-        w1.gemm_into(xs, rows, &mut hidden, stride, epi, threads);
+        w1.gemm(xs, k, rows, &mut hidden, stride, epi, threads);
         Ok(hidden)
     })?;
     run_linear(x, w2.n(), fc2.1, epilogue, |_, rows, _, out, epi| {
-        w2.gemm_strided(&hidden, stride, rows, out, w2.n(), epi, threads);
+        w2.gemm(&hidden, stride, rows, out, w2.n(), epi, threads);
         Ok(())
     })
 }
@@ -458,7 +509,8 @@ mod tests {
             PackedF32::pack(d.get(), i, o, 1, i)
         };
         let (p1, p2) = (pack(&w1), pack(&w2));
-        let got = mlp_inference_f32_panels(&x, (&p1, Some(&b1)), (&p2, Some(&b2)), epi).unwrap();
+        let (l1, l2) = (PanelLayer::F32(&p1), PanelLayer::F32(&p2));
+        let got = mlp_inference_padded_hidden(&x, (l1, Some(&b1)), (l2, Some(&b2)), epi).unwrap();
         assert_eq!(got.dims(), want.dims());
         let (g, w) = (
             got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
@@ -471,6 +523,59 @@ mod tests {
         let one = one.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for (a, b) in one.iter().zip(&w) {
             assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()));
+        }
+    }
+
+    /// The padded-hidden MLP on the reduced-precision panels (bf16, int8) against the two packed
+    /// layers apart: fc2 reads its input 1040 floats apart, fc1 writes it so.
+    #[test]
+    fn mlp_on_packed_panels_matches_two_packed_layers() {
+        use crate::ops::packed::MatmulPrecision;
+        let dev = Device::Cpu;
+        let (k, hidden, n) = (64, 1024, 48);
+        let x = Tensor::randn(0f32, 1f32, (2, 37, k), &dev).unwrap();
+        let res = Tensor::randn(0f32, 1f32, (2, 37, n), &dev).unwrap();
+        let w1 = Tensor::randn(0f32, 0.3f32, (k, hidden), &dev).unwrap();
+        let b1 = Tensor::randn(0f32, 1f32, hidden, &dev).unwrap();
+        let w2 = Tensor::randn(0f32, 0.05f32, (hidden, n), &dev).unwrap();
+        let b2 = Tensor::randn(0f32, 1f32, n, &dev).unwrap();
+        let epi = Epilogue::BiasScaleResidual {
+            scale: None,
+            residual: &res,
+        };
+        let mut tested = 0;
+        for p in [MatmulPrecision::Bf16, MatmulPrecision::Int8] {
+            let pack = |w: &Tensor| {
+                let (kk, nn) = w.dims2().unwrap();
+                PackedWeight::pack(p, f32_data(w).unwrap().get(), kk, nn, nn, 1)
+            };
+            let (Some(p1), Some(p2)) = (pack(&w1), pack(&w2)) else {
+                continue;
+            };
+            if !(p1.on_panels() && p2.on_panels()) {
+                continue;
+            }
+            let h = linear_inference_packed(&x, &p1, Some(&b1), Epilogue::BiasGelu).unwrap();
+            let want = linear_inference_packed(&h, &p2, Some(&b2), epi).unwrap();
+            let (l1, l2) = (PanelLayer::Packed(&p1), PanelLayer::Packed(&p2));
+            let got =
+                mlp_inference_padded_hidden(&x, (l1, Some(&b1)), (l2, Some(&b2)), epi).unwrap();
+            let (g, w) = (
+                got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "{p:?} {i}: {a} vs {b}"
+                );
+            }
+            tested += 1;
+        }
+        if tested == 0 {
+            eprintln!(
+                "SKIPPED: no AVX512-BF16 / VNNI panels on this CPU; the padded MLP was not tested"
+            );
         }
     }
 

@@ -170,8 +170,16 @@ impl PanelWeight for PackedBf16 {
     fn cpu_ok(&self) -> bool {
         available()
     }
-    fn pack_rows(&self, a: &[f32], m: usize, r0: usize, panel: &mut [u32], _: &mut [f32]) {
-        pack_a(a, self.k, m, r0, panel)
+    fn pack_rows(
+        &self,
+        a: &[f32],
+        lda: usize,
+        m: usize,
+        r0: usize,
+        panel: &mut [u32],
+        _: &mut [f32],
+    ) {
+        pack_a(a, self.k, lda, m, r0, panel)
     }
     unsafe fn tile(
         &self,
@@ -200,9 +208,9 @@ impl PanelWeight for PackedBf16 {
     }
 }
 
-/// Rows `[r0, r0 + MR)` of `A` (`m x k`, row stride `k`) as bf16 pairs, `panel[q * MR + i]` =
+/// Rows `[r0, r0 + MR)` of `A` (`m x k`, row stride `lda`) as bf16 pairs, `panel[q * MR + i]` =
 /// (row `r0 + i`, depth `2q` and `2q + 1`), zero padded past `m` and `k`.
-fn pack_a(a: &[f32], k: usize, m: usize, r0: usize, panel: &mut [u32]) {
+fn pack_a(a: &[f32], k: usize, lda: usize, m: usize, r0: usize, panel: &mut [u32]) {
     let kq = panel.len() / MR;
     let mut row16 = vec![0u16; 2 * kq];
     for i in 0..MR {
@@ -213,7 +221,7 @@ fn pack_a(a: &[f32], k: usize, m: usize, r0: usize, panel: &mut [u32]) {
             }
             continue;
         }
-        for (d, &v) in row16.iter_mut().zip(&a[r * k..(r + 1) * k]) {
+        for (d, &v) in row16.iter_mut().zip(&a[r * lda..r * lda + k]) {
             *d = to_bf16(v);
         }
         for q in 0..kq {
@@ -271,6 +279,8 @@ mod tests {
             (13, 31, 7),
             (197, 96, 300),
             (230, 70, 513),
+            // Rows of C 4 KB apart: finished in a scratch block.
+            (30, 1024, 40),
         ] {
             let a: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 7 % 23) as f32 - 11.0) * 0.1)

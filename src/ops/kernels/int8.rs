@@ -216,7 +216,15 @@ impl PanelWeight for PackedInt8 {
         available()
     }
 
-    fn pack_rows(&self, a: &[f32], m: usize, r0: usize, panel: &mut [u32], scales: &mut [f32]) {
+    fn pack_rows(
+        &self,
+        a: &[f32],
+        lda: usize,
+        m: usize,
+        r0: usize,
+        panel: &mut [u32],
+        scales: &mut [f32],
+    ) {
         let (k, g) = (self.k, self.g);
         let mut row = vec![128u8; 4 * g];
         for i in 0..MR {
@@ -228,7 +236,7 @@ impl PanelWeight for PackedInt8 {
                 scales[i] = 0.0;
                 continue;
             }
-            scales[i] = quantize_row(&a[r * k..(r + 1) * k], &mut row[..k]);
+            scales[i] = quantize_row(&a[r * lda..r * lda + k], &mut row[..k]);
             for (q, quad) in row.chunks_exact(4).enumerate() {
                 panel[q * MR + i] = u32::from_le_bytes([quad[0], quad[1], quad[2], quad[3]]);
             }
@@ -344,6 +352,8 @@ mod tests {
             (13, 31, 7),
             (197, 96, 300),
             (30, 70, 1030),
+            // Rows of C 4 KB apart: finished in a scratch block.
+            (30, 1024, 40),
         ] {
             let a = data(m * k, 1, 2.0);
             let w = data(k * n, 2, 0.3);

@@ -152,9 +152,17 @@ pub(super) trait PanelWeight: Sync {
     fn groups(&self) -> usize;
     /// Whether this CPU runs the micro-kernel.
     fn cpu_ok(&self) -> bool;
-    /// Convert rows `[r0, r0 + MR)` of `A` (`m x k`, row stride `k`) into `panel`
+    /// Convert rows `[r0, r0 + MR)` of `A` (`m x k`, row stride `lda`) into `panel`
     /// (`[groups][MR]` lanes, zero past `m`), and their scales into `scales` (int8).
-    fn pack_rows(&self, a: &[f32], m: usize, r0: usize, panel: &mut [u32], scales: &mut [f32]);
+    fn pack_rows(
+        &self,
+        a: &[f32],
+        lda: usize,
+        m: usize,
+        r0: usize,
+        panel: &mut [u32],
+        scales: &mut [f32],
+    );
     /// `C[rows x cols] = Apanel[groups x MR] · (panel p)`, the activation panel at `ap` and its
     /// rows' scales at `row_scales`. The whole depth in one call: blocking the depth in 128
     /// groups (an L1-sized 16 KB of the weight panel) was 10-20 % slower on BEiT's shapes (int8
@@ -193,23 +201,40 @@ pub(super) fn gemm_packed<W: PanelWeight>(
     epi: Epi<'_>,
     threads: usize,
 ) {
-    assert!(a.len() >= m * w.k() && c.len() >= m * w.n());
-    let (apack, scales) = pack_activations(a, m, w, threads);
-    run_panels(
-        w,
-        &apack,
-        &scales,
-        m,
-        Out::Rows(c.as_mut_ptr()),
-        epi,
-        threads,
-    );
+    gemm_packed_strided(a, w.k(), m, w, c, w.n(), epi, threads)
 }
 
-/// `A` (`m x k`, row stride `k`) converted for `w`'s kernel: `[⌈m/MR⌉][groups][MR]` lanes (zero
+/// As [`gemm_packed`] with `A`'s rows `lda` apart and `C`'s `ldc` apart (the residual, if
+/// any, stays `n` apart).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gemm_packed_strided<W: PanelWeight>(
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    w: &W,
+    c: &mut [f32],
+    ldc: usize,
+    epi: Epi<'_>,
+    threads: usize,
+) {
+    if m == 0 {
+        return;
+    }
+    assert!(lda >= w.k() && ldc >= w.n());
+    assert!(a.len() >= (m - 1) * lda + w.k() && c.len() >= (m - 1) * ldc + w.n());
+    let (apack, scales) = pack_activations(a, lda, m, w, threads);
+    let out = Out::Rows {
+        c: c.as_mut_ptr(),
+        ldc,
+    };
+    run_panels(w, &apack, &scales, m, out, epi, threads);
+}
+
+/// `A` (`m x k`, row stride `lda`) converted for `w`'s kernel: `[⌈m/MR⌉][groups][MR]` lanes (zero
 /// past `m`) and, for int8, each row's scale.
 fn pack_activations<W: PanelWeight>(
     a: &[f32],
+    lda: usize,
     m: usize,
     w: &W,
     threads: usize,
@@ -218,8 +243,9 @@ fn pack_activations<W: PanelWeight>(
     // SAFETY: `pack_rows` writes every lane and scale of its panel (zeros past `m`).
     let mut apack = unsafe { super::uninit_buffer::<u32>(m.div_ceil(MR) * MR * g) };
     let mut scales = unsafe { super::uninit_buffer::<f32>(m.div_ceil(MR) * MR) };
-    let pack =
-        |(p, (panel, sc)): (usize, (&mut [u32], &mut [f32]))| w.pack_rows(a, m, p * MR, panel, sc);
+    let pack = |(p, (panel, sc)): (usize, (&mut [u32], &mut [f32]))| {
+        w.pack_rows(a, lda, m, p * MR, panel, sc)
+    };
     // One thread packs on the calling thread: `fastest_kernel`'s timing waited on a busy
     // pool and once chose f32 for bf16 while tests ran beside it.
     if threads > 1 {
@@ -254,11 +280,11 @@ impl ActPanels {
     }
 }
 
-/// Where [`run_panels`] writes: `C` rows (stride `n`), or bf16 pairs into [`ActPanels`]
+/// Where [`run_panels`] writes: `C` rows (stride `ldc`), or bf16 pairs into [`ActPanels`]
 /// lanes of `groups` pairs per row (the f32 tile goes through a per-thread scratch block).
 #[derive(Clone, Copy)]
 enum Out {
-    Rows(*mut f32),
+    Rows { c: *mut f32, ldc: usize },
     Panels { lanes: *mut u32, groups: usize },
 }
 // SAFETY: pointers into the caller's output, of which each thread writes its own columns.
@@ -317,7 +343,7 @@ pub(super) fn gemm_packed_to_panels<W: PanelWeight>(
 ) -> ActPanels {
     assert!(a.len() >= m * w.k());
     let groups = w.n().div_ceil(2);
-    let (apack, scales) = pack_activations(a, m, w, threads);
+    let (apack, scales) = pack_activations(a, w.k(), m, w, threads);
     // SAFETY: the tiles write every pair of every row below `m`; the rows past `m` in the last
     // panel are zeroed here.
     let mut lanes = unsafe { super::uninit_buffer::<u32>(m.div_ceil(MR) * MR * groups) };
@@ -354,7 +380,10 @@ pub(super) fn gemm_packed_from_panels<W: PanelWeight>(
         &act.lanes,
         &scales,
         act.rows,
-        Out::Rows(c.as_mut_ptr()),
+        Out::Rows {
+            c: c.as_mut_ptr(),
+            ldc: w.n(),
+        },
         epi,
         threads,
     );
@@ -373,9 +402,15 @@ unsafe fn gemm_panels<W: PanelWeight>(
     epi: Epi<'_>,
 ) {
     let (n, g) = (w.n(), w.groups());
+    // Rows of C a multiple of 4 KB apart (fc1's 3072, MIM's 8192) fall in one L1 set: a tile's
+    // stores evicted each other before the epilogue read them back. Such blocks are finished
+    // in a scratch block and copied out (int8 fc1 at b8 1386-1524 -> ~1800 G ops/s, the rate
+    // of a 3088-wide layer; bf16 787-842 -> ~920 GFLOP/s).
+    let via_scratch = matches!(out, Out::Rows { ldc, .. } if (ldc * 4).is_multiple_of(4096));
     // Panels: each block's f32 tile, then its rows as pairs.
     let (mut scratch, mut pairs) = match out {
-        Out::Rows(_) => (Vec::new(), Vec::new()),
+        Out::Rows { .. } if !via_scratch => (Vec::new(), Vec::new()),
+        Out::Rows { .. } => (vec![0f32; MC * NR], Vec::new()),
         Out::Panels { .. } => (vec![0f32; MC * NR], vec![[0u32; NR / 2]; MC]),
     };
     let mut ic = 0;
@@ -385,8 +420,8 @@ unsafe fn gemm_panels<W: PanelWeight>(
             let j0 = p * NR;
             let cols = NR.min(n - j0);
             let (c, ldc) = match out {
-                Out::Rows(c) => (c.add(ic * n + j0), n),
-                Out::Panels { .. } => (scratch.as_mut_ptr(), NR),
+                Out::Rows { c, ldc } if !via_scratch => (c.add(ic * ldc + j0), ldc),
+                _ => (scratch.as_mut_ptr(), NR),
             };
             let mut ir = 0;
             while ir < mc {
@@ -413,9 +448,18 @@ unsafe fn gemm_panels<W: PanelWeight>(
                 &epi.scale[j0..]
             };
             vmath::tile_epilogue(tile, ldc, mc, cols, epi.op, &epi.bias[j0..], scale, res, n);
-            if let Out::Panels { lanes, groups } = out {
-                debug_assert!(mc <= MC);
-                store_pairs(tile, mc, cols, ic, j0 / 2, lanes, groups, &mut pairs);
+            match out {
+                Out::Panels { lanes, groups } => {
+                    debug_assert!(mc <= MC);
+                    store_pairs(tile, mc, cols, ic, j0 / 2, lanes, groups, &mut pairs);
+                }
+                Out::Rows { c, ldc } if via_scratch => {
+                    for (i, row) in tile.chunks(NR).take(mc).enumerate() {
+                        let dst = c.add((ic + i) * ldc + j0);
+                        std::ptr::copy_nonoverlapping(row.as_ptr(), dst, cols);
+                    }
+                }
+                Out::Rows { .. } => {}
             }
         }
         ic += mc;
@@ -669,6 +713,32 @@ impl PackedWeight {
         }
     }
 
+    /// Whether this weight runs on the AVX-512 panels ([`PackedWeight::gemm_strided`]), not on
+    /// AMX tiles.
+    pub fn on_panels(&self) -> bool {
+        matches!(self, Self::Bf16(_) | Self::Int8(_))
+    }
+
+    /// As [`PackedWeight::gemm`] with `A`'s rows `lda` apart and `C`'s `ldc` apart; panics for
+    /// AMX weights ([`PackedWeight::on_panels`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_strided(
+        &self,
+        a: &[f32],
+        lda: usize,
+        m: usize,
+        c: &mut [f32],
+        ldc: usize,
+        epi: Epi<'_>,
+        threads: usize,
+    ) {
+        match self {
+            Self::Bf16(w) => gemm_packed_strided(a, lda, m, w, c, ldc, epi, threads),
+            Self::Int8(w) => gemm_packed_strided(a, lda, m, w, c, ldc, epi, threads),
+            Self::Amx(_) => panic!("strided rows for an AMX weight"),
+        }
+    }
+
     /// `C [m x n] = epilogue(A [m x k] · W)`; panics unless the CPU runs the kernel (it did
     /// when the weight was packed).
     pub fn gemm(&self, a: &[f32], m: usize, c: &mut [f32], epi: Epi<'_>, threads: usize) {
@@ -741,8 +811,8 @@ mod pack_probe {
                     .map(|_| {
                         let t = std::time::Instant::now();
                         match &packed {
-                            PackedWeight::Bf16(w) => drop(pack_activations(&a, m, w, 1)),
-                            PackedWeight::Int8(w) => drop(pack_activations(&a, m, w, 1)),
+                            PackedWeight::Bf16(w) => drop(pack_activations(&a, k, m, w, 1)),
+                            PackedWeight::Int8(w) => drop(pack_activations(&a, k, m, w, 1)),
                             PackedWeight::Amx(_) => {}
                         }
                         t.elapsed().as_secs_f64()
