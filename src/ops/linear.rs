@@ -204,6 +204,17 @@ pub fn linear_inference(
     })
 }
 
+/// An error unless `x`'s last dimension is a packed weight's depth `k`.
+fn check_depth(x: &Tensor, k: usize) -> Result<()> {
+    if x.dims().last().copied().unwrap_or(1) != k {
+        candle_core::bail!(
+            "linear: input {:?} does not fit a weight of depth {k}",
+            x.dims()
+        );
+    }
+    Ok(())
+}
+
 /// As [`linear_inference`] with the f32 weight packed in panels at load ([`PackedF32`]).
 pub fn linear_inference_f32_panels(
     x: &Tensor,
@@ -211,14 +222,7 @@ pub fn linear_inference_f32_panels(
     bias: Option<&Tensor>,
     epilogue: Epilogue<'_>,
 ) -> Result<Tensor> {
-    let k = x.dims().last().copied().unwrap_or(1);
-    if weight.k() != k {
-        candle_core::bail!(
-            "linear: input {:?} does not fit a weight of depth {}",
-            x.dims(),
-            weight.k()
-        );
-    }
+    check_depth(x, weight.k())?;
     run_linear(x, weight.n(), bias, epilogue, |xs, rows, _, out, epi| {
         weight.gemm(xs, rows, out, epi, gemm::num_threads());
         Ok(())
@@ -233,14 +237,7 @@ pub fn linear_inference_packed(
     bias: Option<&Tensor>,
     epilogue: Epilogue<'_>,
 ) -> Result<Tensor> {
-    let k = x.dims().last().copied().unwrap_or(1);
-    if weight.k() != k {
-        candle_core::bail!(
-            "linear: input {:?} does not fit a weight of depth {}",
-            x.dims(),
-            weight.k()
-        );
-    }
+    check_depth(x, weight.k())?;
     run_linear(
         x,
         weight.n(),

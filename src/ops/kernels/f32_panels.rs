@@ -12,10 +12,10 @@
 use rayon::prelude::*;
 
 use super::packed::{col_masks, Epi, MR, NR};
+use super::vmath;
 
 /// Rows of a block (16 tiles).
 const MC: usize = MR * 16;
-use super::vmath;
 
 /// Whether this CPU runs the micro-kernel.
 pub fn available() -> bool {
@@ -243,24 +243,8 @@ impl PackedF32 {
                     ir += MR;
                 }
                 let tile = std::slice::from_raw_parts_mut(cb, (rows - 1) * ldt + cols);
-                let res = if epi.res.is_empty() {
-                    epi.res
-                } else {
-                    &epi.res[ic * n + j0..]
-                };
-                let scale = if epi.scale.is_empty() {
-                    epi.scale
-                } else {
-                    &epi.scale[j0..]
-                };
-                let bias = &epi.bias[j0..];
-                vmath::tile_epilogue(tile, ldt, rows, cols, epi.op, bias, scale, res, n);
-                if via_scratch {
-                    for (i, row) in tile.chunks(NR).take(rows).enumerate() {
-                        let dst = c.add((ic + i) * ldc + j0);
-                        std::ptr::copy_nonoverlapping(row.as_ptr(), dst, cols);
-                    }
-                }
+                let copy_to = via_scratch.then_some((c, ldc));
+                super::packed::finish_block(tile, ldt, rows, cols, epi, (ic, j0, n), copy_to);
             }
             ic += rows;
         }

@@ -437,32 +437,51 @@ unsafe fn gemm_panels<W: PanelWeight>(
                 ir += MR;
             }
             let tile = std::slice::from_raw_parts_mut(c, (mc - 1) * ldc + cols);
-            let res = if epi.res.is_empty() {
-                epi.res
-            } else {
-                &epi.res[ic * n + j0..]
+            let copy_to = match out {
+                Out::Rows { c, ldc } if via_scratch => Some((c, ldc)),
+                _ => None,
             };
-            let scale = if epi.scale.is_empty() {
-                epi.scale
-            } else {
-                &epi.scale[j0..]
-            };
-            vmath::tile_epilogue(tile, ldc, mc, cols, epi.op, &epi.bias[j0..], scale, res, n);
-            match out {
-                Out::Panels { lanes, groups } => {
-                    debug_assert!(mc <= MC);
-                    store_pairs(tile, mc, cols, ic, j0 / 2, lanes, groups, &mut pairs);
-                }
-                Out::Rows { c, ldc } if via_scratch => {
-                    for (i, row) in tile.chunks(NR).take(mc).enumerate() {
-                        let dst = c.add((ic + i) * ldc + j0);
-                        std::ptr::copy_nonoverlapping(row.as_ptr(), dst, cols);
-                    }
-                }
-                Out::Rows { .. } => {}
+            finish_block(tile, ldc, mc, cols, epi, (ic, j0, n), copy_to);
+            if let Out::Panels { lanes, groups } = out {
+                debug_assert!(mc <= MC);
+                store_pairs(tile, mc, cols, ic, j0 / 2, lanes, groups, &mut pairs);
             }
         }
         ic += mc;
+    }
+}
+
+/// The epilogue of a finished block of a column panel: `rows x cols` at `tile` (row stride
+/// `ldt`), whose first element is `(row, col)` of an output `n` wide (`at`); then, where the
+/// block was finished in a scratch block, its copy into `C` (`copy_to`: `C` and its row stride).
+///
+/// # Safety
+/// `copy_to` must address the output's rows `[row, row + rows)`, columns `[col, col + cols)`.
+pub(super) unsafe fn finish_block(
+    tile: &mut [f32],
+    ldt: usize,
+    rows: usize,
+    cols: usize,
+    epi: Epi<'_>,
+    (row, col, n): (usize, usize, usize),
+    copy_to: Option<(*mut f32, usize)>,
+) {
+    let res = if epi.res.is_empty() {
+        epi.res
+    } else {
+        &epi.res[row * n + col..]
+    };
+    let scale = if epi.scale.is_empty() {
+        epi.scale
+    } else {
+        &epi.scale[col..]
+    };
+    let bias = &epi.bias[col..];
+    vmath::tile_epilogue(tile, ldt, rows, cols, epi.op, bias, scale, res, n);
+    if let Some((c, ldc)) = copy_to {
+        for (i, r) in tile.chunks(ldt).take(rows).enumerate() {
+            std::ptr::copy_nonoverlapping(r.as_ptr(), c.add((row + i) * ldc + col), cols);
+        }
     }
 }
 
