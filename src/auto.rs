@@ -204,14 +204,22 @@ impl AutoModel {
     pub fn forward(&self, pixel_values: &Tensor, opts: &ForwardOptions) -> Result<ModelOutputs> {
         // A CPU inference forward called from outside the thread pool runs on one of its
         // threads: each of the ~100 parallel kernels of a forward then wakes one sleeping
-        // thread, not two while the caller waits (Zen 5, BEiT-base b1, interleaved: int8
-        // 31.6-32.1 -> 29.8-31.1 ms, f32 ~0.5 %). Training (dropout's per-thread random
-        // stream), autocast (a per-thread switch) and devices (a CUDA context is current per
-        // thread) stay on the caller's thread; the kernels' thread limit goes along.
+        // thread, not two while the caller waits (Zen 5, BEiT-base b1, interleaved: f32
+        // 83.0-84.6 -> 79.8-81.2 ms, bf16 47.2-47.5 -> 44.0-45.2, int8 29.5-29.9 -> 25.5-26.1;
+        // cls b8 level). Not where the forward allocates buffers past glibc's largest mmap
+        // threshold (32 MB): a pool thread allocates from its own arena, and freeing such
+        // buffers there gave the pages back each time (segmentation at 640 2.5 -> 3.3 s, the
+        // UperNet's resizes 65 -> 550 ms; MIM b8, 52 MB logits, +2-6 %; MALLOC_ARENA_MAX=1
+        // restored them). Training (dropout's per-thread random stream), autocast (a
+        // per-thread switch) and devices (a CUDA context is current per thread) stay on the
+        // caller's thread; the kernels' thread limit goes along.
         let hop = !opts.train
             && pixel_values.device().is_cpu()
             && rayon::current_thread_index().is_none()
-            && !crate::ops::autocast::cpu_bf16();
+            && !crate::ops::autocast::cpu_bf16()
+            && self
+                .widest_activation(pixel_values)
+                .is_some_and(|bytes| bytes < 32 << 20);
         if hop {
             let threads = crate::ops::gemm::num_threads();
             return rayon::scope(|_| {
@@ -219,6 +227,28 @@ impl AutoModel {
             });
         }
         self.forward_here(pixel_values, opts)
+    }
+
+    /// The widest f32 activation of an inference forward over `pixel_values`, in bytes: the
+    /// MLP's hidden layer or the MIM head's logits (the attention runs in row blocks);
+    /// `None` for segmentation, whose decoder's maps are wider (and for inputs that are not
+    /// `[B, C, H, W]`).
+    fn widest_activation(&self, pixel_values: &Tensor) -> Option<u64> {
+        let (b, _, h, w) = pixel_values.dims4().ok()?;
+        let cfg = &self.beit().config;
+        let p = cfg.patch().max(1);
+        let tokens = ((h / p) * (w / p) + 1) as u64;
+        let width = match self {
+            AutoModel::SemanticSegmentation(_) => return None,
+            AutoModel::MaskedImageModeling(_) => cfg.intermediate_size.max(cfg.vocab_size),
+            _ => cfg.intermediate_size,
+        } as u64;
+        Some(
+            (b as u64)
+                .saturating_mul(tokens)
+                .saturating_mul(width)
+                .saturating_mul(4),
+        )
     }
 
     fn forward_here(&self, pixel_values: &Tensor, opts: &ForwardOptions) -> Result<ModelOutputs> {

@@ -6,12 +6,14 @@
 //! Against the `gemm` crate (`ops::gemm`, which packs its operands on every call) on the 48
 //! linear layers of a BEiT-base forward, each with its own weights, 2 threads of a Zen 5:
 //! batch 1 73-79 ms against 78-87, batch 8 level to 3 % faster (`f32_panel_layers`). The
-//! crate's packing pass is where a batch-1 forward streamed its weights from DRAM (11 % of the
+//! crate's packing pass is where a batch-1 forward streamed its weights from DRAM (13 % of a
 //! forward's samples); here they stream during the products.
 
 use rayon::prelude::*;
 
-use super::packed::{col_masks, Epi, MR, NR};
+#[cfg(target_arch = "x86_64")]
+use super::packed::col_masks;
+use super::packed::{Epi, MR, NR};
 use super::vmath;
 
 /// Rows of a block (16 tiles).
@@ -240,6 +242,9 @@ impl PackedF32 {
                         MR.min(rows - ir),
                         kernel(k, ap, lda, bp, cb.add(ir * ldt), ldt, cols)
                     );
+                    // (Off x86-64 `available()` is false and `gemm_strided` stops before this.)
+                    #[cfg(not(target_arch = "x86_64"))]
+                    let _ = (ap, bp, lda, ldt, cols);
                     ir += MR;
                 }
                 let tile = std::slice::from_raw_parts_mut(cb, (rows - 1) * ldt + cols);
