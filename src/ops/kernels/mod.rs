@@ -50,6 +50,38 @@ pub(crate) fn best_of(f: &mut dyn FnMut()) -> std::time::Duration {
         .unwrap_or_default()
 }
 
+/// The layer the one-off kernel races time: BEiT-base's attention projection over 197 tokens
+/// (`m`, `k`, `n`, activations `[m, k]`, weight `[k, n]`).
+pub(crate) fn race_layer() -> (usize, usize, usize, Vec<f32>, Vec<f32>) {
+    let (m, k, n) = (197, 768, 768);
+    let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
+    let w: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32 * 0.01 - 0.03).collect();
+    (m, k, n, a, w)
+}
+
+/// [`best_of`] the `gemm` crate on one thread for `C [m, n] = A [m, k] · W [k, n]`.
+pub(crate) fn crate_gemm_time(
+    (m, k, n): (usize, usize, usize),
+    a: &[f32],
+    w: &[f32],
+    c: &mut [f32],
+) -> std::time::Duration {
+    assert!(a.len() >= m * k && w.len() >= k * n && c.len() >= m * n);
+    best_of(&mut || unsafe {
+        // SAFETY: the views address the m x k, k x n and m x n buffers checked above.
+        gemm::gemm(
+            m,
+            n,
+            k,
+            gemm::ViewMut::row_major(c, 0, n),
+            false,
+            gemm::View::row_major(a, 0, k),
+            gemm::View::row_major(w, 0, n),
+            1,
+        )
+    })
+}
+
 /// A raw pointer that rayon tasks may share; each task writes a disjoint part.
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr<T>(pub *mut T);

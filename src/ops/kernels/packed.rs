@@ -567,9 +567,7 @@ fn fastest_kernel(precision: MatmulPrecision) -> Option<Kernel> {
         {
             return candidates.first().copied();
         }
-        let (m, k, n) = (197, 768, 768);
-        let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
-        let w: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32 * 0.01 - 0.03).collect();
+        let (m, k, n, a, w) = super::race_layer();
         let bias = vec![0f32; n];
         let mut c = vec![0f32; m * n];
         let epi = Epi {
@@ -583,19 +581,7 @@ fn fastest_kernel(precision: MatmulPrecision) -> Option<Kernel> {
             let panels = super::f32_panels::PackedF32::pack(&w, k, n, n, 1);
             super::best_of(&mut || panels.gemm(&a, m, &mut c, epi, 1))
         } else {
-            super::best_of(&mut || unsafe {
-                // SAFETY: the views address the m x k, k x n and m x n buffers above.
-                super::gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    super::gemm::ViewMut::row_major(&mut c, 0, n),
-                    false,
-                    super::gemm::View::row_major(&a, 0, k),
-                    super::gemm::View::row_major(&w, 0, n),
-                    1,
-                )
-            })
+            super::crate_gemm_time((m, k, n), &a, &w, &mut c)
         };
         let mut best: Option<(Kernel, std::time::Duration)> = None;
         for kernel in candidates {
