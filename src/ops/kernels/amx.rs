@@ -377,21 +377,10 @@ impl PackedAmx {
     /// # Safety
     /// `dest` must hold `a.m` rows of this weight's `n` outputs.
     unsafe fn run(&self, a: &ActTiles, dest: Dest, epi: Epi<'_>, threads: usize) {
-        let panels = self.n.div_ceil(NP);
-        let parts = threads.clamp(1, panels);
-        let run = |t: usize| {
-            let p0 = panels * t / parts;
-            let p1 = panels * (t + 1) / parts;
-            if p0 < p1 {
-                // SAFETY: each part writes its own panels' columns of the output.
-                unsafe { self.panels(&a.data, &a.scales, a.m, dest, p0, p1, epi) };
-            }
-        };
-        if parts == 1 {
-            run(0);
-        } else {
-            (0..parts).into_par_iter().for_each(run);
-        }
+        super::split_panels(self.n.div_ceil(NP), threads, |p0, p1| {
+            // SAFETY: each range writes its own panels' columns of the output.
+            unsafe { self.panels(&a.data, &a.scales, a.m, dest, p0, p1, epi) };
+        });
     }
 
     /// Column panels `[p0, p1)` of `C`.

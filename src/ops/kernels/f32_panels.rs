@@ -163,21 +163,12 @@ impl PackedF32 {
         assert!(a.len() >= (m - 1) * lda + k && c.len() >= (m - 1) * ldc + n);
         assert!(epi.bias.len() >= n && (epi.scale.is_empty() || epi.scale.len() >= n));
         assert!(epi.res.is_empty() || epi.res.len() >= m * n);
-        let panels = n.div_ceil(NR);
-        let parts = threads.clamp(1, panels);
         let cp = super::SendPtr(c.as_mut_ptr());
-        let run = |t: usize| {
-            let p0 = panels * t / parts;
-            let p1 = panels * (t + 1) / parts;
-            // SAFETY: AVX-512 and the sizes checked above; each part writes its own panels'
+        super::split_panels(n.div_ceil(NR), threads, |p0, p1| {
+            // SAFETY: AVX-512 and the sizes checked above; each range writes its own panels'
             // columns.
             unsafe { self.panels(a, lda, m, cp.get(), ldc, p0, p1, epi) };
-        };
-        if parts == 1 {
-            run(0);
-        } else {
-            (0..parts).into_par_iter().for_each(run);
-        }
+        });
     }
 
     /// Column panels `[p0, p1)` of `C`, in row blocks of at most 16 tiles (as even as they go:

@@ -82,6 +82,25 @@ pub(crate) fn crate_gemm_time(
     })
 }
 
+/// `f(p0, p1)` for `threads` contiguous, non-empty ranges of `panels` column panels, in
+/// parallel (on the calling thread when there is one range): the GEMM drivers' column split,
+/// with no synchronisation inside a product.
+pub(crate) fn split_panels(panels: usize, threads: usize, f: impl Fn(usize, usize) + Sync) {
+    use rayon::prelude::*;
+    let parts = threads.clamp(1, panels.max(1));
+    let run = |t: usize| {
+        let (p0, p1) = (panels * t / parts, panels * (t + 1) / parts);
+        if p0 < p1 {
+            f(p0, p1);
+        }
+    };
+    if parts == 1 {
+        run(0);
+    } else {
+        (0..parts).into_par_iter().for_each(run);
+    }
+}
+
 /// A raw pointer that rayon tasks may share; each task writes a disjoint part.
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr<T>(pub *mut T);

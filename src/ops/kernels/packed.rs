@@ -314,22 +314,11 @@ fn run_panels<W: PanelWeight>(
     if m == 0 || n == 0 {
         return;
     }
-    let panels = n.div_ceil(NR);
-    let parts = threads.clamp(1, panels);
-    let run = |t: usize| {
-        let p0 = panels * t / parts;
-        let p1 = panels * (t + 1) / parts;
-        if p0 < p1 {
-            // SAFETY: the kernel's CPU features were checked above; each part writes its own
-            // panels' columns.
-            unsafe { gemm_panels(w, apack, scales, m, out, p0, p1, epi) };
-        }
-    };
-    if parts == 1 {
-        run(0);
-    } else {
-        (0..parts).into_par_iter().for_each(run);
-    }
+    super::split_panels(n.div_ceil(NR), threads, |p0, p1| {
+        // SAFETY: the kernel's CPU features were checked above; each range writes its own
+        // panels' columns.
+        unsafe { gemm_panels(w, apack, scales, m, out, p0, p1, epi) };
+    });
 }
 
 /// `epilogue(A · W)` into [`ActPanels`] of `⌈n/2⌉` pairs per row: the input of a bf16 layer of
