@@ -117,7 +117,7 @@ impl AutoModel {
         let cfg = BeitConfig::from_pretrained(dir)?;
         let arch = Architecture::from_config(&cfg)
             .map_err(|e| BeitError::file(dir.join("config.json"), e.to_string()))?;
-        crate::memory::inference_model(&cfg, dtype, device)
+        crate::memory::inference_model(&cfg, dtype)
             .check(&crate::memory::config_fields(&dir.join("config.json")))?;
         let ckpt = Arc::new(Checkpoint::from_dir(dir)?);
         let model = Self::from_checkpoint(arch, &cfg, ckpt, dtype, device, dir)?;
@@ -138,7 +138,7 @@ impl AutoModel {
             None => crate::weights::unilm::infer_config(&ckpt)?,
         };
         let arch = Architecture::from_config(&cfg)?;
-        crate::memory::inference_model(&cfg, dtype, device).check("the checkpoint")?;
+        crate::memory::inference_model(&cfg, dtype).check("the checkpoint")?;
         let model = Self::from_checkpoint(arch, &cfg, ckpt, dtype, device, file)?;
         Ok((model, cfg))
     }

@@ -192,29 +192,12 @@ pub fn model(cfg: &BeitConfig, dtype_bytes: u64, training: bool) -> Estimate {
     }
 }
 
-/// Building a frozen model from `cfg` for inference in `dtype` on `device`: its weights, and
-/// on a CPU in f32 the copy of them its GEMM kernels read (`nn::Linear::frozen`: the f32
-/// panels, or the bf16 / int8 packing of `--matmul-precision`).
-pub fn inference_model(
-    cfg: &BeitConfig,
-    dtype: candle_core::DType,
-    device: &candle_core::Device,
-) -> Estimate {
-    use crate::ops::packed::{f32_matmul_precision, MatmulPrecision};
-    let e = model(cfg, dtype.size_in_bytes() as u64, false);
-    if dtype != candle_core::DType::F32 || !crate::ops::fast_cpu(device) {
-        return e;
-    }
-    let packed_bytes = match f32_matmul_precision() {
-        MatmulPrecision::Bf16 if MatmulPrecision::Bf16.available() => 2,
-        MatmulPrecision::Int8 if MatmulPrecision::Int8.available() => 1,
-        _ if crate::ops::f32_panels::enabled() => 4,
-        _ => 0,
-    };
-    e.add(
-        "packed weights",
-        parameter_count(cfg).saturating_mul(packed_bytes),
-    )
+/// Building a frozen model from `cfg` for inference in `dtype`: its weights. On a CPU the
+/// linear layers' weights are packed for their kernels as they load (`nn::Linear::frozen`: f32
+/// panels, or the bf16 / int8 packing of `--matmul-precision`) and the dense copy is dropped,
+/// so the packed forms (no larger than f32) replace it rather than add to it.
+pub fn inference_model(cfg: &BeitConfig, dtype: candle_core::DType) -> Estimate {
+    model(cfg, dtype.size_in_bytes() as u64, false)
 }
 
 /// What one forward of `cfg` over a `batch x height x width` input allocates beyond the

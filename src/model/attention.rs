@@ -13,25 +13,34 @@ use crate::profile;
 /// position bias table, which transformers keeps here).
 #[derive(Debug)]
 pub struct BeitSelfAttention {
-    pub query: Linear,
-    pub key: Linear,
-    pub value: Linear,
+    pub projection: QkvProjection,
     pub relative_position_bias: Option<BeitRelativePositionBias>,
-    /// `[3D, D]` weight and `[3D]` bias of the three projections in one GEMM; built once when the
-    /// model is frozen (inference). Training keeps the three `Var`s separate.
-    fused_qkv: Option<Linear>,
     pub num_heads: usize,
     pub head_dim: usize,
     pub dropout: f64,
+}
+
+/// The query / key / value projections.
+#[derive(Debug)]
+pub enum QkvProjection {
+    /// Three layers (`query`, `key` without a bias, `value`): training keeps their `Var`s.
+    Separate {
+        query: Linear,
+        key: Linear,
+        value: Linear,
+    },
+    /// A frozen (inference) model's `[3D, D]` weight and `[3D]` bias (a zero key bias): the
+    /// three products in one GEMM.
+    Fused(Linear),
 }
 
 impl BeitSelfAttention {
     pub fn new(cfg: &BeitConfig, vb: VarBuilder, frozen: bool) -> Result<Self> {
         let d = cfg.hidden_size;
         let std = cfg.initializer_range;
-        let mut query = Linear::new(d, d, true, std, vb.pp("query"))?;
-        let mut key = Linear::new(d, d, false, std, vb.pp("key"))?;
-        let mut value = Linear::new(d, d, true, std, vb.pp("value"))?;
+        let query = Linear::new(d, d, true, std, vb.pp("query"))?;
+        let key = Linear::new(d, d, false, std, vb.pp("key"))?;
+        let value = Linear::new(d, d, true, std, vb.pp("value"))?;
         let relative_position_bias = if cfg.use_relative_position_bias {
             Some(BeitRelativePositionBias::new(
                 cfg,
@@ -41,36 +50,18 @@ impl BeitSelfAttention {
         } else {
             None
         };
-        let fused_qkv = if frozen {
+        let projection = if frozen {
             // [3D, D], stored transposed (see `Linear::freeze`).
-            let weight = ops::transpose_in_place(&Tensor::cat(
-                &[&query.weight, &key.weight, &value.weight],
-                0,
-            )?)?
-            .t()?;
-            let zeros = value.bias.as_ref().map(|b| b.zeros_like()).transpose()?;
-            let bias = match (&query.bias, zeros, &value.bias) {
-                (Some(q), Some(z), Some(v)) => Some(Tensor::cat(&[q, &z, v], 0)?),
-                _ => None,
-            };
-            // The separate projections become views of the fused ones (no second copy).
-            query.weight = weight.narrow(0, 0, d)?;
-            key.weight = weight.narrow(0, d, d)?;
-            value.weight = weight.narrow(0, 2 * d, d)?;
-            if let Some(b) = &bias {
-                query.bias = Some(b.narrow(0, 0, d)?);
-                value.bias = Some(b.narrow(0, 2 * d, d)?);
-            }
-            Some(Linear::frozen(weight, bias)?)
+            let (weight, bias) = fused_qkv(&query, &key, &value)?;
+            let weight = ops::transpose_in_place(&weight)?.t()?;
+            drop((query, key, value));
+            QkvProjection::Fused(Linear::frozen(weight, bias)?)
         } else {
-            None
+            QkvProjection::Separate { query, key, value }
         };
         Ok(Self {
-            query,
-            key,
-            value,
+            projection,
             relative_position_bias,
-            fused_qkv,
             num_heads: cfg.num_attention_heads,
             head_dim: cfg.head_dim(),
             dropout: cfg.attention_probs_dropout_prob,
@@ -79,7 +70,10 @@ impl BeitSelfAttention {
 
     /// The fused `[3D, D]` QKV projection of a frozen model.
     pub fn fused_qkv(&self) -> Option<&Linear> {
-        self.fused_qkv.as_ref()
+        match &self.projection {
+            QkvProjection::Fused(qkv) => Some(qkv),
+            QkvProjection::Separate { .. } => None,
+        }
     }
 
     /// `x [B, S, D]` -> context `[B, S, D]` and, when asked, the attention probabilities
@@ -104,25 +98,21 @@ impl BeitSelfAttention {
         let plain = (!train || self.dropout == 0.0) && head_mask.is_none() && !output_attentions;
         // (Checked first: elsewhere, e.g. on a GPU, the fused core is unavailable and the
         // concatenated projection below would be wasted.)
-        if plain && self.fused_qkv.is_none() && ops::fused::cpu_ok(&[x]) {
-            let weight = Tensor::cat(
-                &[&self.query.weight, &self.key.weight, &self.value.weight],
-                0,
-            )?;
-            let bias_qkv = match (&self.query.bias, &self.value.bias) {
-                (Some(qb), Some(vb)) => Some(Tensor::cat(&[qb, &qb.zeros_like()?, vb], 0)?),
-                _ => None,
-            };
-            if let Some(ctx) = profile::time("attn.core", || {
-                let qkv = ops::fused::linear(x, &weight, bias_qkv.as_ref())?;
-                ops::fused::attention(&qkv, bias, h, scale)
-            })? {
-                return Ok((ctx, None));
+        if let (true, QkvProjection::Separate { query, key, value }) = (plain, &self.projection) {
+            if ops::fused::cpu_ok(&[x]) {
+                let (weight, bias_qkv) = fused_qkv(query, key, value)?;
+                let ctx = profile::time("attn.core", || {
+                    let qkv = ops::fused::linear(x, &weight, bias_qkv.as_ref())?;
+                    ops::fused::attention(&qkv, bias, h, scale)
+                })?;
+                if let Some(ctx) = ctx {
+                    return Ok((ctx, None));
+                }
             }
         }
         let _p = profile::scope("attn.qkv");
-        let (q, k, v) = match &self.fused_qkv {
-            Some(qkv) => {
+        let (q, k, v) = match &self.projection {
+            QkvProjection::Fused(qkv) => {
                 let qkv = qkv
                     .forward(x)?
                     .reshape((b, s, 3, h, hd))?
@@ -130,10 +120,10 @@ impl BeitSelfAttention {
                     .contiguous()?;
                 (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?)
             }
-            None => (
-                split(self.query.forward(x)?)?,
-                split(self.key.forward(x)?)?,
-                split(self.value.forward(x)?)?,
+            QkvProjection::Separate { query, key, value } => (
+                split(query.forward(x)?)?,
+                split(key.forward(x)?)?,
+                split(value.forward(x)?)?,
             ),
         };
         drop(_p);
@@ -155,6 +145,17 @@ impl BeitSelfAttention {
         })?;
         Ok((ctx, output_attentions.then_some(probs)))
     }
+}
+
+/// The three projections as one: the `[3D, D]` weight (a copy) and the `[3D]` bias with the
+/// key's zeros, where the query and value have a bias.
+fn fused_qkv(query: &Linear, key: &Linear, value: &Linear) -> Result<(Tensor, Option<Tensor>)> {
+    let weight = Tensor::cat(&[query.weight()?, key.weight()?, value.weight()?], 0)?;
+    let bias = match (&query.bias, &value.bias) {
+        (Some(q), Some(v)) => Some(Tensor::cat(&[q, &q.zeros_like()?, v], 0)?),
+        _ => None,
+    };
+    Ok((weight, bias))
 }
 
 /// `attention`: self-attention followed by the output projection (`attention.output.dense`).

@@ -182,11 +182,10 @@ impl BeitLayer {
         let ln2 = profile::time("layernorm", || self.layernorm_after.forward(&h))?;
         // Under CPU bf16 autocast fc1 and an exact GELU are one node (its backward does not
         // write out the pre-activation's gradient).
-        let fused = match (&self.activation, &self.intermediate.bias) {
-            (Activation::Gelu, Some(b)) if !self.intermediate.is_packed() => {
-                profile::time("mlp.fc1+gelu", || {
-                    ops::fused::linear_gelu(&ln2, &self.intermediate.weight, b)
-                })?
+        let fc1 = &self.intermediate;
+        let fused = match (&self.activation, fc1.stored_weight(), &fc1.bias) {
+            (Activation::Gelu, Some(w), Some(b)) => {
+                profile::time("mlp.fc1+gelu", || ops::fused::linear_gelu(&ln2, w, b))?
             }
             _ => None,
         };

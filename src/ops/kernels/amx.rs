@@ -227,6 +227,29 @@ impl PackedAmx {
     pub fn kind(&self) -> AmxKind {
         self.kind
     }
+
+    /// The weight as it is used (bf16, or `q_kn s_n`), `[K, N]` row-major.
+    pub fn dequantized(&self) -> Vec<f32> {
+        let (k, n, kb) = (self.k, self.n, self.kind.kblock());
+        let (eb, g) = (self.kind.elem(), 4 / self.kind.elem());
+        let mut w = vec![0f32; k * n];
+        for kk in 0..k {
+            let (kt, q, t) = (kk / kb, (kk % kb) / g, kk % g);
+            for j in 0..n {
+                let (p, jp) = (j / NP, j % NP);
+                let (h, jj) = (jp / 16, jp % 16);
+                let at = p * self.kp * NP * eb + (kt * 2 + h) * 1024 + (q * 16 + jj) * 4 + t * eb;
+                w[kk * n + j] = match self.kind {
+                    AmxKind::Int8 => self.data[at] as i8 as f32 * self.col_scale[j],
+                    AmxKind::Bf16 => {
+                        let b = u16::from_le_bytes([self.data[at], self.data[at + 1]]);
+                        f32::from_bits((b as u32) << 16)
+                    }
+                };
+            }
+        }
+        w
+    }
     pub fn k(&self) -> usize {
         self.k
     }

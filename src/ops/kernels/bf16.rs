@@ -155,6 +155,20 @@ impl PackedBf16 {
             });
         PackedBf16 { k, n, kp, data }
     }
+
+    /// The weight as it is used (rounded to bf16), `[K, N]` row-major.
+    pub fn dequantized(&self) -> Vec<f32> {
+        let (k, n) = (self.k, self.n);
+        let mut w = vec![0f32; k * n];
+        for kk in 0..k {
+            for j in 0..n {
+                let (p, jj, q, t) = (j / NR, j % NR, kk / 2, kk % 2);
+                let b = self.data[p * self.kp * NR + (q * NR + jj) * 2 + t];
+                w[kk * n + j] = f32::from_bits((b as u32) << 16);
+            }
+        }
+        w
+    }
 }
 
 impl PanelWeight for PackedBf16 {

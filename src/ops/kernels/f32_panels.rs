@@ -107,6 +107,19 @@ impl PackedF32 {
         self.n
     }
 
+    /// The weight, `[K, N]` row-major (the panels are the only copy a frozen layer keeps).
+    pub fn unpack(&self) -> Vec<f32> {
+        let (k, n) = (self.k, self.n);
+        let mut w = vec![0f32; k * n];
+        for (p, panel) in self.data.chunks_exact(k * NR).enumerate() {
+            let cols = NR.min(n - p * NR);
+            for kk in 0..k {
+                w[kk * n + p * NR..][..cols].copy_from_slice(&panel[kk * NR..][..cols]);
+            }
+        }
+        w
+    }
+
     /// `C [m x n] = epilogue(A [m x k] · W)`, `A` and `C` row-major (row strides `k`, `n`); the
     /// column panels split between `threads`. Panics unless the CPU has AVX-512
     /// ([`available`]).

@@ -664,7 +664,16 @@ impl PackedWeight {
         }
     }
 
-    /// The AMX bf16 weight, where this layer runs on one.
+    /// The weight as the kernels use it (rounded to bf16, or quantised), `[K, N]` row-major:
+    /// for the paths that do not run these kernels (`ops::set_generic_only`).
+    pub fn dequantized(&self) -> Vec<f32> {
+        match self {
+            Self::Bf16(w) => w.dequantized(),
+            Self::Int8(w) => w.dequantized(),
+            Self::Amx(w) => w.dequantized(),
+        }
+    }
+
     /// The AMX weight (bf16 or int8), where this layer runs on AMX tiles.
     pub fn amx(&self) -> Option<&super::amx::PackedAmx> {
         match self {
@@ -673,6 +682,7 @@ impl PackedWeight {
         }
     }
 
+    /// The AMX bf16 weight, where this layer runs on one.
     pub fn amx_bf16(&self) -> Option<&super::amx::PackedAmx> {
         match self {
             Self::Amx(w) if w.kind() == super::amx::AmxKind::Bf16 => Some(w),
@@ -816,6 +826,50 @@ mod pack_probe {
                 line += &format!(" {p:?} {:.2} ns per value", ts[10] * 1e9 / (m * k) as f64);
             }
             eprintln!("{line}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod readback_tests {
+    use super::super::{amx, bf16, f32_panels, int8};
+
+    /// Distinct values, so that an element read from the wrong place shows.
+    fn weight(k: usize, n: usize) -> Vec<f32> {
+        (0..k * n)
+            .map(|i| ((i as f32 * 0.618_034).fract() - 0.5) * (1.0 + (i % 7) as f32))
+            .collect()
+    }
+
+    /// Every packed form reads back as the values its kernel uses: f32 exactly, bf16 rounded to
+    /// nearest even, int8 as `q s` from `int8::quantize_columns`. Pure data layout: runs on any
+    /// CPU (the AMX forms too). Shapes off the panels (32 columns), pairs, quads and tile depths
+    /// (32 / 64), and a weight given transposed (column stride 1 vs row stride 1).
+    #[test]
+    fn packed_weights_read_back_as_their_kernels_use_them() {
+        for &(k, n) in &[(1usize, 1usize), (7, 45), (37, 33), (70, 96), (129, 65)] {
+            let w = weight(k, n);
+            // The same matrix stored transposed: element (kk, j) at j * k + kk.
+            let wt: Vec<f32> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
+            let rounded: Vec<f32> = w
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_f32())
+                .collect();
+            let q = int8::quantize_columns(&w, k, n, n, 1);
+            let quantized: Vec<f32> = (0..k * n).map(|i| q.q[i] as f32 * q.scale[i % n]).collect();
+            let shape = format!("[{k}, {n}]");
+            for (src, rs, cs) in [(&w, n, 1), (&wt, 1, k)] {
+                let f = f32_panels::PackedF32::pack(src, k, n, rs, cs).unpack();
+                assert_eq!(f, w, "f32 panels {shape}");
+                let b = bf16::PackedBf16::pack(src, k, n, rs, cs).dequantized();
+                assert_eq!(b, rounded, "bf16 {shape}");
+                let i = int8::PackedInt8::pack(src, k, n, rs, cs).dequantized();
+                assert_eq!(i, quantized, "int8 {shape}");
+                let ab = amx::PackedAmx::pack(amx::AmxKind::Bf16, src, k, n, rs, cs);
+                assert_eq!(ab.dequantized(), rounded, "AMX bf16 {shape}");
+                let ai = amx::PackedAmx::pack(amx::AmxKind::Int8, src, k, n, rs, cs);
+                assert_eq!(ai.dequantized(), quantized, "AMX int8 {shape}");
+            }
         }
     }
 }
