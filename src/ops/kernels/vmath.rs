@@ -404,7 +404,21 @@ fn scaled_biased_softmax_row_body<const F: bool>(
     table: &[f32],
     index: &[u32],
 ) -> f32 {
-    // Pass 1: scale, add the gathered bias, and track the maximum (16 lanes).
+    let m = scaled_biased_max_body::<F>(row, scale, table, index);
+    // Pass 2: exponentials and their sum; the caller divides by it.
+    exp_shift_sum::<F>(row, m)
+}
+
+/// Pass 1 of an attention row: `row * scale + table[index]` in place; returns its maximum
+/// (NaN ignored).
+#[inline(always)]
+fn scaled_biased_max_body<const F: bool>(
+    row: &mut [f32],
+    scale: f32,
+    table: &[f32],
+    index: &[u32],
+) -> f32 {
+    // Scale, add the gathered bias, and track the maximum (16 lanes).
     let mut acc = [f32::NEG_INFINITY; LANES];
     if table.is_empty() {
         let mut chunks = row.chunks_exact_mut(LANES);
@@ -435,9 +449,7 @@ fn scaled_biased_softmax_row_body<const F: bool>(
             acc[0] = acc[0].max(*v);
         }
     }
-    let m = acc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    // Pass 2: exponentials and their sum; the caller divides by it.
-    exp_shift_sum::<F>(row, m)
+    acc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
 }
 
 /// [`scaled_biased_softmax_row_body`] on AVX-512, the bias read with one gather per 16 scores
@@ -453,10 +465,71 @@ unsafe fn scaled_biased_exp_row_v4(
     table: &[f32],
     index: &[u32],
 ) -> f32 {
-    use std::arch::x86_64::*;
     if table.is_empty() {
         return scaled_biased_softmax_row_body::<true>(row, scale, table, index);
     }
+    let m = scaled_biased_max_v4(row, scale, table, index);
+    exp_shift_sum_v4(row, m)
+}
+
+/// [`scaled_biased_exp_row`] on AVX-512 with the exponentials written as bf16 pairs into
+/// `pairs` (`⌈row.len() / 2⌉` lanes, a missing last value 0) instead of into `row`: the
+/// probabilities as the bf16 attention's `P·V` reads them, without a pass that loads them back
+/// to convert them (~1.4 % of a Zen 5 bf16 b8 forward). The same sum and the same pairs as
+/// [`scaled_biased_exp_row`] then a conversion.
+///
+/// # Safety
+/// AVX512-BF16 (with AVX512F/VL/DQ/BW, AVX2, FMA); every index below the table's length.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx512bf16,avx2,fma")]
+pub(crate) unsafe fn scaled_biased_exp_row_pairs(
+    row: &mut [f32],
+    scale: f32,
+    table: &[f32],
+    index: &[u32],
+    pairs: &mut [u32],
+) -> f32 {
+    use std::arch::x86_64::*;
+    let m = if table.is_empty() {
+        scaled_biased_max_body::<true>(row, scale, table, index)
+    } else {
+        scaled_biased_max_v4(row, scale, table, index)
+    };
+    let n = row.len();
+    assert_eq!(pairs.len(), n.div_ceil(2));
+    let vmax = _mm512_set1_ps(m);
+    let mut acc = _mm512_setzero_ps();
+    let exp_at = |i: usize| -> (__m512, __mmask16) {
+        let at = row.as_ptr().add(i);
+        if i + 16 <= n {
+            (exp_v4(_mm512_sub_ps(_mm512_loadu_ps(at), vmax)), 0xffff)
+        } else {
+            let k = ((1u32 << n.saturating_sub(i).min(16)) - 1) as __mmask16;
+            let e = exp_v4(_mm512_sub_ps(_mm512_mask_loadu_ps(vmax, k, at), vmax));
+            (_mm512_maskz_mov_ps(k, e), k)
+        }
+    };
+    for i in (0..n).step_by(32) {
+        // Summed in the order of `exp_shift_sum_v4`: 16 values at a time.
+        let (e0, k0) = exp_at(i);
+        acc = _mm512_mask_add_ps(acc, k0, acc, e0);
+        let (e1, k1) = exp_at(i + 16);
+        acc = _mm512_mask_add_ps(acc, k1, acc, e1);
+        // `vcvtne2ps2bf16`: the second operand fills the low 16 bf16 values.
+        let p: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(e1, e0));
+        let lanes = (pairs.len() - i / 2).min(16);
+        let dst = pairs.as_mut_ptr().add(i / 2) as *mut i32;
+        _mm512_mask_storeu_epi32(dst, ((1u32 << lanes) - 1) as __mmask16, p);
+    }
+    reduce_pairwise(acc)
+}
+
+/// Pass 1 of [`scaled_biased_exp_row_v4`]: `row * scale + table[index]` in place, the bias read
+/// with one gather per 16 scores; returns the row's maximum (NaN scores ignored).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")]
+unsafe fn scaled_biased_max_v4(row: &mut [f32], scale: f32, table: &[f32], index: &[u32]) -> f32 {
+    use std::arch::x86_64::*;
     assert!(index.len() == row.len());
     let n = row.len();
     let vs = _mm512_set1_ps(scale);
@@ -487,7 +560,7 @@ unsafe fn scaled_biased_exp_row_v4(
         vm = _mm512_mask_max_ps(vm, k, v, vm);
         i += 16;
     }
-    exp_shift_sum_v4(row, _mm512_reduce_max_ps(vm))
+    _mm512_reduce_max_ps(vm)
 }
 
 /// [`exp_shift_sum`] with F = true on AVX-512, the same bits: the tail through masked loads
@@ -517,7 +590,15 @@ unsafe fn exp_shift_sum_v4(x: &mut [f32], max: f32) -> f32 {
         _mm512_mask_storeu_ps(at, k, e);
         acc = _mm512_mask_add_ps(acc, k, acc, e);
     }
-    // The portable code's pairwise order: lanes i and i + 8, then i + 4, i + 2, i + 1.
+    reduce_pairwise(acc)
+}
+
+/// The sum of 16 lanes in the portable code's pairwise order: lanes i and i + 8, then i + 4,
+/// i + 2, i + 1.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn reduce_pairwise(acc: std::arch::x86_64::__m512) -> f32 {
+    use std::arch::x86_64::*;
     let mut lanes = [0f32; 16];
     _mm512_storeu_ps(lanes.as_mut_ptr(), acc);
     let mut w = 16;

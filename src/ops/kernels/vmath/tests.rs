@@ -297,6 +297,58 @@ mod biased_row_tests {
     }
 }
 
+mod exp_pairs_tests {
+    use super::*;
+
+    /// The exponentials written as bf16 pairs: the same sum and the same pairs as the row
+    /// written in f32 then converted (`vcvtne2ps2bf16`), with and without a bias, on lengths
+    /// with no tail, a tail in either half of a 32-value step, a NaN.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn exp_row_as_pairs_equals_the_row_then_its_conversion() {
+        if !crate::ops::bf16::available() || !supported().contains(&Isa::Avx512) {
+            eprintln!("SKIPPED: no AVX512-BF16; the exponentials as pairs were not tested");
+            return;
+        }
+        let table: Vec<f32> = (0..732)
+            .map(|i| ((i * 29) % 97) as f32 * 0.013 - 0.6)
+            .collect();
+        for len in [1usize, 5, 16, 17, 31, 32, 33, 48, 197, 577] {
+            let row: Vec<f32> = (0..len)
+                .map(|i| ((i * 53) % 89) as f32 * 0.21 - 9.0)
+                .collect();
+            let index: Vec<u32> = (0..len).map(|i| ((i * 131 + 7) % 732) as u32).collect();
+            for (biased, with_nan) in [(true, false), (false, false), (true, true)] {
+                let (t, idx): (&[f32], &[u32]) = if biased { (&table, &index) } else { (&[], &[]) };
+                let mut a = row.clone();
+                if with_nan {
+                    a[len / 2] = f32::NAN;
+                }
+                let mut b = a.clone();
+                let sb = scaled_biased_exp_row_with(Isa::Avx512, &mut b, 0.125, t, idx);
+                let want: Vec<u32> = (0..len.div_ceil(2))
+                    .map(|q| {
+                        let half =
+                            |j: usize| b.get(j).map_or(0, |v| half::bf16::from_f32(*v).to_bits());
+                        half(2 * q) as u32 | (half(2 * q + 1) as u32) << 16
+                    })
+                    .collect();
+                let mut got = vec![7u32; len.div_ceil(2)];
+                // SAFETY: AVX512-BF16 checked; the indices are below the table's length.
+                let sa = unsafe { scaled_biased_exp_row_pairs(&mut a, 0.125, t, idx, &mut got) };
+                let case = format!("len {len} biased {biased} nan {with_nan}");
+                assert_eq!(sa.to_bits(), sb.to_bits(), "{case}: sums");
+                if with_nan {
+                    // A NaN score: quiet NaN bits may differ between the two conversions.
+                    assert!(sa.is_nan(), "{case}");
+                    continue;
+                }
+                assert_eq!(got, want, "{case}");
+            }
+        }
+    }
+}
+
 mod attention_row_probe {
     use super::*;
 
