@@ -82,7 +82,8 @@ impl BenchCmd {
             println!(
                 "{}",
                 serde_json::json!({"load_s": load.as_secs_f64(), "first_forward_s": first.as_secs_f64(),
-                                   "peak_rss_mib": bench::peak_rss_mib()})
+                                   "peak_rss_mib": bench::peak_rss_mib(),
+                                   "matmul_precision": beit::ops::packed::f32_matmul_precision().name()})
             );
             return Ok(());
         }
@@ -246,15 +247,20 @@ impl BenchCmd {
         let mut loads = Vec::new();
         let mut firsts = Vec::new();
         let mut rss = Vec::new();
+        let mut precision = None;
         for i in 0..4 {
+            // The child loads with this process's matmul precision (bf16 / int8 weights are
+            // packed at load).
+            let asked = beit::ops::packed::f32_matmul_precision().name();
             let out = Command::new(&exe)
-                .args(["bench", "--load-only"])
+                .args(["bench", "--matmul-precision", asked, "--load-only"])
                 .arg(&dir)
                 .output()?;
             if !out.status.success() {
                 anyhow::bail!("load test failed: {}", String::from_utf8_lossy(&out.stderr));
             }
             let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            precision = v["matmul_precision"].as_str().map(str::to_string);
             if i > 0 {
                 loads.push(v["load_s"].as_f64().unwrap_or(f64::NAN));
                 firsts.push(v["first_forward_s"].as_f64().unwrap_or(f64::NAN));
@@ -266,11 +272,12 @@ impl BenchCmd {
         }
         let (l, f) = (bench::median(&loads), bench::median(&firsts));
         Ok(format!(
-            "load {:.3} s + first forward {:.3} s = {:.3} s, peak RSS {:.0} MiB",
+            "load {:.3} s + first forward {:.3} s = {:.3} s, peak RSS {:.0} MiB (matmul precision {})",
             l,
             f,
             l + f,
-            bench::median(&rss)
+            bench::median(&rss),
+            precision.unwrap_or_default()
         ))
     }
 }
