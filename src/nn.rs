@@ -55,8 +55,8 @@ impl Linear {
     /// The `[out, in]` weight. A frozen layer on packed kernels keeps no f32 copy (that would
     /// double the memory of an f32 model and add 4 bytes per parameter to a bf16 / int8 one),
     /// so for the paths that do not run those kernels (generic ops, see
-    /// `ops::set_generic_only`) the packed copy is read back: the same values in f32, rounded
-    /// to bf16 or quantised in bf16 / int8. Stored `[in, out]` as [`Linear::freeze`] does.
+    /// `ops::set_generic_only`) the packed copy is read back as the kernels use it: f32
+    /// exactly, bf16 rounded, int8 quantised. Stored `[in, out]` as [`Linear::freeze`] does.
     pub fn weight(&self) -> Result<Tensor> {
         if let Some(w) = &self.weight {
             return Ok(w.clone());
@@ -64,7 +64,7 @@ impl Linear {
         let (k, n, w) = match (&self.packed, &self.f32_panels) {
             (Some(p), _) => (p.k(), p.n(), p.dequantized()),
             (None, Some(p)) => (p.k(), p.n(), p.unpack()),
-            (None, None) => unreachable!("a linear layer without a weight"),
+            (None, None) => candle_core::bail!("a linear layer without a weight"),
         };
         Tensor::from_vec(w, (k, n), &candle_core::Device::Cpu)?.t()
     }
