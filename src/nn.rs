@@ -657,14 +657,7 @@ mod tests {
             .unwrap()
             .broadcast_add(&bias)
             .unwrap();
-        let d = (layer.forward(&x).unwrap() - reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = ops::max_abs_diff(&layer.forward(&x).unwrap(), &reference);
         assert!(d <= if tol > 0.0 { 0.1 } else { 1e-4 }, "{d}");
     }
 }
