@@ -225,6 +225,42 @@ impl PanelWeight for PackedBf16 {
 /// Rows `[r0, r0 + MR)` of `A` (`m x k`, row stride `lda`) as bf16 pairs, `panel[q * MR + i]` =
 /// (row `r0 + i`, depth `2q` and `2q + 1`), zero padded past `m` and `k`.
 fn pack_a(a: &[f32], k: usize, lda: usize, m: usize, r0: usize, panel: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: AVX512-BF16 checked.
+        return unsafe { pack_a_avx512(a, k, lda, m, r0, panel) };
+    }
+    pack_a_scalar(a, k, lda, m, r0, panel)
+}
+
+/// [`pack_a`] on AVX-512: 32 values of each of the 14 rows converted to 16 pairs in registers,
+/// transposed 16 x 16 and stored as one 14-lane vector per pair column (the portable loop,
+/// a scalar store per pair, took ~2.4 % of a Zen 5 bf16 b8 forward).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_a_avx512(a: &[f32], k: usize, lda: usize, m: usize, r0: usize, panel: &mut [u32]) {
+    use std::arch::x86_64::*;
+    let kq = panel.len() / MR;
+    debug_assert!(kq >= k.div_ceil(2));
+    let rows = MR.min(m.saturating_sub(r0));
+    let mask = ((1u32 << MR) - 1) as __mmask16;
+    for q0 in (0..kq).step_by(16) {
+        let mut v = [_mm512_setzero_si512(); 16];
+        if 2 * q0 < k {
+            for (i, v) in v.iter_mut().take(rows).enumerate() {
+                let r = r0 + i;
+                *v = pairs_at(&a[r * lda..r * lda + k], 2 * q0);
+            }
+        }
+        super::packed::transpose_16x16(&mut v);
+        for (t, v) in v.iter().take(kq - q0).enumerate() {
+            _mm512_mask_storeu_epi32(panel.as_mut_ptr().add((q0 + t) * MR) as *mut i32, mask, *v);
+        }
+    }
+}
+
+/// [`pack_a`] a value at a time.
+fn pack_a_scalar(a: &[f32], k: usize, lda: usize, m: usize, r0: usize, panel: &mut [u32]) {
     let kq = panel.len() / MR;
     let mut row16 = vec![0u16; 2 * kq];
     for i in 0..MR {
@@ -280,6 +316,38 @@ unsafe fn kernel<const R: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vector_packing_matches_the_scalar_one() {
+        if !available() {
+            eprintln!("SKIPPED: no AVX512-BF16 on this CPU; the vector packing was not tested");
+            return;
+        }
+        // Depths odd, under and over 32 values, past the last group of 16 pairs; rows that end
+        // inside the tile; a row stride wider than the depth; NaN, infinities and ties.
+        for &(m, k, lda) in &[
+            (14usize, 64usize, 64usize),
+            (5, 7, 9),
+            (20, 33, 40),
+            (3, 768, 800),
+        ] {
+            let mut a: Vec<f32> = (0..m * lda)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.173)
+                .collect();
+            a[1] = f32::NAN;
+            a[2] = f32::INFINITY;
+            a[3] = f32::from_bits(0x3f80_8000);
+            for r0 in (0..m).step_by(MR) {
+                for kq in [k.div_ceil(2), k.div_ceil(2) + 3] {
+                    let mut want = vec![7u32; kq * MR];
+                    let mut got = vec![9u32; kq * MR];
+                    pack_a_scalar(&a, k, lda, m, r0, &mut want);
+                    unsafe { pack_a_avx512(&a, k, lda, m, r0, &mut got) };
+                    assert_eq!(got, want, "{m}x{k} (lda {lda}) from row {r0}, {kq} pairs");
+                }
+            }
+        }
+    }
     use crate::ops::packed::Epi;
     use crate::ops::vmath::TileOp;
 

@@ -572,7 +572,7 @@ unsafe fn store_pairs_avx512(
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn transpose_16x16(v: &mut [std::arch::x86_64::__m512i; 16]) {
+pub(super) unsafe fn transpose_16x16(v: &mut [std::arch::x86_64::__m512i; 16]) {
     use std::arch::x86_64::*;
     let mut t = [_mm512_setzero_si512(); 16];
     // 32-bit lanes of row pairs, then 64-bit lanes of pair pairs: 4 x 4 blocks per 128-bit lane.
