@@ -35,7 +35,8 @@ fn a_worker_thread_reuses_the_memory_it_freed() {
         })
         .join()
         .unwrap();
-        // Faulting the 80 MB in again would be ~20 000 faults per step (4 KB pages).
+        // Without the pad glibc deletes the arena's second heap after every step, and the
+        // ~20 MB above the first heap are faulted in again: 20 484 faults in 4 steps measured.
         assert!(
             faults < 2_000,
             "{faults} page faults in 4 steps that reuse freed memory"

@@ -316,6 +316,8 @@ unsafe fn kernel<const R: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::packed::Epi;
+    use crate::ops::vmath::TileOp;
 
     #[test]
     fn vector_packing_matches_the_scalar_one() {
@@ -348,8 +350,6 @@ mod tests {
             }
         }
     }
-    use crate::ops::packed::Epi;
-    use crate::ops::vmath::TileOp;
 
     #[test]
     fn bf16_gemm_matches_f64_product_of_rounded_inputs() {
