@@ -419,7 +419,9 @@ unsafe impl std::alloc::GlobalAlloc for CacheLineAligned {
 /// that much. An int8 BEiT-base b8 forward faulted in ~85 MB afresh each time (21 000 page
 /// faults): 246-257 -> 224-235 ms on 2 Zen 5 cores, peak RSS 240 -> 212 MiB. One arena for all
 /// threads (`M_ARENA_MAX` 1) did as well there but cost batch 1 2-4 % (the threads of one
-/// forward contend for its lock).
+/// forward contend for its lock). The pad is address space, not memory: a thread arena's heap
+/// is mapped writable 64 MB at a time, which only counts where the kernel refuses overcommit
+/// (`vm.overcommit_memory = 2`).
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; called before heavy allocation.
