@@ -243,7 +243,6 @@ unsafe fn pack_a_avx512(a: &[f32], k: usize, lda: usize, m: usize, r0: usize, pa
     let kq = panel.len() / MR;
     debug_assert!(kq >= k.div_ceil(2));
     let rows = MR.min(m.saturating_sub(r0));
-    let mask = ((1u32 << MR) - 1) as __mmask16;
     for q0 in (0..kq).step_by(16) {
         let mut v = [_mm512_setzero_si512(); 16];
         if 2 * q0 < k {
@@ -253,9 +252,9 @@ unsafe fn pack_a_avx512(a: &[f32], k: usize, lda: usize, m: usize, r0: usize, pa
             }
         }
         super::packed::transpose_16x16(&mut v);
-        for (t, v) in v.iter().take(kq - q0).enumerate() {
-            _mm512_mask_storeu_epi32(panel.as_mut_ptr().add((q0 + t) * MR) as *mut i32, mask, *v);
-        }
+        // All MR rows: those past `m` are zeros.
+        let n = (kq - q0).min(16);
+        super::packed::store_lane_columns(panel.as_mut_ptr().add(q0 * MR), &v, n, MR);
     }
 }
 

@@ -221,6 +221,70 @@ unsafe fn quantize_row_avx512(x: &[f32], out: &mut [u8]) -> f32 {
     s
 }
 
+/// [`PanelWeight::pack_rows`] of [`PackedInt8`] a row, then a quad, at a time.
+fn pack_rows_scalar(
+    a: &[f32],
+    (k, g, lda): (usize, usize, usize),
+    m: usize,
+    r0: usize,
+    panel: &mut [u32],
+    scales: &mut [f32],
+) {
+    let mut row = vec![128u8; 4 * g];
+    for i in 0..MR {
+        let r = r0 + i;
+        if r >= m {
+            for q in 0..g {
+                panel[q * MR + i] = 0;
+            }
+            scales[i] = 0.0;
+            continue;
+        }
+        scales[i] = quantize_row(&a[r * lda..r * lda + k], &mut row[..k]);
+        for (q, quad) in row.chunks_exact(4).enumerate() {
+            panel[q * MR + i] = u32::from_le_bytes([quad[0], quad[1], quad[2], quad[3]]);
+        }
+    }
+}
+
+/// [`PanelWeight::pack_rows`] of [`PackedInt8`] (`k` values and `g` quads per row) on AVX-512:
+/// the 14 rows quantised, then 16 quads of each row transposed 16 x 16 in registers and stored
+/// by [`super::packed::store_lane_columns`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pack_rows_avx512(
+    a: &[f32],
+    (k, g, lda): (usize, usize, usize),
+    m: usize,
+    r0: usize,
+    panel: &mut [u32],
+    scales: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let rows = MR.min(m.saturating_sub(r0));
+    // Past `k`, the quantised zero (128), as the weights' padding expects.
+    let mut q = vec![128u8; rows * 4 * g];
+    for i in 0..MR {
+        scales[i] = if i < rows {
+            let r = r0 + i;
+            quantize_row_avx512(&a[r * lda..r * lda + k], &mut q[i * 4 * g..i * 4 * g + k])
+        } else {
+            0.0
+        };
+    }
+    for q0 in (0..g).step_by(16) {
+        let n = (g - q0).min(16);
+        let bytes: __mmask64 = if n == 16 { !0 } else { (1u64 << (4 * n)) - 1 };
+        let mut v = [_mm512_setzero_si512(); 16];
+        for (i, v) in v.iter_mut().take(rows).enumerate() {
+            *v = _mm512_maskz_loadu_epi8(bytes, q.as_ptr().add(i * 4 * g + 4 * q0) as *const i8);
+        }
+        super::packed::transpose_16x16(&mut v);
+        // All MR rows: those past `m` are zeros.
+        super::packed::store_lane_columns(panel.as_mut_ptr().add(q0 * MR), &v, n, MR);
+    }
+}
+
 impl PanelWeight for PackedInt8 {
     fn k(&self) -> usize {
         self.k
@@ -245,21 +309,12 @@ impl PanelWeight for PackedInt8 {
         scales: &mut [f32],
     ) {
         let (k, g) = (self.k, self.g);
-        let mut row = vec![128u8; 4 * g];
-        for i in 0..MR {
-            let r = r0 + i;
-            if r >= m {
-                for q in 0..g {
-                    panel[q * MR + i] = 0;
-                }
-                scales[i] = 0.0;
-                continue;
-            }
-            scales[i] = quantize_row(&a[r * lda..r * lda + k], &mut row[..k]);
-            for (q, quad) in row.chunks_exact(4).enumerate() {
-                panel[q * MR + i] = u32::from_le_bytes([quad[0], quad[1], quad[2], quad[3]]);
-            }
+        #[cfg(target_arch = "x86_64")]
+        if available() {
+            // SAFETY: the features were just checked.
+            return unsafe { pack_rows_avx512(a, (k, g, lda), m, r0, panel, scales) };
         }
+        pack_rows_scalar(a, (k, g, lda), m, r0, panel, scales)
     }
 
     unsafe fn tile(
@@ -356,6 +411,35 @@ mod tests {
         (0..len)
             .map(|i| (((i * 7919 + seed * 104729) % 1013) as f32 / 506.0 - 1.0) * scale)
             .collect()
+    }
+
+    #[test]
+    fn vector_packing_matches_the_scalar_one() {
+        if !available() {
+            eprintln!("SKIPPED: no AVX512-VNNI on this CPU; the vector packing was not tested");
+            return;
+        }
+        // Partial quads, under and over 16 quads, past the last full group; rows that end
+        // inside the tile; a row stride wider than the depth; a NaN row.
+        for &(m, k, lda) in &[
+            (14usize, 64usize, 64usize),
+            (5, 7, 9),
+            (20, 67, 70),
+            (3, 768, 800),
+        ] {
+            let mut a = data(m * lda, m + k, 3.0);
+            a[lda + 1] = f32::NAN;
+            let g = k.div_ceil(4);
+            for r0 in (0..m + MR).step_by(MR) {
+                let mut want = (vec![7u32; g * MR], vec![7f32; MR]);
+                let mut got = (vec![9u32; g * MR], vec![9f32; MR]);
+                pack_rows_scalar(&a, (k, g, lda), m, r0, &mut want.0, &mut want.1);
+                unsafe { pack_rows_avx512(&a, (k, g, lda), m, r0, &mut got.0, &mut got.1) };
+                assert_eq!(got.0, want.0, "{m}x{k} (lda {lda}) from row {r0}");
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got.1), bits(&want.1), "scales, {m}x{k} from row {r0}");
+            }
+        }
     }
 
     /// The kernel computes exactly `Σ_k deq(a)_mk deq(w)_kn` (up to f32 rounding of the

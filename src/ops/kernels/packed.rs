@@ -561,12 +561,60 @@ unsafe fn store_pairs_avx512(
         }
         transpose_16x16(&mut v);
         let base = lanes.add(((r0 + i0) / MR) * groups * MR);
-        let mask = ((1u32 << nr) - 1) as __mmask16;
-        for (t, v) in v.iter().take(cols.div_ceil(2)).enumerate() {
-            _mm512_mask_storeu_epi32(base.add((q0 + t) * MR) as *mut i32, mask, *v);
-        }
+        store_lane_columns(base.add(q0 * MR), &v, cols.div_ceil(2), nr);
     }
 }
+
+/// The first `rows` lanes of `v[t]` to `dst[t * MR..]` for `t < n` (16 columns of a tile's
+/// panel lanes, transposed). A full block (`n` 16, `rows` MR) is 16 x 14 consecutive lanes,
+/// 14 whole 64-byte vectors: they are assembled with one `vpermt2d` each and stored whole,
+/// where 16 stores of 14 lanes, 56 bytes apart, mostly crossed a cache line.
+///
+/// # Safety
+/// `dst` must address `(n - 1) * MR + rows` lanes (all `16 * MR` for a full block); AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn store_lane_columns(
+    dst: *mut u32,
+    v: &[std::arch::x86_64::__m512i; 16],
+    n: usize,
+    rows: usize,
+) {
+    use std::arch::x86_64::*;
+    if n == 16 && rows == MR {
+        for (j, idx) in LINE_INDEX.iter().enumerate() {
+            let t = 16 * j / MR;
+            let b = v[(t + 1).min(15)];
+            let w =
+                _mm512_permutex2var_epi32(v[t], _mm512_loadu_si512(idx.as_ptr() as *const _), b);
+            _mm512_storeu_si512(dst.add(16 * j) as *mut _, w);
+        }
+        return;
+    }
+    let mask = ((1u32 << rows) - 1) as __mmask16;
+    for (t, v) in v.iter().take(n).enumerate() {
+        _mm512_mask_storeu_epi32(dst.add(t * MR) as *mut i32, mask, *v);
+    }
+}
+
+/// For vector `j` of a full block of [`store_lane_columns`], where lane `l` (block lane
+/// `e = 16j + l`: column `e / MR`, row `e % MR`) is found in `permutex2var(v[t], idx, v[t + 1])`,
+/// `t = 16j / MR`.
+const LINE_INDEX: [[u32; 16]; MR] = {
+    let mut idx = [[0u32; 16]; MR];
+    let mut j = 0;
+    while j < MR {
+        let t = 16 * j / MR;
+        let mut l = 0;
+        while l < 16 {
+            let e = 16 * j + l;
+            idx[j][l] = ((e / MR - t) * 16 + e % MR) as u32;
+            l += 1;
+        }
+        j += 1;
+    }
+    idx
+};
 
 /// Transpose 16 x 16 32-bit lanes in registers: lane `j` of `v[i]` goes to lane `i` of `v[j]`.
 #[cfg(target_arch = "x86_64")]
