@@ -234,7 +234,7 @@ fn pack_a(a: &[f32], k: usize, lda: usize, m: usize, r0: usize, panel: &mut [u32
 }
 
 /// [`pack_a`] on AVX-512: 32 values of each of the 14 rows converted to 16 pairs in registers,
-/// transposed 16 x 16 and stored as one 14-lane vector per pair column (the portable loop,
+/// transposed 16 x 16 and stored by [`super::packed::store_lane_columns`] (the portable loop,
 /// a scalar store per pair, took ~2.4 % of a Zen 5 bf16 b8 forward).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]

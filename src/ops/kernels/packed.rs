@@ -534,8 +534,8 @@ unsafe fn store_pairs_scalar(
 }
 
 /// [`store_pairs`] on AVX-512: each tile's (up to) 14 rows converted to pairs in registers,
-/// transposed 16 x 16, and each pair column stored as one masked vector of 14 lanes (the scalar
-/// scatter, a store per pair, was ~4 % of a Zen 5 bf16 b8 forward).
+/// transposed 16 x 16, and stored by [`store_lane_columns`] (the scalar scatter, a store per
+/// pair, was ~4 % of a Zen 5 bf16 b8 forward).
 ///
 /// # Safety
 /// As [`store_pairs`], on a CPU with AVX512-BF16; `r0` a multiple of `MR`.
