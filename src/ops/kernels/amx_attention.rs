@@ -52,6 +52,10 @@ pub struct Head<'a> {
     /// This head's bias table row and the index rows of the block's queries (empty: none).
     pub table: &'a [f32],
     pub index: &'a [u32],
+    /// The same bias expanded for the block's rows (`r x s`) where the caller shares one
+    /// expansion among images (empty: gathered from `table` where used). Read by the AVX512-BF16
+    /// kernel only.
+    pub bias: &'a [f32],
 }
 
 /// `softmax(Q Kᵀ · scale + bias) V` for the block, written to `out` (row `i` at

@@ -25,6 +25,10 @@ pub struct Scratch {
     q: Vec<u32>,
     p: Vec<u32>,
     scores: Vec<f32>,
+    /// The block's bias rows, gathered here when the caller did not expand them.
+    bias: Vec<f32>,
+    /// Each score row's running maximum, 16 lanes per row.
+    maxima: Vec<f32>,
     inv: Vec<f32>,
 }
 
@@ -73,27 +77,48 @@ pub unsafe fn attention_block(h: &Head<'_>, out: *mut f32, ldo: usize, sc: &mut 
         let x = &h.qkv[(h.i0 + i) * h.ld + h.col..][..hd];
         row_to_pairs(x, &mut sc.q[i * hq..(i + 1) * hq]);
     }
-    // S = Q·Kᵀ (r x s, f32), then each row's unnormalised probabilities as pairs.
+    // The bias of the block's rows, expanded from the table unless the caller shares it.
+    let bias: &[f32] = if !h.bias.is_empty() {
+        assert_eq!(h.bias.len(), r * s);
+        h.bias
+    } else if !h.table.is_empty() {
+        sc.bias.resize(r * s, 0.0);
+        vmath::gather(h.table, h.index, &mut sc.bias);
+        &sc.bias
+    } else {
+        &[]
+    };
+    // S = Q·Kᵀ · scale + bias (r x s, f32) with each row's maximum, then each row's
+    // unnormalised probabilities as pairs.
     sc.scores.resize(r * s, 0.0);
-    scores(&sc.q, hq, r, &sc.keys, s, sc.scores.as_mut_ptr());
+    sc.maxima.clear();
+    sc.maxima.resize(r * 16, f32::NEG_INFINITY);
+    let epilogue = ScoreEpilogue {
+        scale: h.scale,
+        bias: if bias.is_empty() {
+            std::ptr::null()
+        } else {
+            bias.as_ptr()
+        },
+        maxima: sc.maxima.as_mut_ptr(),
+    };
+    scores(&sc.q, hq, r, &sc.keys, s, sc.scores.as_mut_ptr(), &epilogue);
     sc.inv.resize(r, 0.0);
     sc.p.resize(r * sq, 0);
-    let rows = sc.scores.chunks_exact_mut(s).zip(sc.p.chunks_exact_mut(sq));
+    let rows = sc.scores.chunks_exact(s).zip(sc.p.chunks_exact_mut(sq));
     for (i, (row, prow)) in rows.enumerate() {
-        let idx = if h.index.is_empty() {
-            h.index
-        } else {
-            &h.index[i * s..(i + 1) * s]
-        };
         #[cfg(target_arch = "x86_64")]
         {
-            // SAFETY: AVX512-BF16 is checked by every caller of this module; the indices by
-            // `ops::attention`.
-            let sum = vmath::scaled_biased_exp_row_pairs(row, h.scale, h.table, idx, prow);
+            use std::arch::x86_64::*;
+            // SAFETY: AVX512-BF16 is checked by every caller of this module.
+            let sum = unsafe {
+                let m = _mm512_reduce_max_ps(_mm512_loadu_ps(sc.maxima.as_ptr().add(16 * i)));
+                vmath::exp_row_pairs(row, m, prow)
+            };
             sc.inv[i] = 1.0 / sum;
         }
         #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("{row:?} {prow:?} {idx:?}");
+        unreachable!("{row:?} {prow:?} {i}");
     }
     // O = diag(inv) · P·V.
     context(&sc.p, sq, r, &sc.values, vw, hd, &sc.inv, out, ldo);
@@ -161,11 +186,30 @@ unsafe fn interleave_rows_avx512(even: &[f32], odd: Option<&[f32]>, dst: &mut [u
     }
 }
 
-/// `c[i * s + j] = Σ_q Q[i][q] · K[j][q]` over pairs, for `r` rows of `q` (`hq` lanes each).
+/// What a tile of scores does with its sums: `c = sum · scale + bias` (`bias` null: none;
+/// row `i` of the block at `bias + i * s`, as in `c`), and each row's running maximum updated
+/// (16 lanes per row at `maxima + 16 * i`; NaN scores ignored, as `f32::max` does).
+struct ScoreEpilogue {
+    scale: f32,
+    bias: *const f32,
+    maxima: *mut f32,
+}
+
+/// `c[i * s + j] = Σ_q Q[i][q] · K[j][q]` over pairs, for `r` rows of `q` (`hq` lanes each),
+/// then the epilogue.
 ///
 /// # Safety
-/// AVX512-BF16; `c` must address `r * s` floats.
-unsafe fn scores(q: &[u32], hq: usize, r: usize, keys: &[u32], s: usize, c: *mut f32) {
+/// AVX512-BF16; `c` (and a non-null `ep.bias`) must address `r * s` floats, `ep.maxima`
+/// `16 * r`.
+unsafe fn scores(
+    q: &[u32],
+    hq: usize,
+    r: usize,
+    keys: &[u32],
+    s: usize,
+    c: *mut f32,
+    ep: &ScoreEpilogue,
+) {
     debug_assert!(q.len() >= r * hq && keys.len() >= s.div_ceil(NR) * hq * NR);
     for pn in 0..s.div_ceil(NR) {
         let cols = NR.min(s - pn * NR);
@@ -173,17 +217,28 @@ unsafe fn scores(q: &[u32], hq: usize, r: usize, keys: &[u32], s: usize, c: *mut
         let mut i0 = 0;
         while i0 < r {
             let rows = MR.min(r - i0);
-            let (qi, ci) = (q.as_ptr().add(i0 * hq), c.add(i0 * s + pn * NR));
+            let (qi, at) = (q.as_ptr().add(i0 * hq), i0 * s + pn * NR);
+            let tile = ScoreEpilogue {
+                scale: ep.scale,
+                bias: if ep.bias.is_null() {
+                    ep.bias
+                } else {
+                    ep.bias.add(at)
+                },
+                maxima: ep.maxima.add(16 * i0),
+            };
             #[cfg(target_arch = "x86_64")]
-            by_rows!(rows, qk_tile(hq, qi, panel, ci, s, cols));
+            by_rows!(rows, qk_tile(hq, qi, panel, c.add(at), s, cols, &tile));
             #[cfg(not(target_arch = "x86_64"))]
-            unreachable!("{qi:?} {ci:?} {cols} {panel:?}");
+            unreachable!("{qi:?} {at} {cols} {panel:?} {:?}", tile.maxima);
             i0 += MR;
         }
     }
 }
 
-/// `R` query rows against one 32-key panel.
+/// `R` query rows against one 32-key panel, then the epilogue on the tile (in registers: the
+/// scores are stored once, scaled and biased, instead of read back by a pass that adds the
+/// bias and finds the maximum).
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bf16")]
@@ -194,6 +249,7 @@ unsafe fn qk_tile<const R: usize>(
     c: *mut f32,
     ldc: usize,
     cols: usize,
+    ep: &ScoreEpilogue,
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
@@ -208,9 +264,26 @@ unsafe fn qk_tile<const R: usize>(
         }
     }
     let (m0, m1) = col_masks(cols);
+    let vs = _mm512_set1_ps(ep.scale);
     for (i, acc_i) in acc.iter().enumerate() {
-        _mm512_mask_storeu_ps(c.add(i * ldc), m0, acc_i[0]);
-        _mm512_mask_storeu_ps(c.add(i * ldc + 16), m1, acc_i[1]);
+        // The same operations as the f32 path's pass over a row: one fused multiply-add (a
+        // multiply without a bias), so the same bits.
+        let (v0, v1) = if ep.bias.is_null() {
+            (_mm512_mul_ps(acc_i[0], vs), _mm512_mul_ps(acc_i[1], vs))
+        } else {
+            let b = ep.bias.add(i * ldc);
+            (
+                _mm512_fmadd_ps(acc_i[0], vs, _mm512_maskz_loadu_ps(m0, b)),
+                _mm512_fmadd_ps(acc_i[1], vs, _mm512_maskz_loadu_ps(m1, b.add(16))),
+            )
+        };
+        _mm512_mask_storeu_ps(c.add(i * ldc), m0, v0);
+        _mm512_mask_storeu_ps(c.add(i * ldc + 16), m1, v1);
+        // `vmaxps` returns its second operand where either is NaN: NaN scores are skipped.
+        let at = ep.maxima.add(16 * i);
+        let mx = _mm512_loadu_ps(at);
+        let mx = _mm512_mask_max_ps(mx, m0, v0, mx);
+        _mm512_storeu_ps(at, _mm512_mask_max_ps(mx, m1, v1, mx));
     }
 }
 
@@ -327,7 +400,8 @@ mod tests {
 
     /// One block against f64 sums of the bf16-rounded operands, on shapes with partial panels,
     /// tiles and pairs (odd s, odd hd, hd above 32), a block not starting at row 0, and
-    /// consecutive blocks of one head (the cached keys and values).
+    /// consecutive blocks of one head (the cached keys and values); the bias gathered from its
+    /// table, given expanded (the same bits), or absent.
     #[test]
     fn block_matches_f64_attention_of_rounded_operands() {
         if !available() {
@@ -348,52 +422,75 @@ mod tests {
             let qkv: Vec<f32> = (0..s * ld)
                 .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 400.0)
                 .collect();
-            let table: Vec<f32> = (0..9).map(|i| i as f32 * 0.1 - 0.4).collect();
-            let index: Vec<u32> = (0..s * s).map(|i| (i * 5 % 9) as u32).collect();
+            // A bias as large as the scores, so that a wrong row or column of it shows.
+            let table: Vec<f32> = (0..29).map(|i| (i * 17 % 29) as f32 * 0.25 - 3.5).collect();
+            let index: Vec<u32> = (0..s * s).map(|i| ((i * 5 + i / s) % 29) as u32).collect();
+            let rows = &index[i0 * s..(i0 + r) * s];
+            let mut expanded = vec![0f32; r * s];
+            vmath::gather(&table, rows, &mut expanded);
             let col = hd; // the second head
-            let head = Head {
-                qkv: &qkv,
-                ld,
-                col,
-                d,
-                hd,
-                s,
-                i0,
-                r,
-                scale: 0.3,
-                table: &table,
-                index: &index[i0 * s..(i0 + r) * s],
-            };
             let ldo = hd + 3;
-            let mut out = vec![f32::NAN; r * ldo];
-            unsafe { attention_block(&head, out.as_mut_ptr(), ldo, &mut sc) };
-            for i in 0..r {
-                let qi = i0 + i;
-                let logits: Vec<f64> = (0..s)
-                    .map(|j| {
-                        let dot: f64 = (0..hd)
-                            .map(|c| bf(qkv[qi * ld + col + c]) * bf(qkv[j * ld + col + d + c]))
-                            .sum();
-                        dot * 0.3 + table[index[qi * s + j] as usize] as f64
-                    })
-                    .collect();
-                let max = logits.iter().cloned().fold(f64::MIN, f64::max);
-                let e: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
-                let sum: f64 = e.iter().sum();
-                for c in 0..hd {
-                    // P rounded to bf16 as the kernel does (relative 2^-8).
-                    let want: f64 = (0..s)
-                        .map(|j| bf(e[j] as f32) * bf(qkv[j * ld + col + 2 * d + c]))
-                        .sum::<f64>()
-                        / sum;
-                    let got = out[i * ldo + c] as f64;
-                    assert!(
-                        (got - want).abs() < 2e-3,
-                        "s {s} hd {hd} rows {i0}+{r}: ({i},{c}) {got} vs {want}"
-                    );
+            let mut gathered_out = Vec::new();
+            for mode in ["gathered", "expanded", "none"] {
+                let head = Head {
+                    qkv: &qkv,
+                    ld,
+                    col,
+                    d,
+                    hd,
+                    s,
+                    i0,
+                    r,
+                    scale: 0.3,
+                    table: if mode == "gathered" { &table } else { &[] },
+                    index: if mode == "gathered" { rows } else { &[] },
+                    bias: if mode == "expanded" { &expanded } else { &[] },
+                };
+                let mut out = vec![f32::NAN; r * ldo];
+                unsafe { attention_block(&head, out.as_mut_ptr(), ldo, &mut sc) };
+                match mode {
+                    "gathered" => gathered_out = out.clone(),
+                    "expanded" => assert!(
+                        out.iter()
+                            .zip(&gathered_out)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "s {s} hd {hd}: the expanded bias gave other bits"
+                    ),
+                    _ => {}
                 }
-                for c in hd..ldo {
-                    assert!(out[i * ldo + c].is_nan(), "wrote past the row");
+                for i in 0..r {
+                    let qi = i0 + i;
+                    let logits: Vec<f64> = (0..s)
+                        .map(|j| {
+                            let dot: f64 = (0..hd)
+                                .map(|c| bf(qkv[qi * ld + col + c]) * bf(qkv[j * ld + col + d + c]))
+                                .sum();
+                            let b = if mode == "none" {
+                                0.0
+                            } else {
+                                table[index[qi * s + j] as usize] as f64
+                            };
+                            dot * 0.3 + b
+                        })
+                        .collect();
+                    let max = logits.iter().cloned().fold(f64::MIN, f64::max);
+                    let e: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    for c in 0..hd {
+                        // P rounded to bf16 as the kernel does (relative 2^-8).
+                        let want: f64 = (0..s)
+                            .map(|j| bf(e[j] as f32) * bf(qkv[j * ld + col + 2 * d + c]))
+                            .sum::<f64>()
+                            / sum;
+                        let got = out[i * ldo + c] as f64;
+                        assert!(
+                            (got - want).abs() < 2e-3,
+                            "{mode} s {s} hd {hd} rows {i0}+{r}: ({i},{c}) {got} vs {want}"
+                        );
+                    }
+                    for c in hd..ldo {
+                        assert!(out[i * ldo + c].is_nan(), "wrote past the row");
+                    }
                 }
             }
         }
@@ -440,6 +537,15 @@ mod probe {
             scale: 0.125,
             table: &table,
             index: &index,
+            bias: &[],
+        };
+        let mut expanded = vec![0f32; s * s];
+        vmath::gather(&table, &index, &mut expanded);
+        let shared = Head {
+            table: &[],
+            index: &[],
+            bias: &expanded,
+            ..head
         };
         let mut out = vec![0f32; s * d];
         let mut sc = Scratch::default();
@@ -449,7 +555,17 @@ mod probe {
             attention_block(&head, out.as_mut_ptr(), d, &mut sc)
         });
         eprintln!("block with K, V packed: {cold:.1} us");
-        let qk = time(&mut || unsafe { scores(&sc.q, 32, s, &sc.keys, s, sc.scores.as_mut_ptr()) });
+        let with_shared =
+            time(&mut || unsafe { attention_block(&shared, out.as_mut_ptr(), d, &mut sc) });
+        eprintln!("block with the bias expanded by the caller: {with_shared:.1} us");
+        let mut maxima = vec![0f32; 16 * s];
+        let ep = ScoreEpilogue {
+            scale: 0.125,
+            bias: expanded.as_ptr(),
+            maxima: maxima.as_mut_ptr(),
+        };
+        let qk =
+            time(&mut || unsafe { scores(&sc.q, 32, s, &sc.keys, s, sc.scores.as_mut_ptr(), &ep) });
         let pv = time(&mut || unsafe {
             context(
                 &sc.p,
@@ -463,20 +579,17 @@ mod probe {
                 d,
             )
         });
-        let mut rows = sc.scores.clone();
+        let rows = sc.scores.clone();
         let mut p = vec![0u32; s * 99];
         let sm = time(&mut || {
             for i in 0..s {
-                let row = &mut rows[i * s..(i + 1) * s];
-                let (idx, pr) = (&index[i * s..(i + 1) * s], &mut p[i * 99..(i + 1) * 99]);
-                // SAFETY: AVX512-BF16 (this module's precondition); indices below 732.
-                std::hint::black_box(unsafe {
-                    vmath::scaled_biased_exp_row_pairs(row, 0.125, &table, idx, pr)
-                });
+                let (row, pr) = (&rows[i * s..(i + 1) * s], &mut p[i * 99..(i + 1) * 99]);
+                // SAFETY: AVX512-BF16 (this module's precondition).
+                std::hint::black_box(unsafe { vmath::exp_row_pairs(row, 3.0, pr) });
             }
         });
         let flop = 2.0 * (s * s * hd) as f64;
-        eprintln!("block {total:.1} us; QK {qk:.1} us ({:.0} GFLOP/s); PV {pv:.1} us ({:.0}); softmax to pairs {sm:.1}",
+        eprintln!("block {total:.1} us; QK {qk:.1} us ({:.0} GFLOP/s); PV {pv:.1} us ({:.0}); exponentials to pairs {sm:.1}",
             flop / qk / 1e3, flop / pv / 1e3);
     }
 }

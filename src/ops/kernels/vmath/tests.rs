@@ -335,7 +335,15 @@ mod exp_pairs_tests {
                     .collect();
                 let mut got = vec![7u32; len.div_ceil(2)];
                 // SAFETY: AVX512-BF16 checked; the indices are below the table's length.
-                let sa = unsafe { scaled_biased_exp_row_pairs(&mut a, 0.125, t, idx, &mut got) };
+                // SAFETY: as above.
+                let sa = unsafe {
+                    let m = if biased {
+                        scaled_biased_max_v4(&mut a, 0.125, t, idx)
+                    } else {
+                        scaled_biased_max_body::<true>(&mut a, 0.125, t, idx)
+                    };
+                    exp_row_pairs(&a, m, &mut got)
+                };
                 let case = format!("len {len} biased {biased} nan {with_nan}");
                 assert_eq!(sa.to_bits(), sb.to_bits(), "{case}: sums");
                 if with_nan {
@@ -430,5 +438,40 @@ fn gelu_grad_rate() {
             best_exp * 1e9,
             o.iter().sum::<f32>()
         );
+    }
+}
+
+/// The bias expansion: every ISA gives `table[index]`, and NaN for an index past the table
+/// (none is read), on lengths with and without a tail.
+#[test]
+fn gather_reads_the_table_and_nothing_past_it() {
+    let table: Vec<f32> = (0..732)
+        .map(|i| (i * 37 % 101) as f32 * 0.07 - 3.0)
+        .collect();
+    for len in [0usize, 1, 15, 16, 17, 197 * 197] {
+        let index: Vec<u32> = (0..len).map(|i| (i * 131 % 732) as u32).collect();
+        let mut bad = index.clone();
+        if len > 0 {
+            bad[len / 2] = 732;
+            bad[len - 1] = u32::MAX;
+        }
+        for isa in supported() {
+            let mut out = vec![0f32; len];
+            gather_with(isa, &table, &index, &mut out);
+            assert!(
+                out.iter()
+                    .zip(&index)
+                    .all(|(o, &i)| *o == table[i as usize]),
+                "{isa:?} {len}"
+            );
+            gather_with(isa, &table, &bad, &mut out);
+            for (k, (o, &i)) in out.iter().zip(&bad).enumerate() {
+                if (i as usize) < table.len() {
+                    assert_eq!(*o, table[i as usize], "{isa:?} {len} at {k}");
+                } else {
+                    assert!(o.is_nan(), "{isa:?} {len} at {k}: {o}");
+                }
+            }
+        }
     }
 }
