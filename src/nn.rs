@@ -157,6 +157,22 @@ impl Linear {
         }
     }
 
+    /// This fused QKV projection (`heads` heads) stored in the bf16 attention's layouts
+    /// ([`ops::linear::qkv_inference_pairs`]); `None` unless this layer runs on the AVX-512
+    /// panels in bf16 or int8 and those layouts fit its heads.
+    pub fn qkv_inference_pairs(
+        &self,
+        x: &Tensor,
+        heads: usize,
+    ) -> Result<Option<ops::bf16_attention::QkvPairs>> {
+        match &self.packed {
+            Some(p) if x.dtype() == DType::F32 && ops::fast_cpu(x.device()) => {
+                ops::linear::qkv_inference_pairs(x, p, self.bias.as_ref(), heads)
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// `next(GELU(self(x)))` with the hidden activations kept in bf16
     /// ([`ops::linear::mlp_inference_bf16_hidden`]); `None` unless both layers run in bf16.
     pub fn mlp_inference_bf16_hidden(

@@ -6,7 +6,7 @@ use candle_nn::{Init, VarBuilder};
 use crate::config::BeitConfig;
 use crate::model::attention::BeitAttention;
 use crate::nn::{LayerNorm, Linear};
-use crate::ops::attention::{attention_inference, RelBias};
+use crate::ops::attention::{attention_inference, attention_inference_pairs, RelBias};
 use crate::ops::linear::Epilogue;
 use crate::ops::{self, Activation};
 use crate::profile;
@@ -87,29 +87,48 @@ impl BeitLayer {
     /// bias gathered from its table, and GEMMs whose bias / GELU / layer scale / residual are
     /// applied in the same pass over their output. Same maths as [`BeitLayer::forward`].
     pub fn forward_inference(&self, x: &Tensor, bias: Option<RelBias<'_>>) -> Result<Tensor> {
+        let ctx = self.attention_inference(x, bias)?;
+        self.finish_inference(x, &ctx)
+    }
+
+    /// The attention's context (heads merged, before the output projection) of
+    /// [`BeitLayer::forward_inference`].
+    fn attention_inference(&self, x: &Tensor, bias: Option<RelBias<'_>>) -> Result<Tensor> {
         let qkv_proj = self.attention.attention.fused_qkv().ok_or_else(|| {
             candle_core::Error::Msg("forward_inference needs a frozen layer".into())
         })?;
         let att = &self.attention.attention;
         let scale = (att.head_dim as f32).powf(-0.5);
         // On AMX each row is normalised as it is packed into tiles (no f32 LayerNorm output).
-        let qkv = match profile::time("layernorm+attn.qkv", || {
+        if let Some(qkv) = profile::time("layernorm+attn.qkv", || {
             qkv_proj.forward_inference_normed(x, &self.layernorm_before, Epilogue::Bias)
         })? {
-            Some(qkv) => qkv,
-            None => {
-                let ln1 = profile::time("layernorm", || self.layernorm_before.forward(x))?;
-                profile::time("attn.qkv", || {
-                    qkv_proj.forward_inference(&ln1, Epilogue::Bias)
-                })?
-            }
-        };
-        let ctx = profile::time("attn.core", || {
-            attention_inference(&qkv, att.num_heads, scale, bias, qkv_proj.is_packed())
+            return profile::time("attn.core", || {
+                attention_inference(&qkv, att.num_heads, scale, bias, qkv_proj.is_packed())
+            });
+        }
+        let ln1 = profile::time("layernorm", || self.layernorm_before.forward(x))?;
+        // On the AVX-512 panels in bf16 / int8 the projection is stored in the attention
+        // kernels' layouts.
+        if let Some(qkv) = profile::time("attn.qkv (bf16 pairs)", || {
+            qkv_proj.qkv_inference_pairs(&ln1, att.num_heads)
+        })? {
+            return profile::time("attn.core", || attention_inference_pairs(&qkv, scale, bias));
+        }
+        let qkv = profile::time("attn.qkv", || {
+            qkv_proj.forward_inference(&ln1, Epilogue::Bias)
         })?;
+        profile::time("attn.core", || {
+            attention_inference(&qkv, att.num_heads, scale, bias, qkv_proj.is_packed())
+        })
+    }
+
+    /// The output projection and the MLP of [`BeitLayer::forward_inference`], from the
+    /// attention's context `ctx`.
+    fn finish_inference(&self, x: &Tensor, ctx: &Tensor) -> Result<Tensor> {
         let h = profile::time("attn.proj", || {
             self.attention.output.forward_inference(
-                &ctx,
+                ctx,
                 Epilogue::BiasScaleResidual {
                     scale: self.lambda_1.as_ref(),
                     residual: x,

@@ -10,6 +10,7 @@
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
+use super::bf16_attention::QkvPairs;
 use super::gemm::{self, View, ViewMut};
 use super::{f32_data, vmath, SendPtr};
 
@@ -33,7 +34,7 @@ const EXPANDED_BIAS: usize = 1 << 22;
 
 /// Whether reduced-precision models run the products in bf16 on AVX512-BF16 where there is
 /// no AMX (default), or in f32 (`BEIT_BF16_ATTENTION=0`, for comparison).
-fn bf16_products() -> bool {
+pub(super) fn bf16_products() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("BEIT_BF16_ATTENTION").map_or(true, |v| v != "0"))
 }
@@ -70,10 +71,48 @@ pub fn attention_inference(
             qkv.dims()
         );
     }
-    let hd = d / heads;
     let qkv = qkv.contiguous()?;
     let qd = f32_data(&qkv)?;
-    let q = qd.get();
+    let out = attend(
+        (b, s, heads, d / heads),
+        Input::F32(qd.get()),
+        scale,
+        bias,
+        reduced,
+    )?;
+    drop(qd);
+    Tensor::from_vec(out, (b, s, d), qkv.device())
+}
+
+/// [`attention_inference`] of a projection stored by its epilogue in the bf16 kernels' layouts
+/// (a reduced-precision model on AVX512-BF16).
+pub fn attention_inference_pairs(
+    qkv: &QkvPairs,
+    scale: f32,
+    bias: Option<RelBias<'_>>,
+) -> Result<Tensor> {
+    let (b, s, heads, hd) = qkv.dims();
+    let out = attend((b, s, heads, hd), Input::Pairs(qkv), scale, bias, true)?;
+    Tensor::from_vec(out, (b, s, heads * hd), &candle_core::Device::Cpu)
+}
+
+/// The projection as the tasks read it.
+#[derive(Clone, Copy)]
+enum Input<'a> {
+    /// `[B, S, 3D]` row-major.
+    F32(&'a [f32]),
+    Pairs(&'a QkvPairs),
+}
+
+/// The CPU attention of `b` images of `s` tokens, `heads` heads of `hd` dimensions: `[B, S, D]`.
+fn attend(
+    (b, s, heads, hd): (usize, usize, usize, usize),
+    input: Input<'_>,
+    scale: f32,
+    bias: Option<RelBias<'_>>,
+    reduced: bool,
+) -> Result<Vec<f32>> {
+    let (d, d3) = (heads * hd, 3 * heads * hd);
     let table_t = bias.map(|r| r.table.contiguous()).transpose()?;
     let td = table_t.as_ref().map(f32_data).transpose()?;
     let (table, index, rows_per_head): (&[f32], &[u32], usize) = match (&td, bias) {
@@ -107,8 +146,9 @@ pub fn attention_inference(
     // columns with a non-accumulating GEMM.
     let mut out = unsafe { super::uninit_buffer::<f32>(b * s * d) };
     let out_ptr = SendPtr(out.as_mut_ptr());
-    let amx = reduced && super::amx_attention::available();
-    let bf16 = reduced && !amx && super::bf16_attention::available() && bf16_products();
+    let pairs = matches!(input, Input::Pairs(_));
+    let amx = reduced && !pairs && super::amx_attention::available();
+    let bf16 = pairs || (reduced && !amx && super::bf16_attention::available() && bf16_products());
     // The bf16 kernel adds the bias in the tile of scores, as rows: expanded once here for all
     // the images (a BEiT-base layer: 1.9 MB) rather than gathered by every (image, head).
     let expanded = if bf16 && !table.is_empty() && b > 1 && heads * s * s <= EXPANDED_BIAS {
@@ -144,6 +184,52 @@ pub fn attention_inference(
             let i0 = blk * rows;
             let r = rows.min(s - i0);
             let base = bi * s * d3;
+            let th = if table.is_empty() {
+                table
+            } else {
+                &table[h * rows_per_head..(h + 1) * rows_per_head]
+            };
+            let idx = if index.is_empty() {
+                index
+            } else {
+                &index[i0 * s..(i0 + r) * s]
+            };
+            let expanded_rows: &[f32] = if expanded.is_empty() {
+                &[]
+            } else {
+                &expanded[(h * s + i0) * s..(h * s + i0 + r) * s]
+            };
+            // SAFETY: rows [i0, i0 + r) and columns [h*hd, (h+1)*hd) of image bi belong to
+            // this task only.
+            let dst = unsafe { out_ptr.get().add((bi * s + i0) * d + h * hd) };
+            let q = match input {
+                Input::Pairs(qkv) => {
+                    let block = super::bf16_attention::Block {
+                        s,
+                        hd,
+                        r,
+                        scale,
+                        table: th,
+                        index: idx,
+                        bias: expanded_rows,
+                    };
+                    // SAFETY: AVX512-BF16 (`QkvPairs` exist only where it is); `dst` as above.
+                    unsafe {
+                        super::bf16_attention::attention_block_pairs(
+                            qkv,
+                            bi,
+                            h,
+                            i0,
+                            &block,
+                            dst,
+                            d,
+                            scratch_bf16,
+                        )
+                    };
+                    return;
+                }
+                Input::F32(q) => q,
+            };
             if amx || bf16 {
                 let head = super::amx_attention::Head {
                     qkv: &q[base..base + s * d3],
@@ -155,26 +241,12 @@ pub fn attention_inference(
                     i0,
                     r,
                     scale,
-                    table: if table.is_empty() {
-                        table
-                    } else {
-                        &table[h * rows_per_head..(h + 1) * rows_per_head]
-                    },
-                    index: if index.is_empty() {
-                        index
-                    } else {
-                        &index[i0 * s..(i0 + r) * s]
-                    },
-                    bias: if expanded.is_empty() {
-                        &[]
-                    } else {
-                        &expanded[(h * s + i0) * s..(h * s + i0 + r) * s]
-                    },
+                    table: th,
+                    index: idx,
+                    bias: expanded_rows,
                 };
-                // SAFETY: AMX / AVX512-BF16 checked above; rows [i0, i0 + r) and columns
-                // [h*hd, (h+1)*hd) of image bi belong to this task only.
+                // SAFETY: AMX / AVX512-BF16 checked above; `dst` as above.
                 unsafe {
-                    let dst = out_ptr.get().add((bi * s + i0) * d + h * hd);
                     if amx {
                         super::amx_attention::attention_block(&head, dst, d, scratch);
                     } else {
@@ -201,25 +273,18 @@ pub fn attention_inference(
             let sc = &mut scores[..r * s];
             // SAFETY: the views address rows [i0, i0 + r) / all S rows of this image's q, k, v.
             unsafe { gemm::gemm(r, s, hd, ViewMut::row_major(sc, 0, s), false, qv, kt, 1) };
-            let th = if table.is_empty() {
-                table
-            } else {
-                &table[h * rows_per_head..(h + 1) * rows_per_head]
-            };
             // Unnormalised probabilities; each row's 1/sum is applied to the r x hd context
             // instead of the r x S probabilities.
             for (ii, row) in sc.chunks_exact_mut(s).enumerate() {
                 let idx = if index.is_empty() {
                     index
                 } else {
-                    &index[(i0 + ii) * s..(i0 + ii + 1) * s]
+                    &idx[ii * s..(ii + 1) * s]
                 };
                 inv[ii] = 1.0 / vmath::scaled_biased_exp_row(row, scale, th, idx);
             }
             let dst = ViewMut {
-                // SAFETY: rows [i0, i0 + r) and columns [h*hd, (h+1)*hd) of image bi belong to
-                // this task only.
-                ptr: unsafe { out_ptr.get().add((bi * s + i0) * d + h * hd) },
+                ptr: dst,
                 rs: d as isize,
                 cs: 1,
             };
@@ -235,8 +300,8 @@ pub fn attention_inference(
             }
         },
     );
-    drop(qd);
-    Tensor::from_vec(out, (b, s, d), qkv.device())
+    drop(td);
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -319,6 +384,77 @@ mod tests {
             for reduced in [false, true] {
                 let nobias = attention_inference(&qkv, heads, scale, None, reduced).unwrap();
                 assert_eq!(nobias.dims(), &[b, s, d]);
+            }
+        }
+    }
+
+    /// The projection stored by its epilogue in the bf16 kernels' layouts (bf16 and int8
+    /// weights on the AVX-512 panels), then the attention: the same bits as the projection in
+    /// f32 rows packed head by head, on sequences odd and even, images that start inside a
+    /// block of the projection, heads of 32 and 64 dimensions, a batch of 1 (the bias gathered
+    /// per block) and of 3 (expanded once), with and without a bias.
+    #[test]
+    fn qkv_stored_as_pairs_matches_the_f32_projection() {
+        use crate::ops::kernels::packed::PackedWeight;
+        use crate::ops::linear::{linear_inference_packed, qkv_inference_pairs, Epilogue};
+        if !super::super::bf16_attention::available() || !bf16_products() {
+            eprintln!("SKIPPED: no AVX512-BF16 here; the QKV pairs were not tested");
+            return;
+        }
+        // On AMX the f32 projection's attention runs on tiles: the same roundings, other sums.
+        let exact = !super::super::amx_attention::available();
+        let dev = Device::Cpu;
+        for &(b, s, heads, hd, k) in &[
+            (1usize, 197usize, 2usize, 64usize, 96usize),
+            (3, 197, 2, 64, 96),
+            (3, 50, 3, 32, 40),
+            (2, 33, 1, 64, 64),
+        ] {
+            let n = 3 * heads * hd;
+            let x = Tensor::randn(0f32, 1f32, (b, s, k), &dev).unwrap();
+            let w: Vec<f32> = Tensor::randn(0f32, 0.2f32, (k, n), &dev)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let bias = Tensor::randn(0f32, 0.5f32, n, &dev).unwrap();
+            let r = 2 * s;
+            let table = Tensor::randn(0f32, 2f32, (heads, r), &dev).unwrap();
+            let index: Vec<u32> = (0..s * s).map(|i| ((i * 31 + i / s) % r) as u32).collect();
+            let weights = [
+                PackedWeight::Bf16(crate::ops::kernels::bf16::PackedBf16::pack(&w, k, n, n, 1)),
+                PackedWeight::Int8(crate::ops::kernels::int8::PackedInt8::pack(&w, k, n, n, 1)),
+            ];
+            for weight in &weights {
+                if matches!(weight, PackedWeight::Int8(_))
+                    && !crate::ops::kernels::int8::available()
+                {
+                    eprintln!("SKIPPED (int8 half): no AVX512-VNNI here");
+                    continue;
+                }
+                let qkv = linear_inference_packed(&x, weight, Some(&bias), Epilogue::Bias).unwrap();
+                let pairs = qkv_inference_pairs(&x, weight, Some(&bias), heads)
+                    .unwrap()
+                    .expect("a panel weight with heads of 32 or 64");
+                for with_bias in [true, false] {
+                    let rel = with_bias.then_some(RelBias {
+                        table: &table,
+                        index: &index,
+                        device_index: None,
+                    });
+                    let scale = (hd as f32).powf(-0.5);
+                    let want = attention_inference(&qkv, heads, scale, rel, true).unwrap();
+                    let got = attention_inference_pairs(&pairs, scale, rel).unwrap();
+                    let case =
+                        format!("{weight:?} b {b} s {s} heads {heads}x{hd} bias {with_bias}");
+                    let diff = crate::ops::max_abs_diff(&got, &want);
+                    if exact {
+                        assert_eq!(diff, 0.0, "{case}");
+                    } else {
+                        assert!(diff < 3e-2, "{case}: {diff}");
+                    }
+                }
             }
         }
     }

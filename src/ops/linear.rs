@@ -8,6 +8,7 @@ use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 use super::amx::{ActTiles, PackedAmx, RowNorm};
+use super::bf16_attention::QkvPairs;
 use super::f32_panels::{self, PackedF32};
 use super::gemm::{self, View, ViewMut};
 use super::packed::PackedWeight;
@@ -252,6 +253,46 @@ pub fn linear_inference_packed(
             Ok(())
         },
     )
+}
+
+/// The fused QKV projection `x · Wᵀ + bias` of `heads` heads, stored by its epilogue in the
+/// layouts of the bf16 attention kernels ([`QkvPairs`]): `None` unless the weight runs on the
+/// AVX-512 panels (bf16 or int8) and the CPU and the heads' size allow those layouts.
+pub fn qkv_inference_pairs(
+    x: &Tensor,
+    weight: &PackedWeight,
+    bias: Option<&Tensor>,
+    heads: usize,
+) -> Result<Option<QkvPairs>> {
+    let (b, s, k) = x.dims3()?;
+    let n = weight.n();
+    if !weight.on_panels() || heads == 0 || !n.is_multiple_of(3 * heads) {
+        return Ok(None);
+    }
+    let hd = n / (3 * heads);
+    if !QkvPairs::supported(hd) || !super::attention::bf16_products() {
+        return Ok(None);
+    }
+    check_depth(x, weight.k())?;
+    let xc = x.contiguous()?;
+    let xd = f32_data(&xc)?;
+    let bc = bias.map(|b| b.contiguous()).transpose()?;
+    let bd = bc.as_ref().map(f32_data).transpose()?;
+    let zeros = vec![0f32; n];
+    let bias = bd.as_ref().map(|d| d.get()).unwrap_or(&zeros);
+    if bias.len() != n {
+        candle_core::bail!("qkv: bias of {} for {n} outputs", bias.len());
+    }
+    let epi = EpilogueData {
+        op: TileOp::Bias,
+        bias,
+        scale: &[],
+        res: &[],
+    };
+    let mut pairs = QkvPairs::new(b, s, heads, hd);
+    let stored = weight.gemm_to_sink(xd.get(), b * s, epi, &pairs.sink(), gemm::num_threads());
+    debug_assert!(stored && k == weight.k());
+    Ok(Some(pairs))
 }
 
 /// A LayerNorm's parameters as tensors: `(weight, bias, eps)`.

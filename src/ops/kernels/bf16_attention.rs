@@ -11,7 +11,7 @@
 //! - V as `[⌈s/2⌉][hd rounded to 16]` lanes (a lane: one dimension of two adjacent tokens).
 
 use super::amx_attention::Head;
-use super::packed::{by_rows, col_masks, MR, NR};
+use super::packed::{by_rows, col_masks, BlockSink, MR, NR};
 use super::vmath;
 
 /// Buffers reused by the blocks of one thread, within one attention call.
@@ -23,6 +23,12 @@ pub struct Scratch {
     keys: Vec<u32>,
     values: Vec<u32>,
     q: Vec<u32>,
+    work: Work,
+}
+
+/// The buffers of [`attend`].
+#[derive(Default)]
+struct Work {
     p: Vec<u32>,
     scores: Vec<f32>,
     /// The block's bias rows, gathered here when the caller did not expand them.
@@ -35,6 +41,19 @@ pub struct Scratch {
 /// Whether this CPU runs these kernels (AVX512-BF16).
 pub fn available() -> bool {
     super::bf16::available()
+}
+
+/// A block of `r` query rows against `s` tokens, heads of `hd` dimensions: what the scores
+/// need besides the operands (`scale`, and the bias as in [`Head`]).
+#[derive(Clone, Copy)]
+pub struct Block<'a> {
+    pub s: usize,
+    pub hd: usize,
+    pub r: usize,
+    pub scale: f32,
+    pub table: &'a [f32],
+    pub index: &'a [u32],
+    pub bias: &'a [f32],
 }
 
 /// `softmax(Q Kᵀ · scale + bias) V` for the block, written to `out` (row `i` at
@@ -77,51 +96,269 @@ pub unsafe fn attention_block(h: &Head<'_>, out: *mut f32, ldo: usize, sc: &mut 
         let x = &h.qkv[(h.i0 + i) * h.ld + h.col..][..hd];
         row_to_pairs(x, &mut sc.q[i * hq..(i + 1) * hq]);
     }
+    let block = Block {
+        s,
+        hd,
+        r,
+        scale: h.scale,
+        table: h.table,
+        index: h.index,
+        bias: h.bias,
+    };
+    attend(&block, &sc.q, &sc.keys, &sc.values, out, ldo, &mut sc.work);
+}
+
+/// [`attention_block`] for head `h` of image `bi`, rows `[i0, i0 + r)`, with the operands
+/// already in the kernels' layouts ([`QkvPairs`]).
+///
+/// # Safety
+/// As [`attention_block`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn attention_block_pairs(
+    qkv: &QkvPairs,
+    bi: usize,
+    h: usize,
+    i0: usize,
+    block: &Block<'_>,
+    out: *mut f32,
+    ldo: usize,
+    sc: &mut Scratch,
+) {
+    assert!(block.s == qkv.s && block.hd == qkv.hd && i0 + block.r <= qkv.s);
+    let (q, keys, values) = qkv.head(bi, h);
+    let hq = qkv.hd / 2;
+    let q = &q[i0 * hq..(i0 + block.r) * hq];
+    attend(block, q, keys, values, out, ldo, &mut sc.work);
+}
+
+/// The block's scores, softmax and context from its operands: `q` (`r` rows of `⌈hd/2⌉`
+/// pairs), `keys` and `values` in the layouts of the module's header.
+///
+/// # Safety
+/// As [`attention_block`].
+unsafe fn attend(
+    b: &Block<'_>,
+    q: &[u32],
+    keys: &[u32],
+    values: &[u32],
+    out: *mut f32,
+    ldo: usize,
+    w: &mut Work,
+) {
+    let (s, hd, r) = (b.s, b.hd, b.r);
+    let (hq, sq) = (hd.div_ceil(2), s.div_ceil(2));
+    let vw = hd.div_ceil(16) * 16;
+    assert!(q.len() >= r * hq && keys.len() >= s.div_ceil(NR) * hq * NR && values.len() >= sq * vw);
     // The bias of the block's rows, expanded from the table unless the caller shares it.
-    let bias: &[f32] = if !h.bias.is_empty() {
-        assert_eq!(h.bias.len(), r * s);
-        h.bias
-    } else if !h.table.is_empty() {
-        sc.bias.resize(r * s, 0.0);
-        vmath::gather(h.table, h.index, &mut sc.bias);
-        &sc.bias
+    let bias: &[f32] = if !b.bias.is_empty() {
+        assert_eq!(b.bias.len(), r * s);
+        b.bias
+    } else if !b.table.is_empty() {
+        w.bias.resize(r * s, 0.0);
+        vmath::gather(b.table, b.index, &mut w.bias);
+        &w.bias
     } else {
         &[]
     };
     // S = Q·Kᵀ · scale + bias (r x s, f32) with each row's maximum, then each row's
     // unnormalised probabilities as pairs.
-    sc.scores.resize(r * s, 0.0);
-    sc.maxima.clear();
-    sc.maxima.resize(r * 16, f32::NEG_INFINITY);
+    w.scores.resize(r * s, 0.0);
+    w.maxima.clear();
+    w.maxima.resize(r * 16, f32::NEG_INFINITY);
     let epilogue = ScoreEpilogue {
-        scale: h.scale,
+        scale: b.scale,
         bias: if bias.is_empty() {
             std::ptr::null()
         } else {
             bias.as_ptr()
         },
-        maxima: sc.maxima.as_mut_ptr(),
+        maxima: w.maxima.as_mut_ptr(),
     };
-    scores(&sc.q, hq, r, &sc.keys, s, sc.scores.as_mut_ptr(), &epilogue);
-    sc.inv.resize(r, 0.0);
-    sc.p.resize(r * sq, 0);
-    let rows = sc.scores.chunks_exact(s).zip(sc.p.chunks_exact_mut(sq));
+    scores(q, hq, r, keys, s, w.scores.as_mut_ptr(), &epilogue);
+    w.inv.resize(r, 0.0);
+    w.p.resize(r * sq, 0);
+    let rows = w.scores.chunks_exact(s).zip(w.p.chunks_exact_mut(sq));
     for (i, (row, prow)) in rows.enumerate() {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::x86_64::*;
             // SAFETY: AVX512-BF16 is checked by every caller of this module.
             let sum = unsafe {
-                let m = _mm512_reduce_max_ps(_mm512_loadu_ps(sc.maxima.as_ptr().add(16 * i)));
+                let m = _mm512_reduce_max_ps(_mm512_loadu_ps(w.maxima.as_ptr().add(16 * i)));
                 vmath::exp_row_pairs(row, m, prow)
             };
-            sc.inv[i] = 1.0 / sum;
+            w.inv[i] = 1.0 / sum;
         }
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("{row:?} {prow:?} {i}");
     }
     // O = diag(inv) · P·V.
-    context(&sc.p, sq, r, &sc.values, vw, hd, &sc.inv, out, ldo);
+    context(&w.p, sq, r, values, vw, hd, &w.inv, out, ldo);
+}
+
+/// The fused QKV projection of `b` images of `s` tokens (`heads` heads of `hd` dimensions),
+/// stored by the projection's epilogue straight in the layouts [`attend`] reads, per (image,
+/// head): Q as rows of pairs `[s][hd/2]`, Kᵀ as 32-token panels `[⌈s/32⌉][hd/2][32]`, V as
+/// token pairs `[⌈s/2⌉][hd]`. The attention then neither reads the projection back in f32
+/// (14.5 MB for BEiT-base at b8) nor converts it head by head. The same bf16 values as
+/// [`attention_block`]'s packing of an f32 projection. Heads of a multiple of 32 dimensions:
+/// a 32-column panel of the projection then lies in one head.
+pub struct QkvPairs {
+    lanes: Vec<u32>,
+    b: usize,
+    s: usize,
+    heads: usize,
+    hd: usize,
+}
+
+impl QkvPairs {
+    /// Whether heads of `hd` dimensions can be stored this way on this CPU.
+    pub fn supported(hd: usize) -> bool {
+        available() && hd > 0 && hd.is_multiple_of(32)
+    }
+
+    /// Room for `b` images; panics unless [`QkvPairs::supported`].
+    pub fn new(b: usize, s: usize, heads: usize, hd: usize) -> Self {
+        assert!(Self::supported(hd), "QKV pairs for heads of {hd}");
+        let per = Self::per_head(s, hd);
+        // SAFETY: the projection writes every lane but the padding, which is zeroed here.
+        let mut lanes = unsafe { super::uninit_buffer::<u32>(b * heads * per) };
+        let (ql, kl, vl) = Self::sizes(s, hd);
+        for head in lanes.chunks_exact_mut(per) {
+            // Keys past `s` in the last panel, the missing odd token of the last pair.
+            head[ql + kl - 32 * hd / 2..ql + kl].fill(0);
+            head[ql + kl + vl - hd..].fill(0);
+        }
+        Self {
+            lanes,
+            b,
+            s,
+            heads,
+            hd,
+        }
+    }
+
+    /// `(images, tokens, heads, head dimensions)`.
+    pub fn dims(&self) -> (usize, usize, usize, usize) {
+        (self.b, self.s, self.heads, self.hd)
+    }
+
+    /// Lanes of Q, K and V of one head.
+    fn sizes(s: usize, hd: usize) -> (usize, usize, usize) {
+        let hq = hd / 2;
+        (s * hq, s.div_ceil(NR) * NR * hq, s.div_ceil(2) * hd)
+    }
+
+    fn per_head(s: usize, hd: usize) -> usize {
+        let (q, k, v) = Self::sizes(s, hd);
+        q + k + v
+    }
+
+    /// Q, K and V of head `h` of image `bi`.
+    fn head(&self, bi: usize, h: usize) -> (&[u32], &[u32], &[u32]) {
+        let (ql, kl, vl) = Self::sizes(self.s, self.hd);
+        let at = (bi * self.heads + h) * (ql + kl + vl);
+        let lanes = &self.lanes[at..at + ql + kl + vl];
+        (&lanes[..ql], &lanes[ql..ql + kl], &lanes[ql + kl..])
+    }
+
+    /// The writer the projection's epilogue stores through.
+    pub fn sink(&mut self) -> QkvSink<'_> {
+        QkvSink {
+            lanes: self.lanes.as_mut_ptr(),
+            len: self.lanes.len(),
+            s: self.s,
+            heads: self.heads,
+            hd: self.hd,
+            _lanes: std::marker::PhantomData,
+        }
+    }
+}
+
+/// [`QkvPairs`] being written by the projection ([`BlockSink`]): each thread its own columns.
+pub struct QkvSink<'a> {
+    lanes: *mut u32,
+    len: usize,
+    s: usize,
+    heads: usize,
+    hd: usize,
+    _lanes: std::marker::PhantomData<&'a mut [u32]>,
+}
+
+// SAFETY: the blocks stored through it cover distinct (row, column) ranges of the projection,
+// which map to distinct lanes.
+unsafe impl Sync for QkvSink<'_> {}
+
+impl BlockSink for QkvSink<'_> {
+    unsafe fn store(
+        &self,
+        tile: &[f32],
+        ldt: usize,
+        rows: usize,
+        cols: usize,
+        row: usize,
+        col: usize,
+    ) {
+        let (s, hd, d) = (self.s, self.hd, self.heads * self.hd);
+        // `QkvPairs::supported`: panels of 32 columns, each inside one head.
+        assert!(cols == NR && col.is_multiple_of(NR) && col + cols <= 3 * d);
+        assert!((row + rows).div_ceil(s) * self.heads * QkvPairs::per_head(s, hd) <= self.len);
+        let (section, h, c0) = (col / d, col % d / hd, col % hd);
+        let (ql, kl, _) = QkvPairs::sizes(s, hd);
+        for i in 0..rows {
+            let (bi, t) = ((row + i) / s, (row + i) % s);
+            let head = self
+                .lanes
+                .add((bi * self.heads + h) * QkvPairs::per_head(s, hd));
+            let x = tile.as_ptr().add(i * ldt);
+            #[cfg(target_arch = "x86_64")]
+            match section {
+                0 => store_q(x, head.add(t * hd / 2 + c0 / 2)),
+                1 => store_k(
+                    x,
+                    head.add(ql + t / NR * NR * hd / 2 + c0 / 2 * NR + t % NR),
+                ),
+                _ => store_v(x, head.add(ql + kl + t / 2 * hd + c0), t % 2 == 1),
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            unreachable!("{section} {head:?} {x:?} {t} {c0} {ql} {kl}");
+        }
+    }
+}
+
+/// 32 values of a query row as 16 pairs at `dst`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn store_q(x: *const f32, dst: *mut u32) {
+    let x = std::slice::from_raw_parts(x, 32);
+    std::arch::x86_64::_mm512_storeu_si512(dst as *mut _, super::bf16::pairs_at(x, 0));
+}
+
+/// 32 values of a key row as 16 pairs, one per row of its panel (`NR` lanes apart).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn store_k(x: *const f32, dst: *mut u32) {
+    let x = std::slice::from_raw_parts(x, 32);
+    let pairs: [u32; 16] = std::mem::transmute(super::bf16::pairs_at(x, 0));
+    for (q, &pair) in pairs.iter().enumerate() {
+        *dst.add(q * NR) = pair;
+    }
+}
+
+/// 32 values of a value row into the even (`odd` false) or odd halves of 32 token-pair lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn store_v(x: *const f32, dst: *mut u32, odd: bool) {
+    use std::arch::x86_64::*;
+    let mask: __mmask32 = if odd { 0xaaaa_aaaa } else { 0x5555_5555 };
+    for half in 0..2 {
+        let v = _mm512_cvtneps_pbh(_mm512_loadu_ps(x.add(16 * half)));
+        let mut lanes = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(v));
+        if odd {
+            lanes = _mm512_slli_epi32::<16>(lanes);
+        }
+        _mm512_mask_storeu_epi16(dst.add(16 * half) as *mut i16, mask, lanes);
+    }
 }
 
 /// `dst[q] = (bf16(x[2q]), bf16(x[2q + 1]))` for `q < ⌈x.len()/2⌉ = dst.len()` (a missing last
@@ -564,22 +801,23 @@ mod probe {
             bias: expanded.as_ptr(),
             maxima: maxima.as_mut_ptr(),
         };
-        let qk =
-            time(&mut || unsafe { scores(&sc.q, 32, s, &sc.keys, s, sc.scores.as_mut_ptr(), &ep) });
+        let qk = time(&mut || unsafe {
+            scores(&sc.q, 32, s, &sc.keys, s, sc.work.scores.as_mut_ptr(), &ep)
+        });
         let pv = time(&mut || unsafe {
             context(
-                &sc.p,
+                &sc.work.p,
                 99,
                 s,
                 &sc.values,
                 64,
                 hd,
-                &sc.inv,
+                &sc.work.inv,
                 out.as_mut_ptr(),
                 d,
             )
         });
-        let rows = sc.scores.clone();
+        let rows = sc.work.scores.clone();
         let mut p = vec![0u32; s * 99];
         let sm = time(&mut || {
             for i in 0..s {

@@ -280,16 +280,36 @@ impl ActPanels {
     }
 }
 
-/// Where [`run_panels`] writes: `C` rows (stride `ldc`), or bf16 pairs into [`ActPanels`]
-/// lanes of `groups` pairs per row (the f32 tile goes through a per-thread scratch block).
+/// A layer's output stored in its consumer's own layout (the attention's bf16 operands) from
+/// each finished f32 block, instead of as `C` rows.
+pub trait BlockSink: Sync {
+    /// Store the finished `rows x cols` block at `tile` (row stride `ldt`), whose first element
+    /// is `(row, col)` of the output.
+    ///
+    /// # Safety
+    /// The CPU runs the sink's instructions; concurrent calls store disjoint column ranges.
+    unsafe fn store(
+        &self,
+        tile: &[f32],
+        ldt: usize,
+        rows: usize,
+        cols: usize,
+        row: usize,
+        col: usize,
+    );
+}
+
+/// Where [`run_panels`] writes: `C` rows (stride `ldc`), bf16 pairs into [`ActPanels`] lanes
+/// of `groups` pairs per row, or a [`BlockSink`] (these two through a per-thread scratch block).
 #[derive(Clone, Copy)]
-enum Out {
+enum Out<'a> {
     Rows { c: *mut f32, ldc: usize },
     Panels { lanes: *mut u32, groups: usize },
+    Sink(&'a dyn BlockSink),
 }
 // SAFETY: pointers into the caller's output, of which each thread writes its own columns.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
+unsafe impl Send for Out<'_> {}
+unsafe impl Sync for Out<'_> {}
 
 /// The panels of `w` split between the threads, each running [`gemm_panels`] on its range.
 fn run_panels<W: PanelWeight>(
@@ -297,7 +317,7 @@ fn run_panels<W: PanelWeight>(
     apack: &[u32],
     scales: &[f32],
     m: usize,
-    out: Out,
+    out: Out<'_>,
     epi: Epi<'_>,
     threads: usize,
 ) {
@@ -352,6 +372,20 @@ pub(super) fn gemm_packed_to_panels<W: PanelWeight>(
     }
 }
 
+/// `epilogue(A · W)` stored through `sink`, block by block.
+pub(super) fn gemm_packed_to_sink<W: PanelWeight>(
+    a: &[f32],
+    m: usize,
+    w: &W,
+    epi: Epi<'_>,
+    sink: &dyn BlockSink,
+    threads: usize,
+) {
+    assert!(a.len() >= m * w.k());
+    let (apack, scales) = pack_activations(a, w.k(), m, w, threads);
+    run_panels(w, &apack, &scales, m, Out::Sink(sink), epi, threads);
+}
+
 /// `C [rows x n] = epilogue(act · W)` for activations already in `w`'s panel layout.
 pub(super) fn gemm_packed_from_panels<W: PanelWeight>(
     act: &ActPanels,
@@ -385,7 +419,7 @@ unsafe fn gemm_panels<W: PanelWeight>(
     apack: &[u32],
     scales: &[f32],
     m: usize,
-    out: Out,
+    out: Out<'_>,
     p0: usize,
     p1: usize,
     epi: Epi<'_>,
@@ -399,7 +433,7 @@ unsafe fn gemm_panels<W: PanelWeight>(
     // Panels: each block's f32 tile, then its rows as pairs.
     let (mut scratch, mut pairs) = match out {
         Out::Rows { .. } if !via_scratch => (Vec::new(), Vec::new()),
-        Out::Rows { .. } => (vec![0f32; MC * NR], Vec::new()),
+        Out::Rows { .. } | Out::Sink(_) => (vec![0f32; MC * NR], Vec::new()),
         Out::Panels { .. } => (vec![0f32; MC * NR], vec![[0u32; NR / 2]; MC]),
     };
     let mut ic = 0;
@@ -431,9 +465,13 @@ unsafe fn gemm_panels<W: PanelWeight>(
                 _ => None,
             };
             finish_block(tile, ldc, mc, cols, epi, (ic, j0, n), copy_to);
-            if let Out::Panels { lanes, groups } = out {
-                debug_assert!(mc <= MC);
-                store_pairs(tile, mc, cols, ic, j0 / 2, lanes, groups, &mut pairs);
+            match out {
+                Out::Panels { lanes, groups } => {
+                    debug_assert!(mc <= MC);
+                    store_pairs(tile, mc, cols, ic, j0 / 2, lanes, groups, &mut pairs);
+                }
+                Out::Sink(sink) => sink.store(tile, ldc, mc, cols, ic, j0),
+                Out::Rows { .. } => {}
             }
         }
         ic += mc;
@@ -852,6 +890,24 @@ impl PackedWeight {
             Self::Bf16(w) => gemm_packed_from_panels(act, w, c, epi, threads),
             _ => panic!("bf16 activation panels for a {self:?}"),
         }
+    }
+
+    /// `epilogue(A [m x k] · W)` stored through `sink` (see [`BlockSink`]) where this weight
+    /// runs on the AVX-512 panels; `false` (nothing stored) on AMX tiles.
+    pub fn gemm_to_sink(
+        &self,
+        a: &[f32],
+        m: usize,
+        epi: Epi<'_>,
+        sink: &dyn BlockSink,
+        threads: usize,
+    ) -> bool {
+        match self {
+            Self::Bf16(w) => gemm_packed_to_sink(a, m, w, epi, sink, threads),
+            Self::Int8(w) => gemm_packed_to_sink(a, m, w, epi, sink, threads),
+            Self::Amx(_) => return false,
+        }
+        true
     }
 
     /// Whether this weight runs on the AVX-512 panels ([`PackedWeight::gemm_strided`]), not on
