@@ -305,6 +305,10 @@ impl BlockSink for QkvSink<'_> {
         assert!((row + rows).div_ceil(s) * self.heads * QkvPairs::per_head(s, hd) <= self.len);
         let (section, h, c0) = (col / d, col % d / hd, col % hd);
         let (ql, kl, _) = QkvPairs::sizes(s, hd);
+        #[cfg(target_arch = "x86_64")]
+        if section == 1 {
+            return self.store_keys(tile, ldt, rows, row, h, c0);
+        }
         for i in 0..rows {
             let (bi, t) = ((row + i) / s, (row + i) % s);
             let head = self
@@ -312,13 +316,10 @@ impl BlockSink for QkvSink<'_> {
                 .add((bi * self.heads + h) * QkvPairs::per_head(s, hd));
             let x = tile.as_ptr().add(i * ldt);
             #[cfg(target_arch = "x86_64")]
-            match section {
-                0 => store_q(x, head.add(t * hd / 2 + c0 / 2)),
-                1 => store_k(
-                    x,
-                    head.add(ql + t / NR * NR * hd / 2 + c0 / 2 * NR + t % NR),
-                ),
-                _ => store_v(x, head.add(ql + kl + t / 2 * hd + c0), t % 2 == 1),
+            if section == 0 {
+                store_q(x, head.add(t * hd / 2 + c0 / 2));
+            } else {
+                store_v(x, head.add(ql + kl + t / 2 * hd + c0), t % 2 == 1);
             }
             #[cfg(not(target_arch = "x86_64"))]
             unreachable!("{section} {head:?} {x:?} {t} {c0} {ql} {kl}");
@@ -334,14 +335,55 @@ unsafe fn store_q(x: *const f32, dst: *mut u32) {
     std::arch::x86_64::_mm512_storeu_si512(dst as *mut _, super::bf16::pairs_at(x, 0));
 }
 
-/// 32 values of a key row as 16 pairs, one per row of its panel (`NR` lanes apart).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn store_k(x: *const f32, dst: *mut u32) {
-    let x = std::slice::from_raw_parts(x, 32);
-    let pairs: [u32; 16] = std::mem::transmute(super::bf16::pairs_at(x, 0));
-    for (q, &pair) in pairs.iter().enumerate() {
-        *dst.add(q * NR) = pair;
+impl QkvSink<'_> {
+    /// Key rows `[row, row + rows)`, columns `[c0, c0 + 32)` of head `h`, 16 rows at a time:
+    /// their pairs transposed in registers, so that each pair of 16 consecutive keys is one
+    /// masked store into its panel row (split where the keys cross a panel or an image) instead
+    /// of 16 scalar stores 128 bytes apart.
+    ///
+    /// # Safety
+    /// As [`BlockSink::store`].
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn store_keys(
+        &self,
+        tile: &[f32],
+        ldt: usize,
+        rows: usize,
+        row: usize,
+        h: usize,
+        c0: usize,
+    ) {
+        use std::arch::x86_64::*;
+        let (s, hd, hq) = (self.s, self.hd, self.hd / 2);
+        let (ql, _, _) = QkvPairs::sizes(s, hd);
+        let mut i0 = 0;
+        while i0 < rows {
+            let n = 16.min(rows - i0);
+            let mut v = [_mm512_setzero_si512(); 16];
+            for (j, vj) in v.iter_mut().enumerate().take(n) {
+                *vj = super::bf16::pairs_at(&tile[(i0 + j) * ldt..][..NR], 0);
+            }
+            // Lane j of v[p]: pair p of key row i0 + j.
+            super::packed::transpose_16x16(&mut v);
+            let mut j = 0;
+            while j < n {
+                let (bi, t) = ((row + i0 + j) / s, (row + i0 + j) % s);
+                let len = (n - j).min(NR - t % NR).min(s - t);
+                let mask = (((1u32 << len) - 1) << j) as __mmask16;
+                let head = self
+                    .lanes
+                    .add((bi * self.heads + h) * QkvPairs::per_head(s, hd));
+                // Lane j lands on key t; the lanes masked off are not written.
+                let at = head.add(ql + t / NR * NR * hq + t % NR).wrapping_sub(j);
+                for (p, &vp) in v.iter().enumerate() {
+                    let dst = at.wrapping_add((c0 / 2 + p) * NR) as *mut i32;
+                    _mm512_mask_storeu_epi32(dst, mask, vp);
+                }
+                j += len;
+            }
+            i0 += 16;
+        }
     }
 }
 
