@@ -32,6 +32,13 @@ const BLOCK: usize = 196_608;
 /// tokens (384 x 384). Past it each block gathers its own rows.
 const EXPANDED_BIAS: usize = 1 << 22;
 
+/// Whether f32 models run the attention on the AVX-512 kernel (`ops::f32_attention`,
+/// default), or on the `gemm` crate (`BEIT_F32_ATTENTION=0`, for comparison).
+fn f32_kernel() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("BEIT_F32_ATTENTION").map_or(true, |v| v != "0"))
+}
+
 /// Whether reduced-precision models run the products in bf16 on AVX512-BF16 where there is
 /// no AMX (default), or in f32 (`BEIT_BF16_ATTENTION=0`, for comparison).
 pub(super) fn bf16_products() -> bool {
@@ -43,7 +50,7 @@ pub(super) fn bf16_products() -> bool {
 /// side, heads `h` of `D / h` each) -> `[B, S, D]` with the heads merged. With `reduced`
 /// (a model whose linear layers run in bf16 or int8), the two products run in bf16 on AMX
 /// where the CPU has it (`ops::amx_attention`), else on AVX512-BF16 (`ops::bf16_attention`);
-/// otherwise f32.
+/// otherwise f32 (`ops::f32_attention` on AVX-512, else the `gemm` crate).
 pub fn attention_inference(
     qkv: &Tensor,
     heads: usize,
@@ -149,25 +156,29 @@ fn attend(
     let pairs = matches!(input, Input::Pairs(_));
     let amx = reduced && !pairs && super::amx_attention::available();
     let bf16 = pairs || (reduced && !amx && super::bf16_attention::available() && bf16_products());
-    // The bf16 kernel adds the bias in the tile of scores, as rows: expanded once here for all
-    // the images (a BEiT-base layer: 1.9 MB) rather than gathered by every (image, head).
-    let expanded = if bf16 && !table.is_empty() && b > 1 && heads * s * s <= EXPANDED_BIAS {
-        let mut e = vec![0f32; heads * s * s];
-        e.par_chunks_mut(s * s).enumerate().for_each(|(h, e)| {
-            vmath::gather(&table[h * rows_per_head..(h + 1) * rows_per_head], index, e)
-        });
-        e
-    } else {
-        Vec::new()
-    };
+    let f32_kernel = !reduced && super::f32_attention::available() && f32_kernel();
+    // The bf16 and f32 kernels add the bias in the tile of scores, as rows: expanded once here
+    // for all the images (a BEiT-base layer: 1.9 MB) rather than gathered by every (image,
+    // head).
+    let expanded =
+        if (bf16 || f32_kernel) && !table.is_empty() && b > 1 && heads * s * s <= EXPANDED_BIAS {
+            let mut e = vec![0f32; heads * s * s];
+            e.par_chunks_mut(s * s).enumerate().for_each(|(h, e)| {
+                vmath::gather(&table[h * rows_per_head..(h + 1) * rows_per_head], index, e)
+            });
+            e
+        } else {
+            Vec::new()
+        };
     (0..b * heads * blocks).into_par_iter().for_each_init(
         || {
-            if amx || bf16 {
+            if amx || bf16 || f32_kernel {
                 (
                     Vec::new(),
                     Vec::new(),
                     super::amx_attention::Scratch::default(),
                     super::bf16_attention::Scratch::default(),
+                    super::f32_attention::Scratch::default(),
                 )
             } else {
                 (
@@ -175,10 +186,11 @@ fn attend(
                     vec![0f32; rows],
                     Default::default(),
                     Default::default(),
+                    Default::default(),
                 )
             }
         },
-        |(scores, inv, scratch, scratch_bf16), task| {
+        |(scores, inv, scratch, scratch_bf16, scratch_f32), task| {
             let (bh, blk) = (task / blocks, task % blocks);
             let (bi, h) = (bh / heads, bh % heads);
             let i0 = blk * rows;
@@ -230,7 +242,7 @@ fn attend(
                 }
                 Input::F32(q) => q,
             };
-            if amx || bf16 {
+            if amx || bf16 || f32_kernel {
                 let head = super::amx_attention::Head {
                     qkv: &q[base..base + s * d3],
                     ld: d3,
@@ -245,12 +257,14 @@ fn attend(
                     index: idx,
                     bias: expanded_rows,
                 };
-                // SAFETY: AMX / AVX512-BF16 checked above; `dst` as above.
+                // SAFETY: AMX / AVX512-BF16 / AVX-512F checked above; `dst` as above.
                 unsafe {
                     if amx {
                         super::amx_attention::attention_block(&head, dst, d, scratch);
-                    } else {
+                    } else if bf16 {
                         super::bf16_attention::attention_block(&head, dst, d, scratch_bf16);
+                    } else {
+                        super::f32_attention::attention_block(&head, dst, d, scratch_f32);
                     }
                 }
                 return;

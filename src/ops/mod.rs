@@ -22,7 +22,7 @@ pub mod winograd;
 
 // The raw CPU kernels keep their old paths (`ops::packed`, `ops::vmath`, ...) for callers.
 pub use kernels::{
-    amx, amx_attention, bf16, bf16_attention, f32_panels, gemm, int8, packed, vmath,
+    amx, amx_attention, bf16, bf16_attention, f32_attention, f32_panels, gemm, int8, packed, vmath,
 };
 pub(crate) use kernels::{uninit_buffer, SendPtr};
 

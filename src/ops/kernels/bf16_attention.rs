@@ -11,7 +11,8 @@
 //! - V as `[⌈s/2⌉][hd rounded to 16]` lanes (a lane: one dimension of two adjacent tokens).
 
 use super::amx_attention::Head;
-use super::packed::{by_rows, col_masks, BlockSink, MR, NR};
+use super::f32_attention::ScoreEpilogue;
+use super::packed::{by_rows, BlockSink, MR, NR};
 use super::vmath;
 
 /// Buffers reused by the blocks of one thread, within one attention call.
@@ -465,15 +466,6 @@ unsafe fn interleave_rows_avx512(even: &[f32], odd: Option<&[f32]>, dst: &mut [u
     }
 }
 
-/// What a tile of scores does with its sums: `c = sum · scale + bias` (`bias` null: none;
-/// row `i` of the block at `bias + i * s`, as in `c`), and each row's running maximum updated
-/// (16 lanes per row at `maxima + 16 * i`; NaN scores ignored, as `f32::max` does).
-struct ScoreEpilogue {
-    scale: f32,
-    bias: *const f32,
-    maxima: *mut f32,
-}
-
 /// `c[i * s + j] = Σ_q Q[i][q] · K[j][q]` over pairs, for `r` rows of `q` (`hq` lanes each),
 /// then the epilogue.
 ///
@@ -497,15 +489,7 @@ unsafe fn scores(
         while i0 < r {
             let rows = MR.min(r - i0);
             let (qi, at) = (q.as_ptr().add(i0 * hq), i0 * s + pn * NR);
-            let tile = ScoreEpilogue {
-                scale: ep.scale,
-                bias: if ep.bias.is_null() {
-                    ep.bias
-                } else {
-                    ep.bias.add(at)
-                },
-                maxima: ep.maxima.add(16 * i0),
-            };
+            let tile = ep.at(i0, at);
             #[cfg(target_arch = "x86_64")]
             by_rows!(rows, qk_tile(hq, qi, panel, c.add(at), s, cols, &tile));
             #[cfg(not(target_arch = "x86_64"))]
@@ -542,28 +526,7 @@ unsafe fn qk_tile<const R: usize>(
             acc_i[1] = _mm512_dpbf16_ps(acc_i[1], a, b1);
         }
     }
-    let (m0, m1) = col_masks(cols);
-    let vs = _mm512_set1_ps(ep.scale);
-    for (i, acc_i) in acc.iter().enumerate() {
-        // The same operations as the f32 path's pass over a row: one fused multiply-add (a
-        // multiply without a bias), so the same bits.
-        let (v0, v1) = if ep.bias.is_null() {
-            (_mm512_mul_ps(acc_i[0], vs), _mm512_mul_ps(acc_i[1], vs))
-        } else {
-            let b = ep.bias.add(i * ldc);
-            (
-                _mm512_fmadd_ps(acc_i[0], vs, _mm512_maskz_loadu_ps(m0, b)),
-                _mm512_fmadd_ps(acc_i[1], vs, _mm512_maskz_loadu_ps(m1, b.add(16))),
-            )
-        };
-        _mm512_mask_storeu_ps(c.add(i * ldc), m0, v0);
-        _mm512_mask_storeu_ps(c.add(i * ldc + 16), m1, v1);
-        // `vmaxps` returns its second operand where either is NaN: NaN scores are skipped.
-        let at = ep.maxima.add(16 * i);
-        let mx = _mm512_loadu_ps(at);
-        let mx = _mm512_mask_max_ps(mx, m0, v0, mx);
-        _mm512_storeu_ps(at, _mm512_mask_max_ps(mx, m1, v1, mx));
-    }
+    ep.store(&acc, c, ldc, cols);
 }
 
 /// `out[i * ldo + j] = inv[i] · Σ_t P[i][t] · V[t][j]` over pairs of tokens, 32 columns of V at

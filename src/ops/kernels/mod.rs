@@ -7,7 +7,7 @@
 //! * [`packed`]: the reduced-precision linear layers (bf16 / int8): weight packing, the kernel
 //!   chosen by timing, the panel driver; [`bf16`] and [`int8`] are its AVX-512 micro-kernels,
 //!   [`amx`] the AMX tile GEMM, [`amx_attention`] the attention products on AMX,
-//!   [`bf16_attention`] on AVX512-BF16.
+//!   [`bf16_attention`] on AVX512-BF16, [`f32_attention`] in f32 on AVX-512.
 //! * [`vmath`]: vectorised element-wise maths (GELU, exp, softmax rows, LayerNorm rows, GEMM
 //!   epilogues), AVX-512 / AVX2 / scalar chosen at run time.
 
@@ -15,6 +15,7 @@ pub mod amx;
 pub mod amx_attention;
 pub mod bf16;
 pub mod bf16_attention;
+pub mod f32_attention;
 pub mod f32_panels;
 pub mod gemm;
 pub mod int8;

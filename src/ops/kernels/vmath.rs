@@ -943,6 +943,11 @@ multiversion! {
         avx512 = scaled_biased_exp_row_v4
 }
 multiversion! {
+    /// `exp(x - max)` in place, returning the sum (a softmax row before its normalisation).
+    pub fn exp_shift_sum_row / exp_shift_sum_row_with(x: &mut [f32], max: f32) -> f32 = exp_shift_sum,
+        avx512 = exp_shift_sum_v4
+}
+multiversion! {
     /// `out[k] = table[index[k]]`, NaN where an index is past the table (the relative position
     /// bias expanded from its table, as the attention kernels add it to their scores).
     pub fn gather / gather_with(table: &[f32], index: &[u32], out: &mut [f32]) = gather_body,
