@@ -1,9 +1,12 @@
-//! Inference-only multi-head attention on CPU f32, tiled over (batch, head, block of query rows)
-//! so that each block's scores stay in cache: `S = Q·Kᵀ` (GEMM), then in one pass per row
-//! `softmax(S * scale + bias)` with the relative position bias gathered from its table, then
-//! `P·V` (GEMM) written straight into the merged-heads context. Q, K and V are read in place from
-//! the fused QKV projection; nothing is transposed or copied, and the `[B, H, S, S]` score and
-//! bias tensors are never materialised (at 640x640 that is 123 MB per layer).
+//! Inference-only multi-head attention on CPU, tiled over (batch, head, block of query rows)
+//! so that each block's scores stay in cache: `S = Q·Kᵀ · scale + bias`, the softmax's
+//! exponentials, then `P·V` written straight into the merged-heads context. The kernels, by CPU
+//! and precision: `f32_attention` (f32, AVX-512), `bf16_attention` (bf16 products, AVX512-BF16;
+//! from the f32 projection, or from [`QkvPairs`] stored by the projection's epilogue),
+//! `amx_attention` (bf16 on AMX), and the `gemm` crate behind strided views elsewhere. The
+//! `[B, H, S, S]` scores are never materialised (at 640x640 that is 123 MB per layer); the
+//! `[H, S, S]` bias is expanded once per layer for a batch where it is small (at most 16 MB),
+//! else per block.
 //!
 //! No backward, no dropout, no head mask, no attention output: used by frozen models only.
 
@@ -157,19 +160,22 @@ fn attend(
     let amx = reduced && !pairs && super::amx_attention::available();
     let bf16 = pairs || (reduced && !amx && super::bf16_attention::available() && bf16_products());
     let f32_kernel = !reduced && super::f32_attention::available() && f32_kernel();
-    // The bf16 and f32 kernels add the bias in the tile of scores, as rows: expanded once here
-    // for all the images (a BEiT-base layer: 1.9 MB) rather than gathered by every (image,
-    // head).
-    let expanded =
-        if (bf16 || f32_kernel) && !table.is_empty() && b > 1 && heads * s * s <= EXPANDED_BIAS {
-            let mut e = vec![0f32; heads * s * s];
-            e.par_chunks_mut(s * s).enumerate().for_each(|(h, e)| {
-                vmath::gather(&table[h * rows_per_head..(h + 1) * rows_per_head], index, e)
-            });
-            e
-        } else {
-            Vec::new()
-        };
+    // The kernels add the bias as rows (the bf16 and f32 ones in the tile of scores): expanded
+    // once here for all the images (a BEiT-base layer: 1.9 MB) rather than gathered by every
+    // (image, head).
+    let expanded = if (amx || bf16 || f32_kernel)
+        && !table.is_empty()
+        && b > 1
+        && heads * s * s <= EXPANDED_BIAS
+    {
+        let mut e = vec![0f32; heads * s * s];
+        e.par_chunks_mut(s * s).enumerate().for_each(|(h, e)| {
+            vmath::gather(&table[h * rows_per_head..(h + 1) * rows_per_head], index, e)
+        });
+        e
+    } else {
+        Vec::new()
+    };
     (0..b * heads * blocks).into_par_iter().for_each_init(
         || {
             if amx || bf16 || f32_kernel {

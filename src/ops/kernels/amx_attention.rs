@@ -53,8 +53,7 @@ pub struct Head<'a> {
     pub table: &'a [f32],
     pub index: &'a [u32],
     /// The same bias expanded for the block's rows (`r x s`) where the caller shares one
-    /// expansion among images (empty: gathered from `table` where used). Read by the AVX512-BF16
-    /// kernel only.
+    /// expansion among images (empty: gathered from `table` where used).
     pub bias: &'a [f32],
 }
 
@@ -106,12 +105,16 @@ pub unsafe fn attention_block(h: &Head<'_>, out: *mut f32, ldo: usize, sc: &mut 
     sc.p.resize_zeroed(rp / 16 * spt * 1024);
     for i in 0..r {
         let row = &mut sc.scores[i * sp..i * sp + s];
-        let idx = if h.index.is_empty() {
-            h.index
-        } else {
-            &h.index[i * s..(i + 1) * s]
-        };
-        sc.inv[i] = 1.0 / vmath::scaled_biased_exp_row(row, h.scale, h.table, idx);
+        // The bias expanded by the caller is loaded, not gathered (the same values).
+        sc.inv[i] = 1.0
+            / if !h.bias.is_empty() {
+                vmath::scaled_dense_biased_exp_row(row, h.scale, &h.bias[i * s..(i + 1) * s])
+            } else if h.index.is_empty() {
+                vmath::scaled_biased_exp_row(row, h.scale, h.table, h.index)
+            } else {
+                let idx = &h.index[i * s..(i + 1) * s];
+                vmath::scaled_biased_exp_row(row, h.scale, h.table, idx)
+            };
     }
     // A second pass: on Zen 5, loading a row right after the exp pass stored it stalled on the
     // stores (the same two passes made `ops::bf16_attention` 11 % faster there).

@@ -475,3 +475,39 @@ fn gather_reads_the_table_and_nothing_past_it() {
         }
     }
 }
+
+/// The bias as an expanded row: the same bits as gathered from its table, at every ISA, on
+/// lengths with and without a tail, with a NaN score.
+#[test]
+fn dense_bias_row_equals_the_gathered_one() {
+    let table: Vec<f32> = (0..732)
+        .map(|i| (i * 37 % 101) as f32 * 0.07 - 3.0)
+        .collect();
+    for len in [1usize, 15, 16, 17, 197, 577] {
+        let index: Vec<u32> = (0..len).map(|i| (i * 131 % 732) as u32).collect();
+        let bias: Vec<f32> = index.iter().map(|&i| table[i as usize]).collect();
+        for with_nan in [false, true] {
+            let mut row: Vec<f32> = (0..len)
+                .map(|i| ((i * 53) % 89) as f32 * 0.21 - 9.0)
+                .collect();
+            if with_nan {
+                row[len / 2] = f32::NAN;
+            }
+            for isa in supported() {
+                let (mut a, mut b) = (row.clone(), row.clone());
+                let sa = scaled_biased_exp_row_with(isa, &mut a, 0.125, &table, &index);
+                let sb = scaled_dense_biased_exp_row_with(isa, &mut b, 0.125, &bias);
+                let case = format!("{isa:?} len {len} nan {with_nan}");
+                if with_nan {
+                    assert!(sa.is_nan() && sb.is_nan(), "{case}");
+                    continue;
+                }
+                assert_eq!(sa.to_bits(), sb.to_bits(), "{case}");
+                assert!(
+                    a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{case}"
+                );
+            }
+        }
+    }
+}
