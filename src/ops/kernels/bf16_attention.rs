@@ -225,10 +225,12 @@ impl QkvPairs {
         // SAFETY: the projection writes every lane but the padding, which is zeroed here.
         let mut lanes = unsafe { super::uninit_buffer::<u32>(b * heads * per) };
         let (ql, kl, vl) = Self::sizes(s, hd);
-        for head in lanes.chunks_exact_mut(per) {
-            // Keys past `s` in the last panel, the missing odd token of the last pair.
-            head[ql + kl - 32 * hd / 2..ql + kl].fill(0);
-            head[ql + kl + vl - hd..].fill(0);
+        if s > 0 {
+            for head in lanes.chunks_exact_mut(per) {
+                // Keys past `s` in the last panel, the missing odd token of the last pair.
+                head[ql + kl - NR * hd / 2..ql + kl].fill(0);
+                head[ql + kl + vl - hd..].fill(0);
+            }
         }
         Self {
             lanes,

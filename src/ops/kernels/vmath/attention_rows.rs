@@ -189,11 +189,7 @@ fn scaled_dense_biased_exp_row_body<const F: bool>(
 /// loaded instead of gathered.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")]
-unsafe fn scaled_dense_biased_exp_row_v4(
-    row: &mut [f32],
-    scale: f32,
-    bias: &[f32],
-) -> f32 {
+unsafe fn scaled_dense_biased_exp_row_v4(row: &mut [f32], scale: f32, bias: &[f32]) -> f32 {
     use std::arch::x86_64::*;
     assert_eq!(bias.len(), row.len());
     let n = row.len();
@@ -339,12 +335,7 @@ unsafe fn exp_v4(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")]
-unsafe fn scaled_biased_softmax_row_v4(
-    row: &mut [f32],
-    scale: f32,
-    table: &[f32],
-    index: &[u32],
-) {
+unsafe fn scaled_biased_softmax_row_v4(row: &mut [f32], scale: f32, table: &[f32], index: &[u32]) {
     let inv = 1.0 / scaled_biased_exp_row_v4(row, scale, table, index);
     for v in row.iter_mut() {
         *v *= inv;
