@@ -11,7 +11,7 @@
 //! - V as `[⌈s/2⌉][hd rounded to 16]` lanes (a lane: one dimension of two adjacent tokens).
 
 use super::amx_attention::Head;
-use super::f32_attention::ScoreEpilogue;
+use super::f32_attention::{PvArgs, ScoreEpilogue};
 use super::packed::{by_rows, BlockSink, MR, NR};
 use super::vmath;
 
@@ -555,7 +555,7 @@ unsafe fn context(
         let mut i0 = 0;
         while i0 < r {
             let rows = MR.min(r - i0);
-            let args: PvArgs = (
+            let args: PvArgs<u32> = (
                 sq,
                 p.as_ptr().add(i0 * sq),
                 values.as_ptr().add(j0),
@@ -579,27 +579,15 @@ unsafe fn context(
     }
 }
 
-/// `(sq, P rows, V, V row stride, inv, out, out row stride, columns)`.
-type PvArgs = (
-    usize,
-    *const u32,
-    *const u32,
-    usize,
-    *const f32,
-    *mut f32,
-    usize,
-    usize,
-);
-
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn pv_tile1<const R: usize>(a: PvArgs) {
+unsafe fn pv_tile1<const R: usize>(a: PvArgs<u32>) {
     pv_tile::<R, 1>(a)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn pv_tile2<const R: usize>(a: PvArgs) {
+unsafe fn pv_tile2<const R: usize>(a: PvArgs<u32>) {
     pv_tile::<R, 2>(a)
 }
 
@@ -607,7 +595,9 @@ unsafe fn pv_tile2<const R: usize>(a: PvArgs) {
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn pv_tile<const R: usize, const NV: usize>((sq, p, v, vw, inv, out, ldo, cols): PvArgs) {
+unsafe fn pv_tile<const R: usize, const NV: usize>(
+    (sq, p, v, vw, inv, out, ldo, cols): PvArgs<u32>,
+) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); NV]; R];
     for t in 0..sq {
@@ -638,14 +628,8 @@ unsafe fn pv_tile<const R: usize, const NV: usize>((sq, p, v, vw, inv, out, ldo,
 mod tests {
     use super::*;
 
-    fn bf(v: f32) -> f64 {
-        half::bf16::from_f32(v).to_f64()
-    }
-
-    /// One block against f64 sums of the bf16-rounded operands, on shapes with partial panels,
-    /// tiles and pairs (odd s, odd hd, hd above 32), a block not starting at row 0, and
-    /// consecutive blocks of one head (the cached keys and values); the bias gathered from its
-    /// table, given expanded (the same bits), or absent.
+    /// One block against f64 sums of the bf16-rounded operands (P rounded too, relative 2^-8);
+    /// see `attention_tests`.
     #[test]
     fn block_matches_f64_attention_of_rounded_operands() {
         if !available() {
@@ -653,91 +637,14 @@ mod tests {
             return;
         }
         let mut sc = Scratch::default();
-        for &(s, hd, i0, r) in &[
-            (1usize, 1usize, 0usize, 1usize),
-            (33, 8, 0, 33),
-            (197, 64, 14, 50),
-            (197, 64, 64, 133),
-            (71, 37, 5, 30),
-            (40, 80, 0, 40),
-        ] {
-            let d = 2 * hd;
-            let ld = 3 * d + 3;
-            let qkv: Vec<f32> = (0..s * ld)
-                .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 400.0)
-                .collect();
-            // A bias as large as the scores, so that a wrong row or column of it shows.
-            let table: Vec<f32> = (0..29).map(|i| (i * 17 % 29) as f32 * 0.25 - 3.5).collect();
-            let index: Vec<u32> = (0..s * s).map(|i| ((i * 5 + i / s) % 29) as u32).collect();
-            let rows = &index[i0 * s..(i0 + r) * s];
-            let mut expanded = vec![0f32; r * s];
-            vmath::gather(&table, rows, &mut expanded);
-            let col = hd; // the second head
-            let ldo = hd + 3;
-            let mut gathered_out = Vec::new();
-            for mode in ["gathered", "expanded", "none"] {
-                let head = Head {
-                    qkv: &qkv,
-                    ld,
-                    col,
-                    d,
-                    hd,
-                    s,
-                    i0,
-                    r,
-                    scale: 0.3,
-                    table: if mode == "gathered" { &table } else { &[] },
-                    index: if mode == "gathered" { rows } else { &[] },
-                    bias: if mode == "expanded" { &expanded } else { &[] },
-                };
-                let mut out = vec![f32::NAN; r * ldo];
-                unsafe { attention_block(&head, out.as_mut_ptr(), ldo, &mut sc) };
-                match mode {
-                    "gathered" => gathered_out = out.clone(),
-                    "expanded" => assert!(
-                        out.iter()
-                            .zip(&gathered_out)
-                            .all(|(a, b)| a.to_bits() == b.to_bits()),
-                        "s {s} hd {hd}: the expanded bias gave other bits"
-                    ),
-                    _ => {}
-                }
-                for i in 0..r {
-                    let qi = i0 + i;
-                    let logits: Vec<f64> = (0..s)
-                        .map(|j| {
-                            let dot: f64 = (0..hd)
-                                .map(|c| bf(qkv[qi * ld + col + c]) * bf(qkv[j * ld + col + d + c]))
-                                .sum();
-                            let b = if mode == "none" {
-                                0.0
-                            } else {
-                                table[index[qi * s + j] as usize] as f64
-                            };
-                            dot * 0.3 + b
-                        })
-                        .collect();
-                    let max = logits.iter().cloned().fold(f64::MIN, f64::max);
-                    let e: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
-                    let sum: f64 = e.iter().sum();
-                    for c in 0..hd {
-                        // P rounded to bf16 as the kernel does (relative 2^-8).
-                        let want: f64 = (0..s)
-                            .map(|j| bf(e[j] as f32) * bf(qkv[j * ld + col + 2 * d + c]))
-                            .sum::<f64>()
-                            / sum;
-                        let got = out[i * ldo + c] as f64;
-                        assert!(
-                            (got - want).abs() < 2e-3,
-                            "{mode} s {s} hd {hd} rows {i0}+{r}: ({i},{c}) {got} vs {want}"
-                        );
-                    }
-                    for c in hd..ldo {
-                        assert!(out[i * ldo + c].is_nan(), "wrote past the row");
-                    }
-                }
-            }
-        }
+        let bf = |v: f32| half::bf16::from_f32(v).to_f64();
+        super::super::attention_tests::check_block_against_f64(
+            // SAFETY: AVX512-BF16 checked above; `out` addresses the block's rows.
+            &mut |h, out, ldo| unsafe { attention_block(h, out, ldo, &mut sc) },
+            bf,
+            |p| half::bf16::from_f32(p as f32).to_f64(),
+            2e-3,
+        );
     }
 }
 

@@ -255,11 +255,12 @@ unsafe fn qk_tile<const R: usize>(
     ep.store(&acc, c, ldc, cols);
 }
 
-/// `(s, P rows, V, V row stride, inv, out, out row stride, columns)`.
-type PvArgs = (
+/// A `P·V` tile's arguments, `T` the element of P and V (f32, or bf16 pairs in `u32`): `(depth
+/// of P, P rows, V, V row stride, inv, out, out row stride, columns)`.
+pub(super) type PvArgs<T> = (
     usize,
-    *const f32,
-    *const f32,
+    *const T,
+    *const T,
     usize,
     *const f32,
     *mut f32,
@@ -271,7 +272,7 @@ type PvArgs = (
 /// apart) and a strip of up to 32 value columns (rows `ldv` apart).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn pv_tile<const R: usize>((s, p, v, ldv, inv, out, ldo, cols): PvArgs) {
+unsafe fn pv_tile<const R: usize>((s, p, v, ldv, inv, out, ldo, cols): PvArgs<f32>) {
     use std::arch::x86_64::*;
     let (m0, m1) = col_masks(cols);
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
@@ -295,9 +296,7 @@ unsafe fn pv_tile<const R: usize>((s, p, v, ldv, inv, out, ldo, cols): PvArgs) {
 mod tests {
     use super::*;
 
-    /// One block against an f64 attention, on shapes with partial panels and tiles (odd s, hd
-    /// not a multiple of 16, hd above 32), a block not starting at row 0, consecutive blocks of
-    /// one head (the cached keys), with the bias gathered, expanded (the same bits) or absent.
+    /// One block against an f64 attention; see `attention_tests`.
     #[test]
     fn block_matches_f64_attention() {
         if !available() {
@@ -305,90 +304,12 @@ mod tests {
             return;
         }
         let mut sc = Scratch::default();
-        for &(s, hd, i0, r) in &[
-            (1usize, 1usize, 0usize, 1usize),
-            (33, 8, 0, 33),
-            (197, 64, 14, 50),
-            (197, 64, 64, 133),
-            (71, 37, 5, 30),
-            (40, 80, 0, 40),
-        ] {
-            let d = 2 * hd;
-            let ld = 3 * d + 3;
-            let qkv: Vec<f32> = (0..s * ld)
-                .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 250.0)
-                .collect();
-            let table: Vec<f32> = (0..29).map(|i| (i * 17 % 29) as f32 * 0.25 - 3.5).collect();
-            let index: Vec<u32> = (0..s * s).map(|i| ((i * 5 + i / s) % 29) as u32).collect();
-            let rows = &index[i0 * s..(i0 + r) * s];
-            let mut expanded = vec![0f32; r * s];
-            vmath::gather(&table, rows, &mut expanded);
-            let col = hd; // the second head
-            let ldo = hd + 3;
-            let mut gathered_out = Vec::new();
-            for mode in ["gathered", "expanded", "none"] {
-                let head = Head {
-                    qkv: &qkv,
-                    ld,
-                    col,
-                    d,
-                    hd,
-                    s,
-                    i0,
-                    r,
-                    scale: 0.3,
-                    table: if mode == "gathered" { &table } else { &[] },
-                    index: if mode == "gathered" { rows } else { &[] },
-                    bias: if mode == "expanded" { &expanded } else { &[] },
-                };
-                let mut out = vec![f32::NAN; r * ldo];
-                unsafe { attention_block(&head, out.as_mut_ptr(), ldo, &mut sc) };
-                match mode {
-                    "gathered" => gathered_out = out.clone(),
-                    "expanded" => assert!(
-                        out.iter()
-                            .zip(&gathered_out)
-                            .all(|(a, b)| a.to_bits() == b.to_bits()),
-                        "s {s} hd {hd}: the expanded bias gave other bits"
-                    ),
-                    _ => {}
-                }
-                for i in 0..r {
-                    let qi = i0 + i;
-                    let logits: Vec<f64> = (0..s)
-                        .map(|j| {
-                            let dot: f64 = (0..hd)
-                                .map(|c| {
-                                    qkv[qi * ld + col + c] as f64 * qkv[j * ld + col + d + c] as f64
-                                })
-                                .sum();
-                            let b = if mode == "none" {
-                                0.0
-                            } else {
-                                table[index[qi * s + j] as usize] as f64
-                            };
-                            dot * 0.3 + b
-                        })
-                        .collect();
-                    let max = logits.iter().cloned().fold(f64::MIN, f64::max);
-                    let e: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
-                    let sum: f64 = e.iter().sum();
-                    for c in 0..hd {
-                        let want: f64 = (0..s)
-                            .map(|j| e[j] * qkv[j * ld + col + 2 * d + c] as f64)
-                            .sum::<f64>()
-                            / sum;
-                        let got = out[i * ldo + c] as f64;
-                        assert!(
-                            (got - want).abs() < 2e-5,
-                            "{mode} s {s} hd {hd} rows {i0}+{r}: ({i},{c}) {got} vs {want}"
-                        );
-                    }
-                    for c in hd..ldo {
-                        assert!(out[i * ldo + c].is_nan(), "wrote past the row");
-                    }
-                }
-            }
-        }
+        super::super::attention_tests::check_block_against_f64(
+            // SAFETY: AVX-512 checked above; `out` addresses the block's rows.
+            &mut |h, out, ldo| unsafe { attention_block(h, out, ldo, &mut sc) },
+            |v| v as f64,
+            |p| p,
+            2e-5,
+        );
     }
 }

@@ -13,6 +13,8 @@
 
 pub mod amx;
 pub mod amx_attention;
+#[cfg(test)]
+mod attention_tests;
 pub mod bf16;
 pub mod bf16_attention;
 pub mod f32_attention;
