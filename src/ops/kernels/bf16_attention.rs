@@ -11,6 +11,7 @@
 //! - V as `[⌈s/2⌉][hd rounded to 16]` lanes (a lane: one dimension of two adjacent tokens).
 
 use super::amx_attention::Head;
+pub use super::f32_attention::Block;
 use super::f32_attention::{PvArgs, ScoreEpilogue};
 use super::packed::{by_rows, BlockSink, MR, NR};
 use super::vmath;
@@ -42,19 +43,6 @@ struct Work {
 /// Whether this CPU runs these kernels (AVX512-BF16).
 pub fn available() -> bool {
     super::bf16::available()
-}
-
-/// A block of `r` query rows against `s` tokens, heads of `hd` dimensions: what the scores
-/// need besides the operands (`scale`, and the bias as in [`Head`]).
-#[derive(Clone, Copy)]
-pub struct Block<'a> {
-    pub s: usize,
-    pub hd: usize,
-    pub r: usize,
-    pub scale: f32,
-    pub table: &'a [f32],
-    pub index: &'a [u32],
-    pub bias: &'a [f32],
 }
 
 /// `softmax(Q Kᵀ · scale + bias) V` for the block, written to `out` (row `i` at
@@ -97,15 +85,7 @@ pub unsafe fn attention_block(h: &Head<'_>, out: *mut f32, ldo: usize, sc: &mut 
         let x = &h.qkv[(h.i0 + i) * h.ld + h.col..][..hd];
         row_to_pairs(x, &mut sc.q[i * hq..(i + 1) * hq]);
     }
-    let block = Block {
-        s,
-        hd,
-        r,
-        scale: h.scale,
-        table: h.table,
-        index: h.index,
-        bias: h.bias,
-    };
+    let block = Block::of(h);
     attend(&block, &sc.q, &sc.keys, &sc.values, out, ldo, &mut sc.work);
 }
 
@@ -150,31 +130,11 @@ unsafe fn attend(
     let (hq, sq) = (hd.div_ceil(2), s.div_ceil(2));
     let vw = hd.div_ceil(16) * 16;
     assert!(q.len() >= r * hq && keys.len() >= s.div_ceil(NR) * hq * NR && values.len() >= sq * vw);
-    // The bias of the block's rows, expanded from the table unless the caller shares it.
-    let bias: &[f32] = if !b.bias.is_empty() {
-        assert_eq!(b.bias.len(), r * s);
-        b.bias
-    } else if !b.table.is_empty() {
-        w.bias.resize(r * s, 0.0);
-        vmath::gather(b.table, b.index, &mut w.bias);
-        &w.bias
-    } else {
-        &[]
-    };
+    let bias = b.bias_rows(&mut w.bias);
     // S = Q·Kᵀ · scale + bias (r x s, f32) with each row's maximum, then each row's
     // unnormalised probabilities as pairs.
     w.scores.resize(r * s, 0.0);
-    w.maxima.clear();
-    w.maxima.resize(r * 16, f32::NEG_INFINITY);
-    let epilogue = ScoreEpilogue {
-        scale: b.scale,
-        bias: if bias.is_empty() {
-            std::ptr::null()
-        } else {
-            bias.as_ptr()
-        },
-        maxima: w.maxima.as_mut_ptr(),
-    };
+    let epilogue = ScoreEpilogue::new(b.scale, bias, &mut w.maxima, r);
     scores(q, hq, r, keys, s, w.scores.as_mut_ptr(), &epilogue);
     w.inv.resize(r, 0.0);
     w.p.resize(r * sq, 0);

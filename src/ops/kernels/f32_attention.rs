@@ -33,6 +33,49 @@ pub struct Scratch {
     inv: Vec<f32>,
 }
 
+/// A block of `r` query rows against `s` tokens, heads of `hd` dimensions: what the scores
+/// need besides the operands (`scale`, and the bias as in [`Head`]).
+#[derive(Clone, Copy)]
+pub struct Block<'a> {
+    pub s: usize,
+    pub hd: usize,
+    pub r: usize,
+    pub scale: f32,
+    pub table: &'a [f32],
+    pub index: &'a [u32],
+    pub bias: &'a [f32],
+}
+
+impl<'a> Block<'a> {
+    /// The block of `h`.
+    pub fn of(h: &Head<'a>) -> Self {
+        Block {
+            s: h.s,
+            hd: h.hd,
+            r: h.r,
+            scale: h.scale,
+            table: h.table,
+            index: h.index,
+            bias: h.bias,
+        }
+    }
+
+    /// The bias rows of the block: `bias` (expanded by the caller), else gathered from the
+    /// table into `scratch`, else none.
+    pub(super) fn bias_rows<'b>(&'b self, scratch: &'b mut Vec<f32>) -> &'b [f32] {
+        if !self.bias.is_empty() {
+            assert_eq!(self.bias.len(), self.r * self.s);
+            self.bias
+        } else if !self.table.is_empty() {
+            scratch.resize(self.r * self.s, 0.0);
+            vmath::gather(self.table, self.index, scratch);
+            scratch
+        } else {
+            &[]
+        }
+    }
+}
+
 /// `softmax(Q Kᵀ · scale + bias) V` for the block, written to `out` (row `i` at
 /// `out[i * ldo..][..hd]`).
 ///
@@ -54,28 +97,10 @@ pub unsafe fn attention_block(h: &Head<'_>, out: *mut f32, ldo: usize, sc: &mut 
         }
         sc.kv_for = kv_for;
     }
-    let bias: &[f32] = if !h.bias.is_empty() {
-        assert_eq!(h.bias.len(), r * s);
-        h.bias
-    } else if !h.table.is_empty() {
-        sc.bias.resize(r * s, 0.0);
-        vmath::gather(h.table, h.index, &mut sc.bias);
-        &sc.bias
-    } else {
-        &[]
-    };
+    let block = Block::of(h);
+    let bias = block.bias_rows(&mut sc.bias);
     sc.scores.resize(r * s, 0.0);
-    sc.maxima.clear();
-    sc.maxima.resize(r * 16, f32::NEG_INFINITY);
-    let ep = ScoreEpilogue {
-        scale: h.scale,
-        bias: if bias.is_empty() {
-            std::ptr::null()
-        } else {
-            bias.as_ptr()
-        },
-        maxima: sc.maxima.as_mut_ptr(),
-    };
+    let ep = ScoreEpilogue::new(h.scale, bias, &mut sc.maxima, r);
     sc.q.clear();
     for i in h.i0..h.i0 + r {
         sc.q.extend_from_slice(&h.qkv[i * ld + h.col..][..hd]);
@@ -168,6 +193,22 @@ pub(super) struct ScoreEpilogue {
 }
 
 impl ScoreEpilogue {
+    /// The epilogue of a block of `r` rows: `maxima` reset to `-inf` (16 lanes per row), `bias`
+    /// the block's rows (empty: none).
+    pub fn new(scale: f32, bias: &[f32], maxima: &mut Vec<f32>, r: usize) -> Self {
+        maxima.clear();
+        maxima.resize(r * 16, f32::NEG_INFINITY);
+        Self {
+            scale,
+            bias: if bias.is_empty() {
+                std::ptr::null()
+            } else {
+                bias.as_ptr()
+            },
+            maxima: maxima.as_mut_ptr(),
+        }
+    }
+
     /// The epilogue of the tile whose first row is row `i0` of the block and whose first score
     /// is at offset `at` of the block's scores.
     ///
