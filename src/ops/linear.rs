@@ -264,7 +264,7 @@ pub fn qkv_inference_pairs(
     bias: Option<&Tensor>,
     heads: usize,
 ) -> Result<Option<QkvPairs>> {
-    let (b, s, k) = x.dims3()?;
+    let (b, s, _) = x.dims3()?;
     let n = weight.n();
     if !weight.on_panels() || heads == 0 || !n.is_multiple_of(3 * heads) {
         return Ok(None);
@@ -274,25 +274,12 @@ pub fn qkv_inference_pairs(
         return Ok(None);
     }
     check_depth(x, weight.k())?;
-    let xc = x.contiguous()?;
-    let xd = f32_data(&xc)?;
-    let bc = bias.map(|b| b.contiguous()).transpose()?;
-    let bd = bc.as_ref().map(f32_data).transpose()?;
-    let zeros = vec![0f32; n];
-    let bias = bd.as_ref().map(|d| d.get()).unwrap_or(&zeros);
-    if bias.len() != n {
-        candle_core::bail!("qkv: bias of {} for {n} outputs", bias.len());
-    }
-    let epi = EpilogueData {
-        op: TileOp::Bias,
-        bias,
-        scale: &[],
-        res: &[],
-    };
-    let mut pairs = QkvPairs::new(b, s, heads, hd);
-    let stored = weight.gemm_to_sink(xd.get(), b * s, epi, &pairs.sink(), gemm::num_threads());
-    debug_assert!(stored && k == weight.k());
-    Ok(Some(pairs))
+    with_epilogue(x, n, bias, Epilogue::Bias, |xs, rows, _, epi| {
+        let mut pairs = QkvPairs::new(b, s, heads, hd);
+        let stored = weight.gemm_to_sink(xs, rows, epi, &pairs.sink(), gemm::num_threads());
+        debug_assert!(stored);
+        Ok(Some(pairs))
+    })
 }
 
 /// A LayerNorm's parameters as tensors: `(weight, bias, eps)`.
