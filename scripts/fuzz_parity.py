@@ -8,6 +8,7 @@ compares every output field. The committed fixtures cover chosen cases; this loo
 in between. Not part of CI (it needs torch); run it after touching the model:
     /root/venv/bin/python scripts/fuzz_parity.py --trials 200 --beit target/release/beit
     /root/venv4/bin/python scripts/fuzz_parity.py --trials 50 --v4   # head_mask (4.x honours it)
+    /root/venv/bin/python scripts/fuzz_parity.py --trials 60 --wide  # heads of 16-80, 50-257 tokens
 A failing trial keeps its folder (config, weights, inputs, both outputs) and prints the command
 that reproduces it.
 """
@@ -30,18 +31,25 @@ HEADS = ["BeitModel", "BeitForMaskedImageModeling", "BeitForImageClassification"
          "BeitForSemanticSegmentation"]
 
 
-def draw_config(r, head):
+def draw_config(r, head, wide=False):
     heads = r.choice([1, 2, 3, 4])
     head_dim = r.choice([4, 8, 12])
     patch = r.choice([2, 4, 8])
     grid = r.choice([2, 3, 4, 5, 6]) if head != "BeitForSemanticSegmentation" else r.choice([4, 6, 8])
     layers = r.randint(1, 4)
+    if wide:
+        # The CPU kernels' tile edges: heads of 16-80 dimensions (the AVX-512 attention's
+        # 32-wide panels), 50-257 tokens (its 14-row and 32-key tiles), widths off 32.
+        head_dim = r.choice([16, 24, 32, 40, 64, 80])
+        patch = r.choice([2, 4])
+        grid = r.choice([7, 9, 12, 14, 16]) if head != "BeitForSemanticSegmentation" else 8
+        layers = r.randint(1, 2)
     rel = r.random() < 0.6
     cfg = dict(
         hidden_size=heads * head_dim,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        intermediate_size=r.choice([7, 16, 37, 64]),
+        intermediate_size=r.choice([7, 16, 37, 64] if not wide else [37, 100, 129, 256]),
         hidden_act=r.choice(["gelu", "gelu", "relu", "gelu_new", "silu", "gelu_pytorch_tanh"]),
         image_size=grid * patch,
         patch_size=patch,
@@ -82,15 +90,15 @@ def draw_config(r, head):
     return cfg
 
 
-def draw_inputs(r, g, head, cfg, v4):
+def draw_inputs(r, g, head, cfg, v4, wide=False):
     b = r.randint(1, 3)
     p = cfg["patch_size"]
     h = w = cfg["image_size"]
     interpolate = False
     # Another input size: needs interpolation of absolute embeddings; relative bias is resized.
     if r.random() < 0.3:
-        h = p * r.randint(2, 7)
-        w = p * r.randint(2, 7)
+        h = p * r.randint(2, 7 if not wide else 17)
+        w = p * r.randint(2, 7 if not wide else 17)
         interpolate = True
     x = torch.rand((b, cfg["num_channels"], h, w), generator=g) * 4 - 2
     inputs = {"pixel_values": x}
@@ -144,6 +152,8 @@ def main():
     ap.add_argument("--v4", action="store_true", help="also draw head_mask (transformers 4.x)")
     ap.add_argument("--keep", default=None, help="folder for failing trials (default: a temp dir)")
     ap.add_argument("--tol", type=float, default=1e-4)
+    ap.add_argument("--wide", action="store_true",
+                    help="wider heads and longer sequences (the CPU kernels' tile edges)")
     a = ap.parse_args()
     keep = a.keep or tempfile.mkdtemp(prefix="beit-fuzz-")
     os.makedirs(keep, exist_ok=True)
@@ -153,14 +163,14 @@ def main():
         r = random.Random(seed)
         g = torch.Generator().manual_seed(seed)
         head = r.choice(HEADS)
-        cfg = draw_config(r, head)
+        cfg = draw_config(r, head, a.wide)
         try:
             model = getattr(transformers, head)(transformers.BeitConfig(**cfg))
         except Exception as e:  # a configuration transformers itself refuses
             print(f"trial {t}: transformers refuses {head} {cfg}: {e}")
             continue
         randomize(model, seed)
-        inputs, interpolate = draw_inputs(r, g, head, cfg, a.v4)
+        inputs, interpolate = draw_inputs(r, g, head, cfg, a.v4, a.wide)
         hidden, attn = r.random() < 0.4, r.random() < 0.4
         try:
             want = run_hf(model, inputs, hidden, attn, interpolate)
