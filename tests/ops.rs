@@ -309,6 +309,46 @@ fn fused_training_ops_match_finite_differences_and_the_composition() {
     check_grad("fused attention (per-sample bias)", &bias_b, &|b| {
         Ok(fused::attention(&qkv, Some(b), heads, scale)?.unwrap())
     });
+    // A shared bias's gradient is summed over the batch inside the backward, 4 images per task
+    // (tasks 4 + 4 + 1 here), then the tasks in order: against finite differences, and against
+    // the gradient of the same attention run one image at a time (summed here).
+    let qkv9 = randn(&[9, s, 3 * d]);
+    check_grad("fused attention (shared bias, 9 images)", &bias1, &|b| {
+        Ok(fused::attention(&qkv9, Some(b), heads, scale)?.unwrap())
+    });
+    let r9 = randn(&[9, s, d]);
+    let bias_grad = |images: &[usize]| {
+        let b = Var::from_tensor(&bias1).unwrap();
+        let mut total: Option<Tensor> = None;
+        for &i in images {
+            let x = qkv9.narrow(0, i, 1).unwrap();
+            let y = fused::attention(&x, Some(b.as_tensor()), heads, scale)
+                .unwrap()
+                .unwrap();
+            let loss = (y * r9.narrow(0, i, 1).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let g = loss.backward().unwrap().get(b.as_tensor()).unwrap().clone();
+            total = Some(match total {
+                Some(t) => (t + g).unwrap(),
+                None => g,
+            });
+        }
+        total.unwrap()
+    };
+    let one_at_a_time = bias_grad(&(0..9).collect::<Vec<_>>());
+    let b = Var::from_tensor(&bias1).unwrap();
+    let y = fused::attention(&qkv9, Some(b.as_tensor()), heads, scale)
+        .unwrap()
+        .unwrap();
+    let loss = (y * &r9).unwrap().sum_all().unwrap();
+    let batched = loss.backward().unwrap().get(b.as_tensor()).unwrap().clone();
+    assert_eq!(batched.dims(), bias1.dims());
+    assert!(
+        max_diff(&batched, &one_at_a_time) < 1e-12,
+        "shared bias gradient over 9 images"
+    );
 }
 
 /// LayerNorm's f32 backward (the vectorised kernel) against the f64 one, on row lengths with

@@ -250,12 +250,21 @@ fn attention_fwd_kernel<T: Real>(
     Ok((T::wrap(ctx), Shape::from((dm.b, s, d))))
 }
 
-/// `[dqkv ; dbias-per-(b,h)]`: gradients of the attention core for `dctx`.
+/// `[dqkv ; dS]`: the gradients of the attention core for `dctx` ([`attention_bwd_kernel`]).
 struct AttentionGrad<'a> {
     op: &'a AttentionCore,
     bias: Option<&'a Tensor>,
 }
 
+/// Images per task when the bias gradient is summed over the batch: each task adds its images'
+/// dS into its own `[S, S]` block, and the blocks are added in task order afterwards, so the
+/// sums do not depend on the number of threads.
+const IMAGES_PER_SUM: usize = 4;
+
+/// `[dqkv ; dS]`: the gradients of the attention core for `dctx`. dS is per (b, h) (`[B, H, S,
+/// S]`) for a per-image bias (`[B, H, S, S]`), and summed over the batch (`[H, S, S]`) for a
+/// shared one (`[1, H, S, S]`, the relative position bias): that sum was a second pass over
+/// all `B x H x S x S` of dS, on one thread (30 MB a layer at BEiT-small b32).
 fn attention_bwd_kernel<T: Real>(
     op: &AttentionCore,
     q: (&CpuStorage, &Layout),
@@ -264,19 +273,18 @@ fn attention_bwd_kernel<T: Real>(
 ) -> Result<(Vec<T>, Dims)> {
     let dm = op.dims(q.1)?;
     let (qkv, dctx) = (T::slice(q.0, q.1)?, T::slice(g.0, g.1)?);
-    let (s, d, hd, heads) = (dm.s, dm.d, dm.hd, op.heads);
-    let n_ds = if bias.is_some() {
-        dm.b * heads * s * s
-    } else {
-        0
+    let (s, heads) = (dm.s, op.heads);
+    let sum_batch = matches!(bias, Some((_, 1))) && dm.b > 1;
+    let n_ds = match bias {
+        None => 0,
+        Some(_) if sum_batch => heads * s * s,
+        Some(_) => dm.b * heads * s * s,
     };
     // `[dqkv ; dS]` in one buffer (an `extend` of 30 MB of dS at BEiT-small b32 cost ~6 % of a
     // bf16 training step in copies and page faults). SAFETY: every (b, h) writes its Q, K and
-    // V columns with non-accumulating GEMMs and, with a bias, its own block of dS.
+    // V columns with non-accumulating GEMMs, and dS is written below (per block, or the sums).
     let mut all = unsafe { crate::ops::uninit_buffer::<T>(qkv.len() + n_ds) };
     let dq_ptr = SendPtr(all.as_mut_ptr());
-    // SAFETY: dS starts right after dqkv, inside `all`.
-    let ds_ptr = SendPtr(unsafe { all.as_mut_ptr().add(qkv.len()) });
     let scale = T::from_f64(op.scale);
     // The forward's probabilities when it kept them (taken: one backward per forward).
     let kept = op.probs.lock().ok().and_then(|mut slot| slot.take());
@@ -285,18 +293,82 @@ fn attention_bwd_kernel<T: Real>(
         Some(st) => Some(T::slice(st, &Layout::contiguous(n_probs))?),
         None => None,
     };
-    (0..dm.b * heads).into_par_iter().for_each(|bh| {
-        let (b, h) = (bh / heads, bh % heads);
+    let grads = HeadGrads {
+        op,
+        dm: &dm,
+        qkv,
+        dctx,
+        bias,
+        kept,
+        dqkv: dq_ptr,
+        scale,
+    };
+    if sum_batch {
+        let chunks = dm.b.div_ceil(IMAGES_PER_SUM);
+        // SAFETY: every block is written by its task's first image.
+        let mut partial = unsafe { crate::ops::uninit_buffer::<T>(heads * chunks * s * s) };
+        partial
+            .par_chunks_mut(s * s)
+            .enumerate()
+            .for_each(|(t, acc)| {
+                let (h, c) = (t / chunks, t % chunks);
+                let images = c * IMAGES_PER_SUM..((c + 1) * IMAGES_PER_SUM).min(dm.b);
+                for b in images.clone() {
+                    grads.run(b, h, Some((&mut *acc, b > images.start)));
+                }
+            });
+        let (_, ds) = all.split_at_mut(qkv.len());
+        ds.par_chunks_mut(s * s).enumerate().for_each(|(h, out)| {
+            let mut blocks = partial[h * chunks * s * s..(h + 1) * chunks * s * s].chunks(s * s);
+            out.copy_from_slice(blocks.next().expect("at least one image"));
+            for block in blocks {
+                for (o, &v) in out.iter_mut().zip(block) {
+                    *o = *o + v;
+                }
+            }
+        });
+    } else {
+        let ds_ptr = SendPtr(all[qkv.len()..].as_mut_ptr());
+        (0..dm.b * heads).into_par_iter().for_each(|bh| {
+            let ds = bias.map(|_| {
+                // SAFETY: block (b, h) of dS, written by this task only.
+                unsafe { std::slice::from_raw_parts_mut(ds_ptr.get().add(bh * s * s), s * s) }
+            });
+            grads.run(bh / heads, bh % heads, ds.map(|d| (d, false)));
+        });
+    }
+    Ok((all, dm))
+}
+
+/// What one (image, head) of the attention backward reads, and where it writes dqkv.
+struct HeadGrads<'a, T> {
+    op: &'a AttentionCore,
+    dm: &'a Dims,
+    qkv: &'a [T],
+    dctx: &'a [T],
+    bias: Option<(&'a [T], usize)>,
+    kept: Option<&'a [T]>,
+    dqkv: SendPtr<T>,
+    scale: T,
+}
+
+impl<T: Real> HeadGrads<'_, T> {
+    /// dQ, dK, dV of image `b`, head `h` into dqkv; dS (the bias gradient) written to `ds`, or
+    /// added to it when its flag is set.
+    fn run(&self, b: usize, h: usize, ds_out: Option<(&mut [T], bool)>) {
+        let (op, dm, qkv, dctx, scale) = (self.op, self.dm, self.qkv, self.dctx, self.scale);
+        let (s, d, hd, heads) = (dm.s, dm.d, dm.hd, op.heads);
+        let bh = b * heads + h;
         let mut local = Vec::new();
-        let p: &[T] = match kept {
+        let p: &[T] = match self.kept {
             Some(k) => &k[bh * s * s..(bh + 1) * s * s],
             None => {
                 local.resize(s * s, T::ZERO);
                 attention_probs(
                     op.bf16,
                     qkv,
-                    bias_slice(bias, b, h, heads, s),
-                    &dm,
+                    bias_slice(self.bias, b, h, heads, s),
+                    dm,
                     b,
                     h,
                     scale,
@@ -307,10 +379,11 @@ fn attention_bwd_kernel<T: Real>(
         };
         let qbase = b * s * 3 * d + h * hd;
         let gbase = b * s * d + h * hd;
+        let dq_ptr = &self.dqkv;
         // SAFETY: written by the GEMM below (no accumulation).
         let mut dp = unsafe { crate::ops::uninit_buffer::<T>(s * s) };
         // SAFETY (all GEMMs below): views stay inside their buffers; each (b, h) writes only its
-        // own head's columns of `dqkv` and its own block of `ds_all`.
+        // own head's columns of `dqkv`.
         unsafe {
             // dV = Pᵀ · dctx
             product(
@@ -342,11 +415,14 @@ fn attention_bwd_kernel<T: Real>(
         let mut ds = unsafe { crate::ops::uninit_buffer::<T>(s * s) };
         T::softmax_backward_rows(p, &dp, &mut ds, s);
         let mut dp = ds;
-        if bias.is_some() {
-            // SAFETY: block (b, h) of ds_all.
-            let dst =
-                unsafe { std::slice::from_raw_parts_mut(ds_ptr.get().add(bh * s * s), s * s) };
-            dst.copy_from_slice(&dp);
+        match ds_out {
+            Some((out, true)) => {
+                for (o, &v) in out.iter_mut().zip(&dp) {
+                    *o = *o + v;
+                }
+            }
+            Some((out, false)) => out.copy_from_slice(&dp),
+            None => {}
         }
         for v in dp.iter_mut() {
             *v = *v * scale;
@@ -380,8 +456,7 @@ fn attention_bwd_kernel<T: Real>(
                 View::row_major(qkv, qbase, 3 * d),
             );
         }
-    });
-    Ok((all, dm))
+    }
 }
 
 impl candle_core::CustomOp1 for AttentionCore {
@@ -436,16 +511,8 @@ impl CustomOp2 for AttentionCore {
         )?;
         let n = qkv.elem_count();
         let dqkv = both.narrow(0, 0, n)?.reshape(qkv.shape())?;
-        let (b, heads, s) = (qkv.dim(0)?, self.heads, qkv.dim(1)?);
-        let ds = both
-            .narrow(0, n, b * heads * s * s)?
-            .reshape((b, heads, s, s))?;
-        let dbias = if bias.dim(0)? == 1 && b > 1 {
-            // Sum over the batch: the column sums of [B, H*S*S].
-            sum_to_last_dim(&ds.reshape((b, heads * s * s))?)?.reshape((1, heads, s, s))?
-        } else {
-            ds
-        };
+        // The kernel summed a shared bias's gradient over the batch already.
+        let dbias = both.narrow(0, n, both.elem_count() - n)?.reshape(bias.shape())?;
         Ok((Some(dqkv), Some(dbias)))
     }
 }
