@@ -512,7 +512,9 @@ impl CustomOp2 for AttentionCore {
         let n = qkv.elem_count();
         let dqkv = both.narrow(0, 0, n)?.reshape(qkv.shape())?;
         // The kernel summed a shared bias's gradient over the batch already.
-        let dbias = both.narrow(0, n, both.elem_count() - n)?.reshape(bias.shape())?;
+        let dbias = both
+            .narrow(0, n, both.elem_count() - n)?
+            .reshape(bias.shape())?;
         Ok((Some(dqkv), Some(dbias)))
     }
 }
