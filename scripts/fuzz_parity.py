@@ -152,6 +152,9 @@ def main():
     ap.add_argument("--v4", action="store_true", help="also draw head_mask (transformers 4.x)")
     ap.add_argument("--keep", default=None, help="folder for failing trials (default: a temp dir)")
     ap.add_argument("--tol", type=float, default=1e-4)
+    ap.add_argument("--matmul-precision", default=None, choices=["bf16", "int8"],
+                    help="run ours at a reduced precision (give a --tol to match: a layout "
+                         "bug is an O(1) error, rounding is not)")
     ap.add_argument("--wide", action="store_true",
                     help="wider heads and longer sequences (the CPU kernels' tile edges)")
     a = ap.parse_args()
@@ -183,7 +186,8 @@ def main():
         model.save_pretrained(d, safe_serialization=r.random() < 0.7)
         save_file({k: v.contiguous() for k, v in inputs.items()}, os.path.join(d, "inputs.safetensors"))
         save_file(want, os.path.join(d, "expected.safetensors"))
-        cmd = [a.beit, "forward", "--model", d, "--inputs", os.path.join(d, "inputs.safetensors"),
+        prec = ["--matmul-precision", a.matmul_precision] if a.matmul_precision else []
+        cmd = [a.beit, *prec, "forward", "--model", d, "--inputs", os.path.join(d, "inputs.safetensors"),
                "--output", os.path.join(d, "ours.safetensors")]
         if hidden:
             cmd.append("--output-hidden-states")
