@@ -130,8 +130,14 @@ pub fn run_on(name: &str, dev: &Device) {
         "{name}: loss {l:.6} vs {wl:.6}; {checked} gradients, worst relative error {:.2e} ({})",
         worst.0, worst.1
     );
+    // The portable kernels (`BEIT_ISA=generic`: no FMA) round the LayerNorm gradient's sums
+    // differently: up to 1.01e-5 on the segmentation case.
+    let bound = match beit::ops::kernels::vmath::isa() {
+        beit::ops::kernels::vmath::Isa::Generic => 2e-5,
+        _ => 1e-5,
+    };
     assert!(
-        worst.0 <= 1e-5,
+        worst.0 <= bound,
         "{name}: gradient of {} off by {:.2e} (relative)",
         worst.1,
         worst.0

@@ -85,7 +85,7 @@ pub fn emulated(kind: AmxKind) -> bool {
         {
             use std::arch::is_x86_feature_detected as has;
             let on = !std::env::var("BEIT_NO_TILE_EMULATION").is_ok_and(|v| v == "1");
-            let bf16 = on && has!("avx512f") && has!("avx512bw") && has!("avx512bf16");
+            let bf16 = on && super::vmath::avx512() && has!("avx512bw") && has!("avx512bf16");
             (bf16, bf16 && has!("avx512vnni"))
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -111,7 +111,7 @@ fn detect() -> (bool, bool) {
     let bf16 = leaf7.edx & (1 << 22) != 0;
     let int8 = leaf7.edx & (1 << 25) != 0;
     // The conversions around the tiles use AVX-512 (BF16 for the activation rounding).
-    let avx = std::arch::is_x86_feature_detected!("avx512f")
+    let avx = super::vmath::avx512()
         && std::arch::is_x86_feature_detected!("avx512bw")
         && std::arch::is_x86_feature_detected!("avx512bf16");
     if !tile || !avx {

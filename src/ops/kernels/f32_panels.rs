@@ -23,7 +23,7 @@ const MC: usize = MR * 16;
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
+        super::vmath::avx512()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

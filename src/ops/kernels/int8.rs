@@ -23,7 +23,7 @@ use super::packed::{PanelWeight, MR, NR};
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
+        super::vmath::avx512()
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512vnni")
     }
@@ -163,10 +163,14 @@ pub fn quantize_row(x: &[f32], out: &mut [u8]) -> f32 {
         // SAFETY: the features were just checked.
         return unsafe { quantize_row_avx512(x, out) };
     }
-    let amax = x.iter().fold(
-        0f32,
-        |m, v| if v.is_nan() { f32::NAN } else { m.max(v.abs()) },
-    );
+    // `f32::max` drops a NaN operand, so a NaN found early would be forgotten: sticky instead.
+    let amax = x.iter().fold(0f32, |m, v| {
+        if m.is_nan() || v.is_nan() {
+            f32::NAN
+        } else {
+            m.max(v.abs())
+        }
+    });
     let (s, inv) = scale_of(amax);
     for (o, &v) in out.iter_mut().zip(x) {
         *o = ((v * inv).round_ties_even() as i32 + 128) as u8;

@@ -5,7 +5,9 @@
 //! reductions), and compiled three times: with AVX-512 (`avx512f`), with AVX2+FMA, and for the
 //! baseline target. The CPU is probed once at run time (`is_x86_feature_detected!`), so a binary
 //! built for generic x86-64 uses 512-bit vectors where they exist and still runs everywhere.
-//! `BEIT_ISA=avx2|generic` forces a lower level (to test or compare the fallbacks).
+//! `BEIT_ISA=avx2|generic` forces a lower level (to test or compare the fallbacks); it also turns
+//! off the other AVX-512 kernels (GEMM panels, attention, AMX), which ask [`avx512`] first, so a
+//! machine with AVX-512 can run the test suite as a CPU without it would.
 //!
 //! Accuracy: `exp` is the Cephes single-precision polynomial (≤ 2 ulp); `erf` is
 //! `x·P(x²)` for |x| ≤ 1 and `1 − exp(Q(|x|))` for 1 < |x| < 4 (minimax fits with the
@@ -64,6 +66,12 @@ pub fn isa() -> Isa {
             i
         }
     }
+}
+
+/// Whether the AVX-512 kernels may run: the CPU has AVX-512F (and AVX2 + FMA) and `BEIT_ISA`
+/// does not force a lower level. Each kernel checks its own further features (BF16, VNNI, ...).
+pub fn avx512() -> bool {
+    isa() == Isa::Avx512
 }
 
 /// The levels this CPU can run (for tests that compare every variant).
