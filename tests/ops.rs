@@ -299,6 +299,13 @@ fn fused_training_ops_match_finite_differences_and_the_composition() {
     for bias in [None, Some(&bias1), Some(&bias_b)] {
         let got = fused::attention(&qkv, bias, heads, scale).unwrap().unwrap();
         assert!(max_diff(&got, &plain(&qkv, bias).unwrap()) < 1e-12);
+        // f32 (the vectorised softmax rows with the scale and bias fused in) against f64.
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let got32 = fused::attention(&f32(&qkv), bias.map(f32).as_ref(), heads, scale)
+            .unwrap()
+            .unwrap();
+        let want = plain(&qkv, bias).unwrap();
+        assert!(max_diff(&got32.to_dtype(DType::F64).unwrap(), &want) < 1e-5);
         check_grad("fused attention (qkv)", &qkv, &|t| {
             Ok(fused::attention(t, bias, heads, scale)?.unwrap())
         });

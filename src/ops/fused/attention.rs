@@ -16,6 +16,24 @@ trait Real:
 {
     /// Softmax of each `s`-long row in place (f32: the vectorised kernel of `ops::vmath`).
     fn softmax_rows(x: &mut [Self], s: usize);
+    /// `softmax(x · scale + bias)` of each `s`-long row in place (`bias`: one row per row).
+    fn scaled_biased_softmax_rows(x: &mut [Self], s: usize, scale: Self, bias: Option<&[Self]>) {
+        for (i, row) in x.chunks_mut(s).enumerate() {
+            match bias {
+                Some(bs) => {
+                    for (v, &b) in row.iter_mut().zip(&bs[i * s..(i + 1) * s]) {
+                        *v = *v * scale + b;
+                    }
+                }
+                None => {
+                    for v in row.iter_mut() {
+                        *v = *v * scale;
+                    }
+                }
+            }
+        }
+        Self::softmax_rows(x, s);
+    }
     /// Softmax backward of rows: `ds = p ⊙ (dp - rowsum(dp ⊙ p))`.
     fn softmax_backward_rows(p: &[Self], dp: &[Self], ds: &mut [Self], s: usize);
     /// `C = A · B` on AMX bf16 tiles where `Self` has them (f32); `false` where not run.
@@ -47,6 +65,22 @@ impl Real for f32 {
     }
     fn softmax_rows(x: &mut [Self], s: usize) {
         crate::ops::vmath::softmax_rows(x, s)
+    }
+    /// One pass for the scale, the bias and the maximum, one for the exponentials and their
+    /// sum (the inference attention's row kernels), one to normalise; the scale and the bias in
+    /// one fused multiply-add.
+    fn scaled_biased_softmax_rows(x: &mut [f32], s: usize, scale: f32, bias: Option<&[f32]>) {
+        use crate::ops::vmath;
+        for (i, row) in x.chunks_mut(s).enumerate() {
+            let sum = match bias {
+                Some(bs) => vmath::scaled_dense_biased_exp_row(row, scale, &bs[i * s..(i + 1) * s]),
+                None => vmath::scaled_biased_exp_row(row, scale, &[], &[]),
+            };
+            let inv = 1.0 / sum;
+            for v in row.iter_mut() {
+                *v *= inv;
+            }
+        }
     }
     fn softmax_backward_rows(p: &[Self], dp: &[Self], ds: &mut [Self], s: usize) {
         crate::ops::vmath::softmax_backward_rows(p, dp, ds, s)
@@ -163,21 +197,7 @@ fn attention_probs<T: Real>(
             View::transposed(qkv, base + d, 3 * d),
         )
     };
-    for (i, row) in p.chunks_mut(s).enumerate() {
-        match bias {
-            Some(bs) => {
-                for (v, &b) in row.iter_mut().zip(&bs[i * s..(i + 1) * s]) {
-                    *v = *v * scale + b;
-                }
-            }
-            None => {
-                for v in row.iter_mut() {
-                    *v = *v * scale;
-                }
-            }
-        }
-    }
-    T::softmax_rows(p, s);
+    T::scaled_biased_softmax_rows(p, s, scale, bias);
 }
 
 /// The bias of head `h` for batch element `b` (bias is `[1 | B, H, S, S]`).
