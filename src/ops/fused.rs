@@ -641,7 +641,9 @@ fn scaled_residual_grads<T: Elem>(
 ) -> (Vec<T>, Vec<T>) {
     let d = l.len();
     let scales = op.row_scales(g.len() / d.max(1));
-    let mut dh = vec![T::ZERO; g.len()];
+    // SAFETY: every row of every block is written below (no zeroing of BEiT-small b32's 9.7 MB,
+    // 24 times a step).
+    let mut dh = unsafe { super::uninit_buffer::<T>(g.len()) };
     let partials: Vec<Vec<T>> = dh
         .par_chunks_mut(d * ROW_BLOCK)
         .zip(g.par_chunks(d * ROW_BLOCK).zip(h.par_chunks(d * ROW_BLOCK)))
