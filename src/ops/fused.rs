@@ -606,7 +606,8 @@ fn scaled_residual_kernel<T: Elem>(
     );
     let d = ls.len();
     let scales = op.row_scales(rs.len() / d.max(1));
-    let mut out = vec![T::ZERO; rs.len()];
+    // SAFETY: every row of every block is written below.
+    let mut out = unsafe { super::uninit_buffer::<T>(rs.len()) };
     out.par_chunks_mut(d * ROW_BLOCK)
         .zip(
             rs.par_chunks(d * ROW_BLOCK)
