@@ -294,7 +294,7 @@ fn attention_bwd_kernel<T: Real>(
     let dm = op.dims(q.1)?;
     let (qkv, dctx) = (T::slice(q.0, q.1)?, T::slice(g.0, g.1)?);
     let (s, heads) = (dm.s, op.heads);
-    let sum_batch = matches!(bias, Some((_, 1))) && dm.b > 1;
+    let sum_batch = matches!(bias, Some((_, 1))) && dm.b > 1 && s > 0;
     let n_ds = match bias {
         None => 0,
         Some(_) if sum_batch => heads * s * s,
