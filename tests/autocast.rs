@@ -49,8 +49,11 @@ fn bf16_autocast_linear_and_gradients_match_f32() {
     {
         assert_eq!(a.dims(), e.dims(), "{name}");
         let (scale, d) = (max_abs(e), max_abs(&(a - e).unwrap()));
+        // The bias gradient is g's column sums in f32 either way (summed while g is packed, in
+        // another order): f32 rounding apart.
+        let bound = if *name == "db" { 1e-5 } else { 1e-2 };
         assert!(
-            d <= 1e-2 * scale,
+            d <= bound * scale,
             "{name}: max |bf16 - f32| {d} for values up to {scale}"
         );
         if *name != "db" {

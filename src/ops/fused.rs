@@ -321,26 +321,26 @@ fn runs_on_amx(x: &CpuStorage) -> bool {
     }
 }
 
-/// `(dx, dw)` of `y = x · wᵀ` for output gradient `g` (`dx` in f32 also for a bf16 `x`: the
-/// gradient fc1 + GELU's backward reads, as exact as the GEMM made it).
-fn linear_grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
+/// `(dx, dw, db)` of `y = x · wᵀ (+ b)` for output gradient `g` (`dx` in f32 also for a bf16
+/// `x`: the gradient fc1 + GELU's backward reads, as exact as the GEMM made it). `db` comes
+/// from the AMX backward, which sums `g`'s columns while it packs them; elsewhere `None`.
+fn linear_grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor, Option<Tensor>)> {
     let (out, inp) = w.dims2()?;
     let rows = x.elem_count() / inp.max(1);
     let g2 = g.contiguous()?.reshape((rows, out))?;
     let amx = (super::autocast::cpu_bf16() && cpu_ok(&[x, w, g]) && x.dtype() == DType::F32)
         || amx_mixed(x, &[w, g]);
     if amx {
-        let (dx, dw, _) = amx_linear_grads(x, w, &g2, None)?;
-        return Ok((dx, dw));
+        return amx_linear_grads(x, w, &g2, None);
     }
     let dx = matmul_t(&g2, w, false, false)?.reshape(x.shape())?;
     let dw = matmul_t(&g2, &x.reshape((rows, inp))?, true, false)?;
-    Ok((dx, dw))
+    Ok((dx, dw, None))
 }
 
-/// The AMX backward of `y = x · wᵀ` (`x` f32 or bf16, `g2` the `[rows, out]` output gradient):
-/// `(dx, dw)`, or with the pre-activation `pre` of `y = GELU(x · wᵀ + b)` the gradients through
-/// the GELU and `Some(db)` too (`linear_gelu_backward_bf16`).
+/// The AMX backward of `y = x · wᵀ + b` (`x` f32 or bf16, `g2` the `[rows, out]` output
+/// gradient): `(dx, dw, db)`, or with the pre-activation `pre` of `y = GELU(x · wᵀ + b)` the
+/// gradients through the GELU (`linear_gelu_backward_bf16`).
 fn amx_linear_grads(
     x: &Tensor,
     w: &Tensor,
@@ -371,7 +371,10 @@ fn amx_linear_grads(
         let t = num_threads();
         match pre {
             Some(p) => amx_linear_gelu_backward(rows, inp, out, gs, p, xs, ws, dx, dw, db, t),
-            None => amx_linear_backward(rows, inp, out, gs, xs, ws, dx, dw, t),
+            None => {
+                let sums = amx_linear_backward(rows, inp, out, gs, xs, ws, dx, dw, t);
+                db.copy_from_slice(&sums[..out]);
+            }
         }
     }
     let dims = (rows, inp, out);
@@ -383,14 +386,10 @@ fn amx_linear_grads(
         run(dims, gs, xd.get(), ws, pre, &mut dx, &mut dw, &mut db);
     }
     let dev = x.device();
-    let db = match pre {
-        Some(_) => Some(Tensor::from_vec(db, out, dev)?),
-        None => None,
-    };
     Ok((
         Tensor::from_vec(dx, x.shape(), dev)?,
         Tensor::from_vec(dw, (out, inp), dev)?,
-        db,
+        Some(Tensor::from_vec(db, out, dev)?),
     ))
 }
 
@@ -418,7 +417,7 @@ impl CustomOp2 for LinearOp {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let _p = crate::profile::scope("bwd.linear");
-        let (dx, dw) = linear_grads(x, w, g)?;
+        let (dx, dw, _) = linear_grads(x, w, g)?;
         Ok((Some(dx), Some(dw)))
     }
 }
@@ -450,8 +449,12 @@ impl CustomOp3 for LinearOp {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let _p = crate::profile::scope("bwd.linear");
-        let (dx, dw) = linear_grads(x, w, g)?;
-        Ok((Some(dx), Some(dw), Some(sum_to_last_dim(g)?)))
+        let (dx, dw, db) = linear_grads(x, w, g)?;
+        let db = match db {
+            Some(db) => db,
+            None => sum_to_last_dim(g)?,
+        };
+        Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 

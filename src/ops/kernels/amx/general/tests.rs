@@ -174,10 +174,20 @@ fn amx_bf16_operands_give_the_f32_results() {
         let g = src(m * n, 3);
         let (mut dx32, mut dw32) = (vec![0f32; m * k], vec![0f32; n * k]);
         let (mut dx16, mut dw16) = (vec![0f32; m * k], vec![0f32; n * k]);
-        linear_backward_bf16(m, k, n, &g, &a, &w, &mut dx32, &mut dw32, 2);
+        let db = linear_backward_bf16(m, k, n, &g, &a, &w, &mut dx32, &mut dw32, 2);
         linear_backward_bf16(m, k, n, &g, &ab, &w, &mut dx16, &mut dw16, 2);
         same(&dx32, &dx16, &format!("linear dx {m}x{n}x{k}"));
         same(&dw32, &dw16, &format!("linear dw {m}x{n}x{k}"));
+        // The bias gradient it returns: g's column sums (f32, per 32-row group, in order).
+        assert_eq!(db.len(), n);
+        for (j, &got) in db.iter().enumerate() {
+            let want: f64 = (0..m).map(|r| g[r * n + j] as f64).sum();
+            let mag: f64 = (0..m).map(|r| (g[r * n + j] as f64).abs()).sum();
+            assert!(
+                (got as f64 - want).abs() <= 1e-6 * mag.max(1.0),
+                "linear db {m}x{n}x{k} column {j}: {got} against {want}"
+            );
+        }
         // Strided views, A rows or transposed, B rows or transposed.
         let b = src(k * n, 4);
         let bb = to_bf16(&b);
