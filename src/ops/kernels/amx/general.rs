@@ -277,7 +277,23 @@ fn linear_backward<T: Operand>(
     if rows == 0 || out == 0 || inp == 0 {
         dx[..rows * inp].fill(0.0);
         dw[..out * inp].fill(0.0);
-        return vec![0f32; out];
+        // No products, but a layer without inputs still has a bias gradient.
+        let mut sums = vec![0f32; out];
+        let mut row = vec![0f32; out];
+        for r in 0..rows {
+            let gr = &g[r * out..(r + 1) * out];
+            let d = match pre {
+                Some(p) => {
+                    vmath::gelu_grad_mul(&p[r * out..(r + 1) * out], gr, &mut row);
+                    &row[..]
+                }
+                None => gr,
+            };
+            for (s, &v) in sums.iter_mut().zip(d) {
+                *s += v;
+            }
+        }
+        return sums;
     }
     let (g_rows, g_cols, sums) = pack_grad_both(g, pre, rows, out);
     // SAFETY: `dx` holds `rows x inp`, `dw` `out x inp` (checked above).

@@ -357,3 +357,38 @@ fn amx_general_gemm_streams_large_outputs_exactly() {
         }
     }
 }
+
+/// A layer without inputs has no products but a bias gradient: g's column sums (through
+/// GELU' with a pre-activation).
+#[test]
+fn linear_backward_without_inputs_still_sums_the_bias_gradient() {
+    if !available(AmxKind::Bf16) {
+        eprintln!("SKIPPED: this CPU has neither AMX-BF16 nor AVX512-BF16; the linear backward was not tested");
+        return;
+    }
+    let (rows, out) = (5, 3);
+    let g: Vec<f32> = (0..rows * out).map(|i| i as f32 - 6.0).collect();
+    let x: [f32; 0] = [];
+    let db = linear_backward_bf16(rows, 0, out, &g, &x, &[], &mut [], &mut [], 2);
+    let want: Vec<f32> = (0..out)
+        .map(|j| (0..rows).map(|r| g[r * out + j]).sum())
+        .collect();
+    assert_eq!(db, want);
+    let pre = vec![0f32; rows * out]; // GELU'(0) = 0.5
+    let mut db2 = vec![0f32; out];
+    linear_gelu_backward_bf16(
+        rows,
+        0,
+        out,
+        &g,
+        &pre,
+        &x,
+        &[],
+        &mut [],
+        &mut [],
+        &mut db2,
+        2,
+    );
+    let half: Vec<f32> = want.iter().map(|v| v * 0.5).collect();
+    assert_eq!(db2, half);
+}
