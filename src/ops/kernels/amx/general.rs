@@ -349,17 +349,15 @@ fn pack_grad_both(
                 grp = vec![0f32; grp_rows * n];
                 let at = r0 * n..(r0 + grp_rows) * n;
                 vmath::gelu_grad_mul(&pre[at.clone()], &g[at], &mut grp);
-                for row in grp.chunks_exact(n) {
-                    for (s, &d) in sums.iter_mut().zip(row) {
-                        *s += d;
-                    }
-                }
             }
-            if pre.is_none() {
-                for row in g[r0 * n..(r0 + grp_rows) * n].chunks_exact(n) {
-                    for (s, &d) in sums.iter_mut().zip(row) {
-                        *s += d;
-                    }
+            // The group's column sums (the bias gradient's share), while its rows are in cache.
+            let rows = match pre {
+                None => &g[r0 * n..(r0 + grp_rows) * n],
+                Some(_) => &grp[..],
+            };
+            for row in rows.chunks_exact(n) {
+                for (s, &d) in sums.iter_mut().zip(row) {
+                    *s += d;
                 }
             }
             // The packers' source: `g` itself, or the formed rows (row 0 = row r0).
