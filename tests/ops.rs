@@ -392,3 +392,43 @@ fn layer_norm_f32_gradients_match_f64() {
         }
     }
 }
+
+/// The CPU gather of the relative position bias (`ops::gather_columns`) against candle's
+/// `index_select`, which it replaces: the same values, the same table gradient (summed in the
+/// same order: equal bits in f32), on a real window's index where each table entry is
+/// gathered many times; finite differences in f64; an index past the table is an error.
+#[test]
+fn gather_columns_matches_index_select_and_finite_differences() {
+    use std::sync::Arc;
+    let index = beit::model::relative_position::relative_position_index((5, 4));
+    let cols = 9 * 7 + 3;
+    let table = Tensor::randn(0f32, 1.0, (3, cols), &Device::Cpu).unwrap();
+    let var = Var::from_tensor(&table).unwrap();
+    let ix = Tensor::from_slice(index.as_slice(), index.len(), &Device::Cpu).unwrap();
+    let r = Tensor::randn(0f32, 1.0, (3, index.len()), &Device::Cpu).unwrap();
+    let run = |ours: bool| {
+        let y = if ours {
+            ops::gather_columns(var.as_tensor(), &index).unwrap()
+        } else {
+            var.as_tensor().index_select(&ix, 1).unwrap()
+        };
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        (y, g.get(var.as_tensor()).unwrap().clone())
+    };
+    let ((y, g), (y_ref, g_ref)) = (run(true), run(false));
+    assert_eq!(y.dims(), &[3, 21 * 21]);
+    assert_eq!(max_diff(&y, &y_ref), 0.0, "gathered values");
+    assert_eq!(max_diff(&g, &g_ref), 0.0, "table gradient");
+    // Every entry is reached (a scatter that dropped positions would leave some at zero).
+    let counts = index.iter().fold(vec![0; cols], |mut c, &i| {
+        c[i as usize] += 1;
+        c
+    });
+    assert!(counts.iter().all(|&c| c > 0));
+    check_grad("gather_columns", &randn(&[3, cols]), &|t| {
+        ops::gather_columns(t, &index)
+    });
+    let bad = Arc::new(vec![0u32, cols as u32]);
+    let e = ops::gather_columns(&table, &bad).unwrap_err().to_string();
+    assert!(e.contains("out of range"), "{e}");
+}
