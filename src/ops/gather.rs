@@ -36,9 +36,8 @@ fn check(index: &[u32], cols: usize) -> Result<()> {
     }
 }
 
-fn gather<T: Copy + Send + Sync>(table: &[T], cols: usize, index: &[u32]) -> Vec<T> {
+fn gather<T: Copy + Send + Sync>(table: &[T], heads: usize, cols: usize, index: &[u32]) -> Vec<T> {
     let n = index.len();
-    let heads = table.len() / cols.max(1);
     let mut out = Vec::with_capacity(heads * n);
     // Columns in chunks so that both threads have work with few heads.
     const CHUNK: usize = 4096;
@@ -62,8 +61,8 @@ fn gather<T: Copy + Send + Sync>(table: &[T], cols: usize, index: &[u32]) -> Vec
 }
 
 /// Each head's gradient entries summed in column order (deterministic, thread-count free).
-fn scatter<T: Float + Send + Sync>(grad: &[T], n: usize, index: &[u32], cols: usize) -> Vec<T> {
-    let heads = grad.len() / n.max(1);
+fn scatter<T: Float + Send + Sync>(grad: &[T], heads: usize, index: &[u32], cols: usize) -> Vec<T> {
+    let n = index.len();
     let mut out = vec![T::zero(); heads * cols];
     out.par_chunks_mut(cols.max(1))
         .zip(grad.par_chunks(n.max(1)))
@@ -85,10 +84,10 @@ impl CustomOp1 for GatherColumns {
         check(&self.index, cols)?;
         let out = match s {
             CpuStorage::F32(v) => {
-                CpuStorage::F32(gather(contiguous(v, l, "table")?, cols, &self.index))
+                CpuStorage::F32(gather(contiguous(v, l, "table")?, heads, cols, &self.index))
             }
             CpuStorage::F64(v) => {
-                CpuStorage::F64(gather(contiguous(v, l, "table")?, cols, &self.index))
+                CpuStorage::F64(gather(contiguous(v, l, "table")?, heads, cols, &self.index))
             }
             _ => candle_core::bail!("gather_columns: f32 or f64 only"),
         };
@@ -121,10 +120,10 @@ impl CustomOp1 for ScatterColumns {
         let (index, cols) = (&self.index[..], self.cols);
         let out = match s {
             CpuStorage::F32(v) => {
-                CpuStorage::F32(scatter(contiguous(v, l, "gradient")?, n, index, cols))
+                CpuStorage::F32(scatter(contiguous(v, l, "gradient")?, heads, index, cols))
             }
             CpuStorage::F64(v) => {
-                CpuStorage::F64(scatter(contiguous(v, l, "gradient")?, n, index, cols))
+                CpuStorage::F64(scatter(contiguous(v, l, "gradient")?, heads, index, cols))
             }
             _ => candle_core::bail!("gather_columns: f32 or f64 only"),
         };
