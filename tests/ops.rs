@@ -428,6 +428,13 @@ fn gather_columns_matches_index_select_and_finite_differences() {
     check_grad("gather_columns", &randn(&[3, cols]), &|t| {
         ops::gather_columns(t, &index)
     });
+    // An empty index: an empty bias, and a zero gradient of the table's shape.
+    let none = ops::gather_columns(var.as_tensor(), &Arc::new(Vec::new())).unwrap();
+    assert_eq!(none.dims(), &[3, 0]);
+    let g = none.sum_all().unwrap().backward().unwrap();
+    let g = g.get(var.as_tensor()).unwrap();
+    assert_eq!(g.dims(), &[3, cols]);
+    assert_eq!(max_diff(g, &g.zeros_like().unwrap()), 0.0);
     let bad = Arc::new(vec![0u32, cols as u32]);
     let e = ops::gather_columns(&table, &bad).unwrap_err().to_string();
     assert!(e.contains("out of range"), "{e}");
