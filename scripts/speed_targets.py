@@ -67,8 +67,10 @@ NAMES = {
 
 
 def run_groups(a, prefix):
-    """bench_peers.py per group; returns {(workload, batch): row} from their JSON files."""
-    rows = {}
+    """bench_peers.py per group; returns ({(workload, batch): row} from their JSON files, the
+    groups that failed). A group that fails (a peer not installed, say) is reported, and the
+    others still run."""
+    rows, failed = {}, []
     for name, configs, peers in GROUPS:
         if name in a.skip:
             continue
@@ -79,11 +81,14 @@ def run_groups(a, prefix):
                "--peers", peers, "--rounds", str(rounds), "--runs", str(runs), "--warmup", str(warmup),
                "--threads", str(a.threads), "--beit", a.beit, "--out", path]
         print(f"== {name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-        subprocess.run(cmd, check=True)
+        if subprocess.run(cmd).returncode != 0:
+            print(f"== {name}: failed (its targets are left out of the table)", file=sys.stderr)
+            failed.append(name)
+            continue
         with open(path + ".json") as f:
             for r in json.load(f)["results"]:
                 rows[(r["workload"], r["batch"])] = r
-    return rows
+    return rows, failed
 
 
 def accuracy(a):
@@ -141,7 +146,7 @@ def main():
     out_dir = os.path.dirname(os.path.abspath(a.out))
     os.makedirs(out_dir, exist_ok=True)
     started = time.time()
-    rows = run_groups(a, os.path.abspath(a.out))
+    rows, failed = run_groups(a, os.path.abspath(a.out))
     acc = [] if "accuracy" in a.skip else accuracy(a)
     table, results = verdicts(rows)
     md = [f"CPU: {cpu_description()}", "",
@@ -149,6 +154,8 @@ def main():
           f"{'1 round x 5 runs (quick)' if a.quick else f'{a.rounds} rounds x {a.runs} runs'} per peer; "
           "ratio = ours / peer on median time (< 1: ours faster); per round: the rounds' medians", "",
           table]
+    if failed:
+        md += [f"Failed, left out: {', '.join(failed)} (see the run's log).", ""]
     if acc:
         md += ["Accuracy cost (`beit bench --precision-check`; logits against our f32):", "",
                "| precision | model | top-1 agreement with f32 | top-1 f32 / reduced | max abs logit diff | max abs logit |",
@@ -165,7 +172,7 @@ def main():
     with open(a.out + ".md", "w") as f:
         f.write(text)
     with open(a.out + ".json", "w") as f:
-        json.dump(dict(cpu=cpu_description(), targets=results, accuracy=acc,
+        json.dump(dict(cpu=cpu_description(), targets=results, accuracy=acc, failed=failed,
                        median_of_round_ratios={f"{t['workload']} b{t['batch']} {t['ours']}/{t['peer']}":
                                                statistics.median(t["per_round"]) for t in results}),
                   f, indent=1)
