@@ -393,7 +393,7 @@ fn layer_norm_f32_gradients_match_f64() {
     }
 }
 
-/// The CPU gather of the relative position bias (`ops::gather_columns`) against candle's
+/// The CPU gather of the relative position bias (`ops::fused::gather_columns`) against candle's
 /// `index_select`, which it replaces: the same values, the same table gradient (summed in the
 /// same order: equal bits in f32), on a real window's index where each table entry is
 /// gathered many times; finite differences in f64; an index past the table is an error.
@@ -408,7 +408,7 @@ fn gather_columns_matches_index_select_and_finite_differences() {
     let r = Tensor::randn(0f32, 1.0, (3, index.len()), &Device::Cpu).unwrap();
     let run = |ours: bool| {
         let y = if ours {
-            ops::gather_columns(var.as_tensor(), &index).unwrap()
+            ops::fused::gather_columns(var.as_tensor(), &index).unwrap()
         } else {
             var.as_tensor().index_select(&ix, 1).unwrap()
         };
@@ -426,16 +426,18 @@ fn gather_columns_matches_index_select_and_finite_differences() {
     });
     assert!(counts.iter().all(|&c| c > 0));
     check_grad("gather_columns", &randn(&[3, cols]), &|t| {
-        ops::gather_columns(t, &index)
+        ops::fused::gather_columns(t, &index)
     });
     // An empty index: an empty bias, and a zero gradient of the table's shape.
-    let none = ops::gather_columns(var.as_tensor(), &Arc::new(Vec::new())).unwrap();
+    let none = ops::fused::gather_columns(var.as_tensor(), &Arc::new(Vec::new())).unwrap();
     assert_eq!(none.dims(), &[3, 0]);
     let g = none.sum_all().unwrap().backward().unwrap();
     let g = g.get(var.as_tensor()).unwrap();
     assert_eq!(g.dims(), &[3, cols]);
     assert_eq!(max_diff(g, &g.zeros_like().unwrap()), 0.0);
     let bad = Arc::new(vec![0u32, cols as u32]);
-    let e = ops::gather_columns(&table, &bad).unwrap_err().to_string();
+    let e = ops::fused::gather_columns(&table, &bad)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("out of range"), "{e}");
 }

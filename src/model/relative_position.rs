@@ -153,13 +153,13 @@ impl BeitRelativePositionBias {
         let heads = table.dim(0)?;
         let s = window.0 * window.1 + 1;
         // Training on CUDA: a gather whose backward is not candle's one-thread-per-head
-        // `index_add` (see `ops::cuda::gather_columns`); on the CPU, `ops::gather_columns`.
+        // `index_add` (see `ops::cuda::gather_columns`); on the CPU, `ops::fused::gather_columns`.
         let bias = if table.track_op() && ops::cuda::available(&table) {
             let index = device_index(window, table.device())?;
             let inverse = device_inverse_index(window, table.device())?;
             ops::cuda::gather_columns(&table, &index, &inverse)?
         } else if table.device().is_cpu() {
-            ops::gather_columns(&table, &relative_position_index(window))?
+            ops::fused::gather_columns(&table, &relative_position_index(window))?
         } else {
             table.index_select(&device_index(window, table.device())?, 1)?
         };

@@ -964,3 +964,7 @@ pub(crate) fn layer_norm_grads(
 // Multi-head attention core for training (its own file).
 mod attention;
 pub use attention::attention;
+
+// The relative position bias's gather for training (its own file).
+mod gather;
+pub use gather::gather_columns;

@@ -12,7 +12,6 @@ pub mod conv;
 pub mod conv_transpose;
 pub mod cuda;
 pub mod fused;
-pub mod gather;
 pub mod kernels;
 pub mod layer_norm;
 pub mod linear;
@@ -122,7 +121,6 @@ pub fn fast_cpu(device: &candle_core::Device) -> bool {
 pub use conv::{
     amx_conv_count, conv2d, conv2d_amx_inference, conv2d_inference, conv3x3_winograd_inference,
 };
-pub use gather::gather_columns;
 pub use layer_norm::layer_norm;
 pub use pool::{adaptive_avg_pool2d, max_pool2d_2x2};
 pub use resize::{bicubic, bilinear};

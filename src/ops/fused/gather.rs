@@ -5,10 +5,9 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
+use candle_core::CustomOp1;
 
-use super::softmax::num_like::Float;
+use super::*;
 
 /// `[H, C]` gathered into `[H, N]` at the columns `index` (`N` entries, each below `C`).
 struct GatherColumns {
@@ -21,28 +20,21 @@ struct ScatterColumns {
     cols: usize,
 }
 
-fn contiguous<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
-    let (s, e) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("gather_columns: {what} not contiguous")))?;
-    Ok(&v[s..e])
-}
-
-/// Every entry of `index` below `cols`.
-fn check(index: &[u32], cols: usize) -> Result<()> {
-    match index.iter().find(|&&c| c as usize >= cols) {
-        Some(c) => candle_core::bail!("gather_columns: index {c} out of range for {cols} columns"),
-        None => Ok(()),
+fn gather_kernel<T: Elem>(
+    op: &GatherColumns,
+    s: &CpuStorage,
+    l: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (heads, cols) = l.shape().dims2()?;
+    let (table, index) = (T::slice(s, l)?, &op.index[..]);
+    if let Some(c) = index.iter().find(|&&c| c as usize >= cols) {
+        candle_core::bail!("gather_columns: index {c} out of range for {cols} columns");
     }
-}
-
-fn gather<T: Copy + Send + Sync>(table: &[T], heads: usize, cols: usize, index: &[u32]) -> Vec<T> {
     let n = index.len();
     let mut out = Vec::with_capacity(heads * n);
     // Columns in chunks so that both threads have work with few heads.
     const CHUNK: usize = 4096;
-    let spare = &mut out.spare_capacity_mut()[..heads * n];
-    spare
+    out.spare_capacity_mut()[..heads * n]
         .par_chunks_mut(n.max(1))
         .enumerate()
         .for_each(|(h, row)| {
@@ -57,13 +49,25 @@ fn gather<T: Copy + Send + Sync>(table: &[T], heads: usize, cols: usize, index: 
         });
     // SAFETY: every one of the `heads * n` elements was written above.
     unsafe { out.set_len(heads * n) };
-    out
+    Ok((T::wrap(out), Shape::from((heads, n))))
 }
 
 /// Each head's gradient entries summed in column order (deterministic, thread-count free).
-fn scatter<T: Float + Send + Sync>(grad: &[T], heads: usize, index: &[u32], cols: usize) -> Vec<T> {
-    let n = index.len();
-    let mut out = vec![T::zero(); heads * cols];
+fn scatter_kernel<T: Elem>(
+    op: &ScatterColumns,
+    s: &CpuStorage,
+    l: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (heads, n) = l.shape().dims2()?;
+    let (index, cols) = (&op.index[..], op.cols);
+    if n != index.len() {
+        candle_core::bail!(
+            "gather_columns backward: gradient of {n} columns for an index of {}",
+            index.len()
+        );
+    }
+    let grad = T::slice(s, l)?;
+    let mut out = vec![T::ZERO; heads * cols];
     out.par_chunks_mut(cols.max(1))
         .zip(grad.par_chunks(n.max(1)))
         .for_each(|(d, g)| {
@@ -71,7 +75,7 @@ fn scatter<T: Float + Send + Sync>(grad: &[T], heads: usize, index: &[u32], cols
                 d[c as usize] = d[c as usize] + v;
             }
         });
-    out
+    Ok((T::wrap(out), Shape::from((heads, cols))))
 }
 
 impl CustomOp1 for GatherColumns {
@@ -80,18 +84,7 @@ impl CustomOp1 for GatherColumns {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (heads, cols) = l.shape().dims2()?;
-        check(&self.index, cols)?;
-        let out = match s {
-            CpuStorage::F32(v) => {
-                CpuStorage::F32(gather(contiguous(v, l, "table")?, heads, cols, &self.index))
-            }
-            CpuStorage::F64(v) => {
-                CpuStorage::F64(gather(contiguous(v, l, "table")?, heads, cols, &self.index))
-            }
-            _ => candle_core::bail!("gather_columns: f32 or f64 only"),
-        };
-        Ok((out, Shape::from((heads, self.index.len()))))
+        dispatch!(s, gather_kernel, self, s, l)
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -110,24 +103,7 @@ impl CustomOp1 for ScatterColumns {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (heads, n) = l.shape().dims2()?;
-        if n != self.index.len() {
-            candle_core::bail!(
-                "gather_columns backward: gradient of {n} columns for an index of {}",
-                self.index.len()
-            );
-        }
-        let (index, cols) = (&self.index[..], self.cols);
-        let out = match s {
-            CpuStorage::F32(v) => {
-                CpuStorage::F32(scatter(contiguous(v, l, "gradient")?, heads, index, cols))
-            }
-            CpuStorage::F64(v) => {
-                CpuStorage::F64(scatter(contiguous(v, l, "gradient")?, heads, index, cols))
-            }
-            _ => candle_core::bail!("gather_columns: f32 or f64 only"),
-        };
-        Ok((out, Shape::from((heads, cols))))
+        dispatch!(s, scatter_kernel, self, s, l)
     }
 }
 
@@ -135,8 +111,7 @@ impl CustomOp1 for ScatterColumns {
 /// and devices go through candle's `index_select`), differentiable in `table`: its gradient sums
 /// each entry's positions in `index` order. An entry of `index` past `C` is an error.
 pub fn gather_columns(table: &Tensor, index: &Arc<Vec<u32>>) -> Result<Tensor> {
-    use candle_core::DType;
-    if super::fast_cpu(table.device()) && matches!(table.dtype(), DType::F32 | DType::F64) {
+    if cpu_ok(&[table]) {
         return table.contiguous()?.apply_op1(GatherColumns {
             index: index.clone(),
         });
