@@ -84,6 +84,7 @@ unsafe fn rows8<const INT8: bool>(s: &Step, tiles: usize) {
 
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
+    use super::super::microkernel::TileConfig;
     use super::*;
     use crate::ops::kernels::TileBuf;
 
@@ -100,9 +101,11 @@ mod tests {
     }
 
     /// Every `Init`, one and two A tiles, A tiles spaced as the convolutions space them
-    /// (`a_inc` > 1 KB), against the tile instructions' definition evaluated in f64 / i64.
+    /// (`a_inc` > 1 KB), no depth at all (C is its `Init`) and three tiles of it, against the
+    /// tile instructions' definition evaluated in f64 / i64: the AVX-512 form called directly,
+    /// and `Step` as the GEMMs call it (the `asm!` tiles on a CPU with AMX).
     #[test]
-    fn avx512_step_computes_the_tile_product() {
+    fn tile_step_computes_the_tile_product() {
         if !cpu_ok() {
             return;
         }
@@ -143,47 +146,67 @@ mod tests {
             let init_rows: Vec<f32> = (0..32 * 40).map(|_| (next() % 100) as f32).collect();
             for tiles in [1usize, 2] {
                 for init in 0..3 {
-                    let rows = tiles * 16;
-                    let mut c = vec![0f32; 32 * 40];
-                    for (i, v) in c.iter_mut().enumerate() {
-                        *v = match kind {
-                            AmxKind::Bf16 => (i % 17) as f32,
-                            AmxKind::Int8 => f32::from_bits((i % 17) as u32),
-                        };
-                    }
-                    let start = c.clone();
-                    let (init_kind, c0): (Init, &dyn Fn(usize, usize) -> f64) = match init {
-                        0 => (Init::Zero, &|_, _| 0.0),
-                        1 => (Init::Accumulate, &|r, j| sum_value(kind, start[r * 40 + j])),
-                        _ => (Init::Rows(init_rows.as_ptr(), 40 * 4), &|r, j| {
-                            sum_value(kind, init_rows[r * 40 + j])
-                        }),
-                    };
-                    let s = Step {
-                        a: a_s.as_ptr(),
-                        a_next,
-                        a_inc,
-                        b: b_s.as_ptr(),
-                        ktiles,
-                        c: c.as_mut_ptr(),
-                        ldc: 40 * 4,
-                        init: init_kind,
-                    };
-                    unsafe { step(&s, tiles, kind) };
-                    for r in 0..32 {
-                        for j in 0..40 {
-                            let got = sum_value(kind, c[r * 40 + j]);
-                            if r >= rows || j >= 32 {
-                                assert_eq!(c[r * 40 + j].to_bits(), start[r * 40 + j].to_bits());
-                                continue;
+                    for depth in [0, ktiles] {
+                        for dispatched in [false, true] {
+                            let rows = tiles * 16;
+                            let mut c = vec![0f32; 32 * 40];
+                            for (i, v) in c.iter_mut().enumerate() {
+                                *v = match kind {
+                                    AmxKind::Bf16 => (i % 17) as f32,
+                                    AmxKind::Int8 => f32::from_bits((i % 17) as u32),
+                                };
                             }
-                            let mut want = c0(r, j);
-                            for kt in 0..ktiles {
-                                for u in 0..per {
-                                    want += a_at(r, kt, u) * b_at(kt, u, j);
+                            let start = c.clone();
+                            let (init_kind, c0): (Init, &dyn Fn(usize, usize) -> f64) = match init {
+                                0 => (Init::Zero, &|_, _| 0.0),
+                                1 => (Init::Accumulate, &|r, j| sum_value(kind, start[r * 40 + j])),
+                                _ => (Init::Rows(init_rows.as_ptr(), 40 * 4), &|r, j| {
+                                    sum_value(kind, init_rows[r * 40 + j])
+                                }),
+                            };
+                            let s = Step {
+                                a: a_s.as_ptr(),
+                                a_next,
+                                a_inc,
+                                b: b_s.as_ptr(),
+                                ktiles: depth,
+                                c: c.as_mut_ptr(),
+                                ldc: 40 * 4,
+                                init: init_kind,
+                            };
+                            unsafe {
+                                if dispatched {
+                                    let _tiles = TileConfig::load();
+                                    match kind {
+                                        AmxKind::Bf16 => s.bf16(tiles),
+                                        AmxKind::Int8 => s.int8(tiles),
+                                    }
+                                } else {
+                                    step(&s, tiles, kind)
+                                }
+                            };
+                            for r in 0..32 {
+                                for j in 0..40 {
+                                    let got = sum_value(kind, c[r * 40 + j]);
+                                    if r >= rows || j >= 32 {
+                                        assert_eq!(
+                                            c[r * 40 + j].to_bits(),
+                                            start[r * 40 + j].to_bits()
+                                        );
+                                        continue;
+                                    }
+                                    let mut want = c0(r, j);
+                                    for kt in 0..depth {
+                                        for u in 0..per {
+                                            want += a_at(r, kt, u) * b_at(kt, u, j);
+                                        }
+                                    }
+                                    assert_eq!(
+                                got, want,
+                                "{kind:?} tiles {tiles} init {init} depth {depth} dispatched {dispatched} ({r}, {j})"
+                            );
                                 }
                             }
-                            assert_eq!(got, want, "{kind:?} tiles {tiles} init {init} ({r}, {j})");
                         }
                     }
                 }

@@ -53,7 +53,8 @@ impl Drop for TileConfig {
 }
 
 /// One micro-kernel call: `C[16 or 32 rows x 32] (+)= A · Bpanel` over `ktiles` tiles of
-/// depth. Each A tile is 1 KB contiguous (16 rows of 64 bytes), its second 16 rows `a_next`
+/// depth (none: C is stored from `init` alone, as the AVX-512 form does; the `asm!` loop
+/// tests its count before the first pass, a 0 would otherwise count down 2^64 times). Each A tile is 1 KB contiguous (16 rows of 64 bytes), its second 16 rows `a_next`
 /// bytes on, the next k-step's `a_inc` bytes on (1024 in tile order; the convolutions' blocked
 /// input has other strides), streamed with `tileloaddt1`; B in panel order; C is f32 (bf16)
 /// or i32 bits (int8), row stride `ldc` bytes, starting from `init`.
@@ -148,6 +149,8 @@ macro_rules! amx_step {
                 }
                 if tiles == 2 {
                     asm!(
+                        "test {kt}, {kt}",
+                        "jz 3f",
                         "2:",
                         "tileloaddt1 tmm4, [{a} + {s64}*1]",
                         "tileloadd tmm6, [{b} + {s64}*1]",
@@ -164,6 +167,7 @@ macro_rules! amx_step {
                         "add {b}, 2048",
                         "dec {kt}",
                         "jnz 2b",
+                        "3:",
                         "tilestored [{c} + {ldc}*1], tmm0",
                         "tilestored [{c} + {ldc}*1 + 64], tmm1",
                         "tilestored [{c2} + {ldc}*1], tmm2",
@@ -181,6 +185,8 @@ macro_rules! amx_step {
                     );
                 } else {
                     asm!(
+                        "test {kt}, {kt}",
+                        "jz 3f",
                         "2:",
                         "tileloaddt1 tmm4, [{a} + {s64}*1]",
                         "tileloadd tmm6, [{b} + {s64}*1]",
@@ -192,6 +198,7 @@ macro_rules! amx_step {
                         "add {b}, 2048",
                         "dec {kt}",
                         "jnz 2b",
+                        "3:",
                         "tilestored [{c} + {ldc}*1], tmm0",
                         "tilestored [{c} + {ldc}*1 + 64], tmm1",
                         a = inout(reg) self.a => _,
