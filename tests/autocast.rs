@@ -162,9 +162,11 @@ fn attention_rates() {
 
 /// fc1 + GELU as one node under bf16 autocast, followed by fc2 (the MLP as the model runs
 /// it), against the two nodes then fc2 under bf16 autocast: the fused node hands fc2 its hidden
-/// activation in bf16 (the rounding fc2's GEMM applies anyway), so the output and the input and
-/// weight gradients agree bit for bit and the bias gradients to f32 rounding (summed in another
-/// order). Off autocast it is not offered.
+/// activation in bf16 (the rounding fc2's GEMM applies anyway), made with the rational erf
+/// (within 5e-7 of the exact one) and the bias added after the products, so the hidden
+/// activation is within one bf16 ulp of the composition's, element by element, and the output
+/// and every gradient within 1e-4 of its scale (the kernel's own test checks its values bit for
+/// bit). Off autocast it is not offered.
 #[test]
 fn bf16_autocast_linear_gelu_equals_linear_then_gelu() {
     if !autocast::cpu_bf16_available() {
@@ -212,20 +214,31 @@ fn bf16_autocast_linear_gelu_equals_linear_then_gelu() {
         "hidden stored in bf16"
     );
     let rounded = want[0].to_dtype(candle_core::DType::BF16).unwrap();
-    let d = max_abs(
-        &(got[0].to_dtype(candle_core::DType::F32).unwrap()
-            - rounded.to_dtype(candle_core::DType::F32).unwrap())
-        .unwrap(),
-    );
-    assert_eq!(d, 0.0, "hidden: not the f32 GELU rounded to bf16 ({d})");
+    // One bf16 ulp at most, element by element (2^-7 of the value: the GELU's 5e-7 or the
+    // pre-activation's last bit can move a rounding), or 1e-5 in the GELU's far negative tail,
+    // where `x/2 · (1 + erf)` carries the erf's absolute error (|x| < 10 here).
+    let flat = |t: &Tensor| -> Vec<f32> {
+        t.to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    for (i, (a, e)) in flat(&got[0]).iter().zip(flat(&rounded)).enumerate() {
+        assert!(
+            (a - e).abs() <= e.abs() / 128.0 + 1e-5,
+            "hidden[{i}]: {a} against the f32 GELU rounded to bf16, {e}"
+        );
+    }
     let names = ["y", "dx", "dw1", "db1", "dw2", "db2"];
     for (name, (a, e)) in names.iter().zip(got[1..].iter().zip(&want[1..])) {
         assert_eq!(a.dtype(), candle_core::DType::F32, "{name}");
         let d = max_abs(&(a - e).unwrap());
-        if *name == "db1" {
-            assert!(d <= 1e-5 * (1.0 + max_abs(e)), "db1: {d}");
-        } else {
-            assert_eq!(d, 0.0, "{name}: fused differs from the two nodes by {d}");
-        }
+        // Those last-bit moves, through fc2 and the backward (2.2e-6 to 4.4e-6 relative here).
+        assert!(
+            d <= 1e-4 * (1.0 + max_abs(e)),
+            "{name}: fused differs from the two nodes by {d}"
+        );
     }
 }

@@ -81,21 +81,6 @@ pub(crate) fn gelu_erf_f32(x: &[f32]) -> Vec<f32> {
     out
 }
 
-/// [`gelu_erf_f32`] rounded to bf16 (`kernels::bf16::round_into`): the hidden activation of a
-/// bf16-autocast MLP, which fc2 would round to bf16 as it packs it anyway.
-pub(crate) fn gelu_erf_bf16(x: &[f32]) -> Vec<half::bf16> {
-    // SAFETY: every chunk is written by its rounding.
-    let mut out = unsafe { super::uninit_buffer::<half::bf16>(x.len()) };
-    out.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(o, x)| {
-            let mut h = x.to_vec();
-            vmath::gelu_inplace(&mut h);
-            super::kernels::bf16::round_into(&h, o);
-        });
-    out
-}
-
 /// Elements per parallel task of the element-wise kernels.
 pub(crate) const CHUNK: usize = 1 << 15;
 

@@ -14,7 +14,8 @@ use rayon::prelude::*;
 use super::gemm::{gemm, num_threads, GemmElem, View, ViewMut};
 use super::kernels::amx::general::{
     gemm_bf16 as amx_gemm, linear_backward_bf16 as amx_linear_backward,
-    linear_gelu_backward_bf16 as amx_linear_gelu_backward, ALayout, BLayout, Operand as AmxOperand,
+    linear_gelu_backward_bf16 as amx_linear_gelu_backward, linear_gelu_bf16 as amx_linear_gelu,
+    ALayout, BLayout, Operand as AmxOperand,
 };
 
 /// Rows per parallel task of the column sums (fixed, so results do not depend on threads).
@@ -521,17 +522,35 @@ impl CustomOp3 for LinearGeluOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (y, shape) = linear_bf16((s1, l1), (s2, l2), Some((s3, l3)))?;
-        let CpuStorage::F32(y) = y else {
-            candle_core::bail!("linear_gelu: not f32")
-        };
-        // Stored in bf16: fc2 (its one reader, on AMX) rounds it to bf16 as it packs it, so
-        // this gives the same tiles at half the bytes written, read and kept.
-        let h = super::activation::gelu_erf_bf16(&y);
-        if let Ok(mut slot) = self.pre.lock() {
-            *slot = Some(y);
+        let (xs, ws, bs) = (
+            f32::slice(s1, l1)?,
+            f32::slice(s2, l2)?,
+            f32::slice(s3, l3)?,
+        );
+        let (out, inp) = l2.shape().dims2()?;
+        if *l1.dims().last().unwrap_or(&0) != inp || bs.len() != out {
+            candle_core::bail!(
+                "linear_gelu: input {:?}, weight [{out}, {inp}], bias {}",
+                l1.dims(),
+                bs.len()
+            );
         }
-        Ok((CpuStorage::BF16(h), shape))
+        let rows = xs.len() / inp.max(1);
+        // SAFETY: `linear_gelu_bf16` writes every element of both.
+        let (mut pre, mut h) = unsafe {
+            (
+                super::kernels::uninit_buffer::<f32>(rows * out),
+                super::kernels::uninit_buffer::<half::bf16>(rows * out),
+            )
+        };
+        // The activation is stored in bf16: fc2 (its one reader, on the tile kernel) rounds
+        // it to bf16 as it packs it, so this gives the same tiles at half the bytes written,
+        // read and kept.
+        amx_linear_gelu(rows, out, inp, xs, ws, bs, &mut pre, &mut h, num_threads());
+        if let Ok(mut slot) = self.pre.lock() {
+            *slot = Some(pre);
+        }
+        Ok((CpuStorage::BF16(h), linear_out_shape(l1, out)))
     }
     fn bwd(
         &self,
@@ -560,12 +579,13 @@ impl CustomOp3 for LinearGeluOp {
 }
 
 /// `GELU(x · wᵀ + b)` (exact GELU) as one autograd node where the linear layer runs under CPU
-/// bf16 autocast (AMX; f32 CPU tensors): the backward forms the pre-activation's gradient
-/// while packing it for the two GEMMs instead of writing it out and reading it back (BEiT-small
-/// b32: 39 MB a layer each way). The output is stored in bf16, for a linear layer under
-/// autocast (fc2) to read: `linear` then `gelu_erf` rounded to bf16, and to that reader the same
-/// values and gradients (the bias gradient summed in another order). `None` elsewhere: compose
-/// the two.
+/// bf16 autocast (the tile kernel; f32 CPU tensors): the forward makes each finished block of
+/// the pre-activation into its GELU while it is in cache, and the backward forms the
+/// pre-activation's gradient while packing it for the two GEMMs, instead of writing either out
+/// and reading it back (BEiT-small b32: 39 MB a layer each way). The output is stored in bf16,
+/// for a linear layer under autocast (fc2) to read: `linear`, then `gelu_erf` within 5e-7
+/// (the rational erf, before the rounding to bf16), and the exact GELU's gradient. `None`
+/// elsewhere: compose the two.
 pub fn linear_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
     if !(super::autocast::cpu_bf16() && cpu_ok(&[x, w, b]) && x.dtype() == DType::F32) {
         return Ok(None);

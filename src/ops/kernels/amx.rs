@@ -490,9 +490,16 @@ impl PackedAmx {
                                 prefetch_for_write(cp as *const u8, ldc, rows, NP * 4);
                             }
                         } else if kt0 + kc >= ktiles {
-                            if let Dest::F32(cd, ld) = c {
-                                let at = cd.add(ir * ld + j0) as *const u8;
-                                prefetch_for_write(at, ld * 4, rows, NP.min(n - j0) * 4);
+                            match c {
+                                Dest::F32(cd, ld) => {
+                                    let at = cd.add(ir * ld + j0) as *const u8;
+                                    prefetch_for_write(at, ld * 4, rows, NP.min(n - j0) * 4);
+                                }
+                                Dest::PreGelu { h, .. } => {
+                                    let at = h.add(ir * n + j0) as *const u8;
+                                    prefetch_for_write(at, n * 2, rows, NP.min(n - j0) * 2);
+                                }
+                                _ => {}
                             }
                         }
                         let step = Step {
@@ -574,6 +581,15 @@ impl PackedAmx {
             Dest::F32(c, ld) => copy_block::<false>(sums, c.add(r0 * ld + j0), ld, rows, cols),
             Dest::F32Stream(c) => copy_block::<true>(sums, c.add(r0 * n + j0), n, rows, cols),
             Dest::Tiles(t, ktiles) => bf16_block_to_tiles(sums, t.get(), ktiles, r0, rows, j0 / 32),
+            Dest::PreGelu { pre, h, stream } => {
+                let at = r0 * n + j0;
+                if stream {
+                    copy_block::<true>(sums, pre.add(at), n, rows, cols);
+                } else {
+                    copy_block::<false>(sums, pre.add(at), n, rows, cols);
+                }
+                gelu_block_to_bf16(&mut sums[..rows * NP], h.add(at), n, cols);
+            }
         }
     }
 }
@@ -614,10 +630,39 @@ enum Dest {
     F32Stream(*mut f32),
     /// bf16 A tiles of a next layer (`ktiles` tiles of depth).
     Tiles(SendPtr<u8>, usize),
+    /// fc1 + GELU in training: C, the pre-activation, in row-major f32 (row stride `n`,
+    /// non-temporal stores with `stream`), and `GELU(C)` rounded to bf16 rows (stride `n`), made
+    /// from the block while it is in L1 instead of by a pass that reads C back
+    /// ([`gelu_block_to_bf16`]).
+    PreGelu {
+        pre: *mut f32,
+        h: *mut half::bf16,
+        stream: bool,
+    },
 }
 // SAFETY: each thread writes only its own panels' columns (see `PackedAmx::run`).
 unsafe impl Send for Dest {}
 unsafe impl Sync for Dest {}
+
+/// GELU of `block` (rows of `NP`, the first `cols` of each real) in place, then rounded to
+/// bf16 into `h` (row stride `ld`): per value, `vmath::gelu_rational` (the rational erf, as
+/// the reduced-precision inference layers use it: their output is rounded to bf16 next) and
+/// `bf16::round_into`.
+///
+/// # Safety
+/// `h` must address `block.len() / NP` rows of `cols` values, `ld` apart.
+unsafe fn gelu_block_to_bf16(block: &mut [f32], h: *mut half::bf16, ld: usize, cols: usize) {
+    if cols == NP {
+        vmath::gelu_rational_inplace(block);
+    }
+    for (i, row) in block.chunks_exact_mut(NP).enumerate() {
+        let row = &mut row[..cols];
+        if cols < NP {
+            vmath::gelu_rational_inplace(row);
+        }
+        super::bf16::round_into(row, std::slice::from_raw_parts_mut(h.add(i * ld), cols));
+    }
+}
 
 /// `rows x 32` sums (row stride 32; columns past the layer's width are the zero padding of
 /// the weight) as bf16 into k-tile `kt` of rows `[r0, r0 + rows)` of `tiles`.

@@ -110,6 +110,62 @@ pub fn gemm_bf16<T: Operand>(
     unsafe { run_f32(&w, &tiles, c, bias, threads) };
 }
 
+/// fc1 + GELU under bf16 autocast: `pre [m, n] = x · wᵀ + bias` (`x [m, k]` row-major,
+/// `w [n, k]`) and `h = GELU(pre)` rounded to bf16, each finished block made into both while it
+/// is in L1: `pre` as [`gemm_bf16`] gives it (bit for bit on an output of `STREAM_BYTES` or
+/// more, where it too adds the bias after the products), `h` by `vmath::gelu_rational` then
+/// `bf16::round_into`. No pass reads the pre-activation back (BEiT-small b32: 39 MB a layer),
+/// and the rational erf is ~40 % cheaper than the exact one, whose extra accuracy (5e-7) the
+/// bf16 rounding (4e-3) drops: the stage `mlp.fc1+gelu` of a BEiT-small b32 step went from
+/// 298-311 to 262-279 ms on Zen 4 (3 interleaved rounds).
+/// Panics unless [`available`]`(Bf16)` or when a slice is too short.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_gelu_bf16(
+    m: usize,
+    n: usize,
+    k: usize,
+    x: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    pre: &mut [f32],
+    h: &mut [half::bf16],
+    threads: usize,
+) {
+    assert!(
+        available(AmxKind::Bf16),
+        "this CPU runs neither AMX nor AVX512-BF16"
+    );
+    assert!(x.len() >= m * k && w.len() >= k * n && bias.len() >= n);
+    assert!(pre.len() >= m * n && h.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for (p, hr) in pre[..m * n].chunks_exact_mut(n).zip(h.chunks_exact_mut(n)) {
+            p.copy_from_slice(&bias[..n]);
+            let mut g = p.to_vec();
+            vmath::gelu_rational_inplace(&mut g);
+            crate::ops::kernels::bf16::round_into(&g, hr);
+        }
+        return;
+    }
+    let packed = pack_b_cols(w, k, n, threads > 1);
+    let tiles = packed.pack_activations(x, m, None, threads);
+    let epi = Epi {
+        op: TileOp::Bias,
+        bias,
+        scale: &[],
+        res: &[],
+    };
+    let dest = Dest::PreGelu {
+        pre: pre.as_mut_ptr(),
+        h: h.as_mut_ptr(),
+        stream: m * n * 4 >= STREAM_BYTES,
+    };
+    // SAFETY: `pre` and `h` hold `m x n` (checked above), row stride `n`.
+    unsafe { packed.run(&tiles, dest, epi, threads) };
+}
+
 /// `C = A · B` for one small product of many that run side by side (the attention's
 /// per-head products in bf16 training), on the calling thread: bf16 operands and f32 sums as
 /// [`gemm_bf16`], each operand a strided view of `[m, k]`, `[k, n]` (row- or column-major: one

@@ -392,3 +392,70 @@ fn linear_backward_without_inputs_still_sums_the_bias_gradient() {
     let half: Vec<f32> = want.iter().map(|v| v * 0.5).collect();
     assert_eq!(db2, half);
 }
+
+/// fc1 + GELU's forward: the pre-activation is the rounded product plus the bias (bit for bit
+/// [`gemm_bf16`]'s on an output it streams, where it too adds the bias last), and the
+/// activation is exactly `vmath::gelu_rational(pre)` rounded to bf16, on ragged shapes, one
+/// without depth and one past `STREAM_BYTES`.
+#[test]
+fn amx_linear_gelu_forward_equals_the_two_passes() {
+    if !available(AmxKind::Bf16) {
+        eprintln!("SKIPPED: neither AMX-BF16 nor AVX512-BF16; the GELU-fused AMX linear forward was not tested");
+        return;
+    }
+    for &(rows, inp, out) in &[
+        (1, 1, 1),
+        (45, 70, 37),
+        (300, 64, 96),
+        (5, 0, 7),
+        (2101, 40, 1010),
+    ] {
+        let x: Vec<f32> = (0..rows * inp)
+            .map(|i| ((i * 31 % 101) as f32 - 50.0) / 17.0)
+            .collect();
+        let w: Vec<f32> = (0..out * inp)
+            .map(|i| ((i * 17 % 89) as f32 - 44.0) / 23.0)
+            .collect();
+        let bias: Vec<f32> = (0..out).map(|j| (j % 9) as f32 * 0.25 - 1.0).collect();
+        let (mut pre, mut h) = (
+            vec![f32::NAN; rows * out],
+            vec![half::bf16::NAN; rows * out],
+        );
+        linear_gelu_bf16(rows, out, inp, &x, &w, &bias, &mut pre, &mut h, 2);
+        let mut y = vec![f32::NAN; rows * out];
+        gemm_bf16(
+            rows,
+            out,
+            inp,
+            &x,
+            ALayout::Rows,
+            &w,
+            BLayout::Cols,
+            Some(&bias),
+            &mut y,
+            2,
+        );
+        if rows * out * 4 >= STREAM_BYTES {
+            assert!(pre == y, "{rows}x{inp}x{out}: pre differs from gemm_bf16's");
+        }
+        for r in 0..rows {
+            for j in 0..out {
+                let want: f64 = bias[j] as f64
+                    + (0..inp)
+                        .map(|kk| round(x[r * inp + kk]) * round(w[j * inp + kk]))
+                        .sum::<f64>();
+                let got = pre[r * out + j] as f64;
+                assert!(
+                    (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                    "{rows}x{inp}x{out} pre[{r}, {j}] {got} vs {want}"
+                );
+            }
+        }
+        let mut act = pre.clone();
+        vmath::gelu_rational_inplace(&mut act);
+        let mut want = vec![half::bf16::ZERO; rows * out];
+        crate::ops::kernels::bf16::round_into(&act, &mut want);
+        let bits = |v: &[half::bf16]| v.iter().map(|b| b.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&h), bits(&want), "{rows}x{inp}x{out} h");
+    }
+}
