@@ -722,13 +722,56 @@ unsafe fn row_tile<T: Operand>(
 }
 
 /// A 1 KB tile seen as 16 x 16 32-bit values, transposed into `dst`: the A layout and the
-/// VNNI (B) layout of the same 16 x 32 bf16 block are each other's transposes.
-fn transpose_tile(v: &[u32; 256], dst: &mut [u8]) {
-    for (r, row) in dst.chunks_exact_mut(64).enumerate() {
-        for (q, pair) in row.chunks_exact_mut(4).enumerate() {
-            pair.copy_from_slice(&v[q * 16 + r].to_le_bytes());
-        }
+/// VNNI (B) layout of the same 16 x 32 bf16 block are each other's transposes. In registers:
+/// 32-bit, 64-bit and two 128-bit-lane interleaves (the scalar form was 1.3 % of a BEiT-small
+/// bf16 training step on Zen 4; this is 2.3x faster on a tile in L1).
+///
+/// # Safety
+/// The CPU must have AVX-512F (every caller runs the tile kernels: AMX or AVX512-BF16).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_tile(v: &[u32; 256], dst: &mut [u8]) {
+    use std::arch::x86_64::*;
+    assert!(dst.len() >= 1024);
+    let mut r = [_mm512_setzero_si512(); 16];
+    for (i, r) in r.iter_mut().enumerate() {
+        *r = _mm512_loadu_si512(v.as_ptr().add(i * 16) as *const _);
     }
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for i in 0..4 {
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for i in 0..4 {
+        t[i] = _mm512_shuffle_i32x4::<0x88>(r[i], r[i + 4]);
+        t[i + 4] = _mm512_shuffle_i32x4::<0xdd>(r[i], r[i + 4]);
+        t[i + 8] = _mm512_shuffle_i32x4::<0x88>(r[i + 8], r[i + 12]);
+        t[i + 12] = _mm512_shuffle_i32x4::<0xdd>(r[i + 8], r[i + 12]);
+    }
+    let out = dst.as_mut_ptr() as *mut __m512i;
+    for i in 0..4 {
+        _mm512_storeu_si512(out.add(i), _mm512_shuffle_i32x4::<0x88>(t[i], t[i + 8]));
+        _mm512_storeu_si512(out.add(i + 8), _mm512_shuffle_i32x4::<0xdd>(t[i], t[i + 8]));
+        _mm512_storeu_si512(
+            out.add(i + 4),
+            _mm512_shuffle_i32x4::<0x88>(t[i + 4], t[i + 12]),
+        );
+        _mm512_storeu_si512(
+            out.add(i + 12),
+            _mm512_shuffle_i32x4::<0xdd>(t[i + 4], t[i + 12]),
+        );
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn transpose_tile(_: &[u32; 256], _: &mut [u8]) {
+    unreachable!("AMX is x86_64 only")
 }
 
 /// `b` stored as a weight `[n, k]` (the `[k, n]` operand transposed) into B panels (in

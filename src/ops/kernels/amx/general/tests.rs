@@ -459,3 +459,24 @@ fn amx_linear_gelu_forward_equals_the_two_passes() {
         assert_eq!(bits(&h), bits(&want), "{rows}x{inp}x{out} h");
     }
 }
+
+/// The register transpose of a tile against its definition: value `(q, r)` of the 16 x 16
+/// 32-bit source is value `(r, q)` of the destination.
+#[test]
+fn transpose_tile_transposes_16_by_16_lanes() {
+    if !available(AmxKind::Bf16) {
+        eprintln!("SKIPPED: neither AMX-BF16 nor AVX512-BF16; the tiles' transpose was not tested");
+        return;
+    }
+    let v: [u32; 256] = std::array::from_fn(|i| (i as u32).wrapping_mul(2_654_435_761));
+    let mut dst = [0u8; 1024];
+    // SAFETY: the tile kernels run here, so AVX-512F does.
+    unsafe { transpose_tile(&v, &mut dst) };
+    for r in 0..16 {
+        for q in 0..16 {
+            let at = r * 64 + q * 4;
+            let got = u32::from_le_bytes(dst[at..at + 4].try_into().unwrap());
+            assert_eq!(got, v[q * 16 + r], "({r}, {q})");
+        }
+    }
+}
