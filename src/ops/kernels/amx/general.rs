@@ -117,7 +117,7 @@ pub fn gemm_bf16<T: Operand>(
 /// `bf16::round_into`. No pass reads the pre-activation back (BEiT-small b32: 39 MB a layer),
 /// and the rational erf is ~40 % cheaper than the exact one, whose extra accuracy (5e-7) the
 /// bf16 rounding (4e-3) drops: the stage `mlp.fc1+gelu` of a BEiT-small b32 step went from
-/// 298-311 to 262-279 ms on Zen 4 (3 interleaved rounds).
+/// 298-311 to 262-282 ms on Zen 4 (7 interleaved rounds).
 /// Panics unless [`available`]`(Bf16)` or when a slice is too short.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_gelu_bf16(
@@ -734,8 +734,8 @@ unsafe fn transpose_tile(v: &[u32; 256], dst: &mut [u8]) {
     use std::arch::x86_64::*;
     assert!(dst.len() >= 1024);
     let mut r = [_mm512_setzero_si512(); 16];
-    for (i, r) in r.iter_mut().enumerate() {
-        *r = _mm512_loadu_si512(v.as_ptr().add(i * 16) as *const _);
+    for (i, row) in r.iter_mut().enumerate() {
+        *row = _mm512_loadu_si512(v.as_ptr().add(i * 16) as *const _);
     }
     let mut t = [_mm512_setzero_si512(); 16];
     for i in 0..8 {
