@@ -480,3 +480,84 @@ fn transpose_tile_transposes_16_by_16_lanes() {
         }
     }
 }
+
+/// `cargo test --release --lib attention_product_parts -- --ignored --nocapture`: one head's
+/// products of the training attention (197 tokens, 64 per head, Q / K / V read from one
+/// image's fused projection) on one thread, operands in cache: the whole `gemm_bf16_view`
+/// against its packing alone, per layout. `PROBE_PAD=64` puts mapped rows after the
+/// projection (the edge tiles' rows past it are then on mapped pages).
+#[test]
+#[ignore]
+fn attention_product_parts() {
+    use crate::ops::kernels::gemm::{View, ViewMut};
+    if !available(AmxKind::Bf16) {
+        eprintln!("SKIPPED: no AMX-BF16 or AVX512-BF16");
+        return;
+    }
+    let (s, hd, ld) = (197usize, 64usize, 1152usize);
+    let pad: usize = std::env::var("PROBE_PAD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let qkv: Vec<f32> = (0..(s + pad) * ld).map(|i| (i % 13) as f32 * 0.1).collect();
+    let p: Vec<f32> = (0..s * s).map(|i| (i % 11) as f32 * 0.01).collect();
+    let mut c = vec![0f32; s * s];
+    let time = |f: &mut dyn FnMut()| {
+        let mut ts: Vec<f64> = (0..201)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                f();
+                t.elapsed().as_secs_f64() * 1e6
+            })
+            .collect();
+        ts.sort_by(f64::total_cmp);
+        ts[100]
+    };
+    unsafe {
+        // (name, m, n, k, A, B)
+        let cases: [(&str, usize, usize, usize, View<f32>, View<f32>); 4] = [
+            (
+                "Q·Kᵀ",
+                s,
+                s,
+                hd,
+                View::row_major(&qkv, 0, ld),
+                View::transposed(&qkv, 384, ld),
+            ),
+            (
+                "P·V",
+                s,
+                hd,
+                s,
+                View::row_major(&p, 0, s),
+                View::row_major(&qkv, 768, ld),
+            ),
+            (
+                "Pᵀ·dO",
+                s,
+                hd,
+                s,
+                View::transposed(&p, 0, s),
+                View::row_major(&qkv, 768, ld),
+            ),
+            (
+                "dO·Vᵀ",
+                s,
+                s,
+                hd,
+                View::row_major(&qkv, 0, ld),
+                View::transposed(&qkv, 768, ld),
+            ),
+        ];
+        for (name, m, n, k, a, b) in cases {
+            let whole =
+                time(&mut || gemm_bf16_view(m, n, k, ViewMut::row_major(&mut c, 0, n), a, b));
+            let pb = time(&mut || drop(pack_b_view(b, k, n, false)));
+            let pa = time(&mut || drop(pack_a_view(a, m, k, false)));
+            let gf = 2.0 * (m * n * k) as f64 / whole / 1e3;
+            eprintln!(
+                "{name} [{m}x{k}]x[{k}x{n}]: {whole:.1} us ({gf:.0} GFLOP/s), pack A {pa:.1}, pack B {pb:.1}"
+            );
+        }
+    }
+}
