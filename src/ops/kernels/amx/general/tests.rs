@@ -515,7 +515,8 @@ fn attention_product_parts() {
     };
     unsafe {
         // (name, m, n, k, A, B)
-        let cases: [(&str, usize, usize, usize, View<f32>, View<f32>); 4] = [
+        type Case<'a> = (&'a str, usize, usize, usize, View<f32>, View<f32>);
+        let cases: [Case; 4] = [
             (
                 "Q·Kᵀ",
                 s,
