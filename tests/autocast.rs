@@ -128,6 +128,8 @@ fn attention_rates() {
         eprintln!("SKIPPED: no bf16 GEMM beats f32 here");
         return;
     }
+    // As `beit` runs: large blocks kept by the allocator, not mapped afresh every step.
+    beit::util::tune_allocator();
     let dev = Device::Cpu;
     let (b, s, heads, hd) = (32, 197, 6, 64);
     let d = heads * hd;
@@ -165,8 +167,8 @@ fn attention_rates() {
 /// activation in bf16 (the rounding fc2's GEMM applies anyway), made with the rational erf
 /// (within 5e-7 of the exact one) and the bias added after the products, so the hidden
 /// activation is within one bf16 ulp of the composition's, element by element, and the output
-/// and every gradient within 1e-4 of its scale (the kernel's own test checks its values bit for
-/// bit). Off autocast it is not offered.
+/// and every gradient within one bf16 step (2^-8) of its scale (the kernel's own test checks its
+/// values bit for bit). Off autocast it is not offered.
 #[test]
 fn bf16_autocast_linear_gelu_equals_linear_then_gelu() {
     if !autocast::cpu_bf16_available() {
@@ -234,11 +236,17 @@ fn bf16_autocast_linear_gelu_equals_linear_then_gelu() {
     let names = ["y", "dx", "dw1", "db1", "dw2", "db2"];
     for (name, (a, e)) in names.iter().zip(got[1..].iter().zip(&want[1..])) {
         assert_eq!(a.dtype(), candle_core::DType::F32, "{name}");
-        let d = max_abs(&(a - e).unwrap());
-        // Those last-bit moves, through fc2 and the backward (2.2e-6 to 4.4e-6 relative here).
+        let (d, scale) = (max_abs(&(a - e).unwrap()), max_abs(e));
+        // Those last-bit moves go on through bf16 roundings: fc2 packs the hidden activation,
+        // the backward packs the pre-activation's gradient, and a value ~1e-7 from a rounding
+        // boundary lands one bf16 step (2^-8) away. Each such flip moves the products it
+        // enters by 2^-8 of one term. Over 60 runs of random inputs the largest difference was
+        // 6.8e-4 of the scale (y), the mean 3e-5 to 7e-5; a wiring error (a wrong operand,
+        // bias or derivative) moves it by a whole term. The kernels' own tests check their
+        // values bit for bit (`amx_linear_gelu_*`).
         assert!(
-            d <= 1e-4 * (1.0 + max_abs(e)),
-            "{name}: fused differs from the two nodes by {d}"
+            d <= scale / 256.0 + 1e-6,
+            "{name}: fused differs from the two nodes by {d} (values up to {scale})"
         );
     }
 }
