@@ -113,8 +113,8 @@ pub(super) unsafe fn pairs_at(x: &[f32], c: usize) -> std::arch::x86_64::__m512i
     } else {
         let mask = |from: usize| ((1u32 << n.saturating_sub(from).min(16)) - 1) as __mmask16;
         (
-            _mm512_maskz_loadu_ps(mask(c), x.as_ptr().wrapping_add(c)),
-            _mm512_maskz_loadu_ps(mask(c + 16), x.as_ptr().wrapping_add(c + 16)),
+            super::masked_ps(mask(c), x.as_ptr().wrapping_add(c)),
+            super::masked_ps(mask(c + 16), x.as_ptr().wrapping_add(c + 16)),
         )
     };
     // `vcvtne2ps2bf16`: the second operand fills the low 16 bf16 values.

@@ -475,12 +475,12 @@ unsafe fn pair_row<T: Operand>(
 ) -> std::arch::x86_64::__m512i {
     use std::arch::x86_64::*;
     let v: __m512i = if T::BF16 {
-        let a = masked_epi16(lo_mask as u32, lo as *const i16);
-        let b = masked_epi16(hi_mask as u32, hi as *const i16);
+        let a = crate::ops::kernels::masked_epi16(lo_mask as u32, lo as *const i16);
+        let b = crate::ops::kernels::masked_epi16(hi_mask as u32, hi as *const i16);
         _mm512_inserti64x4::<1>(a, _mm512_castsi512_si256(b))
     } else {
-        let a = masked_ps(lo_mask, lo as *const f32);
-        let b = masked_ps(hi_mask, hi as *const f32);
+        let a = crate::ops::kernels::masked_ps(lo_mask, lo as *const f32);
+        let b = crate::ops::kernels::masked_ps(hi_mask, hi as *const f32);
         std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(b, a))
     };
     // v = [a0..a15, b0..b15] as bf16; want [a0, b0, a1, b1, ...].
@@ -494,42 +494,6 @@ unsafe fn pair_row<T: Operand>(
 /// Mask of the first `left.min(16)` lanes.
 fn lanes(left: usize) -> u16 {
     ((1u32 << left.min(16)) - 1) as u16
-}
-
-/// `_mm512_maskz_loadu_ps` that leaves memory alone when no lane is wanted (a row past the
-/// operand's edge). A load with every lane masked off reads nothing, but where its address is
-/// on a page that is not mapped (past the end of a buffer) the CPU still takes the fault
-/// and suppresses it in microcode: on Zen 4 that made packing one 197 x 64 attention operand
-/// 20 us instead of 1.3 (`attention_product_parts`), the whole product 2x slower.
-///
-/// # Safety
-/// The lanes of `mask` must be readable at `p`; AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn masked_ps(mask: u16, p: *const f32) -> std::arch::x86_64::__m512 {
-    use std::arch::x86_64::*;
-    if mask == 0 {
-        _mm512_setzero_ps()
-    } else {
-        _mm512_maskz_loadu_ps(mask, p)
-    }
-}
-
-/// [`masked_ps`] for 32 bf16 lanes.
-///
-/// # Safety
-/// As [`masked_ps`]; AVX-512BW.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn masked_epi16(mask: u32, p: *const i16) -> std::arch::x86_64::__m512i {
-    use std::arch::x86_64::*;
-    if mask == 0 {
-        _mm512_setzero_si512()
-    } else {
-        _mm512_maskz_loadu_epi16(mask, p)
-    }
 }
 
 /// Rows `2q, 2q+1` (q < 16) of a `[k, cols]` source (row `r` at `src + r * ld`) from depth
@@ -734,10 +698,10 @@ unsafe fn row_tile<T: Operand>(
         // Lanes past the edges are masked off: their addresses are never read.
         let p = src.wrapping_add((r0 + r) * ld + k0);
         let v: __m512i = if T::BF16 {
-            masked_epi16(ma as u32 | (mb as u32) << 16, p as *const i16)
+            crate::ops::kernels::masked_epi16(ma as u32 | (mb as u32) << 16, p as *const i16)
         } else {
-            let lo = masked_ps(ma, p as *const f32);
-            let hi = masked_ps(mb, p.wrapping_add(16) as *const f32);
+            let lo = crate::ops::kernels::masked_ps(ma, p as *const f32);
+            let hi = crate::ops::kernels::masked_ps(mb, p.wrapping_add(16) as *const f32);
             std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
         };
         _mm512_storeu_si512(dst.add(r * 64) as *mut _, v);
