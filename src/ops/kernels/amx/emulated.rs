@@ -55,7 +55,20 @@ unsafe fn rows8<const INT8: bool>(s: &Step, tiles: usize) {
         for kt in 0..s.ktiles {
             let a = a0.add(kt * s.a_inc);
             let b = s.b.add(kt * 2048);
+            // The next depth tile's B (2 KB) and this group's 8 rows of its A, requested one
+            // tile (256 products) ahead; in a GEMM's order they come from L2. BEiT-small
+            // b32's training GEMMs on Zen 4, with and without, alternated in one process (4
+            // runs of 10 rounds): the backwards and the QKV projection 3-7 % faster, fc1's
+            // forward level.
+            let next = kt + 1 < s.ktiles;
             for q in 0..16 {
+                if next {
+                    _mm_prefetch::<_MM_HINT_T0>(b.add(2048 + q * 64) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(b.add(3072 + q * 64) as *const i8);
+                    if q < R {
+                        _mm_prefetch::<_MM_HINT_T0>(a.add(s.a_inc + q * 64) as *const i8);
+                    }
+                }
                 let b0 = _mm512_loadu_si512(b.add(q * 64) as *const _);
                 let b1 = _mm512_loadu_si512(b.add(1024 + q * 64) as *const _);
                 for (r, acc_r) in acc.iter_mut().enumerate() {
