@@ -57,9 +57,9 @@ unsafe fn rows8<const INT8: bool>(s: &Step, tiles: usize) {
             let b = s.b.add(kt * 2048);
             // The next depth tile's B (2 KB) and this group's 8 rows of its A, requested one
             // tile (256 products) ahead; in a GEMM's order they come from L2. BEiT-small
-            // b32's training GEMMs on Zen 4, with and without, alternated in one process (4
-            // runs of 10 rounds): the backwards and the QKV projection 3-7 % faster, fc1's
-            // forward level.
+            // b32's training GEMMs on Zen 4, with and without alternated in one process (9
+            // runs): fc2's backward 2-6 % faster in all 9, fc1's 3-8 % in 8, the QKV
+            // projection 0-9 %, fc1's forward level.
             let next = kt + 1 < s.ktiles;
             for q in 0..16 {
                 if next {
