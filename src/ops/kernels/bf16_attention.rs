@@ -10,9 +10,12 @@
 //! - Kᵀ in 32-token panels, `[⌈s/32⌉][⌈hd/2⌉][32]` lanes (a lane: two dimensions of a key);
 //! - V as `[⌈s/2⌉][hd rounded to 16]` lanes (a lane: one dimension of two adjacent tokens).
 
+mod products;
+pub use products::gemm_pairs_view;
+
 use super::amx_attention::Head;
 pub use super::f32_attention::Block;
-use super::f32_attention::{PvArgs, ScoreEpilogue};
+use super::f32_attention::ScoreEpilogue;
 use super::packed::{by_rows, BlockSink, MR, NR};
 use super::vmath;
 
@@ -72,11 +75,12 @@ pub unsafe fn attention_block(h: &Head<'_>, out: *mut f32, ldo: usize, sc: &mut 
                 panel[q * NR + j % NR] = pair;
             }
         }
-        for t in 0..sq {
-            let even = &h.qkv[2 * t * h.ld + h.col + 2 * h.d..][..hd];
-            let odd = (2 * t + 1 < s).then(|| &h.qkv[(2 * t + 1) * h.ld + h.col + 2 * h.d..][..hd]);
-            interleave_rows(even, odd, &mut sc.values[t * vw..(t + 1) * vw]);
-        }
+        value_pairs(
+            |t| &h.qkv[t * h.ld + h.col + 2 * h.d..][..hd],
+            s,
+            vw,
+            &mut sc.values,
+        );
         sc.kv_for = kv_for;
     }
     // Q rows as pairs (`q` held the keys' rows above).
@@ -428,6 +432,16 @@ unsafe fn interleave_rows_avx512(even: &[f32], odd: Option<&[f32]>, dst: &mut [u
     }
 }
 
+/// Rows `2t, 2t + 1` of the `k` rows `row(r)` (of equal length, at most `vw`) interleaved into
+/// row `t` of `dst` (`[⌈k/2⌉][vw]` lanes; a missing odd row and the lanes past a row are 0): V
+/// as `P·V` reads it, or any right operand of [`pairs_times_values`].
+fn value_pairs<'a>(row: impl Fn(usize) -> &'a [f32], k: usize, vw: usize, dst: &mut [u32]) {
+    for (t, out) in dst.chunks_exact_mut(vw).enumerate().take(k.div_ceil(2)) {
+        let odd = (2 * t + 1 < k).then(|| row(2 * t + 1));
+        interleave_rows(row(2 * t), odd, out);
+    }
+}
+
 /// `c[i * s + j] = Σ_q Q[i][q] · K[j][q]` over pairs, for `r` rows of `q` (`hq` lanes each),
 /// then the epilogue.
 ///
@@ -491,8 +505,8 @@ unsafe fn qk_tile<const R: usize>(
     ep.store(&acc, c, ldc, cols);
 }
 
-/// `out[i * ldo + j] = inv[i] · Σ_t P[i][t] · V[t][j]` over pairs of tokens, 32 columns of V at
-/// a time (a 32-column strip of V stays in L1 across the row tiles).
+/// `out[i * ldo + j] = inv[i] · Σ_t P[i][t] · V[t][j]` over pairs of tokens (`p`: `r` rows of
+/// `sq` pairs), 32 columns of V at a time.
 ///
 /// # Safety
 /// AVX512-BF16; `out` must address `r` rows of `hd` floats, `ldo` apart.
@@ -508,78 +522,135 @@ unsafe fn context(
     out: *mut f32,
     ldo: usize,
 ) {
-    debug_assert!(p.len() >= r * sq && values.len() >= sq * vw && inv.len() >= r);
+    debug_assert!(p.len() >= r * sq && inv.len() >= r);
+    let a = PairRows {
+        lanes: p.as_ptr(),
+        row: sq,
+        pair: 1,
+    };
+    pairs_times_values(a, sq, r, values, vw, hd, inv.as_ptr(), out, ldo);
+}
+
+/// A left operand of bf16 pairs, `A(i, t)` (row `i`, pair of depth `t`) at
+/// `lanes[i * row + t * pair]`: rows of pairs (`pair` 1), or the pairs of two stored rows
+/// interleaved ([`value_pairs`]: `row` 1), which is how a transposed operand arrives.
+#[derive(Clone, Copy)]
+struct PairRows {
+    lanes: *const u32,
+    row: usize,
+    pair: usize,
+}
+
+/// `out[i * ldo + j] = inv[i] · Σ_t A(i, t) · B[t][j]` for `r` rows and `n` columns over `kq`
+/// pairs of depth, `B` as [`value_pairs`] lays it out (`vw` lanes a row); `inv` null: no
+/// factor. 32 columns of B at a time (a 32-column strip stays in L1 across the row tiles).
+///
+/// # Safety
+/// AVX512-BF16; `a` must address its `r x kq` pairs, `values` `kq` rows of `vw >= n` lanes,
+/// `inv` (unless null) `r` floats, `out` `r` rows of `n` floats, `ldo` apart.
+#[allow(clippy::too_many_arguments)]
+unsafe fn pairs_times_values(
+    a: PairRows,
+    kq: usize,
+    r: usize,
+    values: &[u32],
+    vw: usize,
+    n: usize,
+    inv: *const f32,
+    out: *mut f32,
+    ldo: usize,
+) {
+    debug_assert!(values.len() >= kq * vw && vw >= n);
     let mut j0 = 0;
-    while j0 < hd {
-        let cols = NR.min(hd - j0);
+    while j0 < n {
+        let cols = NR.min(n - j0);
         let mut i0 = 0;
         while i0 < r {
             let rows = MR.min(r - i0);
-            let args: PvArgs<u32> = (
-                sq,
-                p.as_ptr().add(i0 * sq),
-                values.as_ptr().add(j0),
+            let args = PairArgs {
+                depth: kq,
+                a: PairRows {
+                    lanes: a.lanes.add(i0 * a.row),
+                    ..a
+                },
+                v: values.as_ptr().add(j0),
                 vw,
-                inv.as_ptr().add(i0),
-                out.add(i0 * ldo + j0),
+                inv: if inv.is_null() { inv } else { inv.add(i0) },
+                out: out.add(i0 * ldo + j0),
                 ldo,
                 cols,
-            );
+            };
             #[cfg(target_arch = "x86_64")]
             if cols > 16 {
-                by_rows!(rows, pv_tile2(args));
+                by_rows!(rows, pv_tile2(&args));
             } else {
-                by_rows!(rows, pv_tile1(args));
+                by_rows!(rows, pv_tile1(&args));
             }
             #[cfg(not(target_arch = "x86_64"))]
-            unreachable!("{rows} {:?}", args.0);
+            unreachable!("{rows} {:?}", args.a.lanes);
             i0 += MR;
         }
         j0 += NR;
     }
 }
 
+/// A [`pairs_times_values`] tile's arguments.
+struct PairArgs {
+    depth: usize,
+    a: PairRows,
+    v: *const u32,
+    vw: usize,
+    inv: *const f32,
+    out: *mut f32,
+    ldo: usize,
+    cols: usize,
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn pv_tile1<const R: usize>(a: PvArgs<u32>) {
+unsafe fn pv_tile1<const R: usize>(a: &PairArgs) {
     pv_tile::<R, 1>(a)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn pv_tile2<const R: usize>(a: PvArgs<u32>) {
+unsafe fn pv_tile2<const R: usize>(a: &PairArgs) {
     pv_tile::<R, 2>(a)
 }
 
-/// `R` rows of probability pairs times `NV` x 16 value columns.
+/// `R` rows of pairs times `NV` x 16 columns of B.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn pv_tile<const R: usize, const NV: usize>(
-    (sq, p, v, vw, inv, out, ldo, cols): PvArgs<u32>,
-) {
+unsafe fn pv_tile<const R: usize, const NV: usize>(x: &PairArgs) {
     use std::arch::x86_64::*;
+    let (a, v, vw) = (x.a, x.v, x.vw);
     let mut acc = [[_mm512_setzero_ps(); NV]; R];
-    for t in 0..sq {
+    for t in 0..x.depth {
         let mut b: [__m512bh; NV] = std::mem::zeroed();
         for (u, bu) in b.iter_mut().enumerate() {
             *bu = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
                 v.add(t * vw + 16 * u) as *const _,
             ));
         }
+        let at = a.lanes.add(t * a.pair);
         for (i, acc_i) in acc.iter_mut().enumerate() {
-            let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(*p.add(i * sq + t) as i32));
+            let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(*at.add(i * a.row) as i32));
             for u in 0..NV {
-                acc_i[u] = _mm512_dpbf16_ps(acc_i[u], a, b[u]);
+                acc_i[u] = _mm512_dpbf16_ps(acc_i[u], ai, b[u]);
             }
         }
     }
     for (i, acc_i) in acc.iter().enumerate() {
-        let f = _mm512_set1_ps(*inv.add(i));
-        for (u, &a) in acc_i.iter().enumerate() {
-            let left = cols.saturating_sub(16 * u).min(16);
+        for (u, &sum) in acc_i.iter().enumerate() {
+            let left = x.cols.saturating_sub(16 * u).min(16);
             let mask = ((1u32 << left) - 1) as u16;
-            _mm512_mask_storeu_ps(out.add(i * ldo + 16 * u), mask, _mm512_mul_ps(a, f));
+            let value = if x.inv.is_null() {
+                sum
+            } else {
+                _mm512_mul_ps(sum, _mm512_set1_ps(*x.inv.add(i)))
+            };
+            _mm512_mask_storeu_ps(x.out.add(i * x.ldo + 16 * u), mask, value);
         }
     }
 }
