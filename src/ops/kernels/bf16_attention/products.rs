@@ -5,7 +5,7 @@
 //! 224 and its rows to 208, and packs through the tile layouts; [`pairs_times_values`] takes
 //! them at their own sizes (14-row tiles, pairs of depth) with the same roundings: bf16
 //! operands (round to nearest even), f32 sums. One BEiT head (197 tokens, 64 dimensions, one
-//! thread, Zen 4, `pair_product_rates`): 26.3-26.9 µs a product against 30.6-34.4 on the tiles.
+//! thread, Zen 4, `pair_product_rates`): 26.5-27.5 µs a product against 30.7-32.9 on the tiles.
 //! The `Q·Kᵀ`-shaped products (B stored transposed) stay on the tiles: on these kernels, with
 //! the key panels packed per call, they took 36-38 µs against 32.6.
 
